@@ -1,0 +1,30 @@
+"""SAM backbone: named variants, builders at any input size, official-checkpoint loading."""
+
+from .builder import build_image_encoder, build_sam, check_img_size, expand_mask_tokens
+from .checkpoint import (
+    SamCheckpointError,
+    fit_state_dict_to_model,
+    infer_variant,
+    load_sam_state_dict,
+    read_sam_state_dict,
+    resize_pos_embed,
+    resize_rel_pos,
+)
+from .variants import SAM_VARIANTS, SamVariant, get_variant
+
+__all__ = [
+    "SAM_VARIANTS",
+    "SamCheckpointError",
+    "SamVariant",
+    "build_image_encoder",
+    "build_sam",
+    "check_img_size",
+    "expand_mask_tokens",
+    "fit_state_dict_to_model",
+    "get_variant",
+    "infer_variant",
+    "load_sam_state_dict",
+    "read_sam_state_dict",
+    "resize_pos_embed",
+    "resize_rel_pos",
+]

@@ -1,0 +1,176 @@
+"""Reading official SAM checkpoints and fitting them to a model of another input size.
+
+SAM's image encoder works at any ``img_size``; only the absolute position embedding
+(``[1, S/16, S/16, C]``) and the relative-position tables of the global-attention blocks
+(``[2 * S/16 - 1, head_dim]``) depend on it. We resize those two kinds of tensors and then
+load **strictly**: a silent ``strict=False`` hides real mismatches.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .variants import SAM_VARIANTS, SamVariant
+
+__all__ = [
+    "SamCheckpointError",
+    "read_sam_state_dict",
+    "infer_variant",
+    "resize_pos_embed",
+    "resize_rel_pos",
+    "fit_state_dict_to_model",
+    "load_sam_state_dict",
+]
+
+
+class SamCheckpointError(ValueError):
+    """A SAM checkpoint file is missing, unreadable, or does not fit the requested model."""
+
+
+def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from an official-format SAM checkpoint file (on CPU).
+
+    Accepts a flat state dict (as Meta publishes) or one nested under ``"model"`` /
+    ``"state_dict"`` (as training scripts often save).
+
+    Raises:
+        SamCheckpointError: the file does not exist, is not a PyTorch checkpoint, or holds no
+            tensors.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SamCheckpointError(
+            f"SAM checkpoint '{path}' does not exist; expected an official SAM .pth file "
+            "(see `python -m tools weights --help` to download one)."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise SamCheckpointError(
+            f"SAM checkpoint '{path}' is not a readable PyTorch checkpoint ({type(e).__name__}); "
+            "expected a file written by torch.save holding a SAM state dict."
+        ) from None
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SamCheckpointError(
+            f"SAM checkpoint '{path}' does not hold a state dict (a mapping of parameter names to tensors)."
+        )
+    return dict(obj)
+
+
+def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Name of the registered variant whose encoder width and depth match ``state_dict`` (or None)."""
+    key = "image_encoder.patch_embed.proj.weight"
+    if key not in state_dict:
+        return None
+    width = state_dict[key].shape[0]
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    for name, v in SAM_VARIANTS.items():
+        if v.encoder_embed_dim == width and v.encoder_depth == depth:
+            return name
+    return None
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Resize an absolute position embedding ``[1, h, w, C]`` to ``[1, *grid, C]``.
+
+    Args:
+        pos_embed: the embedding from the checkpoint.
+        grid: target token grid (img_size // patch_size per axis).
+        mode: ``"bicubic"`` interpolation (SAMed, H-SAM, MA-SAM) or ``"avgpool"`` (S-SAM's
+            pooling; needs an integer down-scaling factor).
+    """
+    if tuple(pos_embed.shape[1:3]) == tuple(grid):
+        return pos_embed
+    x = pos_embed.permute(0, 3, 1, 2).float()
+    if mode == "avgpool":
+        fh, fw = pos_embed.shape[1] // grid[0], pos_embed.shape[2] // grid[1]
+        if fh * grid[0] != pos_embed.shape[1] or fw * grid[1] != pos_embed.shape[2]:
+            raise ValueError(f"avgpool needs an integer factor from {tuple(pos_embed.shape[1:3])} to {grid}.")
+        x = F.avg_pool2d(x, kernel_size=(fh, fw))
+    elif mode == "bicubic":
+        x = F.interpolate(x, size=grid, mode="bicubic", align_corners=False)
+    else:
+        raise ValueError(f"mode must be 'bicubic' or 'avgpool', got {mode!r}.")
+    return x.permute(0, 2, 3, 1).to(pos_embed.dtype)
+
+
+def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Linearly interpolate a relative-position table ``[L, C]`` to ``[length, C]``."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    x = rel_pos.float().t().unsqueeze(0)  # [1, C, L]
+    x = F.interpolate(x, size=length, mode="linear", align_corners=False)
+    return x.squeeze(0).t().to(rel_pos.dtype)
+
+
+def fit_state_dict_to_model(
+    state_dict: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    pos_embed_mode: str = "bicubic",
+    source: str = "checkpoint",
+) -> dict[str, torch.Tensor]:
+    """Resize size-dependent SAM tensors of ``state_dict`` to the shapes in ``model_state``.
+
+    Only ``pos_embed`` and ``rel_pos_h`` / ``rel_pos_w`` tables are resized; any other shape
+    difference is an error naming the key (it means another architecture).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        target = model_state.get(k)
+        if target is None or tuple(target.shape) == tuple(v.shape):
+            out[k] = v
+        elif k.endswith("pos_embed") and v.ndim == 4:
+            out[k] = resize_pos_embed(v, tuple(target.shape[1:3]), mode=pos_embed_mode)
+        elif (k.endswith("rel_pos_h") or k.endswith("rel_pos_w")) and v.ndim == 2 and v.shape[1] == target.shape[1]:
+            out[k] = resize_rel_pos(v, target.shape[0])
+        else:
+            raise SamCheckpointError(
+                f"{source}: parameter '{k}' has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(target.shape)}; only position embeddings can be resized."
+            )
+    return out
+
+
+def load_sam_state_dict(
+    model: nn.Module,
+    checkpoint: str | os.PathLike,
+    variant: SamVariant,
+    pos_embed_mode: str = "bicubic",
+) -> None:
+    """Load an official SAM checkpoint into ``model`` (a ``segment_anything`` ``Sam``) strictly.
+
+    Raises:
+        SamCheckpointError: missing/unreadable file, a checkpoint of another variant, or keys that
+            do not match the model (listed in the message).
+    """
+    path = os.fspath(checkpoint)
+    sd = read_sam_state_dict(path)
+    found = infer_variant(sd)
+    if found != variant.name:
+        what = f"a {found} checkpoint" if found else "not a SAM checkpoint of a known variant"
+        raise SamCheckpointError(
+            f"SAM checkpoint '{path}' is {what}; expected a {variant.name} checkpoint "
+            f"(encoder width {variant.encoder_embed_dim}, {variant.encoder_depth} blocks"
+            + (f", e.g. {variant.checkpoint_name}" if variant.checkpoint_name else "")
+            + ")."
+        )
+    sd = fit_state_dict_to_model(sd, model.state_dict(), pos_embed_mode=pos_embed_mode, source=f"SAM checkpoint '{path}'")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise SamCheckpointError(
+            f"SAM checkpoint '{path}' does not match the {variant.name} model: "
+            f"missing keys {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}."
+        )

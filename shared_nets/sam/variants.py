@@ -1,0 +1,78 @@
+"""Named SAM configurations: the three official ViT backbones and a ``tiny`` one for tests and CPU demos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SamVariant", "SAM_VARIANTS", "get_variant"]
+
+_SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+
+@dataclass(frozen=True)
+class SamVariant:
+    """Shape of one SAM model.
+
+    Args:
+        name: registry name (``vit_b`` ...).
+        encoder_embed_dim: ViT token width.
+        encoder_depth: number of ViT blocks.
+        encoder_num_heads: attention heads per block.
+        global_attn_indexes: blocks with global attention (the others use windows).
+        window_size: window size of the windowed blocks, in tokens.
+        prompt_embed_dim: width of the neck output, prompt encoder and mask decoder.
+        decoder_mlp_dim: MLP width of the two-way transformer.
+        decoder_num_heads: attention heads of the two-way transformer.
+        iou_head_hidden_dim: hidden width of the IoU prediction head.
+        checkpoint_name: file name of the official checkpoint (None for ``tiny``).
+        md5: MD5 of the official checkpoint (the 6 hex digits in its name are its prefix).
+    """
+
+    name: str
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    checkpoint_name: str | None = None
+    md5: str | None = None
+
+    @property
+    def url(self) -> str | None:
+        return None if self.checkpoint_name is None else _SAM_URL + self.checkpoint_name
+
+
+SAM_VARIANTS: dict[str, SamVariant] = {
+    "vit_b": SamVariant(
+        "vit_b", 768, 12, 12, (2, 5, 8, 11),
+        checkpoint_name="sam_vit_b_01ec64.pth", md5="01ec64d29a2fca3f0661936605ae66f8",
+    ),
+    "vit_l": SamVariant(
+        "vit_l", 1024, 24, 16, (5, 11, 17, 23),
+        checkpoint_name="sam_vit_l_0b3195.pth", md5="0b3195507c641ddb6910d2bb5adee89c",
+    ),
+    "vit_h": SamVariant(
+        "vit_h", 1280, 32, 16, (7, 15, 23, 31),
+        checkpoint_name="sam_vit_h_4b8939.pth", md5="4b8939a88964f0f4ff5f5b2642c598a6",
+    ),
+    # ~0.3M parameters: same classes, narrow widths; no official weights exist.
+    "tiny": SamVariant(
+        "tiny", 64, 4, 2, (1, 3), window_size=4, prompt_embed_dim=32,
+        decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32,
+    ),
+}
+
+
+def get_variant(variant: str | SamVariant) -> SamVariant:
+    """Return the :class:`SamVariant` called ``variant`` (or ``variant`` itself)."""
+    if isinstance(variant, SamVariant):
+        return variant
+    if variant not in SAM_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(SAM_VARIANTS)}, got {variant!r}.")
+    return SAM_VARIANTS[variant]
