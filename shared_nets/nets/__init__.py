@@ -1,0 +1,1 @@
+"""Method networks, one public model per module (see docs/architecture.md)."""

@@ -1,0 +1,164 @@
+"""Pieces shared by the method networks: SAM block halves, slice stacking, per-image mask decoding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
+from segment_anything.modeling.mask_decoder import MaskDecoder
+from torch import nn
+
+__all__ = [
+    "attention_residual",
+    "mlp_residual",
+    "to_rgb",
+    "volume_to_slices",
+    "slices_to_volume",
+    "decode_masks",
+    "ProgressiveUpsampling",
+    "check_input",
+    "upsample_to",
+]
+
+
+def attention_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """``x + Attn(Norm1(x))`` of a SAM ``Block``, with its window partitioning.
+
+    Args:
+        block: a ``segment_anything`` image-encoder block.
+        x: tokens ``[B, h, w, C]``.
+    """
+    y = block.norm1(x)
+    if block.window_size > 0:
+        h, w = y.shape[1], y.shape[2]
+        y, pad_hw = window_partition(y, block.window_size)
+        y = block.attn(y)
+        y = window_unpartition(y, block.window_size, pad_hw, (h, w))
+    else:
+        y = block.attn(y)
+    return x + y
+
+
+def mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """``x + MLP(Norm2(x))`` of a SAM ``Block``; ``x`` is ``[B, h, w, C]``."""
+    return x + block.mlp(block.norm2(x))
+
+
+def to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Repeat a grey ``[N, 1, H, W]`` batch to SAM's 3 channels (3-channel input passes through)."""
+    if x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] == 3:
+        return x
+    raise ValueError(f"image input must have 1 (grey) or 3 (RGB) channels, got {x.shape[1]}.")
+
+
+def volume_to_slices(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W, D]`` → ``[B*D, C, H, W]`` with row order ``b*D + d``."""
+    b, c, h, w, d = x.shape
+    return x.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)
+
+
+def slices_to_volume(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """``[B*D, K, H, W]`` → ``[B, K, H, W, D]`` (inverse of :func:`volume_to_slices`)."""
+    n, k, h, w = x.shape
+    return x.reshape(n // depth, depth, k, h, w).permute(0, 2, 3, 4, 1)
+
+
+def check_input(x: torch.Tensor, channels: int, img_size: int | None = None, depth: int | None = None, name: str = "network") -> None:
+    """Raise ``ValueError`` naming what was expected when ``x`` is not ``[B, channels, H, W, D]``."""
+    if x.ndim != 5:
+        raise ValueError(f"{name}: expected a 5D input [B, C, H, W, D], got shape {tuple(x.shape)}.")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} input channel(s) (image + guidance), got {x.shape[1]} in shape {tuple(x.shape)}.")
+    if img_size is not None and tuple(x.shape[2:4]) != (img_size, img_size):
+        raise ValueError(
+            f"{name}: expected in-plane size {img_size}x{img_size} (the network's img_size; resize in pre-processing), "
+            f"got {tuple(x.shape[2:4])}."
+        )
+    if depth is not None and x.shape[4] != depth:
+        raise ValueError(f"{name}: expected {depth} slices along the last axis, got {x.shape[4]}.")
+
+
+class ProgressiveUpsampling(nn.Module):
+    """MA-SAM's progressive up-sampling (paper sec. 3.4): SAM's two transposed convs plus two more.
+
+    The first two stages are the SAM decoder's own ``output_upscaling`` (pretrained); two new
+    transposed convs recover full resolution. Widths follow the official code
+    (C → C/4 → C/8 → C/16 → C/32, i.e. 256 → 64 → 32 → 16 → 8), with a floor of 8 so
+    narrow test models keep usable feature maps.
+
+    Args:
+        sam_upscaling: the pretrained ``MaskDecoder.output_upscaling`` (H/16 → H/4).
+        transformer_dim: the decoder width C.
+    """
+
+    def __init__(self, sam_upscaling: nn.Module, transformer_dim: int) -> None:
+        super().__init__()
+        c2 = max(transformer_dim // 8, 8)
+        c3, c4 = max(transformer_dim // 16, 8), max(transformer_dim // 32, 8)
+        self.sam_upscaling = sam_upscaling
+        self.extra = nn.Sequential(
+            nn.ConvTranspose2d(c2, c3, kernel_size=2, stride=2),
+            LayerNorm2d(c3),
+            nn.GELU(),
+            nn.ConvTranspose2d(c3, c4, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.out_channels = c4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extra(self.sam_upscaling(x))
+
+
+def decode_masks(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    upscaling: nn.Module | None = None,
+    hypernetworks: nn.ModuleList | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a SAM ``MaskDecoder`` with one prompt set per image (row ``n`` with row ``n``).
+
+    ``MaskDecoder.predict_masks`` assumes one image and many prompts and repeats the image
+    per prompt row; for a batch of slices each with its own prompt that multiplies the batch.
+    This pairs rows instead (sparse/dense with batch 1 broadcast to all images).
+
+    Args:
+        decoder: the SAM mask decoder (its transformer, tokens and IoU head are used).
+        image_embeddings: ``[N, C, h, w]``.
+        image_pe: ``[1, C, h, w]`` dense positional encoding.
+        sparse: ``[N or 1, T, C]`` prompt tokens.
+        dense: ``[N or 1, C, h, w]`` dense prompt embedding.
+        upscaling: replaces ``decoder.output_upscaling`` (e.g. :class:`ProgressiveUpsampling`).
+        hypernetworks: replaces ``decoder.output_hypernetworks_mlps`` (matching ``upscaling`` width).
+
+    Returns:
+        masks ``[N, num_mask_tokens, H', W']`` and IoU predictions ``[N, num_mask_tokens]``.
+    """
+    n = image_embeddings.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse.expand(n, -1, -1)], dim=1)
+    src = image_embeddings + dense
+    pos_src = image_pe.expand(n, -1, -1, -1)
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    up = (upscaling or decoder.output_upscaling)(src.transpose(1, 2).reshape(b, c, h, w))
+    mlps = hypernetworks or decoder.output_hypernetworks_mlps
+    hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
+    b, c, h, w = up.shape
+    masks = (hyper_in @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(iou_token_out)
+
+
+def upsample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[N, K, h, w]`` logits to ``size`` (no-op when already there)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+

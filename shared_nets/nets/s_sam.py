@@ -1,0 +1,363 @@
+"""S-SAM: SVD-based fine-tuning of SAM with label-name (text) prompts.
+
+Paper: Paranjape et al., "S-SAM: SVD-based Fine-Tuning of Segment Anything Model for
+Medical Image Segmentation" (MICCAI 2024), section 3. Official code: JayParanjape/SVDSAM
+(read for facts only; nothing copied).
+
+What the network does (paper section 3, Fig. 1):
+
+* SAM's image encoder with every linear layer of its blocks (``attn.qkv``, ``attn.proj``,
+  ``mlp.lin1``, ``mlp.lin2``) and the two neck convolutions re-parameterised from their
+  SVD as ``W' = U ReLU(a * S + b) V^T`` (eq. 2), ``a`` init 1 and ``b`` init 0, so it starts
+  exactly at SAM (``shared_nets.peft.inject_svd``).
+* The absolute position embedding average-pooled from SAM's 64x64 to the input's token grid
+  and trainable; the block LayerNorms trainable.
+* The class name, encoded once by CLIP (stored vectors, see :mod:`.s_sam_text`), mapped by
+  the Text-Affine Layer (TAL) into one sparse prompt token for SAM's frozen mask decoder.
+* One decoder pass per (image, class); each class gives a sigmoid logit map. The output
+  stacks a constant 0 logit for background in front of the class logits, so ``argmax``
+  equals "sigmoid > 0.5, overlaps to the most confident class" and the network plugs into
+  the same softmax/argmax post-processing as the other bundles.
+
+Paper vs. official code (``mode``):
+
+=====================  ==================================  ====================================
+setting                ``mode="paper"`` (default)          ``mode="official"``
+=====================  ==================================  ====================================
+TAL                    one Linear 512 -> prompt dim        Linear, ReLU, BatchNorm1d
+mask-decoder norms     frozen (paper: decoder frozen)      trainable (a side effect of the
+                                                           code's name-based freezing order)
+relative positions     SAM's tables (resized)              not used (the code comments out
+                                                           ``add_decomposed_rel_pos``)
+=====================  ==================================  ====================================
+
+Both modes use global attention in every block (code; the paper does not say) and a
+256x256 input for ViT-B. Trainable parameters at 256 for ViT-B: 439,552 (paper mode) and
+444,672 (official mode); see :meth:`SSAM.trainable_parameter_counts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from torch import nn
+
+from shared_nets.sam import build_sam, get_variant
+
+from .s_sam_text import TEXT_EMBEDDING_DIM, HashTextEncoder, load_class_embeddings
+
+__all__ = ["SSAM", "TextAffineLayer", "S_SAM_MODES", "TAL_TYPES"]
+
+S_SAM_MODES = ("paper", "official")
+TAL_TYPES = ("linear", "linear_relu_bn")
+
+# Encoder layers S-SAM re-parameterises (paper section 3, "SVD-based Tuning"; neck convs: code).
+_SVD_TARGETS = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "neck")
+
+
+class TextAffineLayer(nn.Module):
+    """Text-Affine Layer: CLIP text embedding -> SAM prompt token (paper section 3, Fig. 1).
+
+    Args:
+        in_dim: text embedding width (512 for CLIP ViT-B/32).
+        out_dim: SAM prompt embedding width (256 for the official SAM models).
+        tal_type: ``linear`` (paper: "a learnable one-layer MLP") or ``linear_relu_bn``
+            (official code: Linear, ReLU, BatchNorm1d).
+    """
+
+    def __init__(self, in_dim: int = TEXT_EMBEDDING_DIM, out_dim: int = 256, tal_type: str = "linear") -> None:
+        super().__init__()
+        if tal_type not in TAL_TYPES:
+            raise ValueError(f"tal must be one of {TAL_TYPES}, got {tal_type!r}.")
+        self.tal_type = tal_type
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.act = nn.ReLU() if tal_type == "linear_relu_bn" else nn.Identity()
+        self.norm = nn.BatchNorm1d(out_dim) if tal_type == "linear_relu_bn" else nn.Identity()
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        """Map text embeddings ``[K, in_dim]`` to prompt tokens ``[K, out_dim]``."""
+        if self.training and self.tal_type == "linear_relu_bn" and text.shape[0] < 2:
+            raise ValueError(
+                "tal='linear_relu_bn' (the official code's BatchNorm TAL) needs at least 2 classes in training, "
+                f"got {text.shape[0]}; use tal='linear' (the paper's TAL) for a single class."
+            )
+        return self.norm(self.act(self.linear(text)))
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
+    return value
+
+
+class SSAM(nn.Module):
+    """S-SAM network on the 5D tensor contract ``[B, C, H, W, D] -> [B, K, H, W, D]``.
+
+    Every axial slice is segmented independently (S-SAM is a 2D method); ``K = 1 +
+    len(class_names)``: channel 0 is a constant 0 logit (background), channel ``i`` the
+    logit of ``class_names[i - 1]``.
+
+    Args:
+        variant: SAM backbone, ``vit_b`` (paper), ``vit_l``, ``vit_h`` or ``tiny``.
+        checkpoint: official SAM ``.pth`` (loaded first, strictly, position embedding
+            average-pooled to the token grid), or None for random initialisation.
+        img_size: in-plane input size (256 in the official code); divisible by ``patch_size``.
+        class_names: label names to segment, in output-channel order (from the bundle's
+            ``channel_def``, background excluded). A subset predicts only those classes.
+        text_embeddings: JSON file with the stored label-name embeddings (see
+            :mod:`shared_nets.nets.s_sam_text`), or None to use deterministic hash vectors
+            (tests; carries no semantics).
+        text_dim: text embedding width (512 for CLIP ViT-B/32).
+        mode: ``paper`` or ``official``; sets the defaults of ``tal``, ``train_decoder_norms``
+            and ``use_rel_pos`` (see the module docstring).
+        tal: ``linear`` or ``linear_relu_bn``; None follows ``mode``.
+        use_tal: Table 3 "TAL" switch. False feeds the first prompt-dim entries of the text
+            embedding as the token (what the official code does without its TAL).
+        svd_scale: Table 3 "Scaling": train ``a`` (else fixed at 1).
+        svd_shift: Table 3 "Shifting": train ``b`` (else fixed at 0).
+        train_pos_embed: Table 3 "Tuning Pos Embeds".
+        train_norms: Table 3 "Tuning Layernorm" (the LayerNorms of the encoder blocks).
+        train_decoder_norms: train the mask decoder's LayerNorms; None follows ``mode``.
+        use_rel_pos: use SAM's relative position tables in attention; None follows ``mode``.
+        global_attention: global attention in every encoder block (official code); False
+            keeps SAM's windowed blocks.
+        full_finetune: train every parameter of SAM and the TAL and skip the SVD
+            re-parameterisation ("SAM with full finetuning" in Tables 2, 4, 5; used by the
+            demo, which trains ``tiny`` from scratch).
+        resize_input: if True, slices whose in-plane size is not ``img_size`` are resized
+            bilinearly in and the logits back; if False (default) such input is an error,
+            since the bundles resize in pre-processing (and invert after argmax).
+        patch_size: ViT patch size (16 for SAM checkpoints; 8 gives ``tiny`` demos a finer grid).
+        pos_embed_mode: resizing of the checkpoint's position embedding: ``avgpool`` (paper)
+            or ``bicubic``.
+    """
+
+    def __init__(
+        self,
+        variant: str = "vit_b",
+        checkpoint: str | None = None,
+        img_size: int = 256,
+        class_names: Sequence[str] = ("liver",),
+        text_embeddings: str | None = None,
+        text_dim: int = TEXT_EMBEDDING_DIM,
+        mode: str = "paper",
+        tal: str | None = None,
+        use_tal: bool = True,
+        svd_scale: bool = True,
+        svd_shift: bool = True,
+        train_pos_embed: bool = True,
+        train_norms: bool = True,
+        train_decoder_norms: bool | None = None,
+        use_rel_pos: bool | None = None,
+        global_attention: bool = True,
+        full_finetune: bool = False,
+        resize_input: bool = False,
+        patch_size: int = 16,
+        pos_embed_mode: str = "avgpool",
+    ) -> None:
+        super().__init__()
+        if mode not in S_SAM_MODES:
+            raise ValueError(f"mode must be one of {S_SAM_MODES}, got {mode!r}.")
+        for name, value in (
+            ("use_tal", use_tal), ("svd_scale", svd_scale), ("svd_shift", svd_shift),
+            ("train_pos_embed", train_pos_embed), ("train_norms", train_norms),
+            ("global_attention", global_attention), ("full_finetune", full_finetune), ("resize_input", resize_input),
+        ):
+            _check_bool(value, name)
+        official = mode == "official"
+        tal = tal if tal is not None else ("linear_relu_bn" if official else "linear")
+        if tal not in TAL_TYPES:
+            raise ValueError(f"tal must be one of {TAL_TYPES} or null, got {tal!r}.")
+        train_decoder_norms = _check_bool(official if train_decoder_norms is None else train_decoder_norms, "train_decoder_norms")
+        use_rel_pos = _check_bool((not official) if use_rel_pos is None else use_rel_pos, "use_rel_pos")
+        if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not class_names:
+            raise ValueError(f"class_names must be a non-empty list of label names, got {class_names!r}.")
+        if not all(isinstance(n, str) and n.strip() for n in class_names):
+            raise ValueError(f"class_names must hold non-empty strings, got {list(class_names)!r}.")
+        if not isinstance(text_dim, int) or text_dim < 1:
+            raise ValueError(f"text_dim must be a positive integer, got {text_dim!r}.")
+
+        v = get_variant(variant)
+        if global_attention:
+            # Code: every block attends globally (window_size 0 everywhere); the paper is silent.
+            v = dataclasses.replace(v, global_attn_indexes=tuple(range(v.encoder_depth)))
+        sam: Sam = build_sam(
+            v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size, pos_embed_mode=pos_embed_mode
+        )
+        self.image_encoder = sam.image_encoder
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        if not use_rel_pos:
+            # Official-code behaviour: the tables are loaded but never added to the attention.
+            for blk in self.image_encoder.blocks:
+                blk.attn.use_rel_pos = False
+
+        self.img_size = img_size
+        self.class_names = [str(n) for n in class_names]
+        self.text_dim = text_dim
+        self.mode = mode
+        self.use_tal = use_tal
+        self.full_finetune = full_finetune
+        self.resize_input = resize_input
+        prompt_dim = v.prompt_embed_dim
+        if not use_tal and text_dim < prompt_dim:
+            raise ValueError(f"use_tal=false feeds the first {prompt_dim} text entries as the token; text_dim={text_dim} is smaller.")
+
+        # Label-name prompts (paper section 3): fixed text vectors, non-persistent so that a
+        # checkpoint does not depend on the class list it was trained with.
+        if text_embeddings is None:
+            text = HashTextEncoder(text_dim)(self.class_names)
+        else:
+            text = load_class_embeddings(os.fspath(text_embeddings), self.class_names, dim=text_dim)
+        self.register_buffer("text_embeddings", text, persistent=False)
+        self.tal = TextAffineLayer(text_dim, prompt_dim, tal) if use_tal else None
+
+        # Singular-value re-parameterisation (eq. 2), injected after the checkpoint is loaded.
+        self.svd_layers: list[nn.Module] = []
+        if not full_finetune and (svd_scale or svd_shift):
+            from shared_nets.peft import inject_svd
+
+            self.svd_layers = list(inject_svd(self.image_encoder, include=_SVD_TARGETS))
+        self._set_trainable(svd_scale, svd_shift, train_pos_embed, train_norms, train_decoder_norms)
+
+    # ------------------------------------------------------------------ trainable set
+    def _set_trainable(
+        self, svd_scale: bool, svd_shift: bool, train_pos_embed: bool, train_norms: bool, train_decoder_norms: bool
+    ) -> None:
+        """Freeze everything except S-SAM's trainable set (paper section 3, Fig. 1; Table 3 switches)."""
+        if self.full_finetune:
+            self.requires_grad_(True)
+            return
+        self.requires_grad_(False)
+        for layer in self.svd_layers:
+            scale, shift = _svd_parameters(layer)
+            scale.requires_grad_(svd_scale)
+            shift.requires_grad_(svd_shift)
+        enc = self.image_encoder
+        if train_pos_embed and enc.pos_embed is not None:
+            enc.pos_embed.requires_grad_(True)
+        if train_norms:
+            # The blocks' LayerNorms only: the neck's LayerNorm2d stay frozen, as in the official
+            # code and in the paper's trainable count.
+            for blk in enc.blocks:
+                blk.norm1.requires_grad_(True)
+                blk.norm2.requires_grad_(True)
+        if train_decoder_norms:
+            for m in self.mask_decoder.transformer.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.requires_grad_(True)
+        if self.tal is not None:
+            self.tal.requires_grad_(True)
+
+    def trainable_parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per S-SAM component (and ``total``), for reports and tests."""
+        groups = {
+            "pos_embed": ["image_encoder.pos_embed"],
+            "svd_blocks": ["image_encoder.blocks."],
+            "svd_neck": ["image_encoder.neck."],
+            "encoder_norms": [],
+            "tal": ["tal."],
+            "decoder_norms": [],
+            "other": [],
+        }
+        counts = dict.fromkeys(groups, 0)
+        norm_params = {id(p) for blk in self.image_encoder.blocks for n in (blk.norm1, blk.norm2) for p in n.parameters()}
+        dec_norm_params = {
+            id(p) for m in self.mask_decoder.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()
+        }
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if id(p) in norm_params:
+                key = "encoder_norms"
+            elif id(p) in dec_norm_params:
+                key = "decoder_norms"
+            else:
+                key = next((k for k, prefixes in groups.items() if any(name.startswith(x) for x in prefixes)), "other")
+            counts[key] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # ------------------------------------------------------------------ forward
+    def class_prompts(self) -> torch.Tensor:
+        """Sparse prompt tokens of the classes: ``[K, prompt_dim]`` (TAL over the stored text vectors)."""
+        text = self.text_embeddings
+        if self.tal is None:
+            return text[:, : self.prompt_encoder.embed_dim]
+        return self.tal(text.to(self.tal.linear.weight.dtype))
+
+    def decode(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """One mask-decoder pass per (image, class).
+
+        SAM's ``MaskDecoder.predict_masks`` assumes one image per call (it repeats the image
+        embedding per prompt row), so we run its parts on an (image, class)-major batch.
+        The official code decodes with ``multimask_output=False``, i.e. the first mask token.
+
+        Args:
+            image_embeddings: ``[N, C, h, w]`` encoder output.
+            prompts: ``[K, C]`` class prompt tokens.
+
+        Returns:
+            ``[N, K, 4h, 4w]`` mask logits.
+        """
+        dec = self.mask_decoder
+        n, c, h, w = image_embeddings.shape
+        k = prompts.shape[0]
+        src = image_embeddings.repeat_interleave(k, dim=0)  # [N*K, C, h, w], class fastest
+        src = src + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        pos = self.prompt_encoder.get_dense_pe()  # [1, C, h, w]; broadcast inside the transformer
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat(
+            [out_tokens.unsqueeze(0).expand(n * k, -1, -1), prompts.repeat(n, 1).unsqueeze(1).to(out_tokens.dtype)], dim=1
+        )
+        hs, src = dec.transformer(src, pos, tokens)
+        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(n * k, c, h, w))  # [N*K, C/8, 4h, 4w]
+        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # [N*K, C/8]
+        masks = torch.einsum("bc,bchw->bhw", hyper, upscaled)
+        return masks.reshape(n, k, *masks.shape[-2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segment every class in every axial slice.
+
+        Args:
+            x: ``[B, C, H, W, D]`` image, ``C`` = 1 (grey, repeated to 3) or 3 (RGB).
+
+        Returns:
+            ``[B, 1 + len(class_names), H, W, D]`` logits; channel 0 is 0 (background).
+        """
+        if x.ndim != 5:
+            raise ValueError(f"SSAM expects a 5D input [B, C, H, W, D], got shape {tuple(x.shape)}.")
+        b, c, hh, ww, d = x.shape
+        if c not in (1, 3):
+            raise ValueError(f"SSAM expects 1 (grey) or 3 (RGB) image channels, got {c} (input shape {tuple(x.shape)}).")
+        s = self.img_size
+        slices = x.permute(0, 4, 1, 2, 3).reshape(b * d, c, hh, ww)
+        if (hh, ww) != (s, s):
+            if not self.resize_input:
+                raise ValueError(
+                    f"SSAM input in-plane size ({hh}, {ww}) must equal img_size={s}; resize in pre-processing "
+                    "(the bundle's Resized + Invertd) or construct the network with resize_input=true."
+                )
+            slices = F.interpolate(slices, size=(s, s), mode="bilinear", align_corners=False)
+        if c == 1:
+            slices = slices.expand(-1, 3, -1, -1)
+        emb = self.image_encoder(slices)  # [B*D, C', h, w]
+        logits = self.decode(emb, self.class_prompts())  # [B*D, K, 4h, 4w]
+        # Official postprocessing: bilinear upsampling of the low-res masks to the input size.
+        logits = F.interpolate(logits, size=(hh, ww), mode="bilinear", align_corners=False)
+        logits = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+        return logits.reshape(b, d, -1, hh, ww).permute(0, 2, 3, 4, 1)
+
+
+def _svd_parameters(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """The trainable scale ``a`` and shift ``b`` of a ``shared_nets.peft`` SVD layer."""
+    for a_name, b_name in (("scale", "shift"), ("svd_scale", "svd_shift"), ("a", "b"), ("trainable_scale", "trainable_shift")):
+        a, b = getattr(layer, a_name, None), getattr(layer, b_name, None)
+        if isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter):
+            return a, b
+    raise ValueError(f"{type(layer).__name__} exposes no singular-value scale/shift parameters.")
