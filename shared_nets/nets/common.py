@@ -96,7 +96,7 @@ class ProgressiveUpsampling(nn.Module):
 
     def __init__(self, sam_upscaling: nn.Module, transformer_dim: int) -> None:
         super().__init__()
-        c2 = max(transformer_dim // 8, 8)
+        c2 = transformer_dim // 8  # output width of SAM's own two stages
         c3, c4 = max(transformer_dim // 16, 8), max(transformer_dim // 32, 8)
         self.sam_upscaling = sam_upscaling
         self.extra = nn.Sequential(

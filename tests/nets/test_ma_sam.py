@@ -1,0 +1,164 @@
+"""MA-SAM network: identity at init, cross-slice mixing, shapes, ablation switches, trainable sets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared_nets.nets.ma_sam import MASAM
+from shared_nets.peft import trainable_parameter_report
+from shared_nets.sam import build_sam
+
+TINY = dict(variant="tiny", img_size=64, num_classes=4, fact_rank=8)
+
+
+def _randomise_adapters(model: MASAM) -> None:
+    with torch.no_grad():
+        for adapters in (model.adapters_before, model.adapters_after):
+            for a in adapters or []:
+                a.up.weight.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("use_3d_adapters", [False, True])
+def test_fact_model_at_init_equals_plain_sam_encoder(use_3d_adapters):
+    torch.manual_seed(0)
+    ref = build_sam("tiny", img_size=64, num_multimask_outputs=4).image_encoder.eval()
+    torch.manual_seed(0)
+    model = MASAM(**TINY, use_3d_adapters=use_3d_adapters).eval()
+    x = torch.randn(10, 3, 64, 64)
+    with torch.no_grad():
+        ours, _ = model.encode(x)
+        torch.testing.assert_close(ours, ref(x), atol=1e-5, rtol=0)
+    # the FacT branch is live: a trained core changes the features
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "fact_" in name:
+                p.normal_(0, 0.5)
+        assert (model.encode(x)[0] - ref(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("use_3d_adapters", [True, False])
+def test_only_3d_adapters_mix_slices(use_3d_adapters):
+    torch.manual_seed(0)
+    model = MASAM(**TINY, use_3d_adapters=use_3d_adapters).eval()
+    _randomise_adapters(model)
+    x = torch.randn(1, 1, 64, 64, 5)
+    x2 = x.clone()
+    x2[..., 0] += 1.0  # perturb slice 0 only
+    with torch.no_grad():
+        y, y2 = model(x), model(x2)
+    changed = (y[..., 1] - y2[..., 1]).abs().max().item()
+    assert (changed > 1e-4) == use_3d_adapters
+    assert (y[..., 0] - y2[..., 0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["tiny", "vit_b"])
+def test_output_shape_and_dtype(variant):
+    model = MASAM(variant=variant, img_size=64, num_classes=13, fact_rank=8).eval()
+    with torch.no_grad():
+        y = model(torch.randn(2, 1, 64, 64, 5))
+    assert y.shape == (2, 14, 64, 64, 5) and y.dtype == torch.float32
+    print(f"\n{variant} @64:\n{trainable_parameter_report(model)}")
+
+
+@pytest.mark.parametrize("decoder", ["progressive", "sam", "multiscale"])
+@pytest.mark.parametrize("position", ["both", "before", "after"])
+def test_ablation_switches_build_and_train(decoder, position):
+    model = MASAM(**TINY, decoder=decoder, adapter_position=position)
+    y = model(torch.randn(1, 1, 64, 64, 5))
+    assert y.shape == (1, 5, 64, 64, 5)
+    y.logsumexp(1).mean().backward()
+    # a trainable parameter in each trained part receives a gradient
+    assert model.sam.mask_decoder.mask_tokens.weight.grad is not None
+    assert model.sam.image_encoder.fact_factors.U.grad is not None
+    adapters = model.adapters_before if position != "after" else model.adapters_after
+    assert adapters[0].up.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "finetune, frozen_encoder_weight_trains",
+    [("fact", False), ("frozen", False), ("full", True)],
+)
+def test_gradients_only_where_expected(finetune, frozen_encoder_weight_trains):
+    model = MASAM(**TINY, finetune=finetune)
+    model(torch.randn(1, 1, 64, 64, 5)).mean().backward()
+    qkv = model.sam.image_encoder.blocks[0].attn.qkv
+    base_weight = qkv.base_layer.weight if hasattr(qkv, "base_layer") else qkv.weight
+    assert (base_weight.grad is not None) == frozen_encoder_weight_trains
+    assert model.sam.image_encoder.patch_embed.proj.weight.requires_grad == frozen_encoder_weight_trains
+    for p in model.parameters():
+        if not p.requires_grad:
+            assert p.grad is None
+    has_fact = any("fact_" in n for n, _ in model.named_parameters())
+    assert has_fact == (finetune == "fact")
+
+
+def test_vit_b_trainable_counts_match_the_design():
+    model = MASAM(variant="vit_b", img_size=64, num_classes=13)
+    named = dict(model.named_parameters())
+    fact = sum(p.numel() for n, p in named.items() if "fact_" in n)
+    assert fact == 2 * 768 * 32 + 12 * 2 * 32 * 32  # shared U, V + q/v cores per block
+    adapters = sum(p.numel() for n, p in named.items() if n.startswith("adapters_"))
+    per_adapter = 2 * 768 + 768 * 384 + (384 * 384 * 3 + 384) + 384 * 768  # norm, down, conv3d, up
+    assert adapters == 24 * per_adapter
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    encoder_base = sum(p.numel() for n, p in named.items() if n.startswith("sam.image_encoder.") and "fact_" not in n)
+    assert frozen == encoder_base
+
+
+def test_box_prompt_changes_the_prediction():
+    torch.manual_seed(0)
+    model = MASAM(**TINY, use_box_prompt=True).eval()
+    x = torch.randn(1, 2, 64, 64, 5)
+    x[:, 1] = 0
+    x_box = x.clone()
+    x_box[:, 1, 10:30, 20:40, 1:4] = 1
+    with torch.no_grad():
+        y, y_box = model(x), model(x_box)
+    assert y.shape == (1, 5, 64, 64, 5)
+    assert (y[..., 2] - y_box[..., 2]).abs().max() > 1e-4  # slice crossed by the box
+    torch.testing.assert_close(y[..., 0], y_box[..., 0])  # slice the box does not cross
+
+
+def test_gradient_checkpointing_matches():
+    torch.manual_seed(0)
+    model = MASAM(**TINY, fact_dropout=0.0)
+    _randomise_adapters(model)
+    x = torch.randn(1, 1, 64, 64, 5)
+    model.gradient_checkpointing = False
+    model(x).square().mean().backward()
+    g_ref = model.sam.image_encoder.fact_factors.U.grad.clone()
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(x).square().mean().backward()
+    torch.testing.assert_close(model.sam.image_encoder.fact_factors.U.grad, g_ref)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((1, 1, 64, 64, 3), "expected 5 slices"),
+        ((1, 2, 64, 64, 5), "expected 1 input channel"),
+        ((1, 1, 48, 48, 5), "expected in-plane size 64x64"),
+        ((1, 64, 64, 5), "expected a 5D input"),
+    ],
+)
+def test_bad_input_shapes(shape, match):
+    model = MASAM(**TINY)
+    with pytest.raises(ValueError, match=match):
+        model(torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(finetune="lora"), "finetune must be one of"),
+        (dict(adapter_position="middle"), "adapter_position must be one of"),
+        (dict(decoder="unet"), "decoder must be one of"),
+        (dict(img_size=100), "divisible by 16"),
+        (dict(num_classes=0), "num_classes must be a positive integer"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MASAM(**{**TINY, **kwargs})
