@@ -179,9 +179,9 @@ class MedSAEncoderBlock(nn.Module):
         dim = block.norm1.normalized_shape[0]
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
         self.window_size = block.window_size
-        self.scale, self.sd_trans = float(scale), bool(sd_trans)
+        self.sd_trans = bool(sd_trans)
         self.space_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=True, zero_init=zero_init)
-        self.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init)
+        self.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, scale=scale, zero_init=zero_init)
         self.depth_adapter = (
             BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init) if depth_adapter else None
         )
@@ -227,7 +227,7 @@ class MedSAEncoderBlock(nn.Module):
             a = a + self.depth_branch(xn, num_slices)  # Fig. 1c: add the depth branch
         x = shortcut + a
         xn = self.norm2(x)
-        return x + self.mlp(xn) + self.scale * self.mlp_adapter(xn)  # Fig. 1b: scaled parallel MLP adapter
+        return x + self.mlp(xn) + self.mlp_adapter(xn)  # Fig. 1b: scaled parallel MLP adapter
 
 
 class MedSADecoderBlock(nn.Module):
@@ -268,9 +268,8 @@ class MedSADecoderBlock(nn.Module):
             setattr(self, name, getattr(block, name))
         self.skip_first_layer_pe = block.skip_first_layer_pe
         dim = block.norm1.normalized_shape[0]
-        self.scale = float(scale)
         self.hyp_adapter = HyPAdapter(dim, hidden_dim, prompt_dim, hyp_layers, fusion, act, skip=True, zero_init=zero_init)
-        self.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init)
+        self.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, scale=scale, zero_init=zero_init)
         self.image_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init)
 
     def forward(
@@ -294,7 +293,7 @@ class MedSADecoderBlock(nn.Module):
         q, k = queries + query_pe, keys + key_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
 
-        queries = self.norm3(queries + self.mlp(queries) + self.scale * self.mlp_adapter(queries))  # adapter 2
+        queries = self.norm3(queries + self.mlp(queries) + self.mlp_adapter(queries))  # adapter 2
 
         q, k = queries + query_pe, keys + key_pe
         keys = keys + self.cross_attn_image_to_token(q=k, k=q, v=queries)
@@ -353,17 +352,19 @@ class MedSATwoWayTransformer(nn.Module):
         return self.prompt_reduce(prompt_tokens.flatten(1))
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor, prompt_tokens: torch.Tensor
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args:
+        """Drop-in for ``TwoWayTransformer.forward``.
+
+        Args:
             image_embedding: ``[B, C, h, w]``; image_pe: ``[B, C, h, w]``.
-            point_embedding: output + prompt tokens ``[B, Nq, C]``.
-            prompt_tokens: the sparse prompt tokens ``[B, T, C]`` (the tail of ``point_embedding``).
+            point_embedding: output tokens then sparse prompt tokens ``[B, Nq, C]``; the last
+                ``num_prompt_tokens`` rows are the prompt tokens that build ``e_prompt``.
 
         Returns:
             ``(queries [B, Nq, C], keys [B, h*w, C])``.
         """
-        prompt = self.prompt_embedding(prompt_tokens)
+        prompt = self.prompt_embedding(point_embedding[:, -self.num_prompt_tokens :])
         keys = image_embedding.flatten(2).permute(0, 2, 1)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = point_embedding

@@ -1,0 +1,341 @@
+"""Med-SA: Medical SAM Adapter (Wu et al., arXiv 2304.12620) as a MONAI-contract network.
+
+Frozen SAM with bottleneck adapters in every encoder block, the SD-Trans depth branch for
+slice chunks, three adapters per decoder block of which the first is the prompt-conditioned
+HyP-Adpt, and click/box prompts decoded from guidance channels. Input ``[B, C + 3, H, W, D]``
+(image channels, then positive clicks, negative clicks, box), output ``[B, 2, H, W, D]``
+logits ``[background, object]`` at the input size.
+
+Deliberate differences from the official code (KidsWithTokens/Medical-SAM-Adapter), each a
+constructor switch whose default follows the paper:
+
+- adapter activation ReLU (paper) vs GELU (code): ``adapter_act``;
+- adapter width ``D/16`` reproduces the paper's ~13M trainable parameters on ViT-H; the code's
+  ``D/4`` with a third (depth) adapter per block trains 82.9M: ``adapter_ratio``, ``depth_adapter``;
+- decoder adapters and HyP-Adpt exist only in the paper: ``decoder_adapters``, ``hyp_adapter``;
+- the code trains the whole mask decoder, the paper keeps SAM frozen: ``train_mask_decoder``;
+- the code's adapters start from random up-projections; ours are zero-initialised so 2D
+  inference starts exactly at SAM (AdaptFormer, which the paper follows for ``s``, does
+  this): ``adapter_zero_init``;
+- SD-Trans is correct in windowed blocks too (code: only in global blocks), and official
+  relative-position tables are loaded (code: never) -- no switch, the code's behaviour is a bug.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from monai.data import MetaTensor
+from torch import nn
+
+from shared_nets.peft import freeze_except
+from shared_nets.prompts import decode_boxes_2d, decode_points, decode_points_2d, scale_coords
+from shared_nets.sam import build_sam, get_variant
+
+from .common import decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from .med_sa_blocks import PROMPT_FUSIONS, MedSAEncoderBlock, MedSATwoWayTransformer, adapter_width
+
+__all__ = ["MedSA", "MEDSA_OFFICIAL_CODE_SETTINGS", "PROMPT_SCOPES"]
+
+#: ``chunk``: every slice of a 3D chunk sees all clicks of the chunk (in-plane position);
+#: ``slice``: each slice sees only its own clicks. Boxes are always restricted per slice.
+PROMPT_SCOPES = ("chunk", "slice")
+
+#: constructor switches that reproduce the official code's model (82.9M trainable on ViT-H).
+MEDSA_OFFICIAL_CODE_SETTINGS: dict[str, object] = {
+    "adapter_ratio": 0.25,
+    "adapter_act": "gelu",
+    "adapter_zero_init": False,
+    "depth_adapter": True,
+    "decoder_adapters": False,
+    "hyp_adapter": False,
+    "train_mask_decoder": True,
+}
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
+    return value
+
+
+def _check_pos_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+class MedSA(nn.Module):
+    """Medical SAM Adapter for interactive (click / box) segmentation of 2D images and 3D slice chunks.
+
+    Paper sections: "Med-SA architecture" (adapters, Fig. 1b/d), "SD-Trans" (Fig. 1c),
+    "HyP-Adpt" (Eq. 1-2, Fig. 2), "Training Strategy" (click and box prompts).
+
+    Args:
+        variant: SAM backbone ``vit_b`` / ``vit_l`` / ``vit_h`` (paper) / ``tiny``.
+        checkpoint: official SAM ``.pth`` (loaded strictly, rel-pos tables included, before
+            the adapters are injected) or None for random initialisation.
+        img_size: SAM input side; slices are resized to it inside the network.
+        patch_size: ViT patch size (16 for checkpoints; 8 allowed for ``tiny`` demos).
+        in_channels: image channels before the 3 guidance channels: 1 (grey, repeated to RGB) or 3.
+        num_classes: output channels; must be 2 (background, prompted object).
+        adapter_ratio: encoder adapter width / embedding width (paper count: 1/16; code: 1/4).
+        adapter_act: ``relu`` (paper) or ``gelu`` (code).
+        adapter_scale: ``s`` of the MLP adapters (code: 0.5; the paper does not give it).
+        adapter_zero_init: zero-initialise adapter up-projections.
+        sd_trans: SD-Trans depth branch for chunks of more than one slice (Table 3 "2D to 3D").
+        depth_adapter: third encoder adapter on the depth branch (code; not in the paper).
+        decoder_adapters: the three adapters per decoder block (paper; absent from the code).
+        decoder_adapter_ratio: decoder adapter width / decoder width.
+        hyp_adapter: first decoder adapter prompt-conditioned (True) or plain (False).
+        prompt_fusion: how the prompt enters it: ``hyper`` (HyP-Adpt), ``add``, ``concat``
+            (the paper's Table 3 alternatives).
+        hyp_layers: hyper-prompting layers (paper: 3).
+        prompt_embed_ratio: width of the prompt embedding ``e_prompt`` / decoder width.
+        max_points: click slots per decoded slice (more clicks raise ``ValueError``).
+        max_depth: largest slice chunk ``D`` accepted in one forward.
+        prompt_scope: :data:`PROMPT_SCOPES`.
+        automatic: allow inputs without any prompt (decoded with SAM's "no prompt" tokens);
+            otherwise such an input raises ``ValueError`` naming the guidance channels.
+        train_mask_decoder: also train SAM's mask decoder (official code).
+        full_finetune: train every parameter (for ``tiny`` demos trained from scratch).
+        embedding_cache: without autograd, reuse the image embedding when the same image is
+            decoded again with new prompts (interactive refinement).
+        no_prompt_logit: object logit written for slices without any prompt (non-automatic).
+    """
+
+    def __init__(
+        self,
+        variant: str = "vit_h",
+        checkpoint: str | os.PathLike | None = None,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        adapter_ratio: float = 0.0625,
+        adapter_act: str = "relu",
+        adapter_scale: float = 0.5,
+        adapter_zero_init: bool = True,
+        sd_trans: bool = True,
+        depth_adapter: bool = False,
+        decoder_adapters: bool = True,
+        decoder_adapter_ratio: float = 0.0625,
+        hyp_adapter: bool = True,
+        prompt_fusion: str = "hyper",
+        hyp_layers: int = 3,
+        prompt_embed_ratio: float = 0.25,
+        max_points: int = 8,
+        max_depth: int = 16,
+        prompt_scope: str = "chunk",
+        automatic: bool = False,
+        train_mask_decoder: bool = False,
+        full_finetune: bool = False,
+        embedding_cache: bool = True,
+        no_prompt_logit: float = -20.0,
+    ) -> None:
+        super().__init__()
+        if in_channels not in (1, 3) or isinstance(in_channels, bool):
+            raise ValueError(f"in_channels must be 1 (grey, repeated to RGB) or 3 image channels, got {in_channels!r}.")
+        if num_classes != 2 or isinstance(num_classes, bool):
+            raise ValueError(f"num_classes must be 2 (background and the prompted object; one object per forward), got {num_classes!r}.")
+        if prompt_fusion not in PROMPT_FUSIONS[:3]:
+            raise ValueError(f"prompt_fusion must be one of {PROMPT_FUSIONS[:3]}, got {prompt_fusion!r}.")
+        if prompt_scope not in PROMPT_SCOPES:
+            raise ValueError(f"prompt_scope must be one of {PROMPT_SCOPES}, got {prompt_scope!r}.")
+        for name, value in (
+            ("adapter_zero_init", adapter_zero_init), ("sd_trans", sd_trans), ("depth_adapter", depth_adapter),
+            ("decoder_adapters", decoder_adapters), ("hyp_adapter", hyp_adapter), ("automatic", automatic),
+            ("train_mask_decoder", train_mask_decoder), ("full_finetune", full_finetune), ("embedding_cache", embedding_cache),
+        ):
+            _check_bool(value, name)
+        self.max_points = _check_pos_int(max_points, "max_points")
+        self.max_depth = _check_pos_int(max_depth, "max_depth")
+        v = get_variant(variant)
+        self.in_channels, self.img_size = in_channels, img_size
+        self.prompt_scope, self.automatic, self.embedding_cache = prompt_scope, automatic, embedding_cache
+        self.no_prompt_logit = float(no_prompt_logit)
+
+        # Load SAM (official weights strictly, rel-pos tables included) before injecting adapters.
+        sam = build_sam(v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size)
+        self.image_encoder, self.prompt_encoder, self.mask_decoder = sam.image_encoder, sam.prompt_encoder, sam.mask_decoder
+        width = adapter_width(v.encoder_embed_dim, adapter_ratio)
+        self.image_encoder.blocks = nn.ModuleList(
+            MedSAEncoderBlock(blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter)
+            for blk in self.image_encoder.blocks
+        )
+        if decoder_adapters:
+            dim = v.prompt_embed_dim
+            self.mask_decoder.transformer = MedSATwoWayTransformer(
+                self.mask_decoder.transformer,
+                num_prompt_tokens=self.max_points + 2,
+                hidden_dim=adapter_width(dim, decoder_adapter_ratio),
+                prompt_dim=adapter_width(dim, prompt_embed_ratio),
+                fusion=prompt_fusion if hyp_adapter else "none",
+                hyp_layers=hyp_layers,
+                act=adapter_act,
+                scale=adapter_scale,
+                zero_init=adapter_zero_init,
+            )
+        self.decoder_adapters = decoder_adapters
+
+        if full_finetune:
+            for p in self.parameters():
+                p.requires_grad_(True)
+        else:
+            patterns = ["image_encoder.blocks.*adapter*"]
+            if decoder_adapters:
+                patterns += ["mask_decoder.transformer.layers.*adapter*"]
+                if hyp_adapter:
+                    patterns += ["mask_decoder.transformer.prompt_reduce.*"]
+            if train_mask_decoder:
+                patterns += ["mask_decoder.*"]
+            freeze_except(self, patterns)
+        self._cache: tuple | None = None
+        self.cache_hits = 0
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, images: torch.Tensor, num_slices: int = 1) -> torch.Tensor:
+        """Image embeddings of slices (paper Fig. 1b/c).
+
+        Args:
+            images: ``[B*D, 3, img_size, img_size]``, the ``D`` slices of each sample consecutive.
+            num_slices: ``D`` (SD-Trans mixes these slices).
+
+        Returns:
+            ``[B*D, C', img_size/p, img_size/p]`` (``C'`` the neck width).
+        """
+        enc = self.image_encoder
+        x = enc.patch_embed(images)
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for blk in enc.blocks:
+            x = blk(x, num_slices)
+        return enc.neck(x.permute(0, 3, 1, 2))
+
+    def _param_version(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.image_encoder.parameters())
+
+    def _encode_cached(self, images: torch.Tensor, num_slices: int) -> torch.Tensor:
+        use = self.embedding_cache and not torch.is_grad_enabled()
+        if use and self._cache is not None:
+            img, ns, version, emb = self._cache
+            if (
+                ns == num_slices and img.shape == images.shape and img.dtype == images.dtype and img.device == images.device
+                and version == self._param_version() and torch.equal(img, images)
+            ):
+                self.cache_hits += 1
+                return emb
+        emb = self.encode(images, num_slices)
+        self._cache = (images.detach().clone(), num_slices, self._param_version(), emb.detach()) if use else None
+        return emb
+
+    def clear_cache(self) -> None:
+        """Drop the cached image embedding."""
+        self._cache = None
+
+    # ------------------------------------------------------------------ prompts
+    def prompts(self, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode guidance channels into per-slice SAM prompts in SAM's input frame.
+
+        Args:
+            guidance: ``[B, 3, H, W, D]`` (positive clicks, negative clicks, box).
+
+        Returns:
+            ``coords [B*D, P, 2]`` (x, y) in ``img_size`` pixels, ``labels [B*D, P]`` (1/0/-1),
+            ``boxes [B*D, 4]`` (x0, y0, x1, y1), ``box_valid [B*D]`` bool; row ``b*D + d``.
+        """
+        b, _, h, w, d = guidance.shape
+        try:
+            if self.prompt_scope == "chunk" and d > 1:
+                c3, labels = decode_points(guidance[:, :2], self.max_points, strict=True)
+                coords = c3[..., [1, 0]].repeat_interleave(d, dim=0)  # in-plane (x=j, y=i) on every slice
+                labels = labels.repeat_interleave(d, dim=0)
+            else:
+                coords, labels = decode_points_2d(guidance[:, :2], self.max_points, strict=True)
+        except ValueError as e:
+            raise ValueError(
+                f"MedSA: too many clicks in the guidance channels ({e}); pass at most max_points={self.max_points} "
+                f"clicks per {'chunk' if self.prompt_scope == 'chunk' else 'slice'} or raise max_points."
+            ) from None
+        boxes, box_valid = decode_boxes_2d(guidance[:, 2:3])
+        boxes = boxes - torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device, dtype=boxes.dtype)  # SAM: last pixel, inclusive
+        coords = scale_coords(coords, (w, h), (self.img_size, self.img_size))
+        boxes = scale_coords(boxes, (w, h), (self.img_size, self.img_size))
+        return coords, labels, boxes, box_valid
+
+    def embed_prompts(
+        self, coords: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, box_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's sparse prompt tokens with a fixed count ``max_points + 2`` (box corners; not-a-point if no box).
+
+        Returns:
+            ``sparse [N, P + 2, C']`` and ``dense [N, C', h, w]``.
+        """
+        sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=boxes, masks=None)
+        pad = self.prompt_encoder.not_a_point_embed.weight.to(sparse.dtype)
+        p = coords.shape[1]
+        corners = torch.where(box_valid[:, None, None], sparse[:, p:], pad.expand(sparse.shape[0], 2, -1))
+        return torch.cat([sparse[:, :p], corners], dim=1), dense
+
+    # ------------------------------------------------------------------ decoder
+    def decode(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Single-mask logits from SAM's mask decoder with Med-SA's decoder adapters (Fig. 1d).
+
+        Args:
+            image_embeddings: ``[N, C', h, w]``, one per prompt row.
+            sparse: ``[N, max_points + 2, C']``; dense: ``[N, C', h, w]``.
+
+        Returns:
+            ``[N, 1, 4h, 4w]`` logits of SAM's first (single-mask) output token.
+        """
+        masks, _ = decode_masks(self.mask_decoder, image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        return masks[:, :1]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segment the prompted object.
+
+        Args:
+            x: ``[B, C + 3, H, W, D]``: ``C = in_channels`` image channels, then positive clicks,
+                negative clicks and box as guidance channels; ``D`` = 1 (2D) or a slice chunk
+                (``D <= max_depth``).
+
+        Returns:
+            ``[B, 2, H, W, D]`` logits ``[background (0), object]``; ``softmax`` gives
+            ``sigmoid(object logit)`` as the object probability.
+        """
+        if isinstance(x, MetaTensor):
+            x = x.as_tensor()
+        c = self.in_channels
+        if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != c + 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"MedSA expects input [B, {c + 3}, H, W, D] ({c} image channel(s), then positive clicks, negative clicks, box); got {shape}."
+            )
+        b, _, h, w, d = x.shape
+        if d > self.max_depth:
+            raise ValueError(f"MedSA got a chunk of {d} slices but max_depth={self.max_depth}; use a smaller roi depth or raise max_depth.")
+        guidance = x[:, c:]
+        coords, labels, boxes, box_valid = self.prompts(guidance)
+        clicked = (labels >= 0).any(dim=1)
+        row_prompted = clicked | box_valid  # [B*D]
+        item_prompted = row_prompted.view(b, d).any(dim=1)
+        if not self.automatic and not bool(item_prompted.all()):
+            missing = torch.nonzero(~item_prompted).flatten().tolist()
+            raise ValueError(
+                f"MedSA received no prompt for batch item(s) {missing}: put clicks in guidance channels {c} (positive) / "
+                f"{c + 1} (negative) or a box in channel {c + 2} (MONAI Label 'foreground', 'background', 'roi'), "
+                "or construct the network with automatic=True."
+            )
+
+        img = upsample_to(to_rgb(volume_to_slices(x[:, :c])), (self.img_size, self.img_size))
+        emb = self._encode_cached(img.contiguous(), d)
+
+        sparse, dense = self.embed_prompts(coords, labels, boxes, box_valid)
+        logits = self.decode(emb, sparse, dense)
+        logits = upsample_to(logits, (h, w))  # [B*D, 1, H, W]
+        if not self.automatic:
+            logits = torch.where(row_prompted[:, None, None, None], logits, torch.full_like(logits, self.no_prompt_logit))
+        fg = slices_to_volume(logits, d)  # [B, 1, H, W, D]
+        return torch.cat([torch.zeros_like(fg), fg], dim=1)
