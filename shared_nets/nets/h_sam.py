@@ -1,0 +1,262 @@
+"""H-SAM: LoRA-adapted SAM with a two-stage hierarchical mask decoder (Cheng et al., CVPR 2024).
+
+Prompt-free multi-class 2D segmentation on the 5D bundle contract: ``(B, C, H, W, D)`` slices
+(``D`` is looped as batch) to ``(B, K, H, W, D)`` class logits. Where the released code
+(Cccccczh404/H-SAM) differs from the paper, the paper is the default and a flag gives the
+released behaviour (see ``bundles/h_sam/docs/README.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_nets.peft import freeze_except, inject_lora
+from shared_nets.sam import build_sam, get_variant
+
+from .common import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from .h_sam_decoder import MASK_ATTENTION_MODES, HSAMStage2Decoder, decode_stage1
+
+__all__ = ["HSAM", "ENSEMBLE_MODES", "FINETUNE_MODES"]
+
+#: ``lora``: LoRA on q, v, encoder otherwise frozen (paper); ``full``: every parameter trained, no
+#: LoRA (demos training ``tiny`` from scratch); ``frozen``: encoder frozen, decoders only.
+FINETUNE_MODES = ("lora", "full", "frozen")
+
+#: How the two stages are combined at inference: ``probability`` (paper sec. 3.4: mean of the two
+#: softmaxes; returned as its log so that softmax gives the mean back), ``logit`` (released
+#: test script: mean of the logits), ``stage2`` / ``stage1`` (one stage only).
+ENSEMBLE_MODES = ("probability", "logit", "stage2", "stage1")
+
+
+class HSAM(nn.Module):
+    """H-SAM (sec. 3): SAMed-style LoRA encoder, SAM's decoder as stage 1, mask-guided stage 2.
+
+    Forward: ``x [B, in_channels, H, W, D]`` with ``H = W = img_size``; every axial slice is
+    segmented independently (grey images are repeated to SAM's 3 channels).
+
+    * eval mode: logits ``[B, num_classes + 1, H, W, D]`` combining the two stages (``ensemble``);
+    * train mode: the list ``[stage-1 logits [B, K, H/4, W/4, D], stage-2 logits [B, K, H, W, D]]``
+      (``K = num_classes + 1``) for ``monai.losses.DeepSupervisionLoss``: stage 1 is supervised at
+      H/4 and stage 2 at full resolution (sec. 3.4 "Deep Supervision"). With ``use_stage2=False``
+      (the SAMed baseline) one ``[B, K, H, W, D]`` tensor.
+
+    Every ablation of the paper is an argument: mask attention (Tables 4, 5), CMAttn and the
+    hierarchical pixel decoder (Table 4), backbone and image size (Table 1), LoRA rank.
+
+    Args:
+        variant: SAM backbone, ``vit_b`` | ``vit_l`` | ``vit_h`` | ``tiny``.
+        checkpoint: official SAM ``.pth`` (loaded strictly before LoRA is injected), or None.
+        img_size: in-plane input size (paper: 512 few-shot, 224 fully supervised); inputs must
+            already have this size.
+        num_classes: foreground classes; outputs ``num_classes + 1`` channels (0 = background).
+        in_channels: image channels, 1 (grey, repeated to 3) or 3 (RGB).
+        patch_size: ViT patch size (16 for checkpoints; 8 gives ``tiny`` a finer token grid).
+        finetune: one of :data:`FINETUNE_MODES`. Both decoders are always trained; the prompt
+            encoder's default (no-mask) embedding too.
+        lora_rank: LoRA rank on q and v of every encoder block (paper 4; released code 5).
+        use_stage2: False gives the SAMed baseline (Table 4 first row): stage 1 only.
+        mask_attention: stage-2 cross-attention, ``learnable`` (paper eq. 3), ``binary``
+            (Mask2Former's, Table 5) or ``none`` (Table 4).
+        use_cmattn: CMAttn (sec. 3.2; Table 4).
+        use_hierarchical_pixel_decoder: full-resolution skip-connected pixel decoder (sec. 3.4;
+            Table 4); without it stage 2 predicts at H/4 like SAM.
+        ensemble: one of :data:`ENSEMBLE_MODES`.
+        released_cmattn: reproduce the released CMAttn, which reduces to ``E + E`` (a no-op).
+        released_attention_order: both decoders' blocks run cross-attention before
+            self-attention as the released code does (SAM and the paper: self-attention first).
+        embedding_noise: released training adds Gaussian noise of std
+            ``embedding_noise · (max - min)`` of the image embedding before stage 2 (released 0.2;
+            not in the paper, default 0).
+        decoder2_dropout: dropout on stage 2's token→image attention output (released 0.2).
+        cmattn_noise_var: per-class CMAttn noise variances (``num_classes + 1`` values, computed
+            offline, e.g. by :func:`shared_nets.nets.h_sam_decoder.class_balanced_noise_var`);
+            None estimates them per batch from the label.
+        cmattn_noise_max_var: variance of the rarest class for the per-batch estimate.
+        cmattn_num_heads: CMAttn heads; None: the largest divisor of ``h*w`` up to 8 (as released).
+        pos_embed_mode: position-embedding resizing of the checkpoint, ``bicubic`` | ``avgpool``.
+    """
+
+    def __init__(
+        self,
+        variant: str = "vit_b",
+        checkpoint: str | os.PathLike | None = None,
+        img_size: int = 512,
+        num_classes: int = 8,
+        in_channels: int = 1,
+        patch_size: int = 16,
+        finetune: str = "lora",
+        lora_rank: int = 4,
+        use_stage2: bool = True,
+        mask_attention: str = "learnable",
+        use_cmattn: bool = True,
+        use_hierarchical_pixel_decoder: bool = True,
+        ensemble: str = "probability",
+        released_cmattn: bool = False,
+        released_attention_order: bool = False,
+        embedding_noise: float = 0.0,
+        decoder2_dropout: float = 0.2,
+        cmattn_noise_var: Sequence[float] | None = None,
+        cmattn_noise_max_var: float = 0.1,
+        cmattn_num_heads: int | None = None,
+        pos_embed_mode: str = "bicubic",
+    ) -> None:
+        super().__init__()
+        v = get_variant(variant)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer (foreground classes), got {num_classes!r}.")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}.")
+        if finetune not in FINETUNE_MODES:
+            raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}.")
+        if finetune == "lora" and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+            raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}.")
+        if mask_attention not in MASK_ATTENTION_MODES:
+            raise ValueError(f"mask_attention must be one of {MASK_ATTENTION_MODES}, got {mask_attention!r}.")
+        if ensemble not in ENSEMBLE_MODES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLE_MODES}, got {ensemble!r}.")
+        if not use_stage2 and ensemble != "stage1":
+            ensemble = "stage1"
+        if isinstance(embedding_noise, bool) or not isinstance(embedding_noise, (int, float)) or not embedding_noise >= 0:
+            raise ValueError(f"embedding_noise must be a number >= 0, got {embedding_noise!r}.")
+        if isinstance(decoder2_dropout, bool) or not isinstance(decoder2_dropout, (int, float)) or not 0 <= decoder2_dropout < 1:
+            raise ValueError(f"decoder2_dropout must be a number in [0, 1), got {decoder2_dropout!r}.")
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 8 or patch_size & (patch_size - 1):
+            raise ValueError(
+                f"patch_size must be a power of two >= 8 (stage 1 predicts at patch/4 of the input and stage 2 "
+                f"upsamples from there to full size), got {patch_size!r}."
+            )
+
+        # sec. 3.1: SAM built and its checkpoint loaded first; SAMed-style one mask token per class
+        sam = build_sam(v, checkpoint, img_size, patch_size, num_multimask_outputs=num_classes, pos_embed_mode=pos_embed_mode)
+        self.variant = v.name
+        self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
+        self.num_classes, self.finetune = num_classes, finetune
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.use_stage2, self.ensemble = use_stage2, ensemble
+        self.cross_first = released_attention_order
+        self.embedding_noise = float(embedding_noise)
+        self.image_encoder = sam.image_encoder
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.mask_decoder2 = (
+            HSAMStage2Decoder(
+                transformer_dim=v.prompt_embed_dim,
+                num_tokens=num_classes + 1,
+                grid=self.grid,
+                patch_size=patch_size,
+                depth=v.decoder_depth,
+                num_heads=v.decoder_num_heads,
+                mlp_dim=v.decoder_mlp_dim,
+                mask_attention=mask_attention,
+                use_cmattn=use_cmattn,
+                use_hierarchical_pixel_decoder=use_hierarchical_pixel_decoder,
+                cross_first=released_attention_order,
+                dropout=float(decoder2_dropout),
+                cmattn_num_heads=cmattn_num_heads,
+                cmattn_mlp_dim=v.decoder_mlp_dim,
+                cmattn_noise_var=cmattn_noise_var,
+                cmattn_noise_max_var=cmattn_noise_max_var,
+                released_cmattn=released_cmattn,
+            )
+            if use_stage2
+            else None
+        )
+        # sec. 3.1: LoRA on q and v (SAMed), injected after the checkpoint is loaded
+        self.lora_layers = inject_lora(self.image_encoder, r=lora_rank, targets=("q", "v")) if finetune == "lora" else []
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        """Encoder frozen except LoRA; prompt encoder frozen except its default embedding (sec. 3.1).
+
+        Parameters the prompt-free forward never uses stay frozen in every mode (the prompt
+        encoder's point/box/mask embeddings, stage 1's IoU head), so DDP sees no unused
+        trainable parameters. The released code leaves them trainable (they get no gradients).
+        """
+        patterns = ["prompt_encoder.no_mask_embed.*", "mask_decoder.*"]
+        patterns += ["mask_decoder2.*"] if self.mask_decoder2 is not None else []
+        patterns += {"lora": ["image_encoder.*.lora_*"], "full": ["image_encoder.*"], "frozen": []}[self.finetune]
+        freeze_except(self, patterns)
+        self.mask_decoder.iou_prediction_head.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------
+    def _check_label(self, x: torch.Tensor, label: torch.Tensor) -> None:
+        if not isinstance(label, torch.Tensor) or label.ndim != 5 or label.shape[1] != 1 or label.shape[0] != x.shape[0] or label.shape[2:] != x.shape[2:]:
+            shape = tuple(label.shape) if isinstance(label, torch.Tensor) else type(label).__name__
+            raise ValueError(f"HSAM: label must be [B, 1, H, W, D] matching the image {tuple(x.shape)}, got {shape}.")
+        lo, hi = float(label.min()), float(label.max())
+        if lo < 0 or hi > self.num_classes or not torch.equal(label, label.round()):
+            raise ValueError(
+                f"HSAM: label values must be integers in [0, {self.num_classes}] (num_classes={self.num_classes} "
+                f"foreground classes + background), got values in [{lo:g}, {hi:g}]."
+            )
+
+    def forward_stages(self, x: torch.Tensor, label: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both stages' logits on slices.
+
+        Args:
+            x: ``[B, in_channels, H, W, D]``.
+            label: ``[B, 1, H, W, D]`` ground truth, used in training by CMAttn's noise.
+
+        Returns:
+            ``(stage-1 logits [B*D, K, 4h, 4w], stage-2 logits [B*D, K, H, W] or None)`` with
+            ``h = H / patch_size``.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"HSAM: input must be a tensor [B, C, H, W, D], got {type(x).__name__}.")
+        check_input(x, self.in_channels, self.img_size, name="HSAM")
+        if label is not None:
+            self._check_label(x, label)
+        emb = self.image_encoder(to_rgb(volume_to_slices(x)))
+        pe = self.prompt_encoder.get_dense_pe()
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *self.grid)
+        logits1, mask_feature, up1 = decode_stage1(self.mask_decoder, emb, pe, dense, self.cross_first)
+        if self.mask_decoder2 is None:
+            return logits1, None
+        # sec. 3.3: the stage-1 probability map resized to the token grid (area: mean of probabilities)
+        probs1 = F.adaptive_avg_pool2d(logits1.softmax(1), self.grid)
+        if self.training and self.embedding_noise > 0:
+            emb = emb + torch.randn_like(emb) * self.embedding_noise * (emb.max() - emb.min()).detach()
+        grid_label = None
+        if self.training and label is not None:
+            lab = F.interpolate(volume_to_slices(label.float()), size=self.grid, mode="nearest-exact")
+            grid_label = lab.flatten(1).long()
+        logits2 = self.mask_decoder2(emb, pe, dense, probs1, mask_feature, up1, grid_label)
+        return logits1, logits2
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Segment every axial slice of ``x [B, in_channels, H, W, D]``.
+
+        Args:
+            x: image with ``H = W = img_size``.
+            label: optional ground truth ``[B, 1, H, W, D]`` (training: CMAttn's class-balanced noise).
+
+        Returns:
+            eval: ``[B, K, H, W, D]`` logits (``ensemble``); train: ``[stage-1 [B, K, H/4, W/4, D],
+            stage-2 [B, K, H, W, D]]``, or one ``[B, K, H, W, D]`` tensor for the SAMed baseline.
+        """
+        logits1, logits2 = self.forward_stages(x, label)
+        depth = x.shape[4]
+        size = (self.img_size, self.img_size)
+        if self.training:
+            if logits2 is None:
+                return slices_to_volume(upsample_to(logits1, size), depth)
+            return [slices_to_volume(logits1, depth), slices_to_volume(logits2, depth)]
+        up1 = upsample_to(logits1, size)
+        if self.ensemble == "stage1" or logits2 is None:
+            out = up1
+        else:
+            up2 = upsample_to(logits2, size)
+            if self.ensemble == "stage2":
+                out = up2
+            elif self.ensemble == "logit":
+                out = (up1 + up2) / 2
+            else:
+                # sec. 3.4: mean of the two stages' probabilities, returned as log-probabilities
+                out = torch.logaddexp(up1.log_softmax(1), up2.log_softmax(1)) - math.log(2.0)
+        return slices_to_volume(out, depth)
