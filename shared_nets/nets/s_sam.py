@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
+from shared_nets.nets.common import decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from shared_nets.peft import inject_svd
 from shared_nets.sam import build_sam, get_variant
 
 from .s_sam_text import TEXT_EMBEDDING_DIM, HashTextEncoder, load_class_embeddings
@@ -189,12 +191,10 @@ class SSAM(nn.Module):
         sam: Sam = build_sam(
             v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size, pos_embed_mode=pos_embed_mode
         )
-        self.image_encoder = sam.image_encoder
-        self.prompt_encoder = sam.prompt_encoder
-        self.mask_decoder = sam.mask_decoder
+        self.sam = sam
         if not use_rel_pos:
             # Official-code behaviour: the tables are loaded but never added to the attention.
-            for blk in self.image_encoder.blocks:
+            for blk in sam.image_encoder.blocks:
                 blk.attn.use_rel_pos = False
 
         self.img_size = img_size
@@ -220,9 +220,7 @@ class SSAM(nn.Module):
         # Singular-value re-parameterisation (eq. 2), injected after the checkpoint is loaded.
         self.svd_layers: list[nn.Module] = []
         if not full_finetune and (svd_scale or svd_shift):
-            from shared_nets.peft import inject_svd
-
-            self.svd_layers = list(inject_svd(self.image_encoder, include=_SVD_TARGETS))
+            self.svd_layers = list(inject_svd(sam.image_encoder, include=_SVD_TARGETS))
         self._set_trainable(svd_scale, svd_shift, train_pos_embed, train_norms, train_decoder_norms)
 
     # ------------------------------------------------------------------ trainable set
@@ -235,10 +233,9 @@ class SSAM(nn.Module):
             return
         self.requires_grad_(False)
         for layer in self.svd_layers:
-            scale, shift = _svd_parameters(layer)
-            scale.requires_grad_(svd_scale)
-            shift.requires_grad_(svd_shift)
-        enc = self.image_encoder
+            layer.scale.requires_grad_(svd_scale)
+            layer.shift.requires_grad_(svd_shift)
+        enc = self.sam.image_encoder
         if train_pos_embed and enc.pos_embed is not None:
             enc.pos_embed.requires_grad_(True)
         if train_norms:
@@ -248,7 +245,7 @@ class SSAM(nn.Module):
                 blk.norm1.requires_grad_(True)
                 blk.norm2.requires_grad_(True)
         if train_decoder_norms:
-            for m in self.mask_decoder.transformer.modules():
+            for m in self.sam.mask_decoder.transformer.modules():
                 if isinstance(m, nn.LayerNorm):
                     m.requires_grad_(True)
         if self.tal is not None:
@@ -257,18 +254,18 @@ class SSAM(nn.Module):
     def trainable_parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per S-SAM component (and ``total``), for reports and tests."""
         groups = {
-            "pos_embed": ["image_encoder.pos_embed"],
-            "svd_blocks": ["image_encoder.blocks."],
-            "svd_neck": ["image_encoder.neck."],
+            "pos_embed": ["sam.image_encoder.pos_embed"],
+            "svd_blocks": ["sam.image_encoder.blocks."],
+            "svd_neck": ["sam.image_encoder.neck."],
             "encoder_norms": [],
             "tal": ["tal."],
             "decoder_norms": [],
             "other": [],
         }
         counts = dict.fromkeys(groups, 0)
-        norm_params = {id(p) for blk in self.image_encoder.blocks for n in (blk.norm1, blk.norm2) for p in n.parameters()}
+        norm_params = {id(p) for blk in self.sam.image_encoder.blocks for n in (blk.norm1, blk.norm2) for p in n.parameters()}
         dec_norm_params = {
-            id(p) for m in self.mask_decoder.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()
+            id(p) for m in self.sam.mask_decoder.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()
         }
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -288,15 +285,15 @@ class SSAM(nn.Module):
         """Sparse prompt tokens of the classes: ``[K, prompt_dim]`` (TAL over the stored text vectors)."""
         text = self.text_embeddings
         if self.tal is None:
-            return text[:, : self.prompt_encoder.embed_dim]
+            return text[:, : self.sam.prompt_encoder.embed_dim]
         return self.tal(text.to(self.tal.linear.weight.dtype))
 
     def decode(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """One mask-decoder pass per (image, class).
+        """One mask-decoder pass per (image, class) (paper section 3, Fig. 1).
 
-        SAM's ``MaskDecoder.predict_masks`` assumes one image per call (it repeats the image
-        embedding per prompt row), so we run its parts on an (image, class)-major batch.
-        The official code decodes with ``multimask_output=False``, i.e. the first mask token.
+        Each image embedding is paired with each class token (row ``n*K + k``); the dense
+        prompt is SAM's "no mask" embedding. The official code decodes with
+        ``multimask_output=False``, i.e. the first mask token.
 
         Args:
             image_embeddings: ``[N, C, h, w]`` encoder output.
@@ -305,21 +302,14 @@ class SSAM(nn.Module):
         Returns:
             ``[N, K, 4h, 4w]`` mask logits.
         """
-        dec = self.mask_decoder
-        n, c, h, w = image_embeddings.shape
-        k = prompts.shape[0]
-        src = image_embeddings.repeat_interleave(k, dim=0)  # [N*K, C, h, w], class fastest
-        src = src + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        pos = self.prompt_encoder.get_dense_pe()  # [1, C, h, w]; broadcast inside the transformer
-        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat(
-            [out_tokens.unsqueeze(0).expand(n * k, -1, -1), prompts.repeat(n, 1).unsqueeze(1).to(out_tokens.dtype)], dim=1
+        pe = self.sam.prompt_encoder
+        n, k = image_embeddings.shape[0], prompts.shape[0]
+        sparse = prompts.to(image_embeddings.dtype).repeat(n, 1).unsqueeze(1)  # [N*K, 1, C]
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        masks, _ = decode_masks(
+            self.sam.mask_decoder, image_embeddings.repeat_interleave(k, dim=0), pe.get_dense_pe(), sparse, dense
         )
-        hs, src = dec.transformer(src, pos, tokens)
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(n * k, c, h, w))  # [N*K, C/8, 4h, 4w]
-        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # [N*K, C/8]
-        masks = torch.einsum("bc,bchw->bhw", hyper, upscaled)
-        return masks.reshape(n, k, *masks.shape[-2:])
+        return masks[:, 0].reshape(n, k, *masks.shape[-2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segment every class in every axial slice.
@@ -336,7 +326,7 @@ class SSAM(nn.Module):
         if c not in (1, 3):
             raise ValueError(f"SSAM expects 1 (grey) or 3 (RGB) image channels, got {c} (input shape {tuple(x.shape)}).")
         s = self.img_size
-        slices = x.permute(0, 4, 1, 2, 3).reshape(b * d, c, hh, ww)
+        slices = volume_to_slices(x)  # [B*D, C, H, W]
         if (hh, ww) != (s, s):
             if not self.resize_input:
                 raise ValueError(
@@ -344,20 +334,9 @@ class SSAM(nn.Module):
                     "(the bundle's Resized + Invertd) or construct the network with resize_input=true."
                 )
             slices = F.interpolate(slices, size=(s, s), mode="bilinear", align_corners=False)
-        if c == 1:
-            slices = slices.expand(-1, 3, -1, -1)
-        emb = self.image_encoder(slices)  # [B*D, C', h, w]
+        emb = self.sam.image_encoder(to_rgb(slices))  # [B*D, C', h, w]
         logits = self.decode(emb, self.class_prompts())  # [B*D, K, 4h, 4w]
-        # Official postprocessing: bilinear upsampling of the low-res masks to the input size.
-        logits = F.interpolate(logits, size=(hh, ww), mode="bilinear", align_corners=False)
+        # Official post-processing: bilinear up-sampling of the low-resolution masks.
+        logits = upsample_to(logits, (hh, ww))
         logits = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
-        return logits.reshape(b, d, -1, hh, ww).permute(0, 2, 3, 4, 1)
-
-
-def _svd_parameters(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
-    """The trainable scale ``a`` and shift ``b`` of a ``shared_nets.peft`` SVD layer."""
-    for a_name, b_name in (("scale", "shift"), ("svd_scale", "svd_shift"), ("a", "b"), ("trainable_scale", "trainable_shift")):
-        a, b = getattr(layer, a_name, None), getattr(layer, b_name, None)
-        if isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter):
-            return a, b
-    raise ValueError(f"{type(layer).__name__} exposes no singular-value scale/shift parameters.")
+        return slices_to_volume(logits, d)
