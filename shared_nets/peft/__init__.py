@@ -1,0 +1,41 @@
+"""Parameter-efficient fine-tuning pieces for SAM's image encoder (method-agnostic).
+
+Weight-delta layers follow Hugging Face ``peft``'s contract (:class:`PeftLayer`): LoRA
+(SAMed, H-SAM), FacT-TT (MA-SAM), singular-value tuning (S-SAM). Adapters (Med-SA,
+MA-SAM) are plain modules. Injection functions work on a built (checkpoint-loaded) SAM
+encoder; :func:`freeze_except` and :func:`trainable_parameter_report` handle freezing and
+counting; :func:`export_merged_state_dict` folds everything back into stock SAM weights.
+"""
+
+from __future__ import annotations
+
+from .adapters import Adapter3D, BottleneckAdapter
+from .base import PeftLayer
+from .fact import FacTFactors, FacTQKV, inject_fact
+from .freeze import ParameterReport, ParameterRow, freeze_except, trainable_parameter_report
+from .lora import LoRALinear, LoRAQKV, inject_lora
+from .merge import export_merged_state_dict, find_unmergeable, merge_peft, unmerge_peft
+from .svd import SVDConv2d, SVDLinear, inject_svd
+
+__all__ = [
+    "Adapter3D",
+    "BottleneckAdapter",
+    "FacTFactors",
+    "FacTQKV",
+    "LoRALinear",
+    "LoRAQKV",
+    "ParameterReport",
+    "ParameterRow",
+    "PeftLayer",
+    "SVDConv2d",
+    "SVDLinear",
+    "export_merged_state_dict",
+    "find_unmergeable",
+    "freeze_except",
+    "inject_fact",
+    "inject_lora",
+    "inject_svd",
+    "merge_peft",
+    "trainable_parameter_report",
+    "unmerge_peft",
+]
