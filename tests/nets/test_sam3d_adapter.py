@@ -1,0 +1,321 @@
+"""shared_nets.nets.sam3d_adapter: shapes, the published trainable-parameter counts, parity with SAM's
+attention, identity at init, gradients, prompts and the errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import Attention as SamAttention
+
+from shared_nets.nets.sam3d_adapter import SAM3DAdapter
+from shared_nets.nets.sam3d_adapter_encoder import (
+    SpatialAdapter3D,
+    WindowAttention3D,
+    shifted_window_regions,
+    window_partition_3d,
+    window_unpartition_3d,
+)
+from shared_nets.peft import trainable_parameter_report
+from shared_nets.sam import build_sam
+
+# tiny SAM, 32^3 patch resized to 64^3 -> a 4^3 token grid, 2^3 windows (shifted on even blocks)
+TINY = dict(variant="tiny", img_size=32, sam_input_size=64, window_size=2)
+S = 32
+
+
+def _n(module: torch.nn.Module, trainable: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def _guided(batch: int = 2, clicks=((0, (10, 12, 14)),), negatives=(), size=(S, S, S), channels: int = 1):
+    torch.manual_seed(1)
+    x = torch.zeros(batch, channels + 2, *size)
+    x[:, :channels] = torch.randn(batch, channels, *size)
+    for b in range(batch):
+        for c, (i, j, k) in clicks:
+            x[b, channels + c, i, j, k] = 1
+        for i, j, k in negatives:
+            x[b, channels + 1, i, j, k] = 1
+    return x
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return SAM3DAdapter(**TINY)
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    "kwargs, channels, size",
+    [
+        ({}, 1, (S, S, S)),
+        ({"in_channels": 3}, 3, (S, S, S)),
+        ({"prompt_layer": "official"}, 1, (S, S, S)),
+        ({"prompt_encoder": "positional_encoding"}, 1, (S, S, S)),
+        ({"prompt_levels": [1, 2, 3, 4], "use_point_labels": True}, 1, (S, S, S)),
+        ({"use_multi_level": False, "num_classes": 3}, 1, (S, S, S)),
+        ({"img_size": [S, S, 16]}, 1, (S, S, 16)),  # non-cubic patch the tokeniser can take
+    ],
+)
+def test_prompted_shapes(kwargs, channels, size):
+    net = SAM3DAdapter(**{**TINY, **kwargs})
+    x = _guided(2, clicks=((0, (3, 4, 5)),), negatives=[(20, 20, 10)], size=size, channels=channels)
+    y = net(x)
+    assert y.shape == (2, kwargs.get("num_classes", 2), *size)
+    assert torch.isfinite(y).all()
+
+
+def test_automatic_mode_takes_the_image_only():
+    net = SAM3DAdapter(**TINY, prompt_encoder="none")
+    assert len(net.prompt_encoders) == 0 and net.expected_channels == 1
+    assert net(torch.randn(1, 1, S, S, S)).shape == (1, 2, S, S, S)
+
+
+def test_token_grid_follows_the_official_geometry():
+    """A 128^3 patch at 512 gives 32^3 tokens (ViT-B default); a 256^3 automatic patch too."""
+    assert SAM3DAdapter._token_grid((128, 128, 128), 512, 8) == ((32, 32, 32), (512, 512, 512))
+    assert SAM3DAdapter._token_grid((256, 256, 256), 512, 8) == ((32, 32, 32), (512, 512, 512))
+    assert SAM3DAdapter._token_grid((128, 128, 64), 512, 8) == ((32, 32, 16), (512, 512, 256))
+
+
+# ---------------------------------------------------------------------------- parameter counts
+
+
+def _meta(**kwargs) -> SAM3DAdapter:
+    with torch.device("meta"):
+        return SAM3DAdapter(variant="vit_b", **kwargs)
+
+
+def test_vit_b_trainable_parameters_match_the_paper():
+    """Poster: 25.46M tuned; the official model's forward-pass modules hold exactly 25,462,400."""
+    net = _meta()
+    rows = {r.name: r.trainable for r in trainable_parameter_report(net).rows}
+    assert rows["tokenizer"] + rows["blocks"] + rows["necks"] == 15_209_984  # image encoder (poster: 15.21M)
+    assert rows["prompt_encoders"] == 3_164_160
+    assert rows["decoder"] == 7_088_256
+    assert trainable_parameter_report(net).trainable == 25_462_400
+    # per block: norms 3,072 + adapter 601,728; depth tables 27x64 (windowed) or 127x64 (global)
+    assert _n(net.blocks[0]) == 3_072 + 601_728 + 27 * 64
+    assert _n(net.blocks[2]) == 3_072 + 601_728 + 127 * 64
+
+
+def test_vit_b_other_modes_counts():
+    assert trainable_parameter_report(_meta(prompt_encoder="none")).trainable == 22_298_240  # poster: ~22.3M
+    # the released prompt layer never calls its tokens-to-image attention: we do not build it
+    assert trainable_parameter_report(_meta(prompt_layer="official")).trainable == 25_462_400 - 2 * 131_712
+    full = trainable_parameter_report(_meta(full_finetune=True))
+    assert full.trainable == full.total
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def test_window_partition_roundtrip_and_shift_regions():
+    x = torch.randn(2, 4, 4, 6, 5)
+    w = window_partition_3d(x, 2)
+    assert w.shape == (2 * 2 * 2 * 3, 8, 5)
+    assert torch.equal(window_unpartition_3d(w, 2, (4, 4, 6)), x)
+    ids = shifted_window_regions((4, 4, 4), 2, 1)
+    assert ids.shape == (8, 8)
+    assert ids[0].unique().numel() == 1  # interior window: one region
+    assert ids[-1].unique().numel() == 8  # corner window: tokens wrapped from 8 octants
+
+
+def test_window_attention_with_one_slice_equals_sams_2d_attention():
+    """With depth 1 the depth term is constant per query: softmax-invariant, so SAM's 2D attention."""
+    torch.manual_seed(0)
+    sam_attn = SamAttention(16, num_heads=2, use_rel_pos=True, input_size=(4, 4))
+    with torch.no_grad():
+        sam_attn.rel_pos_h.normal_()
+        sam_attn.rel_pos_w.normal_()
+    attn3d = WindowAttention3D(sam_attn)
+    assert attn3d.qkv is sam_attn.qkv and attn3d.rel_pos_h is sam_attn.rel_pos_h
+    assert torch.allclose(attn3d.rel_pos_d, 0.5 * (sam_attn.rel_pos_h + sam_attn.rel_pos_w))
+    x = torch.randn(3, 4, 4, 16)
+    assert torch.allclose(attn3d(x[:, :, :, None]).squeeze(3), sam_attn(x), atol=1e-5)
+
+
+def test_adapter_identity_at_init_and_trains():
+    torch.manual_seed(0)
+    ad = SpatialAdapter3D(8, 4)
+    x = torch.randn(1, 3, 3, 3, 8, requires_grad=True)
+    y = ad(x)
+    assert torch.equal(y, x)
+    y.square().sum().backward()
+    assert ad.up.weight.grad.abs().sum() > 0  # gradient reaches the zero-initialised projection
+    official = SpatialAdapter3D(8, 4, final_relu=True, zero_init=False)
+    assert not torch.equal(official(x), x)
+    with pytest.raises(ValueError, match="final_relu"):
+        SpatialAdapter3D(8, 4, final_relu=True, zero_init=True)
+
+
+def test_blocks_start_as_the_frozen_sam_block(tiny):
+    """Zero-initialised adapters: each block is exactly SAM's block run on 3D windows."""
+    blk = tiny.blocks[1]  # unshifted
+    x = torch.randn(1, *tiny.grid, 64)
+    with torch.no_grad():
+        assert torch.equal(blk.adapter(x), x)
+
+
+def test_tokenizer_starts_from_sams_slice_embedding():
+    """``slice_embed_init="mean"``: a volume of identical slices gives SAM's 2D patch tokens + position."""
+    net = SAM3DAdapter(**TINY)
+    sl = torch.randn(1, 3, S, S)
+    vol = sl[..., None].expand(-1, -1, -1, -1, S)
+    with torch.no_grad():
+        tok = net.tokenizer(vol)
+        ref = net.tokenizer.patch_embed(torch.nn.functional.interpolate(sl, size=(64, 64), mode="bilinear"))
+        pos = torch.nn.functional.avg_pool2d(net.tokenizer.pos_embed.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    assert tok.shape == (1, 4, 4, 4, 64)
+    assert torch.allclose(tok, (ref + pos)[:, :, :, None].expand_as(tok), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- checkpoint, freezing, gradients
+
+
+def test_sam_checkpoint_loads_before_the_3d_parts(tmp_path):
+    torch.manual_seed(0)
+    sam = build_sam("tiny", img_size=256)
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(sam.state_dict(), path)
+    net = SAM3DAdapter(**TINY, checkpoint=str(path))
+    sd = sam.state_dict()
+    assert torch.equal(net.blocks[0].attn.qkv.weight, sd["image_encoder.blocks.0.attn.qkv.weight"])
+    assert torch.equal(net.tokenizer.patch_embed.proj.weight, sd["image_encoder.patch_embed.proj.weight"])
+    h, w = sd["image_encoder.blocks.0.attn.rel_pos_h"], sd["image_encoder.blocks.0.attn.rel_pos_w"]
+    assert torch.allclose(net.blocks[0].attn.rel_pos_d, 0.5 * (h + w))
+    with pytest.raises(ValueError, match="does not exist"):
+        SAM3DAdapter(**TINY, checkpoint=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("prompt_layer", ["two_way", "official"])
+def test_gradients_reach_exactly_the_trainable_parameters(prompt_layer):
+    torch.manual_seed(0)
+    net = SAM3DAdapter(**TINY, prompt_layer=prompt_layer, adapter_zero_init=False)
+    net(_guided(1, negatives=[(1, 2, 3)])).square().mean().backward()
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert "blocks.0.attn.qkv.weight" in frozen and "tokenizer.pos_embed" in frozen
+    assert "blocks.0.attn.rel_pos_h" in frozen and "blocks.0.attn.rel_pos_d" not in frozen
+
+
+def test_full_finetune_trains_everything():
+    net = SAM3DAdapter(**TINY, full_finetune=True)
+    assert all(p.requires_grad for p in net.parameters())
+    net(_guided(1)).mean().backward()
+    assert net.tokenizer.patch_embed.proj.weight.grad is not None
+
+
+def test_gradient_checkpointing_gives_the_same_result():
+    torch.manual_seed(0)
+    a = SAM3DAdapter(**TINY, adapter_zero_init=False)
+    b = SAM3DAdapter(**TINY, adapter_zero_init=False, use_checkpoint=True)
+    b.load_state_dict(a.state_dict())
+    x = _guided(1)
+    ya, yb = a(x), b(x)
+    assert torch.allclose(ya, yb, atol=1e-5)
+    ya.sum().backward()
+    yb.sum().backward()
+    ga, gb = a.blocks[0].adapter.down.weight.grad, b.blocks[0].adapter.down.weight.grad
+    assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def test_clicks_change_the_output(tiny):
+    with torch.no_grad():
+        y1 = tiny(_guided(1, clicks=((0, (4, 4, 4)),)))
+        y2 = tiny(_guided(1, clicks=((0, (28, 28, 28)),)))
+    assert not torch.allclose(y1, y2)
+
+
+def test_visual_sampler_ignores_click_labels_by_default(tiny):
+    """The method samples features at every click; the label does not enter (official behaviour)."""
+    pos_neg = _guided(1, clicks=((0, (4, 4, 4)), (1, (20, 21, 22))))
+    pos_pos = _guided(1, clicks=((0, (4, 4, 4)), (0, (20, 21, 22))))
+    with torch.no_grad():
+        assert torch.allclose(tiny(pos_neg), tiny(pos_pos), atol=1e-5)
+
+
+def test_forward_points_matches_guidance_channels(tiny):
+    x = _guided(1, clicks=((0, (7, 8, 9)),))
+    coords = torch.tensor([[[7.0, 8.0, 9.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[1, -1]])
+    with torch.no_grad():
+        assert torch.allclose(tiny(x), tiny.forward_points(x[:, :1], coords, labels), atol=1e-6)
+
+
+def test_image_embedding_cache_reused_for_new_clicks():
+    net = SAM3DAdapter(**TINY, cache_image_embedding=True).eval()
+    calls = []
+    net.tokenizer.register_forward_hook(lambda *a: calls.append(1))
+    x1 = _guided(1, clicks=((0, (4, 4, 4)),))
+    x2 = x1.clone()
+    x2[:, 1:] = 0
+    x2[0, 1, 20, 20, 20] = 1
+    with torch.no_grad():
+        y2_cached = (net(x1), net(x2))[1]
+    assert len(calls) == 1
+    net.cache_image_embedding = False
+    with torch.no_grad():
+        assert torch.allclose(net(x2), y2_cached)
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"img_size": [32, 16, 32]}, "H == W"),
+        ({"img_size": [32, 32, 12]}, "depth D"),
+        ({"img_size": 0}, "positive integers"),
+        ({"sam_input_size": 60}, "sam_input_size must be a positive multiple of 32"),
+        ({"variant": "vit_x"}, "variant must be one of"),
+        ({"in_channels": 2}, "in_channels"),
+        ({"prompt_encoder": "box"}, "prompt_encoder must be one of"),
+        ({"prompt_layer": "one_way"}, "prompt_layer must be one of"),
+        ({"prompt_levels": [0]}, "prompt_levels"),
+        ({"prompt_levels": [2], "use_multi_level": False}, "level 4 only"),
+        ({"depth_embed_init": "random"}, "depth_embed_init"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SAM3DAdapter(**{**TINY, **kwargs})
+
+
+def test_bad_inputs_give_clear_errors(tiny):
+    with pytest.raises(ValueError, match="5D tensor"):
+        tiny(torch.zeros(1, 3, S, S))
+    with pytest.raises(ValueError, match="expected 3 .*positive clicks"):
+        tiny(torch.zeros(1, 1, S, S, S))
+    with pytest.raises(ValueError, match="built for img_size"):
+        tiny(torch.zeros(1, 3, 64, 64, 64))
+    with pytest.raises(ValueError, match="no positive click"):
+        tiny(_guided(1, clicks=((1, (4, 4, 4)),)))
+    with pytest.raises(ValueError, match="no positive click"):
+        tiny(torch.zeros(1, 3, S, S, S))
+    with pytest.raises(ValueError, match="outside the patch"):
+        tiny.forward_points(torch.zeros(1, 1, S, S, S), torch.tensor([[[4.0, 4.0, 40.0]]]), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="pass coords"):
+        tiny.forward_points(torch.zeros(1, 1, S, S, S))
