@@ -38,9 +38,10 @@ from .med_sa_blocks import PROMPT_FUSIONS, MedSAEncoderBlock, MedSATwoWayTransfo
 
 __all__ = ["MedSA", "MEDSA_OFFICIAL_CODE_SETTINGS", "PROMPT_SCOPES"]
 
-#: ``chunk``: every slice of a 3D chunk sees all clicks of the chunk (in-plane position);
-#: ``slice``: each slice sees only its own clicks. Boxes are always restricted per slice.
-PROMPT_SCOPES = ("chunk", "slice")
+#: ``slice``: each slice sees only its own clicks (as a 2D interactive tool; default);
+#: ``chunk``: every slice of a 3D chunk sees all clicks of the chunk (at their in-plane position).
+#: Boxes are always restricted per slice (a 3D box gives every slice inside it its rectangle).
+PROMPT_SCOPES = ("slice", "chunk")
 
 #: constructor switches that reproduce the official code's model (82.9M trainable on ViT-H).
 MEDSA_OFFICIAL_CODE_SETTINGS: dict[str, object] = {
@@ -100,8 +101,9 @@ class MedSA(nn.Module):
             otherwise such an input raises ``ValueError`` naming the guidance channels.
         train_mask_decoder: also train SAM's mask decoder (official code).
         full_finetune: train every parameter (for ``tiny`` demos trained from scratch).
-        embedding_cache: without autograd, reuse the image embedding when the same image is
-            decoded again with new prompts (interactive refinement).
+        embedding_cache: without autograd, keep the embeddings of this many recent images
+            (e.g. the windows of one volume) and reuse them when the same image is decoded
+            again with new prompts (interactive refinement); 0 disables.
         no_prompt_logit: object logit written for slices without any prompt (non-automatic).
     """
 
@@ -127,11 +129,11 @@ class MedSA(nn.Module):
         prompt_embed_ratio: float = 0.25,
         max_points: int = 8,
         max_depth: int = 16,
-        prompt_scope: str = "chunk",
+        prompt_scope: str = "slice",
         automatic: bool = False,
         train_mask_decoder: bool = False,
         full_finetune: bool = False,
-        embedding_cache: bool = True,
+        embedding_cache: int = 8,
         no_prompt_logit: float = -20.0,
     ) -> None:
         super().__init__()
@@ -146,11 +148,13 @@ class MedSA(nn.Module):
         for name, value in (
             ("adapter_zero_init", adapter_zero_init), ("sd_trans", sd_trans), ("depth_adapter", depth_adapter),
             ("decoder_adapters", decoder_adapters), ("hyp_adapter", hyp_adapter), ("automatic", automatic),
-            ("train_mask_decoder", train_mask_decoder), ("full_finetune", full_finetune), ("embedding_cache", embedding_cache),
+            ("train_mask_decoder", train_mask_decoder), ("full_finetune", full_finetune),
         ):
             _check_bool(value, name)
         self.max_points = _check_pos_int(max_points, "max_points")
         self.max_depth = _check_pos_int(max_depth, "max_depth")
+        if isinstance(embedding_cache, bool) or not isinstance(embedding_cache, int) or embedding_cache < 0:
+            raise ValueError(f"embedding_cache must be a number of cached images >= 0 (0 disables), got {embedding_cache!r}.")
         v = get_variant(variant)
         self.in_channels, self.img_size = in_channels, img_size
         self.prompt_scope, self.automatic, self.embedding_cache = prompt_scope, automatic, embedding_cache
@@ -191,7 +195,7 @@ class MedSA(nn.Module):
             if train_mask_decoder:
                 patterns += ["mask_decoder.*"]
             freeze_except(self, patterns)
-        self._cache: tuple | None = None
+        self._cache: list[tuple] = []
         self.cache_hits = 0
 
     # ------------------------------------------------------------------ encoder
@@ -217,22 +221,27 @@ class MedSA(nn.Module):
         return tuple(p._version for p in self.image_encoder.parameters())
 
     def _encode_cached(self, images: torch.Tensor, num_slices: int) -> torch.Tensor:
-        use = self.embedding_cache and not torch.is_grad_enabled()
-        if use and self._cache is not None:
-            img, ns, version, emb = self._cache
+        """:meth:`encode` through a small LRU cache keyed on the image tensor (no autograd only)."""
+        if not self.embedding_cache or torch.is_grad_enabled():
+            self._cache.clear()
+            return self.encode(images, num_slices)
+        version = self._param_version()
+        for i, (img, ns, ver, emb) in enumerate(self._cache):
             if (
                 ns == num_slices and img.shape == images.shape and img.dtype == images.dtype and img.device == images.device
-                and version == self._param_version() and torch.equal(img, images)
+                and ver == version and torch.equal(img, images)
             ):
+                self._cache.append(self._cache.pop(i))  # most recently used last
                 self.cache_hits += 1
                 return emb
         emb = self.encode(images, num_slices)
-        self._cache = (images.detach().clone(), num_slices, self._param_version(), emb.detach()) if use else None
+        self._cache.append((images.detach().clone(), num_slices, version, emb.detach()))
+        del self._cache[: -self.embedding_cache]
         return emb
 
     def clear_cache(self) -> None:
-        """Drop the cached image embedding."""
-        self._cache = None
+        """Drop the cached image embeddings."""
+        self._cache.clear()
 
     # ------------------------------------------------------------------ prompts
     def prompts(self, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

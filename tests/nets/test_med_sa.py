@@ -202,26 +202,29 @@ def test_unprompted_slices_are_background_and_automatic_mode():
 
 
 def test_embedding_cache_reuses_encoder_for_new_clicks():
-    net = tiny().eval()
+    net = tiny(embedding_cache=2).eval()
     x1 = volume(clicks=[(0, 10, 12, 0)])
     x2 = x1.clone()
     x2[0, 2, 20, 20, 0] = 1  # a corrective negative click, same image
+    other = x1.clone()
+    other[0, 0] += 1  # another image (e.g. the next window)
     with torch.no_grad():
         net(x1)
-        y2 = net(x2)
+        net(other)
+        y2 = net(x2)  # same image as x1, new clicks: embedding reused
         assert net.cache_hits == 1
         net.clear_cache()
         assert torch.allclose(net(x2), y2)
-        x3 = x2.clone()
-        x3[0, 0] += 1  # another image
-        net(x3)
         assert net.cache_hits == 1
         for p in net.image_encoder.blocks[0].space_adapter.parameters():
             p.add_(0.1)  # new weights invalidate the cache
-        net(x3)
+        net(x2)
         assert net.cache_hits == 1
-    net(x3)  # with autograd: never cached
-    assert net.cache_hits == 1
+        net(x2)
+        assert net.cache_hits == 2
+    net(x2)  # with autograd: never cached
+    assert net.cache_hits == 2
+    assert tiny(embedding_cache=0).eval().embedding_cache == 0
 
 
 @pytest.mark.parametrize(
@@ -249,9 +252,126 @@ def test_bad_input(x, match):
         ({"adapter_ratio": 0}, "ratio"),
         ({"max_points": 0}, "max_points"),
         ({"sd_trans": "yes"}, "sd_trans"),
+        ({"embedding_cache": -1}, "embedding_cache"),
         ({"variant": "vit_x"}, "variant"),
     ],
 )
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         tiny(**kw)
+
+
+# ---------------------------------------------------------------- prompts, interaction, evaluation helpers
+from shared_nets.nets.med_sa_interactive import (  # noqa: E402
+    InteractiveRefinementCurve,
+    MedSAClickInteraction,
+    add_corrective_clicks,
+    corrective_click,
+)
+from shared_nets.nets.med_sa_prompts import CheckPromptsd, ObjectLabeld, SimulatePromptSettingd  # noqa: E402
+
+
+def test_corrective_click_goes_to_the_largest_error_region():
+    target = torch.zeros(16, 16, 4, dtype=torch.bool)
+    target[2:9, 2:9, :] = True  # 196 voxels, all missed
+    pred = torch.zeros_like(target)
+    pred[12:15, 12:15, 1] = True  # 9 false-positive voxels
+    positive, (i, j, k) = corrective_click(pred, target)
+    assert positive and 4 <= i <= 6 and 4 <= j <= 6  # interior of the missed square
+    pred[:, :, :] = target
+    pred[10:16, 10:16, :] = True  # now the false positives dominate
+    positive, (i, j, _) = corrective_click(pred, target)
+    assert not positive and i >= 10 and j >= 10
+    assert corrective_click(target, target) is None
+
+
+def test_add_corrective_clicks_respects_max_points():
+    x = torch.zeros(1, 4, 8, 8, 1)
+    target = torch.zeros(1, 8, 8, 1)
+    target[0, 2:6, 2:6] = 1
+    pred = torch.zeros_like(target)
+    assert add_corrective_clicks(x, pred, target, 1, max_points=2)[0][0] is True
+    assert x[0, 1].sum() == 1
+    x[0, 2, 0, 0, 0] = 1  # second slot used by a negative click
+    assert add_corrective_clicks(x, pred, target, 1, max_points=2) == [None]
+
+
+@pytest.mark.parametrize(
+    "prompts, match",
+    [
+        ({"foreground": [[3, 4, 20]]}, "outside the image"),
+        ({"background": [[-1, 4, 2]]}, "outside the image"),
+        ({"roi": [2, 2, 0, 2, 8, 4]}, "zero extent or inverted"),
+        ({"roi": [8, 2, 0, 2, 8, 4]}, "zero extent or inverted"),
+        ({"roi": [0, 0, 0, 17, 8, 4]}, "outside the image"),
+        ({"foreground": [[1, 1, 1], [2, 2, 1]], "background": [[3, 3, 1]]}, "max_points=2"),
+    ],
+)
+def test_check_prompts_rejects_bad_prompts(prompts, match):
+    check = CheckPromptsd(max_points=2)
+    with pytest.raises(ValueError, match=match):
+        check({"image": torch.zeros(1, 16, 16, 4), **prompts})
+
+
+def test_check_prompts_passes_good_prompts():
+    d = {"image": torch.zeros(1, 16, 16, 4), "foreground": [[1, 1, 1], [2, 2, 2]], "roi": [0, 0, 0, 16, 16, 4]}
+    assert CheckPromptsd(max_points=1)(d)["roi"] == d["roi"]
+
+
+def test_prompt_settings_and_object_label():
+    label = torch.zeros(1, 24, 24, 3)
+    label[0, 4:14, 6:16, :2] = 6
+    label[0, 18:22, 18:22, 2] = 2
+    d = ObjectLabeld()({"label": label, "object_id": 6})
+    assert set(d["label"].unique().tolist()) == {0.0, 1.0} and d["label"].sum() == 10 * 10 * 2
+    sim = SimulatePromptSettingd(setting="3-points")
+    sim.set_random_state(0)
+    out = sim(d)
+    assert len(out["foreground"]) == 6 and out["roi"] == []  # 3 per slice with the object
+    assert all(d["label"][0, i, j, k] == 1 for i, j, k in out["foreground"])
+    sim.setting = "bbox0.5"
+    boxes = sim(d)["roi"]
+    assert len(boxes) == 2 and out["background"] == []
+    for i0, j0, _, i1, j1, _ in boxes:
+        inter = max(0, min(i1, 14) - max(i0, 4)) * max(0, min(j1, 16) - max(j0, 6))
+        assert abs(inter / (200 - inter) - 0.5) < 0.05
+    with pytest.raises(ValueError, match="prompt setting"):
+        sim.setting = "5-points"
+
+
+def _engine_data(n=2):
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(n):
+        x = torch.zeros(4, IMG, IMG, 2)
+        x[0] = torch.randn(IMG, IMG, 2, generator=g)
+        label = torch.zeros(1, IMG, IMG, 2)
+        label[0, 8:20, 10:24] = 1
+        x[1, 12, 15, :] = 1
+        items.append({"image": x, "label": label, "object_id": 6})
+    return items
+
+
+def test_click_interaction_and_refinement_curve(tmp_path):
+    from monai.data import DataLoader
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+
+    net = tiny()
+    data = DataLoader(_engine_data(), batch_size=2)
+    interaction = MedSAClickInteraction(max_clicks=2, seed=1)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+        optimizer=torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-3),
+        loss_function=lambda y, t: torch.nn.functional.cross_entropy(y, t[:, 0].long()), iteration_update=interaction,
+    )
+    trainer.run()
+    assert interaction.clicks_added > 0  # corrective clicks reached the trained batch
+    curve = InteractiveRefinementCurve(num_clicks=2, output_dir=str(tmp_path))
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net.eval())
+    curve.attach(evaluator)
+    hits = net.cache_hits
+    evaluator.run()
+    assert [f"refine_dice_{n}" in evaluator.state.metrics for n in range(3)] == [True] * 3
+    assert len(curve.rows) == 2 and all(len(r) == 3 for r in curve.rows)
+    assert net.cache_hits - hits == 3  # the curve's 1 + 2 runs all reused the evaluator's image embeddings
+    assert (tmp_path / "refinement_curve.csv").read_text().count("\n") == 4

@@ -1,0 +1,360 @@
+"""Med-SA interaction: iterative click simulation in training, refinement curve and prompt-setting evaluation.
+
+Paper section "Training Strategy": prompts are initialised by random sampling, then "a few
+clicks" are added by iterative sampling, each placed in the erroneous region of the
+prediction made with the previous clicks. :class:`MedSAClickInteraction` does this as an
+``iteration_update`` of MONAI's ``SupervisedTrainer`` (the DeepGrow/DeepEdit ``Interaction``
+pattern, written for guidance channels). :class:`InteractiveRefinementCurve` reuses the same
+corrective click to report Dice after each of up to N clicks (cached image embeddings make
+each extra click cost only the prompt encoder and decoder), :class:`PerObjectMetrics` groups
+per-item metrics by class and :class:`PromptSettingsRunner` runs one evaluator per paper
+prompt setting.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor, list_data_collate
+from monai.utils import min_version, optional_import
+from scipy import ndimage
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+
+__all__ = [
+    "corrective_click",
+    "add_corrective_clicks",
+    "MedSAClickInteraction",
+    "InteractiveRefinementCurve",
+    "PerObjectMetrics",
+    "PromptSettingsRunner",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _np_bool(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x) > 0
+
+
+def corrective_click(pred: Any, target: Any) -> tuple[bool, tuple[int, int, int]] | None:
+    """The next simulated user click: in the largest error region, at its most interior voxel.
+
+    The largest connected component of false negatives or false positives (6-connectivity)
+    is chosen; the click goes to its voxel farthest from the component's border within its
+    slice (ties broken towards the 3D interior), as iterative-training click simulators do;
+    positive for a missed region, negative for a false one.
+
+    Args:
+        pred: predicted mask ``[H, W, D]`` (nonzero = object).
+        target: ground truth ``[H, W, D]``.
+
+    Returns:
+        ``(positive, (i, j, k))`` or None when the prediction is perfect.
+    """
+    p, t = _np_bool(pred), _np_bool(target)
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target must have the same shape, got {p.shape} and {t.shape}.")
+    best: tuple[int, bool, np.ndarray] | None = None
+    for positive, err in ((True, t & ~p), (False, p & ~t)):
+        lab, n = ndimage.label(err)
+        if n == 0:
+            continue
+        sizes = np.bincount(lab.ravel())[1:]
+        c = int(sizes.argmax())
+        if best is None or sizes[c] > best[0]:
+            best = (int(sizes[c]), positive, lab == c + 1)
+    if best is None:
+        return None
+    comp = np.pad(best[2], 1)
+    in_plane = ndimage.distance_transform_edt(comp, sampling=(1.0, 1.0, 1e6))  # per-slice distance (a user clicks a slice)
+    dist = (in_plane + 1e-3 * ndimage.distance_transform_edt(comp))[1:-1, 1:-1, 1:-1]  # ties -> the 3D centre
+    idx = np.unravel_index(int(dist.argmax()), best[2].shape)
+    return best[1], (int(idx[0]), int(idx[1]), int(idx[2]))
+
+
+def add_corrective_clicks(
+    inputs: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, in_channels: int, max_points: int, per_slice: bool = True
+) -> list[tuple[bool, tuple[int, int, int]] | None]:
+    """Add one :func:`corrective_click` per item to its guidance channels, in place.
+
+    A click is skipped (None) when the prediction is perfect or when its slice (``per_slice``)
+    or item already holds ``max_points`` clicks, so the network's limit is never exceeded.
+
+    Args:
+        inputs: ``[B, C + 3, H, W, D]`` image then positive / negative / box channels.
+        pred: ``[B, H, W, D]`` predicted masks; target: ``[B, H, W, D]`` (or ``[B, 1, H, W, D]``).
+        in_channels: ``C``.
+        max_points: click slots per slice (or item).
+        per_slice: count clicks per axial slice.
+
+    Returns:
+        The click added per item (or None).
+    """
+    if target.ndim == inputs.ndim:
+        target = target[:, 0]
+    if pred.ndim == inputs.ndim:
+        pred = pred[:, 0]
+    added: list[tuple[bool, tuple[int, int, int]] | None] = []
+    for b in range(inputs.shape[0]):
+        click = corrective_click(pred[b], target[b])
+        if click is not None:
+            positive, (i, j, k) = click
+            clicks = inputs[b, in_channels : in_channels + 2]
+            used = int((clicks[..., k] if per_slice else clicks).ne(0).sum())
+            if used >= max_points:
+                click = None
+            else:
+                inputs[b, in_channels + (0 if positive else 1), i, j, k] = 1
+        added.append(click)
+    return added
+
+
+def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    return getattr(net, "module", net)
+
+
+class MedSAClickInteraction:
+    """``iteration_update`` for ``SupervisedTrainer``: random then iterative click sampling (sec. "Training Strategy").
+
+    Before each training step, with the model in eval mode and without gradients, a random
+    number of rounds in ``[0, max_clicks]`` each predicts the batch and adds one corrective
+    click per item (:func:`add_corrective_clicks`) to ``batchdata[image_key]``; then the
+    trainer's normal iteration runs on the updated input.
+
+    Args:
+        max_clicks: most iterative clicks per training step.
+        in_channels: image channels before the guidance channels.
+        image_key: batch key of the network input.
+        label_key: batch key of the binary label.
+        seed: seed of the round-count generator.
+    """
+
+    def __init__(self, max_clicks: int = 3, in_channels: int = 1, image_key: str = "image", label_key: str = "label", seed: int = 0):
+        if isinstance(max_clicks, bool) or not isinstance(max_clicks, int) or max_clicks < 0:
+            raise ValueError(f"max_clicks must be an integer >= 0, got {max_clicks!r}.")
+        self.max_clicks, self.in_channels = max_clicks, in_channels
+        self.image_key, self.label_key = image_key, label_key
+        self.rng = np.random.default_rng(seed)
+        self.clicks_added = 0
+
+    def __call__(self, engine: Any, batchdata: dict[str, Any]) -> Any:
+        rounds = int(self.rng.integers(0, self.max_clicks + 1))
+        if rounds:
+            net = engine.network
+            core = _unwrap(net)
+            was_training = net.training
+            net.eval()
+            with torch.no_grad():
+                for _ in range(rounds):
+                    inputs, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+                    pred = engine.inferer(inputs, net).argmax(1)
+                    added = add_corrective_clicks(
+                        batchdata[self.image_key], pred.cpu(), torch.as_tensor(batchdata[self.label_key]).cpu(),
+                        self.in_channels, core.max_points, core.prompt_scope == "slice",
+                    )
+                    self.clicks_added += sum(c is not None for c in added)
+            net.train(was_training)
+        return engine._iteration(engine, batchdata)
+
+
+def _batch(engine: Any) -> Any:
+    """The current batch as one collated dict (MONAI engines decollate it after the model step)."""
+    batch = engine.state.batch
+    if isinstance(batch, list) and batch and isinstance(batch[0], dict):
+        keys = set.intersection(*(set(b) for b in batch))
+        batch = list_data_collate([{k: b[k] for k in keys} for b in batch])
+    return batch
+
+
+def _dice(pred: np.ndarray, target: np.ndarray) -> float:
+    denom = pred.sum() + target.sum()
+    return float(2.0 * (pred & target).sum() / denom) if denom else 1.0
+
+
+class InteractiveRefinementCurve:
+    """Dice after each of up to ``num_clicks`` simulated corrective clicks (the interactive-tool curve).
+
+    Attached to an evaluator: for every batch the network re-runs through the evaluator's
+    inferer with one more :func:`corrective_click` per item, up to ``num_clicks``; Dice (object
+    channel vs the binary label, at the network's grid) is recorded after 0, 1, ... clicks.
+    With ``MedSA(embedding_cache > 0)`` each re-run reuses the cached image embeddings. At the
+    end of the run ``engine.state.metrics["refine_dice_<n>"]`` hold the means and
+    ``<output_dir>/refinement_curve.csv`` the per-item values.
+
+    Args:
+        num_clicks: corrective clicks N.
+        in_channels: image channels before the guidance channels.
+        output_dir: where to write the CSV (None: do not write).
+        image_key, label_key: batch keys.
+    """
+
+    def __init__(self, num_clicks: int = 5, in_channels: int = 1, output_dir: str | None = None, image_key: str = "image", label_key: str = "label"):
+        if isinstance(num_clicks, bool) or not isinstance(num_clicks, int) or num_clicks < 0:
+            raise ValueError(f"num_clicks must be an integer >= 0, got {num_clicks!r}.")
+        self.num_clicks, self.in_channels, self.output_dir = num_clicks, in_channels, output_dir
+        self.image_key, self.label_key = image_key, label_key
+        self.rows: list[list[float]] = []
+        self.names: list[str] = []
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def reset(self, engine: Any = None) -> None:
+        self.rows, self.names = [], []
+
+    def iteration_completed(self, engine: Any) -> None:
+        batch = _batch(engine)
+        net = engine.network
+        core = _unwrap(net)
+        inputs, target = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)
+        inputs = (inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs).clone()
+        target = _np_bool(target[:, 0] if target.ndim == inputs.ndim else target)
+        curves: list[list[float]] = [[] for _ in range(inputs.shape[0])]
+        with torch.no_grad():
+            for n in range(self.num_clicks + 1):
+                pred = engine.inferer(inputs, net).argmax(1)
+                pred_np = pred.cpu().numpy() > 0
+                for b in range(inputs.shape[0]):
+                    curves[b].append(_dice(pred_np[b], target[b]))
+                if n < self.num_clicks:
+                    add_corrective_clicks(inputs, pred, torch.as_tensor(target), self.in_channels, core.max_points, core.prompt_scope == "slice")
+        names = batch.get(f"{self.image_key}_meta_dict", {}).get("filename_or_obj") if isinstance(batch, dict) else None
+        img = batch.get(self.image_key) if isinstance(batch, dict) else None
+        if names is None and isinstance(img, MetaTensor):
+            names = img.meta.get("filename_or_obj")
+        objects = batch.get("object_id") if isinstance(batch, dict) else None
+        for b, curve in enumerate(curves):
+            name = str(names[b]) if isinstance(names, (list, tuple)) and b < len(names) else str(len(self.rows))
+            if objects is not None:
+                name += f"#{int(torch.as_tensor(objects).reshape(-1)[b])}"
+            self.names.append(name)
+            self.rows.append(curve)
+
+    def curve(self) -> list[float]:
+        """Mean Dice after 0, 1, ..., N clicks over the items seen so far."""
+        return np.asarray(self.rows, dtype=np.float64).mean(axis=0).tolist() if self.rows else []
+
+    def epoch_completed(self, engine: Any) -> None:
+        mean = self.curve()
+        for n, value in enumerate(mean):
+            engine.state.metrics[f"refine_dice_{n}"] = value
+        logger.info("interactive refinement: mean Dice after 0..%d clicks: %s", self.num_clicks, ", ".join(f"{v:.4f}" for v in mean))
+        if self.output_dir and self.rows:
+            os.makedirs(self.output_dir, exist_ok=True)
+            path = os.path.join(self.output_dir, "refinement_curve.csv")
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["item"] + [f"dice_after_{n}_clicks" for n in range(self.num_clicks + 1)])
+                for name, row in zip(self.names, self.rows):
+                    w.writerow([name] + [f"{v:.6f}" for v in row])
+                w.writerow(["mean"] + [f"{v:.6f}" for v in mean])
+            os.replace(tmp, path)
+
+
+class PerObjectMetrics:
+    """Per-class means of per-item metrics (each evaluation item is one (volume, class) pair).
+
+    Records ``batch[object_key]`` every iteration and, when the run completes (after the
+    metric handlers, which need ``save_details=True``), writes
+    ``engine.state.metrics["<metric>_<class name>"]`` from ``engine.state.metric_details``.
+
+    Args:
+        metric_names: names of the attached metric handlers (e.g. ``["val_mean_dice", "val_iou", "val_hd95"]``).
+        class_names: ``{class id: name}`` (keys may be strings, as in JSON).
+        object_key: batch key of the class id.
+    """
+
+    def __init__(self, metric_names: Sequence[str], class_names: dict[Any, str], object_key: str = "object_id"):
+        self.metric_names = list(metric_names)
+        self.class_names = {int(k): str(v) for k, v in class_names.items()}
+        self.object_key = object_key
+        self.objects: list[int] = []
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.objects.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def iteration_completed(self, engine: Any) -> None:
+        batch = _batch(engine)
+        if not isinstance(batch, dict) or self.object_key not in batch:
+            raise ValueError(f"PerObjectMetrics: the batch has no '{self.object_key}' (one class id per item).")
+        self.objects.extend(int(v) for v in torch.as_tensor(batch[self.object_key]).reshape(-1).tolist())
+
+    def epoch_completed(self, engine: Any) -> None:
+        details = getattr(engine.state, "metric_details", {}) or {}
+        ids = np.asarray(self.objects)
+        for name in self.metric_names:
+            if name not in details:
+                continue
+            vals = torch.as_tensor(details[name]).float().reshape(len(ids), -1)[:, -1].cpu().numpy()
+            for cid in sorted(set(ids.tolist())):
+                v = vals[ids == cid]
+                v = v[np.isfinite(v)]
+                label = self.class_names.get(cid, str(cid)).replace(" ", "_")
+                engine.state.metrics[f"{name}_{label}"] = float(v.mean()) if v.size else float("nan")
+
+
+class PromptSettingsRunner:
+    """Run an evaluator once per paper prompt setting and write one summary (Table 1/2 layout).
+
+    For each setting the prompt transform's ``setting`` is switched, the evaluator runs, and
+    its ``engine.state.metrics`` are collected; ``<output_dir>/prompt_settings.json`` and a
+    markdown ``prompt_settings.md`` table (rows = metrics, columns = settings) are written
+    atomically. A ``MetricsSaver`` (if given) writes its CSVs under ``<output_dir>/<setting>``.
+
+    Args:
+        evaluator: a MONAI evaluator.
+        prompt_transform: the :class:`~shared_nets.nets.med_sa_prompts.SimulatePromptSettingd` in its pre-processing.
+        settings: setting names to run.
+        output_dir: summary folder.
+        metrics_saver: optional ``monai.handlers.MetricsSaver`` attached to the evaluator.
+    """
+
+    def __init__(self, evaluator: Any, prompt_transform: Any, settings: Sequence[str], output_dir: str, metrics_saver: Any = None):
+        if not settings:
+            raise ValueError("settings must name at least one prompt setting, e.g. ['1-point', 'bbox0.75'].")
+        self.evaluator, self.prompt_transform = evaluator, prompt_transform
+        self.settings, self.output_dir, self.metrics_saver = list(settings), output_dir, metrics_saver
+        for s in self.settings:
+            prompt_transform.setting = s  # validates the names before anything runs
+        self.results: dict[str, dict[str, float]] = {}
+
+    def run(self) -> dict[str, dict[str, float]]:
+        for s in self.settings:
+            self.prompt_transform.setting = s
+            if self.metrics_saver is not None:
+                self.metrics_saver.save_dir = os.path.join(self.output_dir, s)
+            self.evaluator.run()
+            self.results[s] = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
+            logger.info("prompt setting %s: %s", s, self.results[s])
+        self._write()
+        return self.results
+
+    def _write(self) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, "prompt_settings.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.results, f, indent=2)
+        os.replace(path + ".tmp", path)
+        names = sorted({k for r in self.results.values() for k in r})
+        lines = ["| metric | " + " | ".join(self.settings) + " |", "|---|" + "---:|" * len(self.settings)]
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(f"{self.results[s].get(n, float('nan')):.4f}" for s in self.settings) + " |")
+        path = os.path.join(self.output_dir, "prompt_settings.md")
+        with open(path + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(path + ".tmp", path)
