@@ -20,9 +20,10 @@ from shared_nets.sam import build_sam, get_variant
 from .sam3d_adapter_encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer, run_blocks
 from .sam3d_adapter_heads import PROMPT_ENCODINGS, PROMPT_LAYERS, MultiLevelDecoder3D, PromptEncoder3D
 
-__all__ = ["SAM3DAdapter", "PROMPT_ENCODER_MODES", "SAM3D_TRAINABLE_PATTERNS"]
+__all__ = ["SAM3DAdapter", "PROMPT_ENCODER_MODES", "NO_POSITIVE_MODES", "SAM3D_TRAINABLE_PATTERNS"]
 
 PROMPT_ENCODER_MODES = (*PROMPT_ENCODINGS, "none")
+NO_POSITIVE_MODES = ("error", "background")
 
 # What the method tunes (poster: "only a few lightweight spatial adapters"; official freezing rules).
 SAM3D_TRAINABLE_PATTERNS = (
@@ -112,6 +113,12 @@ class SAM3DAdapter(nn.Module):
         use_point_labels: let the visual sampler tell positive from negative clicks (a learned
             label embedding; the method ignores click labels).
         max_points: clicks decoded per patch (positives first; see ``decode_points``).
+        no_positive: a patch without a positive click raises ``ValueError`` (``"error"``) or,
+            if it holds negative clicks, is predicted as background (``"background"``: for
+            sliding-window inference where a window may catch only negative clicks). A patch
+            without any click always raises.
+        background_logit: channel-0 logit written for such background patches (others get its
+            negative).
         use_multi_level: aggregate all four levels in the decoder (poster ablation "multi-layer
             aggregation"); False decodes the bottleneck only.
         full_finetune: train every parameter (poster comparison "Full fine-tuning"; also what a
@@ -144,6 +151,8 @@ class SAM3DAdapter(nn.Module):
         num_global_queries: int = 10,
         use_point_labels: bool = False,
         max_points: int = 64,
+        no_positive: str = "error",
+        background_logit: float = 10.0,
         use_multi_level: bool = True,
         full_finetune: bool = False,
         adapter_final_relu: bool = False,
@@ -166,6 +175,8 @@ class SAM3DAdapter(nn.Module):
             raise ValueError(f"prompt_layer must be one of {PROMPT_LAYERS}, got {prompt_layer!r}.")
         if not isinstance(max_points, int) or max_points < 1:
             raise ValueError(f"max_points must be a positive integer, got {max_points!r}.")
+        if no_positive not in NO_POSITIVE_MODES:
+            raise ValueError(f"no_positive must be one of {NO_POSITIVE_MODES}, got {no_positive!r}.")
         ws = (4 if v.name == "tiny" else 8) if window_size is None else window_size
         if not isinstance(ws, int) or ws < 1:
             raise ValueError(f"window_size must be a positive integer, got {window_size!r}.")
@@ -189,6 +200,8 @@ class SAM3DAdapter(nn.Module):
         self.prompt_levels = levels
         self.decoded_levels = decoded
         self.max_points = max_points
+        self.no_positive = no_positive
+        self.background_logit = float(background_logit)
         self.grid = grid
         self.window_size = ws
         self.use_checkpoint = bool(use_checkpoint)
@@ -323,7 +336,7 @@ class SAM3DAdapter(nn.Module):
                 f"{tuple(coords.shape)} and labels {tuple(labels.shape)}."
             )
         for b in range(batch):
-            if not bool((labels[b] == 1).any()):
+            if not bool((labels[b] == 1).any()) and (self.no_positive == "error" or not bool((labels[b] == 0).any())):
                 raise ValueError(
                     f"batch item {b} has no positive click: 3DSAM-adapter needs at least one positive point "
                     "(guidance channel 'foreground') inside every patch it segments."
@@ -356,6 +369,13 @@ class SAM3DAdapter(nn.Module):
             if coords is None or labels is None:
                 raise ValueError("this 3DSAM-adapter is prompted: pass coords [B, P, 3] and labels [B, P].")
             self._check_points(coords, labels, image.shape[0])
+            has_pos = (labels == 1).any(1)
+            if not bool(has_pos.all()):  # no_positive="background": negative-only patches
+                out = image.new_full((image.shape[0], self.num_classes, *self.patch_size), -self.background_logit)
+                out[:, 0] = self.background_logit
+                if bool(has_pos.any()):
+                    out[has_pos] = self.forward_points(image[has_pos], coords[has_pos], labels[has_pos]).to(out.dtype)
+                return out
         feats = self.encode(image)
         for k in self.prompt_levels:
             i = self.decoded_levels.index(k)
