@@ -209,6 +209,15 @@ class MASAM(nn.Module):
             for name, p in encoder.named_parameters():
                 if "fact_" in name:
                     p.requires_grad = True
+        # parts this model never uses stay frozen (no IoU loss; no clicks or mask prompts), so
+        # every trainable parameter gets a gradient (DDP requires it) and the optimizer skips them
+        unused = [self.sam.mask_decoder.iou_prediction_head, self.sam.prompt_encoder.mask_downscaling,
+                  self.sam.prompt_encoder.point_embeddings[0], self.sam.prompt_encoder.point_embeddings[1]]
+        if not self.use_box_prompt:
+            unused += [self.sam.prompt_encoder.point_embeddings[2], self.sam.prompt_encoder.point_embeddings[3],
+                       self.sam.prompt_encoder.not_a_point_embed]
+        for module in unused:
+            module.requires_grad_(False)
 
     # -- forward -----------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -101,9 +101,11 @@ def test_vit_b_trainable_counts_match_the_design():
     adapters = sum(p.numel() for n, p in named.items() if n.startswith("adapters_"))
     per_adapter = 2 * 768 + 768 * 384 + (384 * 384 * 3 + 384) + 384 * 768  # norm, down, conv3d, up
     assert adapters == 24 * per_adapter
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    encoder_base = sum(p.numel() for n, p in named.items() if n.startswith("sam.image_encoder.") and "fact_" not in n)
-    assert frozen == encoder_base
+    frozen = {n for n, p in named.items() if not p.requires_grad}
+    encoder_base = {n for n in named if n.startswith("sam.image_encoder.") and "fact_" not in n}
+    unused = {n for n in named if n.startswith(("sam.mask_decoder.iou_prediction_head.", "sam.prompt_encoder.mask_downscaling.",
+                                                "sam.prompt_encoder.point_embeddings.", "sam.prompt_encoder.not_a_point_embed."))}
+    assert frozen == encoder_base | unused  # automatic mode: no IoU loss, no click/mask prompts
 
 
 def test_box_prompt_changes_the_prediction():

@@ -1,0 +1,141 @@
+"""Datalist loading and input checks shared by all bundles: fail early, name the file and what was expected."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import load_decathlon_datalist
+from monai.transforms import MapTransform
+
+__all__ = ["DataError", "load_datalist", "check_volumes", "CheckLabelRanged", "CheckFinited", "source_name"]
+
+
+class DataError(ValueError):
+    """Input data that a bundle cannot use; the message names the file or key."""
+
+
+def load_datalist(path: str | os.PathLike, key: str = "training", base_dir: str | os.PathLike | None = None,
+                  keys: Sequence[str] = ("image",)) -> list[dict]:
+    """Read a MONAI decathlon-style datalist and check that the files it names exist.
+
+    Args:
+        path: the datalist JSON.
+        key: the list to read (``training``, ``validation``, ``test``).
+        base_dir: folder the relative paths are relative to (default: the datalist's folder).
+        keys: entry keys that must name existing files.
+
+    Raises:
+        DataError: missing/unreadable datalist, missing list, missing key in an entry, missing file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"datalist '{path}' does not exist; expected a decathlon-style JSON (see `python -m tools demo_data`).")
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"datalist '{path}' is not readable JSON ({e}).") from None
+    if not isinstance(content, Mapping) or not isinstance(content.get(key), list) or not content[key]:
+        raise DataError(f"datalist '{path}' has no non-empty '{key}' list.")
+    base = os.fspath(base_dir) if base_dir is not None else os.path.dirname(os.path.abspath(path))
+    items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base)
+    for i, item in enumerate(items):
+        for k in keys:
+            if k not in item:
+                raise DataError(f"datalist '{path}' '{key}' entry {i} has no '{k}' (keys: {sorted(item)}).")
+            files = item[k] if isinstance(item[k], (list, tuple)) else [item[k]]
+            for fn in files:
+                if not os.path.exists(fn):
+                    raise DataError(f"datalist '{path}' '{key}' entry {i}: {k} file '{fn}' does not exist.")
+    return items
+
+
+def _nifti_shape(fn: str) -> tuple[int, ...] | None:
+    if not fn.endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel as nib
+
+    try:
+        return tuple(int(s) for s in nib.load(fn).shape)
+    except Exception as e:  # nibabel raises many types on corrupt headers
+        raise DataError(f"'{fn}' is not a readable NIfTI file ({type(e).__name__}: {e}).") from None
+
+
+def check_volumes(items: Sequence[Mapping[str, Any]], image_key: str = "image", label_key: str | None = "label",
+                  min_depth: int | None = None, spatial_dims: int = 3) -> list[Mapping[str, Any]]:
+    """Check NIfTI headers of a datalist before any training starts (cheap: headers only).
+
+    Checks that images are ``spatial_dims``-D (a trailing channel axis is allowed), have at
+    least ``min_depth`` slices along the last spatial axis, and that labels match the image grid.
+    Returns ``items`` so configs can wrap a datalist in it.
+    """
+    for item in items:
+        fn = item[image_key]
+        shape = _nifti_shape(fn) if isinstance(fn, str) else None
+        if shape is None:
+            continue
+        spatial = shape[:spatial_dims] if len(shape) > spatial_dims else shape
+        if len(spatial) < spatial_dims or (len(shape) > spatial_dims and any(s > 1 for s in shape[spatial_dims + 1 :])):
+            raise DataError(f"image '{fn}' has shape {shape}; expected a {spatial_dims}D volume.")
+        if min_depth is not None and spatial[-1] < min_depth:
+            raise DataError(f"image '{fn}' has {spatial[-1]} slices along the last axis; expected at least {min_depth}.")
+        if label_key and isinstance(item.get(label_key), str):
+            lshape = _nifti_shape(item[label_key])
+            if lshape is not None and tuple(lshape[:spatial_dims]) != tuple(spatial):
+                raise DataError(f"label '{item[label_key]}' has shape {lshape}; expected the image's {tuple(spatial)} ('{fn}').")
+    return list(items)
+
+
+def source_name(x: Any) -> str:
+    """The file a MetaTensor was loaded from, for error messages."""
+    meta = getattr(x, "meta", None) or {}
+    return str(meta.get("filename_or_obj", "<in-memory data>"))
+
+
+class CheckLabelRanged(MapTransform):
+    """Raise :class:`DataError` when a label holds values outside ``0 .. num_classes - 1``.
+
+    Args:
+        keys: label keys.
+        num_classes: number of classes including background.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (incl. background), got {num_classes}.")
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            arr = lab.detach() if isinstance(lab, torch.Tensor) else torch.as_tensor(np.asarray(lab))
+            lo, hi = float(arr.min()), float(arr.max())
+            if lo < 0 or hi > self.num_classes - 1 or not torch.equal(arr, arr.round()):
+                raise DataError(
+                    f"label '{source_name(lab)}' ({key}) has values in [{lo:g}, {hi:g}]; expected integers in "
+                    f"[0, {self.num_classes - 1}] for {self.num_classes} classes (map labels with MapLabelValued first)."
+                )
+        return d
+
+
+class CheckFinited(MapTransform):
+    """Raise :class:`DataError` when an image holds NaN/Inf values or is empty."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            arr = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
+            if arr.numel() == 0:
+                raise DataError(f"image '{source_name(img)}' ({key}) is empty (shape {tuple(arr.shape)}).")
+            if not torch.isfinite(arr).all():
+                raise DataError(f"image '{source_name(img)}' ({key}) contains NaN or Inf values.")
+        return d

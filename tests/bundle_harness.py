@@ -1,0 +1,230 @@
+"""Test harness every bundle plugs into with one line::
+
+    from tests.bundle_harness import BundleHarness
+
+    class TestMASAM(BundleHarness):
+        bundle = "ma_sam"
+
+It runs the bundle the way users do (``configs/*.json`` + ``configs/demo.json`` with command-line
+style overrides) on a copy of the bundle in a temporary folder, on phantom data:
+
+* ``metadata.json`` validates against MONAI's schema (``../shared`` copy, else MONAI's download);
+* ``ConfigWorkflow.check_properties()`` for train, inference and evaluate;
+* train for a few iterations (loss must fall), then inference (NIfTI outputs with the input's
+  shape and affine), then evaluate (a metrics file with finite values);
+* ``multi_gpu_train.json`` under ``torchrun --nproc_per_node 2`` on CPU (gloo).
+
+Subclasses set class attributes to adapt it (see :class:`BundleHarness`).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SCHEMA = SHARED / "data" / "monai_schema" / "meta_schema_20240725.json"
+SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+
+def run_workflow(bundle_root: Path, configs: list[str], workflow_type: str, overrides: dict[str, Any],
+                 collect_losses: bool = False) -> list[float]:
+    """Run a bundle workflow in-process (``shared_nets.engine.run_bundle_workflow``); returns train losses."""
+    from shared_nets.engine import run_bundle_workflow
+
+    losses: list[float] = []
+
+    def collect(engine) -> None:
+        out = engine.state.output
+        losses.append(float((out[0] if isinstance(out, list) else out)["loss"]))
+
+    run_bundle_workflow(bundle_root, configs, workflow_type, overrides, on_iteration=collect if collect_losses else None)
+    return losses
+
+
+class BundleHarness:
+    """Base class of the per-bundle test classes.
+
+    Class attributes:
+        bundle: folder name under ``bundles/``.
+        overrides: extra config overrides for all quick runs (e.g. smaller crops).
+        train_overrides: overrides for the short training run (epochs, intervals...).
+        max_epochs: epochs of the short training run.
+        label_key: the datalist key whose files hold the bundle's label (``label`` or ``tumour``).
+        infer_configs / evaluate_configs: config files (before ``demo.json``) of those workflows.
+        check_loss_falls: assert the mean loss of the last iterations is below that of the first.
+    """
+
+    bundle: ClassVar[str] = ""
+    overrides: ClassVar[dict[str, Any]] = {}
+    train_overrides: ClassVar[dict[str, Any]] = {}
+    max_epochs: ClassVar[int] = 4
+    label_key: ClassVar[str] = "label"
+    train_configs: ClassVar[list[str]] = ["train.json"]
+    infer_configs: ClassVar[list[str]] = ["inference.json"]
+    evaluate_configs: ClassVar[list[str]] = ["train.json", "evaluate.json"]
+    multi_gpu_configs: ClassVar[list[str]] = ["train.json", "multi_gpu_train.json"]
+    check_loss_falls: ClassVar[bool] = True
+
+    # -- fixtures ------------------------------------------------------------------------------
+    @pytest.fixture(scope="class")
+    def bundle_copy(self, tmp_path_factory) -> Path:
+        src = REPO / "bundles" / self.bundle
+        assert src.is_dir(), f"no bundle folder {src}"
+        dst = tmp_path_factory.mktemp(f"bundle_{self.bundle}") / self.bundle
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("models", "eval", "runs", "__pycache__"))
+        return dst
+
+    @pytest.fixture(scope="class")
+    def data_dir(self, demo_data, tmp_path_factory) -> Path:  # demo_data: tests/conftest.py
+        """The demo datalist, with ``label`` pointing at ``label_key``'s files when they differ."""
+        if self.label_key == "label":
+            return demo_data
+        out = tmp_path_factory.mktemp(f"data_{self.bundle}")
+        content = json.loads((demo_data / "datalist.json").read_text())
+        for split in ("training", "validation", "test"):
+            for item in content.get(split, []):
+                item["label"] = item[self.label_key]
+        for entry in demo_data.iterdir():
+            if entry.name != "datalist.json":
+                (out / entry.name).symlink_to(entry)
+        (out / "datalist.json").write_text(json.dumps(content))
+        return out
+
+    def _overrides(self, data_dir: Path, **extra: Any) -> dict[str, Any]:
+        return {"dataset_dir": str(data_dir), **self.overrides, **extra}
+
+    def _configs(self, names: list[str]) -> list[str]:
+        return [*names, "demo.json"]
+
+    @pytest.fixture(scope="class")
+    def trained(self, bundle_copy, data_dir) -> dict[str, Any]:
+        """Train once per class (short run); later tests use the written model.pt."""
+        losses = run_workflow(
+            bundle_copy, self._configs(self.train_configs), "train",
+            self._overrides(data_dir, max_epochs=self.max_epochs, val_interval=1, **self.train_overrides),
+            collect_losses=True,
+        )
+        return {"losses": losses}
+
+    # -- tests ---------------------------------------------------------------------------------
+    def test_metadata_validates_against_monai_schema(self, bundle_copy, tmp_path):
+        from monai.bundle import verify_metadata
+
+        if SCHEMA.is_file():
+            schema = tmp_path / SCHEMA.name
+            shutil.copy(SCHEMA, schema)
+        else:  # no ../shared beside the checkout: MONAI downloads it (skip when offline)
+            schema = tmp_path / "schema.json"
+            try:
+                from monai.apps import download_url
+
+                download_url(SCHEMA_URL, str(schema))
+            except Exception as e:  # noqa: BLE001 - any download failure means "no schema here"
+                pytest.skip(f"MONAI metadata schema unavailable: ../shared is absent and the download failed ({e})")
+        verify_metadata(meta_file=str(bundle_copy / "configs" / "metadata.json"), filepath=str(schema))
+        meta = json.loads((bundle_copy / "configs" / "metadata.json").read_text())
+        assert "sam-adapter-bundles" in meta["required_packages_version"]
+        assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["0"] == "background"
+
+    def test_bundle_file_set_is_complete(self, bundle_copy):
+        for rel in ("configs/metadata.json", "configs/train.json", "configs/inference.json", "configs/evaluate.json",
+                    "configs/multi_gpu_train.json", "configs/logging.conf", "configs/demo.json", "large_files.yml",
+                    "docs/README.md", "docs/data_license.txt", "LICENSE"):
+            assert (bundle_copy / rel).is_file(), f"bundle {self.bundle} lacks {rel}"
+
+    @pytest.mark.parametrize("kind", ["train", "infer", "evaluate"])
+    def test_check_properties(self, bundle_copy, data_dir, kind):
+        from monai.bundle import ConfigWorkflow
+
+        configs = {"train": self.train_configs, "infer": self.infer_configs, "evaluate": self.evaluate_configs}[kind]
+        wf = ConfigWorkflow(
+            config_file=[str(bundle_copy / "configs" / c) for c in self._configs(configs)],
+            meta_file=str(bundle_copy / "configs" / "metadata.json"),
+            logging_file=str(bundle_copy / "configs" / "logging.conf"),
+            workflow_type="infer" if kind == "evaluate" else kind,
+            **self._overrides(data_dir, bundle_root=str(bundle_copy)),
+        )
+        if kind == "evaluate":  # evaluate = train.json + evaluate.json: check the validation side
+            wf.parser.read_config([str(bundle_copy / "configs" / c) for c in self._configs(configs)])
+            for key in ("validate#evaluator", "validate#dataset", "validate#inferer", "validate#postprocessing", "network_def"):
+                assert key in wf.parser, f"evaluate config lacks {key}"
+            return
+        wf.initialize()
+        missing = wf.check_properties()
+        assert missing is None or isinstance(missing, list)
+
+    def test_train_loss_falls_and_writes_model(self, trained, bundle_copy):
+        losses = trained["losses"]
+        assert len(losses) >= 4 and all(np.isfinite(losses))
+        if self.check_loss_falls:
+            k = max(1, len(losses) // 4)
+            assert np.mean(losses[-k:]) < np.mean(losses[:k]), f"loss did not fall: {losses}"
+        assert (bundle_copy / "models" / "model.pt").is_file()
+        assert glob.glob(str(bundle_copy / "models" / "checkpoint*.pt"))
+
+    def test_inference_writes_nifti_in_input_space(self, trained, bundle_copy, data_dir):
+        out_dir = bundle_copy / "eval" / "infer"
+        run_workflow(bundle_copy, self._configs(self.infer_configs), "infer",
+                     self._overrides(data_dir, output_dir=str(out_dir)))
+        test_items = json.loads((data_dir / "datalist.json").read_text())["test"]
+        outputs = sorted(glob.glob(str(out_dir / "**" / "*.nii.gz"), recursive=True))
+        assert len(outputs) == len(test_items), outputs
+        meta = json.loads((bundle_copy / "configs" / "metadata.json").read_text())
+        n_out = int(meta["network_data_format"]["outputs"]["pred"]["num_channels"])
+        for item in test_items:
+            stem = Path(item["image"]).name.replace(".nii.gz", "")
+            match = [o for o in outputs if Path(o).name.startswith(stem)]
+            assert match, f"no prediction for {stem} in {outputs}"
+            src, pred = nib.load(str(data_dir / item["image"])), nib.load(match[0])
+            assert pred.shape[:3] == src.shape[:3]
+            np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+            values = np.unique(np.asarray(pred.dataobj))
+            assert values.min() >= 0 and values.max() < max(n_out, 2)
+
+    def test_evaluate_writes_metrics(self, trained, bundle_copy, data_dir):
+        out_dir = bundle_copy / "eval" / "evaluate"
+        run_workflow(bundle_copy, self._configs(self.evaluate_configs), "infer",
+                     self._overrides(data_dir, output_dir=str(out_dir)))
+        files = sorted(glob.glob(str(out_dir / "*.csv")))
+        assert files, f"evaluate wrote no CSV in {out_dir}"
+        summary = [f for f in files if "summary" in Path(f).name]
+        rows = list(csv.reader(open(summary[0] if summary else files[0])))
+        assert len(rows) >= 2
+
+    @pytest.mark.slow
+    def test_multi_gpu_config_runs_under_torchrun_on_cpu(self, bundle_copy, data_dir, tmp_path):
+        root = tmp_path / "mgpu"
+        shutil.copytree(bundle_copy, root, ignore=shutil.ignore_patterns("models", "eval"))
+        # two ranks need at least two validation volumes: validate on validation + test here
+        content = json.loads((data_dir / "datalist.json").read_text())
+        content["validation"] = content["validation"] + content["test"]
+        mg_data = tmp_path / "data"
+        mg_data.mkdir()
+        for entry in data_dir.iterdir():
+            if entry.name != "datalist.json":
+                (mg_data / entry.name).symlink_to(entry.resolve())
+        (mg_data / "datalist.json").write_text(json.dumps(content))
+        data_dir = mg_data
+        configs = "[" + ",".join(f"'{root / 'configs' / c}'" for c in self._configs(self.multi_gpu_configs)) + "]"
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "monai.bundle", "run", "--config_file", configs, "--meta_file", str(root / "configs" / "metadata.json"),
+                "--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root),
+                "--dataset_dir", str(data_dir), "--max_epochs", "1", "--val_interval", "1"]
+        for k, v in {**self.overrides, **self.train_overrides}.items():
+            args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert (root / "models" / "model.pt").is_file()
