@@ -24,6 +24,7 @@ from shared_nets.prompts import parse_prompt
 __all__ = [
     "TUMOUR_DATASETS",
     "RequirePositiveClicksd",
+    "check_isotropic",
     "find_cases",
     "random_split",
     "write_datalist",
@@ -151,20 +152,38 @@ def write_datalist(
     Args:
         dataset: one of :data:`TUMOUR_DATASETS`.
         root: the extracted dataset folder.
-        out: JSON path; default ``root/datalist_sam3d_adapter.json``.
+        out: JSON path; default ``root/datalist.json`` (what the bundle's configs read).
         seed: split seed.
 
     Returns:
         The path written (atomically: temporary file, then rename).
     """
     split = random_split(find_cases(dataset, root), seed=seed)
-    out = Path(out) if out is not None else Path(root) / "datalist_sam3d_adapter.json"
+    out = Path(out) if out is not None else Path(root) / "datalist.json"
     payload = {"name": dataset, "split_seed": seed, **TUMOUR_DATASETS[dataset], **split}
     fd, tmp = tempfile.mkstemp(dir=str(out.parent), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, out)
     return str(out)
+
+
+def check_isotropic(spacing: Sequence[float]) -> float:
+    """The voxel size of an isotropic resampling grid, or ValueError (NSD tolerances convert mm -> voxels with it).
+
+    Args:
+        spacing: the bundle's ``spacing`` ``[sx, sy, sz]`` in mm.
+
+    Returns:
+        ``sx``.
+    """
+    vals = [float(v) for v in spacing] if isinstance(spacing, Sequence) and not isinstance(spacing, str) else []
+    if len(vals) != 3 or min(vals) <= 0 or max(vals) - min(vals) > 1e-6 * max(vals):
+        raise ValueError(
+            f"spacing must be three equal positive numbers (an isotropic grid; the NSD tolerance is converted "
+            f"from mm to voxels with it), got {spacing!r}."
+        )
+    return vals[0]
 
 
 class RequirePositiveClicksd(MapTransform):
