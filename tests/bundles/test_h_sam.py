@@ -1,0 +1,120 @@
+"""H-SAM bundle on phantoms through the shared harness (tiny SAM, CPU), plus its bad-input errors and few-shot data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.bundle_harness import REPO, BundleHarness
+
+BUNDLE = REPO / "bundles" / "h_sam"
+
+
+class TestHSAM(BundleHarness):
+    bundle = "h_sam"
+
+
+def _parser(data_dir: Path, *configs: str, **overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in (*configs, "demo.json")])
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(data_dir), **overrides})
+    return parser
+
+
+def _cause(exc: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc``'s cause chain (MONAI wraps transform and config errors)."""
+    while exc is not None and not isinstance(exc, kind):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def test_labels_beyond_num_classes_name_the_file(demo_data):
+    """Phantom labels hold BTCV ids up to 8: without the BTCV→Synapse map, 5 classes are too few."""
+    from shared_nets.data import DataError
+
+    parser = _parser(demo_data, "train.json", map_btcv_to_synapse=False, num_classes=5)
+    item = parser.get_parsed_content("train#datalist")[0]
+    transform = parser.get_parsed_content("train#preprocessing")
+    with pytest.raises(Exception) as info:
+        transform(item)
+    err = _cause(info.value, DataError)
+    assert err is not None and "phantom_000.nii.gz" in str(err) and "[0, 5]" in str(err), info.value
+    # with the default mapping the same file passes and holds Synapse ids only
+    parser = _parser(demo_data, "train.json")
+    out = parser.get_parsed_content("train#preprocessing")(parser.get_parsed_content("train#datalist")[0])
+    values = set(torch.cat([o["label"].unique() for o in out]).tolist())
+    assert values <= {0, 1, 2, 3, 5, 6, 7} and out[0]["image"].shape == (1, 128, 128, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"img_size": 100}, "img_size must be a positive integer divisible by 16"),
+        ({"patch_size": 12}, "patch_size must be a power of two"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
+def test_slice_sizes_the_decoder_cannot_produce_are_rejected(demo_data, overrides, match):
+    parser = _parser(demo_data, "train.json", **overrides)
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("network_def")
+    err = _cause(info.value, ValueError)  # the config parser wraps instantiation errors
+    assert err is not None and match in str(err)
+
+
+def test_missing_sam_checkpoint_names_the_file(demo_data, tmp_path):
+    from shared_nets.sam import SamCheckpointError
+
+    missing = tmp_path / "sam_vit_b_01ec64.pth"
+    parser = _parser(demo_data, "train.json", sam_checkpoint=str(missing))
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("network_def")
+    err = _cause(info.value, SamCheckpointError)
+    assert err is not None and str(missing) in str(err) and "does not exist" in str(err)
+
+
+def test_few_shot_datalists_and_slice_selection(demo_data, tmp_path):
+    from shared_nets.nets.h_sam_data import SelectSlicesd, label_frequencies, write_few_shot_datalist
+
+    src = demo_data / "datalist.json"
+    out = tmp_path / "few_shot_10pct.json"  # elsewhere: the writer makes the paths absolute
+    summary = write_few_shot_datalist(src, out, fraction=0.1, seed=3)
+    content = json.loads(out.read_text())
+    original = json.loads(src.read_text())
+    depth = 24  # tests/conftest.py DEMO_SHAPE
+    assert summary["total_slices"] == depth * len(original["training"])
+    assert sum(len(e["slices"]) for e in content["training"]) == summary["slices"] == round(0.1 * summary["total_slices"])
+    assert [Path(e["image"]).name for e in content["validation"]] == [Path(e["image"]).name for e in original["validation"]]
+    assert all(Path(e["image"]).is_file() and Path(e["label"]).is_file() for e in content["training"])
+    again = tmp_path / "again.json"
+    write_few_shot_datalist(src, again, fraction=0.1, seed=3)
+    assert [e["slices"] for e in json.loads(again.read_text())["training"]] == [e["slices"] for e in content["training"]]
+
+    # the train pipeline keeps exactly the listed slices
+    parser = _parser(demo_data, "train.json", data_list_file_path=str(out))
+    item = parser.get_parsed_content("train#datalist")[0]
+    from monai.transforms import Compose
+
+    d = Compose(parser.get_parsed_content("train#deterministic_transforms"))(item)
+    assert d["image"].shape[-1] == len(content["training"][0]["slices"]) and "slices" not in d
+
+    freqs = label_frequencies(out, num_classes=8, label_map="btcv_to_synapse")
+    assert len(freqs) == 9 and freqs[4] == 0.0 and freqs[8] == 0.0 and sum(freqs) == pytest.approx(1.0)
+
+    cases = tmp_path / "cases.json"
+    write_few_shot_datalist(src, cases, num_cases=2, seed=0)
+    chosen = json.loads(cases.read_text())["training"]
+    assert len(chosen) == 2 and all(Path(e["image"]).is_file() for e in chosen)  # made absolute elsewhere
+    with pytest.raises(ValueError, match="exactly one"):
+        write_few_shot_datalist(src, cases, fraction=0.1, num_cases=2)
+    with pytest.raises(ValueError, match="num_cases must be"):
+        write_few_shot_datalist(src, cases, num_cases=99)
+    sel = SelectSlicesd(keys="image")
+    with pytest.raises(ValueError, match=r"slices.*\[0, 3\]"):
+        sel({"image": torch.zeros(1, 4, 4, 4), "slices": [2, 7]})
+    assert sel({"image": torch.zeros(1, 4, 4, 4)})["image"].shape == (1, 4, 4, 4)
