@@ -68,11 +68,12 @@ def _nifti_shape(fn: str) -> tuple[int, ...] | None:
 
 
 def check_volumes(items: Sequence[Mapping[str, Any]], image_key: str = "image", label_key: str | None = "label",
-                  min_depth: int | None = None, spatial_dims: int = 3) -> list[Mapping[str, Any]]:
-    """Check NIfTI headers of a datalist before any training starts (cheap: headers only).
+                  min_depth: int | None = None, spatial_dims: int = 3, num_classes: int | None = None) -> list[Mapping[str, Any]]:
+    """Check the NIfTI files of a datalist before any training starts.
 
-    Checks that images are ``spatial_dims``-D (a trailing channel axis is allowed), have at
-    least ``min_depth`` slices along the last spatial axis, and that labels match the image grid.
+    Checks (headers only) that images are ``spatial_dims``-D (a trailing channel axis is allowed),
+    have at least ``min_depth`` slices along the last spatial axis, and that labels match the image
+    grid; with ``num_classes`` (incl. background) it also reads each label and checks its values.
     Returns ``items`` so configs can wrap a datalist in it.
     """
     for item in items:
@@ -89,6 +90,15 @@ def check_volumes(items: Sequence[Mapping[str, Any]], image_key: str = "image", 
             lshape = _nifti_shape(item[label_key])
             if lshape is not None and tuple(lshape[:spatial_dims]) != tuple(spatial):
                 raise DataError(f"label '{item[label_key]}' has shape {lshape}; expected the image's {tuple(spatial)} ('{fn}').")
+            if lshape is not None and num_classes is not None:
+                import nibabel as nib
+
+                values = np.unique(np.asarray(nib.load(item[label_key]).dataobj))
+                if values.min() < 0 or values.max() > num_classes - 1 or not np.all(values == np.round(values)):
+                    raise DataError(
+                        f"label '{item[label_key]}' has values {values.tolist()[:10]}; expected integers in "
+                        f"[0, {num_classes - 1}] for {num_classes} classes (map labels with MapLabelValued first)."
+                    )
     return list(items)
 
 
