@@ -76,6 +76,11 @@ class BundleHarness:
     evaluate_configs: ClassVar[list[str]] = ["train.json", "evaluate.json"]
     multi_gpu_configs: ClassVar[list[str]] = ["train.json", "multi_gpu_train.json"]
     check_loss_falls: ClassVar[bool] = True
+    # real CT check: label mapping from BTCV ids (after TotalSegmentator → BTCV) to the bundle's
+    # classes (None: BTCV ids as they are), extra overrides, or skip it with a reason
+    real_ct_label_map: ClassVar[dict[int, int] | None] = None
+    real_ct_overrides: ClassVar[dict[str, Any]] = {}
+    real_ct_skip: ClassVar[str | None] = None
 
     # -- fixtures ------------------------------------------------------------------------------
     @pytest.fixture(scope="class")
@@ -228,3 +233,45 @@ class BundleHarness:
         proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert (root / "models" / "model.pt").is_file()
+
+    def test_real_ct_trains_and_infers_in_input_space(self, real_ct, tmp_path):
+        """Real abdominal CT (../shared): the bundle's own preprocessing, a few iterations, inference;
+        predictions keep each input's exact shape, affine and orientation. No accuracy bar."""
+        if self.real_ct_skip:
+            pytest.skip(self.real_ct_skip)
+        data = real_ct
+        if self.real_ct_label_map is not None or self.label_key != "label":
+            data = tmp_path / "real_ct"
+            data.mkdir()
+            content = json.loads((real_ct / "datalist.json").read_text())
+            for name in {i[self.label_key] for split in ("training", "validation", "test") for i in content[split]}:
+                lab = nib.load(str(real_ct / name))
+                arr = np.asarray(lab.dataobj)
+                if self.real_ct_label_map is not None:
+                    mapped = np.zeros_like(arr)
+                    for src, dst in self.real_ct_label_map.items():
+                        mapped[arr == src] = dst
+                    arr = mapped
+                nib.save(nib.Nifti1Image(arr, lab.affine), str(data / name))
+            for split in ("training", "validation", "test"):
+                for item in content[split]:
+                    item["label"] = item[self.label_key]
+            for name in ("ct.nii.gz", "ct_lps.nii.gz"):
+                (data / name).symlink_to(real_ct / name)
+            (data / "datalist.json").write_text(json.dumps(content))
+        root = tmp_path / self.bundle
+        shutil.copytree(REPO / "bundles" / self.bundle, root, ignore=shutil.ignore_patterns("models", "eval"))
+        over = self._overrides(data, max_epochs=1, val_interval=1, **self.train_overrides, **self.real_ct_overrides)
+        losses = run_workflow(root, self._configs(self.train_configs), "train", over, collect_losses=True)
+        assert losses and all(np.isfinite(losses))
+        out_dir = tmp_path / "pred"
+        run_workflow(root, self._configs(self.infer_configs), "infer",
+                     {k: v for k, v in {**over, "output_dir": str(out_dir)}.items() if k not in ("max_epochs", "val_interval")})
+        for name in ("ct", "ct_lps"):
+            preds = sorted(out_dir.glob(f"**/{name}_*.nii.gz")) or sorted(out_dir.glob(f"**/{name}*.nii.gz"))
+            preds = [p for p in preds if not p.name.startswith("ct_lps") or name == "ct_lps"]
+            assert preds, f"no prediction for {name} in {sorted(out_dir.rglob('*'))}"
+            src, pred = nib.load(str(data / f"{name}.nii.gz")), nib.load(str(preds[0]))
+            assert pred.shape[:3] == src.shape, (pred.shape, src.shape)
+            np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+            assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(src.affine)

@@ -19,3 +19,43 @@ def demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_data")
     write_demo_dataset(out, num=DEMO_NUM, seed=0, shape=DEMO_SHAPE, progress=False)
     return out
+
+
+REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "totalsegmentator_example"
+# TotalSegmentator v2 "total" ids -> BTCV ids (organs both label; everything else -> background)
+TOTALSEG_TO_BTCV = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 7, 7: 11, 8: 12, 9: 13, 52: 8, 63: 9, 64: 10}
+
+
+@pytest.fixture(scope="session")
+def real_ct(tmp_path_factory) -> Path:
+    """The small real abdominal CT from ../shared with BTCV-id labels, as a datalist.
+
+    Training/validation use the file as stored (RAS); the test list has it twice, as stored and
+    re-oriented to LPS, so inference must give back each input's own affine and orientation.
+    """
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    if not (REAL_CT / "ct.nii.gz").is_file():
+        pytest.skip(f"real CT example not found at {REAL_CT} (../shared is not beside this checkout)")
+    out = tmp_path_factory.mktemp("real_ct")
+    ct, seg = nib.load(str(REAL_CT / "ct.nii.gz")), nib.load(str(REAL_CT / "seg.nii.gz"))
+    ts = np.asarray(seg.dataobj)
+    btcv = np.zeros(ts.shape, np.uint8)
+    for src, dst in TOTALSEG_TO_BTCV.items():
+        btcv[ts == src] = dst
+    img = np.asarray(ct.dataobj)
+    nib.save(nib.Nifti1Image(img, ct.affine), str(out / "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(btcv, ct.affine), str(out / "ct_label.nii.gz"))
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [img.shape[0] - 1, img.shape[1] - 1]
+    lps_affine = ct.affine @ flip  # same world positions, first two axes reversed
+    nib.save(nib.Nifti1Image(img[::-1, ::-1].copy(), lps_affine), str(out / "ct_lps.nii.gz"))
+    nib.save(nib.Nifti1Image(btcv[::-1, ::-1].copy(), lps_affine), str(out / "ct_lps_label.nii.gz"))
+    ras = {"image": "ct.nii.gz", "label": "ct_label.nii.gz", "tumour": "ct_label.nii.gz"}
+    lps = {"image": "ct_lps.nii.gz", "label": "ct_lps_label.nii.gz", "tumour": "ct_lps_label.nii.gz"}
+    content = {"name": "totalsegmentator_example", "labels": {}, "training": [ras], "validation": [ras], "test": [ras, lps]}
+    (out / "datalist.json").write_text(json.dumps(content))
+    return out
