@@ -311,24 +311,26 @@ class PerObjectMetrics:
 class PromptSettingsRunner:
     """Run an evaluator once per paper prompt setting and write one summary (Table 1/2 layout).
 
-    For each setting the prompt transform's ``setting`` is switched, the evaluator runs, and
-    its ``engine.state.metrics`` are collected; ``<output_dir>/prompt_settings.json`` and a
-    markdown ``prompt_settings.md`` table (rows = metrics, columns = settings) are written
-    atomically. A ``MetricsSaver`` (if given) writes its CSVs under ``<output_dir>/<setting>``.
+    For each setting the prompt transform's ``setting`` is switched, every object in
+    ``per_setting_outputs`` (e.g. a ``MetricsSaver``, an :class:`InteractiveRefinementCurve`)
+    gets its ``save_dir`` / ``output_dir`` pointed at ``<output_dir>/<setting>``, the evaluator
+    runs, and its numeric ``engine.state.metrics`` are collected. ``<output_dir>`` then holds
+    ``prompt_settings_summary.csv`` and ``prompt_settings.md`` (rows = metrics, columns =
+    settings) and ``prompt_settings.json``, each written atomically.
 
     Args:
         evaluator: a MONAI evaluator.
         prompt_transform: the :class:`~shared_nets.nets.med_sa_prompts.SimulatePromptSettingd` in its pre-processing.
         settings: setting names to run.
         output_dir: summary folder.
-        metrics_saver: optional ``monai.handlers.MetricsSaver`` attached to the evaluator.
+        per_setting_outputs: objects whose output folder follows the setting.
     """
 
-    def __init__(self, evaluator: Any, prompt_transform: Any, settings: Sequence[str], output_dir: str, metrics_saver: Any = None):
-        if not settings:
-            raise ValueError("settings must name at least one prompt setting, e.g. ['1-point', 'bbox0.75'].")
+    def __init__(self, evaluator: Any, prompt_transform: Any, settings: Sequence[str], output_dir: str, per_setting_outputs: Sequence[Any] = ()):
+        if isinstance(settings, str) or not settings:
+            raise ValueError(f"settings must be a non-empty list of prompt settings, e.g. ['1-point', 'bbox0.75'], got {settings!r}.")
         self.evaluator, self.prompt_transform = evaluator, prompt_transform
-        self.settings, self.output_dir, self.metrics_saver = list(settings), output_dir, metrics_saver
+        self.settings, self.output_dir, self.per_setting_outputs = list(settings), output_dir, list(per_setting_outputs)
         for s in self.settings:
             prompt_transform.setting = s  # validates the names before anything runs
         self.results: dict[str, dict[str, float]] = {}
@@ -336,25 +338,29 @@ class PromptSettingsRunner:
     def run(self) -> dict[str, dict[str, float]]:
         for s in self.settings:
             self.prompt_transform.setting = s
-            if self.metrics_saver is not None:
-                self.metrics_saver.save_dir = os.path.join(self.output_dir, s)
+            for obj in self.per_setting_outputs:
+                for attr in ("save_dir", "output_dir"):
+                    if hasattr(obj, attr):
+                        setattr(obj, attr, os.path.join(self.output_dir, s))
             self.evaluator.run()
             self.results[s] = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
             logger.info("prompt setting %s: %s", s, self.results[s])
         self._write()
         return self.results
 
+    def _atomic(self, name: str, text: str) -> None:
+        path = os.path.join(self.output_dir, name)
+        with open(path + ".tmp", "w", newline="") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
     def _write(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
-        path = os.path.join(self.output_dir, "prompt_settings.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.results, f, indent=2)
-        os.replace(path + ".tmp", path)
+        self._atomic("prompt_settings.json", json.dumps(self.results, indent=2) + "\n")
         names = sorted({k for r in self.results.values() for k in r})
-        lines = ["| metric | " + " | ".join(self.settings) + " |", "|---|" + "---:|" * len(self.settings)]
-        for n in names:
-            lines.append(f"| {n} | " + " | ".join(f"{self.results[s].get(n, float('nan')):.4f}" for s in self.settings) + " |")
-        path = os.path.join(self.output_dir, "prompt_settings.md")
-        with open(path + ".tmp", "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(path + ".tmp", path)
+        table = [[n] + [self.results[s].get(n, float("nan")) for s in self.settings] for n in names]
+        rows = ["metric," + ",".join(self.settings)] + [row[0] + "," + ",".join(f"{v:.6f}" for v in row[1:]) for row in table]
+        self._atomic("prompt_settings_summary.csv", "\n".join(rows) + "\n")
+        md = ["| metric | " + " | ".join(self.settings) + " |", "|---|" + "---:|" * len(self.settings)]
+        md += [f"| {row[0]} | " + " | ".join(f"{v:.4f}" for v in row[1:]) + " |" for row in table]
+        self._atomic("prompt_settings.md", "\n".join(md) + "\n")

@@ -53,6 +53,8 @@ class CheckPromptsd(MapTransform):
         box_key: key holding a box or a list of boxes (missing / empty = no box).
         max_points: the network's ``max_points``.
         per_slice: count clicks per axial slice (last axis) instead of in total.
+        require_prompt: raise when there is neither a click nor a box (the bundle's
+            ``automatic: false``), naming the keys to pass.
     """
 
     def __init__(
@@ -62,12 +64,13 @@ class CheckPromptsd(MapTransform):
         box_key: str = "roi",
         max_points: int = 8,
         per_slice: bool = True,
+        require_prompt: bool = False,
     ) -> None:
         super().__init__([image_key], allow_missing_keys=False)
         if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
             raise ValueError(f"max_points must be a positive integer, got {max_points!r}.")
         self.image_key, self.click_keys, self.box_key = image_key, tuple(click_keys), box_key
-        self.max_points, self.per_slice = max_points, bool(per_slice)
+        self.max_points, self.per_slice, self.require_prompt = max_points, bool(per_slice), bool(require_prompt)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -104,6 +107,11 @@ class CheckPromptsd(MapTransform):
         kind, boxes = parse_prompt(d.get(self.box_key), self.box_key)
         if kind == "points":
             raise ValueError(f"prompt '{self.box_key}' must be a box [i0, j0, k0, i1, j1, k1], got clicks {boxes.tolist()}.")
+        if self.require_prompt and not clicks and kind != "boxes":
+            raise ValueError(
+                f"no prompt: pass clicks as '{self.click_keys[0]}' / '{self.click_keys[-1]}' ([[i, j, k], ...]) or a box as "
+                f"'{self.box_key}' ([i0, j0, k0, i1, j1, k1]), or enable automatic mode ('automatic': true)."
+            )
         for box in boxes if kind == "boxes" else ():
             lo, hi = box[:3], box[3:]
             if np.any(hi <= lo):

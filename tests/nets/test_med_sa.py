@@ -13,6 +13,15 @@ from shared_nets.sam import build_sam
 IMG = 32  # tiny SAM at 32 px, patch 8 -> 4x4 tokens (one window)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on 2 shared cores run much faster single-threaded (no OpenMP contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw) -> MedSA:
     torch.manual_seed(0)
     args = dict(variant="tiny", img_size=IMG, patch_size=8, max_points=4, max_depth=4)
@@ -311,6 +320,12 @@ def test_check_prompts_rejects_bad_prompts(prompts, match):
     check = CheckPromptsd(max_points=2)
     with pytest.raises(ValueError, match=match):
         check({"image": torch.zeros(1, 16, 16, 4), **prompts})
+
+
+def test_check_prompts_requires_a_prompt_unless_automatic():
+    with pytest.raises(ValueError, match="no prompt: pass clicks as 'foreground'.*'automatic': true"):
+        CheckPromptsd(require_prompt=True)({"image": torch.zeros(1, 8, 8, 2), "foreground": []})
+    assert CheckPromptsd(require_prompt=True)({"image": torch.zeros(1, 8, 8, 2), "roi": [0, 0, 0, 2, 2, 1]})
 
 
 def test_check_prompts_passes_good_prompts():
