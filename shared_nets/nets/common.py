@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
@@ -82,31 +84,34 @@ def check_input(x: torch.Tensor, channels: int, img_size: int | None = None, dep
 
 
 class ProgressiveUpsampling(nn.Module):
-    """MA-SAM's progressive up-sampling (paper sec. 3.4): SAM's two transposed convs plus two more.
+    """MA-SAM's progressive up-sampling (paper sec. 3.4): SAM's two transposed convs plus more.
 
-    The first two stages are the SAM decoder's own ``output_upscaling`` (pretrained); two new
-    transposed convs recover full resolution. Widths follow the official code
-    (C → C/4 → C/8 → C/16 → C/32, i.e. 256 → 64 → 32 → 16 → 8), with a floor of 8 so
-    narrow test models keep usable feature maps.
+    The first two stages are the SAM decoder's own ``output_upscaling`` (pretrained, ×4); new
+    transposed convs (×2 each) recover full resolution: two for SAM's patch 16, one for patch 8.
+    Widths follow the official code (C → C/4 → C/8 → C/16 → C/32, i.e. 256 → 64 → 32 → 16 → 8),
+    with a floor of 8 so narrow test models keep usable feature maps.
 
     Args:
-        sam_upscaling: the pretrained ``MaskDecoder.output_upscaling`` (H/16 → H/4).
+        sam_upscaling: the pretrained ``MaskDecoder.output_upscaling`` (H/p → 4H/p).
         transformer_dim: the decoder width C.
+        patch_size: the encoder's patch size p (a power of two ≥ 4).
     """
 
-    def __init__(self, sam_upscaling: nn.Module, transformer_dim: int) -> None:
+    def __init__(self, sam_upscaling: nn.Module, transformer_dim: int, patch_size: int = 16) -> None:
         super().__init__()
-        c2 = transformer_dim // 8  # output width of SAM's own two stages
-        c3, c4 = max(transformer_dim // 16, 8), max(transformer_dim // 32, 8)
+        stages = int(math.log2(patch_size)) - 2
+        if stages < 0 or 2 ** (stages + 2) != patch_size:
+            raise ValueError(f"patch_size must be a power of two >= 4 for progressive up-sampling, got {patch_size}.")
+        widths = [transformer_dim // 8] + [max(transformer_dim // 2 ** (4 + i), 8) for i in range(stages)]
+        layers: list[nn.Module] = []
+        for i in range(stages):
+            layers.append(nn.ConvTranspose2d(widths[i], widths[i + 1], kernel_size=2, stride=2))
+            if i < stages - 1:
+                layers.append(LayerNorm2d(widths[i + 1]))
+            layers.append(nn.GELU())
         self.sam_upscaling = sam_upscaling
-        self.extra = nn.Sequential(
-            nn.ConvTranspose2d(c2, c3, kernel_size=2, stride=2),
-            LayerNorm2d(c3),
-            nn.GELU(),
-            nn.ConvTranspose2d(c3, c4, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
-        self.out_channels = c4
+        self.extra = nn.Sequential(*layers)
+        self.out_channels = widths[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.extra(self.sam_upscaling(x))

@@ -188,8 +188,10 @@ class MASAM(nn.Module):
             self.upscaling, self.hypernetworks = None, None
         else:
             if decoder == "progressive":
-                self.upscaling = ProgressiveUpsampling(mask_decoder.output_upscaling, tdim)
+                self.upscaling = ProgressiveUpsampling(mask_decoder.output_upscaling, tdim, patch_size)
             else:
+                if patch_size != 16:
+                    raise ValueError(f"decoder='multiscale' needs patch_size 16, got {patch_size}.")
                 self.upscaling = MultiScaleFusion(mask_decoder.output_upscaling, embed_dim, tdim)
                 q = depth // 4
                 self.stage_blocks = (3 * q - 1, 2 * q - 1, q - 1)  # stages 3, 2, 1
