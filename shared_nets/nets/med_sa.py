@@ -341,10 +341,12 @@ class MedSA(nn.Module):
         img = upsample_to(to_rgb(volume_to_slices(x[:, :c])), (self.img_size, self.img_size))
         emb = self._encode_cached(img.contiguous(), d)
 
-        sparse, dense = self.embed_prompts(coords, labels, boxes, box_valid)
-        logits = self.decode(emb, sparse, dense)
-        logits = upsample_to(logits, (h, w))  # [B*D, 1, H, W]
-        if not self.automatic:
-            logits = torch.where(row_prompted[:, None, None, None], logits, torch.full_like(logits, self.no_prompt_logit))
-        fg = slices_to_volume(logits, d)  # [B, 1, H, W, D]
+        if self.automatic or bool(row_prompted.all()):
+            logits = self.decode(emb, *self.embed_prompts(coords, labels, boxes, box_valid))
+        else:  # decode only the prompted slices; the encoder above still saw the whole chunk (SD-Trans)
+            rows = torch.nonzero(row_prompted).flatten()
+            out = self.decode(emb[rows], *self.embed_prompts(coords[rows], labels[rows], boxes[rows], box_valid[rows]))
+            logits = out.new_full((b * d, *out.shape[1:]), self.no_prompt_logit)
+            logits = logits.index_copy(0, rows, out)
+        fg = slices_to_volume(upsample_to(logits, (h, w)), d)  # [B, 1, H, W, D]
         return torch.cat([torch.zeros_like(fg), fg], dim=1)

@@ -201,7 +201,11 @@ def test_box_and_click_decoding():
 
 def test_unprompted_slices_are_background_and_automatic_mode():
     x = volume(d=2, clicks=[(0, 10, 12, 0)])
-    y = tiny(prompt_scope="slice")(x)
+    net = tiny(prompt_scope="slice")
+    rows = []
+    net.mask_decoder.transformer.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    y = net(x)
+    assert rows == [1]  # the decoder ran for the prompted slice only
     assert torch.all(y[0, 1, ..., 1] == -20.0)
     assert not torch.all(y[0, 1, ..., 0] == -20.0)
     empty = volume(clicks=[])
