@@ -10,6 +10,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from .attention import enable_sdpa
 from .checkpoint import load_sam_state_dict
 from .variants import SamVariant, get_variant
 
@@ -22,11 +23,16 @@ def check_img_size(img_size: int, patch_size: int = 16) -> None:
         raise ValueError(f"img_size must be a positive integer divisible by {patch_size} (the patch size), got {img_size!r}.")
 
 
-def build_image_encoder(variant: str | SamVariant, img_size: int = 1024, patch_size: int = 16) -> ImageEncoderViT:
-    """A SAM ``ImageEncoderViT`` of ``variant`` for ``img_size`` inputs (random init)."""
+def build_image_encoder(
+    variant: str | SamVariant, img_size: int = 1024, patch_size: int = 16, use_sdpa: bool = False
+) -> ImageEncoderViT:
+    """A SAM ``ImageEncoderViT`` of ``variant`` for ``img_size`` inputs (random init).
+
+    ``use_sdpa`` switches its attention to :class:`~shared_nets.sam.attention.SdpaAttention`.
+    """
     v = get_variant(variant)
     check_img_size(img_size, patch_size)
-    return ImageEncoderViT(
+    encoder = ImageEncoderViT(
         depth=v.encoder_depth,
         embed_dim=v.encoder_embed_dim,
         img_size=img_size,
@@ -40,6 +46,7 @@ def build_image_encoder(variant: str | SamVariant, img_size: int = 1024, patch_s
         window_size=v.window_size,
         out_chans=v.prompt_embed_dim,
     )
+    return enable_sdpa(encoder, use_sdpa)
 
 
 def build_sam(
@@ -49,6 +56,7 @@ def build_sam(
     patch_size: int = 16,
     num_multimask_outputs: int = 3,
     pos_embed_mode: str = "bicubic",
+    use_sdpa: bool = False,
 ) -> Sam:
     """Build a ``segment_anything`` ``Sam`` of ``variant`` for ``img_size`` inputs.
 
@@ -63,6 +71,9 @@ def build_sam(
             3-output decoder first and then expanded (see :func:`expand_mask_tokens`), so
             SAMed-style K+1-class decoders start from the pretrained tokens.
         pos_embed_mode: ``bicubic`` or ``avgpool`` resizing of the position embedding.
+        use_sdpa: compute the image encoder's attention with ``scaled_dot_product_attention``
+            (:func:`~shared_nets.sam.attention.enable_sdpa`; same weights, equal within 1e-4).
+            Off by default so the model is stock ``segment_anything`` code.
 
     Returns:
         The model in train mode (``segment_anything.build_sam`` returns eval mode).
@@ -75,7 +86,7 @@ def build_sam(
         raise ValueError(f"num_multimask_outputs must be >= 1, got {num_multimask_outputs}.")
     grid = img_size // patch_size
     sam = Sam(
-        image_encoder=build_image_encoder(v, img_size, patch_size),
+        image_encoder=build_image_encoder(v, img_size, patch_size, use_sdpa=use_sdpa),
         prompt_encoder=PromptEncoder(
             embed_dim=v.prompt_embed_dim,
             image_embedding_size=(grid, grid),
