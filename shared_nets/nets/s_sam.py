@@ -128,12 +128,14 @@ class SSAM(nn.Module):
         use_rel_pos: use SAM's relative position tables in attention; None follows ``mode``.
         global_attention: global attention in every encoder block (official code); False
             keeps SAM's windowed blocks.
-        full_finetune: train every parameter of SAM and the TAL and skip the SVD
-            re-parameterisation ("SAM with full finetuning" in Tables 2, 4, 5; used by the
-            demo, which trains ``tiny`` from scratch).
+        full_finetune: train every parameter of SAM that the forward pass uses, and the TAL,
+            without the SVD re-parameterisation ("SAM with full finetuning" in Tables 2, 4, 5;
+            used by the demo, which trains ``tiny`` from scratch).
         resize_input: if True, slices whose in-plane size is not ``img_size`` are resized
             bilinearly in and the logits back; if False (default) such input is an error,
             since the bundles resize in pre-processing (and invert after argmax).
+        pixel_norm: subtract SAM's pixel mean and divide by its std per RGB channel, for
+            input scaled to [0, 255] (what the official code does in its data transforms).
         patch_size: ViT patch size (16 for SAM checkpoints; 8 gives ``tiny`` demos a finer grid).
         pos_embed_mode: resizing of the checkpoint's position embedding: ``avgpool`` (paper)
             or ``bicubic``.
@@ -142,7 +144,7 @@ class SSAM(nn.Module):
     def __init__(
         self,
         variant: str = "vit_b",
-        checkpoint: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
         img_size: int = 256,
         class_names: Sequence[str] = ("liver",),
         text_embeddings: str | None = None,
@@ -159,6 +161,7 @@ class SSAM(nn.Module):
         global_attention: bool = True,
         full_finetune: bool = False,
         resize_input: bool = False,
+        pixel_norm: bool = False,
         patch_size: int = 16,
         pos_embed_mode: str = "avgpool",
     ) -> None:
@@ -168,15 +171,20 @@ class SSAM(nn.Module):
         for name, value in (
             ("use_tal", use_tal), ("svd_scale", svd_scale), ("svd_shift", svd_shift),
             ("train_pos_embed", train_pos_embed), ("train_norms", train_norms),
-            ("global_attention", global_attention), ("full_finetune", full_finetune), ("resize_input", resize_input),
+            ("global_attention", global_attention), ("full_finetune", full_finetune),
+            ("resize_input", resize_input), ("pixel_norm", pixel_norm),
         ):
             _check_bool(value, name)
         official = mode == "official"
         tal = tal if tal is not None else ("linear_relu_bn" if official else "linear")
         if tal not in TAL_TYPES:
             raise ValueError(f"tal must be one of {TAL_TYPES} or null, got {tal!r}.")
-        train_decoder_norms = _check_bool(official if train_decoder_norms is None else train_decoder_norms, "train_decoder_norms")
-        use_rel_pos = _check_bool((not official) if use_rel_pos is None else use_rel_pos, "use_rel_pos")
+        if train_decoder_norms is None:
+            train_decoder_norms = official
+        if use_rel_pos is None:
+            use_rel_pos = not official
+        _check_bool(train_decoder_norms, "train_decoder_norms")
+        _check_bool(use_rel_pos, "use_rel_pos")
         if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not class_names:
             raise ValueError(f"class_names must be a non-empty list of label names, got {class_names!r}.")
         if not all(isinstance(n, str) and n.strip() for n in class_names):
@@ -204,9 +212,12 @@ class SSAM(nn.Module):
         self.use_tal = use_tal
         self.full_finetune = full_finetune
         self.resize_input = resize_input
+        self.pixel_norm = pixel_norm
         prompt_dim = v.prompt_embed_dim
         if not use_tal and text_dim < prompt_dim:
-            raise ValueError(f"use_tal=false feeds the first {prompt_dim} text entries as the token; text_dim={text_dim} is smaller.")
+            raise ValueError(
+                f"use_tal=false feeds the first {prompt_dim} text entries as the token; text_dim={text_dim} is smaller."
+            )
 
         # Label-name prompts (paper section 3): fixed text vectors, non-persistent so that a
         # checkpoint does not depend on the class list it was trained with.
@@ -230,6 +241,14 @@ class SSAM(nn.Module):
         """Freeze everything except S-SAM's trainable set (paper section 3, Fig. 1; Table 3 switches)."""
         if self.full_finetune:
             self.requires_grad_(True)
+            # Parts this network never uses stay frozen, so every trainable parameter gets a
+            # gradient (DistributedDataParallel requires it): the IoU head, the hypernetworks of
+            # mask tokens 1-3 and the prompt encoder's point/box/mask embeddings.
+            dec, pe = self.sam.mask_decoder, self.sam.prompt_encoder
+            dec.iou_prediction_head.requires_grad_(False)
+            dec.output_hypernetworks_mlps[1:].requires_grad_(False)
+            pe.requires_grad_(False)
+            pe.no_mask_embed.requires_grad_(True)
             return
         self.requires_grad_(False)
         for layer in self.svd_layers:
@@ -334,7 +353,11 @@ class SSAM(nn.Module):
                     "(the bundle's Resized + Invertd) or construct the network with resize_input=true."
                 )
             slices = F.interpolate(slices, size=(s, s), mode="bilinear", align_corners=False)
-        emb = self.sam.image_encoder(to_rgb(slices))  # [B*D, C', h, w]
+        slices = to_rgb(slices)
+        if self.pixel_norm:
+            # SAM's ImageNet statistics (the official code's copy has a typo, std 53.395 for red; not reproduced)
+            slices = (slices - self.sam.pixel_mean) / self.sam.pixel_std
+        emb = self.sam.image_encoder(slices)  # [B*D, C', h, w]
         logits = self.decode(emb, self.class_prompts())  # [B*D, K, 4h, 4w]
         # Official post-processing: bilinear up-sampling of the low-resolution masks.
         logits = upsample_to(logits, (hh, ww))

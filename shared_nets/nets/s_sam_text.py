@@ -46,6 +46,9 @@ __all__ = [
     "write_text_embeddings",
     "load_class_embeddings",
     "add_text_embeddings",
+    "foreground_names",
+    "names_to_ids",
+    "channel_targets",
 ]
 
 # CLIP ViT-B/32's joint embedding width (official code, ``clip.load("ViT-B/32")``).
@@ -218,7 +221,10 @@ def write_text_embeddings(
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f)
             f.write("\n")
@@ -312,6 +318,53 @@ def add_text_embeddings(
     rows = torch.cat([torch.stack(stored), new]) if stored else new
     write_text_embeddings(path, all_names, rows, enc.name)
     return all_names
+
+
+def _channel_items(channel_def: dict) -> list[tuple[int, str]]:
+    try:
+        items = sorted((int(k), str(v)) for k, v in dict(channel_def).items())
+    except (TypeError, ValueError):
+        raise ValueError(f"channel_def must map integer ids to class names, got {channel_def!r}.") from None
+    if not items or items[0][0] != 0:
+        raise ValueError(f"channel_def must contain id 0 (background), got {channel_def!r}.")
+    return items
+
+
+def foreground_names(channel_def: dict) -> list[str]:
+    """Class names of ``channel_def`` (metadata ``network_data_format.outputs.pred.channel_def``) by id, background excluded."""
+    return [name for i, name in _channel_items(channel_def) if i != 0]
+
+
+def names_to_ids(channel_def: dict, names: Sequence[str]) -> list[int]:
+    """``channel_def`` ids of ``names`` (case-insensitive), e.g. to write a subset prediction with its label ids.
+
+    Raises:
+        ValueError: a name is not in ``channel_def``, or is repeated.
+    """
+    if isinstance(names, str) or not names:
+        raise ValueError(f"class_names must be a non-empty list of names from channel_def, got {names!r}.")
+    lookup = {normalize_name(n): i for i, n in _channel_items(channel_def) if i != 0}
+    unknown = [n for n in names if normalize_name(n) not in lookup]
+    if unknown:
+        raise ValueError(
+            f"class_names {unknown} are not in channel_def (metadata.json network_data_format.outputs.pred.channel_def: "
+            f"{foreground_names(channel_def)})."
+        )
+    ids = [lookup[normalize_name(n)] for n in names]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"class_names must not repeat a class, got {list(names)}.")
+    return ids
+
+
+def channel_targets(channel_def: dict, names: Sequence[str]) -> list[int]:
+    """Output channel of every foreground id of ``channel_def`` when predicting ``names``.
+
+    ``MapLabelValued(orig_labels=<foreground ids>, target_labels=channel_targets(...))`` turns a
+    label map with ``channel_def`` ids into network channels: ``names[i]`` becomes ``i + 1``
+    and classes not predicted become background.
+    """
+    ids = names_to_ids(channel_def, names)
+    return [ids.index(i) + 1 if i in ids else 0 for i, _ in _channel_items(channel_def) if i != 0]
 
 
 def _show(path: str) -> dict:

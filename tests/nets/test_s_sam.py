@@ -110,15 +110,18 @@ def test_official_mode_switches():
     assert mixed.trainable_parameter_counts() == paper.trainable_parameter_counts()
 
 
-def test_gradients_reach_exactly_the_trainable_set():
-    model = SSAM(**TINY)
+@pytest.mark.parametrize("kwargs", [{}, {"mode": "official"}, {"full_finetune": True}])
+def test_gradients_reach_exactly_the_trainable_set(kwargs):
+    model = SSAM(**TINY, **kwargs)
     y = model(torch.randn(2, 1, 64, 64, 1))
     (y[:, 1:] ** 2).mean().backward()
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # every trainable parameter is used (DDP needs it)
         if p.requires_grad:
-            assert p.grad is not None, name
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
+    if kwargs:
+        return
     assert model.svd_layers[0].scale.grad.abs().sum() > 0 and model.svd_layers[0].shift.grad.abs().sum() > 0
     assert model.tal.linear.weight.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in model.sam.mask_decoder.parameters())
@@ -150,10 +153,12 @@ def test_without_tal_the_token_is_the_truncated_text_embedding():
     torch.testing.assert_close(model.class_prompts(), model.text_embeddings[:, :32])
 
 
-def test_full_finetune_trains_everything_without_svd():
+def test_full_finetune_trains_encoder_decoder_and_tal_without_svd():
     model = SSAM(**TINY, full_finetune=True)
     assert model.svd_layers == [] and not any(isinstance(m, SVDLinear) for m in model.modules())
-    assert all(p.requires_grad for p in model.parameters())
+    for part in (model.sam.image_encoder, model.sam.mask_decoder.transformer, model.tal):
+        assert all(p.requires_grad for p in part.parameters())
+    assert not any(p.requires_grad for p in model.sam.mask_decoder.iou_prediction_head.parameters())
 
 
 def test_decoder_matches_stock_sam_decoder_per_image_and_class():
