@@ -16,6 +16,7 @@ __all__ = ["COMMANDS", "resolve", "usage", "main"]
 COMMANDS: dict[str, str] = {
     "demo": "tools.demo:main",
     "demo_data": "tools.demo_data:main",
+    "prepare": "tools.prepare:main",
     "weights": "tools.weights:main",
 }
 
