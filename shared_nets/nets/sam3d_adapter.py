@@ -37,9 +37,6 @@ SAM3D_TRAINABLE_PATTERNS = (
     "decoder.*",
 )
 
-_PATCH = 16  # SAM's patch size
-
-
 def _as_patch_size(img_size: int | Sequence[int]) -> tuple[int, int, int]:
     if isinstance(img_size, bool):
         raise ValueError(f"img_size must be an int or [H, W, D], got {img_size!r}.")
@@ -95,11 +92,13 @@ class SAM3DAdapter(nn.Module):
         checkpoint: official SAM ``.pth`` (loaded strictly before the 3D parts are added), or None.
         img_size: input patch ``H = W = D`` (int) or ``[H, W, D]`` with ``H == W``; the
             tokeniser needs each side times ``sam_input_size / H`` to be a multiple of
-            ``16 * window_size``.
+            ``patch_size * window_size``.
         num_classes: output channels ``K`` incl. background (2: background, object).
         in_channels: image channels, 1 (grey, repeated) or 3.
         sam_input_size: in-plane side the patch is resized to before SAM's patch embedding
             (512 in the official code, for its 128^3 prompted and 256^3 automatic patches).
+        patch_size: SAM's patch size (16; 8 gives ``tiny`` CPU demos a finer grid at a quarter of
+            the cost, only without a checkpoint). Slices are merged in groups of the same size.
         window_size: 3D attention window in tokens; None = 8 (4 for ``tiny``).
         adapter_dim: adapter bottleneck width; None = embed_dim // 2 (384 for ViT-B).
         decoder_channels: width of the decoder's level heads; None = neck width // 2 (128).
@@ -142,6 +141,7 @@ class SAM3DAdapter(nn.Module):
         in_channels: int = 1,
         *,
         sam_input_size: int = 512,
+        patch_size: int = 16,
         window_size: int | None = None,
         adapter_dim: int | None = None,
         decoder_channels: int | None = None,
@@ -180,7 +180,9 @@ class SAM3DAdapter(nn.Module):
         ws = (4 if v.name == "tiny" else 8) if window_size is None else window_size
         if not isinstance(ws, int) or ws < 1:
             raise ValueError(f"window_size must be a positive integer, got {window_size!r}.")
-        grid, resized = self._token_grid(self.patch_size, sam_input_size, ws)
+        if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
+        grid, resized = self._token_grid(self.patch_size, sam_input_size, ws, patch_size)
 
         levels = sorted({int(x) for x in prompt_levels}) if prompt_encoder != "none" else []
         if prompt_encoder != "none" and (not levels or any(x not in (1, 2, 3, 4) for x in levels)):
@@ -210,7 +212,7 @@ class SAM3DAdapter(nn.Module):
 
         # SAM first (official weights loaded strictly at twice the token grid: 1024 for a 32^2
         # grid, i.e. no resizing for ViT-B at the defaults), then the 3D parts around its pieces.
-        sam = build_sam(v, checkpoint, img_size=2 * sam_input_size, patch_size=_PATCH)
+        sam = build_sam(v, checkpoint, img_size=2 * sam_input_size, patch_size=patch_size)
         enc = sam.image_encoder
         dim, out_dim = v.encoder_embed_dim, v.prompt_embed_dim
         self.tokenizer = VolumeTokenizer(
@@ -267,13 +269,13 @@ class SAM3DAdapter(nn.Module):
 
     @staticmethod
     def _token_grid(
-        patch: tuple[int, int, int], sam_input_size: int, ws: int
+        patch: tuple[int, int, int], sam_input_size: int, ws: int, sam_patch: int = 16
     ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """Token grid and resized patch for ``patch``; ValueError when the tokeniser cannot take it."""
-        step = _PATCH * ws
+        step = sam_patch * ws
         if not isinstance(sam_input_size, int) or sam_input_size <= 0 or sam_input_size % step:
             raise ValueError(
-                f"sam_input_size must be a positive multiple of {step} (16-pixel patches x {ws}-token windows), "
+                f"sam_input_size must be a positive multiple of {step} ({sam_patch}-pixel patches x {ws}-token windows), "
                 f"got {sam_input_size!r}."
             )
         h, w, d = patch
@@ -285,11 +287,11 @@ class SAM3DAdapter(nn.Module):
         if (d * sam_input_size) % h or ((d * sam_input_size) // h) % step:
             raise ValueError(
                 f"img_size {list(patch)}: the depth D is resized by sam_input_size / H = {sam_input_size}/{h} like "
-                f"the in-plane axes and must then be a multiple of {step} (16-slice merging x {ws}-token windows); "
+                f"the in-plane axes and must then be a multiple of {step} ({sam_patch}-slice merging x {ws}-token windows); "
                 f"use D = H or a D with D * {sam_input_size} / {h} divisible by {step}."
             )
         resized_d = d * sam_input_size // h
-        grid = (sam_input_size // _PATCH, sam_input_size // _PATCH, resized_d // _PATCH)
+        grid = (sam_input_size // sam_patch, sam_input_size // sam_patch, resized_d // sam_patch)
         return grid, (sam_input_size, sam_input_size, resized_d)
 
     @property

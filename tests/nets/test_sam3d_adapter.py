@@ -67,6 +67,7 @@ def tiny():
         ({"prompt_levels": [1, 2, 3, 4], "use_point_labels": True}, 1, (S, S, S)),
         ({"use_multi_level": False, "num_classes": 3}, 1, (S, S, S)),
         ({"img_size": [S, S, 16]}, 1, (S, S, 16)),  # non-cubic patch the tokeniser can take
+        ({"patch_size": 8}, 1, (S, S, S)),  # finer grid for CPU demos: 8^3 tokens
     ],
 )
 def test_prompted_shapes(kwargs, channels, size):
@@ -88,6 +89,7 @@ def test_token_grid_follows_the_official_geometry():
     assert SAM3DAdapter._token_grid((128, 128, 128), 512, 8) == ((32, 32, 32), (512, 512, 512))
     assert SAM3DAdapter._token_grid((256, 256, 256), 512, 8) == ((32, 32, 32), (512, 512, 512))
     assert SAM3DAdapter._token_grid((128, 128, 64), 512, 8) == ((32, 32, 16), (512, 512, 256))
+    assert SAM3DAdapter._token_grid((32, 32, 32), 64, 4, 8) == ((8, 8, 8), (64, 64, 64))
 
 
 # ---------------------------------------------------------------------------- parameter counts
@@ -297,6 +299,8 @@ def test_image_embedding_cache_reused_for_new_clicks():
         ({"prompt_levels": [2], "use_multi_level": False}, "level 4 only"),
         ({"depth_embed_init": "random"}, "depth_embed_init"),
         ({"num_classes": 0}, "num_classes"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"patch_size": 8, "checkpoint": "sam.pth"}, "patch_size 16"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
