@@ -23,7 +23,7 @@ from .sam3d_adapter_heads import PROMPT_ENCODINGS, PROMPT_LAYERS, MultiLevelDeco
 __all__ = ["SAM3DAdapter", "PROMPT_ENCODER_MODES", "NO_POSITIVE_MODES", "SAM3D_TRAINABLE_PATTERNS"]
 
 PROMPT_ENCODER_MODES = (*PROMPT_ENCODINGS, "none")
-NO_POSITIVE_MODES = ("error", "background")
+NO_POSITIVE_MODES = ("error", "background", "run")
 
 # What the method tunes (poster: "only a few lightweight spatial adapters"; official freezing rules).
 SAM3D_TRAINABLE_PATTERNS = (
@@ -114,8 +114,10 @@ class SAM3DAdapter(nn.Module):
         max_points: clicks decoded per patch (positives first; see ``decode_points``).
         no_positive: a patch without a positive click raises ``ValueError`` (``"error"``) or,
             if it holds negative clicks, is predicted as background (``"background"``: for
-            sliding-window inference where a window may catch only negative clicks). A patch
-            without any click always raises.
+            sliding-window inference where a window may catch only negative clicks) or segmented
+            from its negative clicks alone (``"run"``: what the official training does for crops
+            without tumour, where only its random points are given). A patch without any click
+            always raises.
         background_logit: channel-0 logit written for such background patches (others get its
             negative).
         use_multi_level: aggregate all four levels in the decoder (poster ablation "multi-layer
@@ -372,7 +374,7 @@ class SAM3DAdapter(nn.Module):
                 raise ValueError("this 3DSAM-adapter is prompted: pass coords [B, P, 3] and labels [B, P].")
             self._check_points(coords, labels, image.shape[0])
             has_pos = (labels == 1).any(1)
-            if not bool(has_pos.all()):  # no_positive="background": negative-only patches
+            if self.no_positive == "background" and not bool(has_pos.all()):  # negative-only patches
                 out = image.new_full((image.shape[0], self.num_classes, *self.patch_size), -self.background_logit)
                 out[:, 0] = self.background_logit
                 if bool(has_pos.any()):

@@ -403,3 +403,16 @@ def test_require_positive_clicks():
     for bad in ({"foreground": []}, {"background": [[1, 2, 3]]}, {"foreground": [0, 0, 0, 4, 4, 4]}):
         with pytest.raises(ValueError, match="no positive click"):
             t(bad)
+
+
+def test_negative_only_patch_runs_when_asked():
+    """``no_positive="run"``: a tumour-free training crop is segmented from its other clicks (official training)."""
+    torch.manual_seed(0)
+    net = SAM3DAdapter(**TINY, no_positive="run", adapter_zero_init=False)
+    x = _guided(1, clicks=((1, (4, 4, 4)),))
+    y = net(x)
+    assert y.shape == (1, 2, S, S, S)
+    y.mean().backward()
+    assert net.prompt_encoders["4"].global_queries.grad is not None
+    with pytest.raises(ValueError, match="no positive click"):
+        net(torch.zeros(1, 3, S, S, S))
