@@ -416,3 +416,15 @@ def test_negative_only_patch_runs_when_asked():
     assert net.prompt_encoders["4"].global_queries.grad is not None
     with pytest.raises(ValueError, match="no positive click"):
         net(torch.zeros(1, 3, S, S, S))
+
+
+def test_memory_estimate_shows_what_checkpointing_saves():
+    from shared_nets.nets.sam3d_adapter_bench import training_step_memory
+
+    kw = dict(variant="tiny", img_size=S, sam_input_size=64, window_size=2, amp=False, device="cpu")
+    plain = training_step_memory(use_checkpoint=False, **kw)
+    ckpt = training_step_memory(use_checkpoint=True, **kw)
+    assert not plain["measured"] and plain["activation_bytes"] > ckpt["activation_bytes"] > 0
+    net = SAM3DAdapter(**TINY)
+    assert plain["parameter_bytes"] == 4 * sum(p.numel() for p in net.parameters())
+    assert plain["optimizer_bytes"] == 2 * plain["gradient_bytes"] == 8 * _n(net)
