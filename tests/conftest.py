@@ -6,6 +6,32 @@ from pathlib import Path
 
 import pytest
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """Tiny models run faster on one thread (no threading overhead on small tensors, no oversubscription
+    when CI's 2 cores also run data loading or torchrun workers); big-tensor tests opt back in with
+    ``torch_threads``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def torch_threads():
+    """Use all cores for one test (e.g. the ViT-B parity check at 1024)."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(before)
+
+
 # small phantoms for bundle tests: BTCV label ids plus a binary tumour file per case
 DEMO_SHAPE = (64, 64, 24)
 DEMO_NUM = 6

@@ -1,18 +1,8 @@
 """Med-SA bundle on phantoms through the shared harness."""
 
 import pytest
-import torch
 
 from tests.bundle_harness import BundleHarness
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on 2 shared cores run ~10x faster single-threaded (no OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class TestMedSA(BundleHarness):

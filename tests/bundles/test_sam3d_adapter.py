@@ -11,14 +11,6 @@ class TestSAM3DAdapterBundle(BundleHarness):
     label_key = "tumour"
     real_ct_label_map = {2: 1}  # no tumour in the real CT example: prompt for the right kidney instead
 
-    @pytest.fixture(scope="class", autouse=True)
-    def _one_thread(self):
-        """Tiny 3D tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(before)
-
 
 def _parser(names, data_dir):
     from monai.bundle import ConfigParser

@@ -13,15 +13,6 @@ from shared_nets.sam import build_sam
 IMG = 32  # tiny SAM at 32 px, patch 8 -> 4x4 tokens (one window)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on 2 shared cores run much faster single-threaded (no OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> MedSA:
     torch.manual_seed(0)
     args = dict(variant="tiny", img_size=IMG, patch_size=8, max_points=4, max_depth=4)

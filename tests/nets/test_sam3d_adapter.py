@@ -39,15 +39,6 @@ def _guided(batch: int = 2, clicks=((0, (10, 12, 14)),), negatives=(), size=(S, 
     return x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -68,7 +68,7 @@ def vit_b_checkpoint(tmp_path_factory):
     return stock.eval(), path
 
 
-def test_parity_with_stock_sam_at_1024(vit_b_checkpoint):
+def test_parity_with_stock_sam_at_1024(vit_b_checkpoint, torch_threads):
     stock, path = vit_b_checkpoint
     ours = build_sam("vit_b", checkpoint=path, img_size=1024).eval()
     torch.manual_seed(1)
