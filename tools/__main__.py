@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 __all__ = ["COMMANDS", "resolve", "usage", "main"]
 
 COMMANDS: dict[str, str] = {
+    "bench": "tools.bench:main",
     "demo": "tools.demo:main",
     "demo_data": "tools.demo_data:main",
     "prepare": "tools.prepare:main",

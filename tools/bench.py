@@ -1,0 +1,1214 @@
+"""Benchmark every bundle network against stock SAM and MONAI networks, in one process (issue 10).
+
+Command line (from the checkout)::
+
+    python -m tools bench [--bundles ma_sam,h_sam] [--device cpu|cuda] [--variant tiny]
+                          [--img_size 128] [--out docs/benchmarks] [--repeat 3] [--threads 1]
+
+For each bundle it builds the network, loss and optimizer exactly as the bundle does (MONAI
+``ConfigParser`` over ``configs/train.json``, plus ``configs/demo.json`` on CPU; the inference
+network and inferer from ``configs/inference.json``), with random weights, and measures:
+
+* one training step (forward, loss, backward, optimizer step) on a batch of phantom crops: median
+  time after warm-up and peak memory;
+* inference on one fixed phantom volume through the bundle's own inferer (MONAI
+  ``SlidingWindowInferer``, or the prompt-region inferer of prompted bundles, with one click and
+  a box on the liver): median time and peak memory;
+* trainable / total parameters (as configured, and in the paper's PEFT setting);
+* the image-encoder forward of the paper's PEFT setting unmerged and after
+  ``shared_nets.peft.merge_peft``, as a ratio to the stock SAM encoder of the same size;
+* for interactive bundles (networks that cache image embeddings), the same volume re-prompted
+  with the cache warm, as a ratio to the first click (caches are cleared before first clicks).
+
+Reference peers run in the same process on the same inputs: stock ``segment_anything`` SAM of
+each variant/size used (encoder forward and a full prompt→mask ``Sam.forward`` call), MONAI
+``DynUNet`` (and ``SwinUNETR`` when ``einops`` is installed) trained on a 3D patch and run with
+``SlidingWindowInferer`` over the same volume. Ratios to the peers are reported. Finally the SAM
+encoder attention is compared stock vs ``scaled_dot_product_attention`` (``bias`` and ``fold``
+modes of :mod:`shared_nets.sam.attention`), for whole encoders and for ViT-B blocks at 1024².
+Calls that are compared directly (stock/SDPA attention, stock/unmerged/merged encoders) are
+timed in alternation, so load drift on a shared machine affects them alike.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before the
+call. On CPU the kernel's peak-RSS counter is reset before each call (``/proc/self/clear_refs``
+``5``) and ``VmHWM - VmRSS(before)`` is read after it; glibc's mmap threshold is pinned to
+256 KiB for the whole run (``mallopt``) so freed tensors go back to the OS and RSS follows live
+tensor memory. Without ``clear_refs`` the RSS growth over the call is reported (a lower bound).
+Both are the memory *above* what was resident before the call; ``state MB`` (parameters,
+buffers, gradients and optimizer state, counted from tensor sizes) is reported beside it.
+(``tracemalloc`` would miss torch's allocations, which bypass Python's allocator.)
+
+CPU defaults (tiny SAM, 128² slices, a 128×128×32 volume, DynUNet on 64×64×32) finish in a few
+minutes on 2 cores. CUDA defaults are the bundles' real settings (``train.json`` without
+``demo.json``: ViT-H at 512² for MA-SAM, ViT-B at 128³/512² for 3DSAM-adapter, ...), a
+512×512×64 volume, DynUNet/SwinUNETR on 96³, and SDPA comparisons of ViT-B and ViT-H encoders at
+1024². A measurement that runs out of memory is reported as ``OOM``, others that fail as
+``error``; the run goes on. Not measured yet (issue 10): AMP, gradient checkpointing, and data
+loading with/without ``CacheDataset``.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import datetime
+import gc
+import importlib.metadata
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "BundleSpec",
+    "BUNDLE_SPECS",
+    "PeakMemory",
+    "measure",
+    "measure_interleaved",
+    "run_bench",
+    "render_markdown",
+    "write_report",
+    "main",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICES = ("cpu", "cuda")
+PEFT_KEYS = ("finetune", "full_finetune")  # demo.json switches these to full fine-tuning
+OBJECT_ID = 6  # liver (BTCV id) is the prompted object
+_MIB = float(1 << 20)
+
+
+# ------------------------------------------------------------------------------------------
+# bundle specs: how the phantom becomes each network's input (DESIGN "One tensor contract")
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BundleSpec:
+    """What the benchmark needs to know about a bundle beyond its configs.
+
+    Args:
+        guidance: prompt keys appended as guidance channels for a built (unwrapped) network
+            (``foreground``, ``background``, ``roi``; empty for automatic networks).
+        slice_based: the network sees slices resized in-plane to its ``img_size`` (the volume is
+            resized like the bundle's pre-processing); False for 3D-patch networks.
+        prompted: one object per forward (binary target, the liver).
+    """
+
+    guidance: Callable[[nn.Module], tuple[str, ...]]
+    slice_based: bool = True
+    prompted: bool = False
+
+
+BUNDLE_SPECS: dict[str, BundleSpec] = {
+    "ma_sam": BundleSpec(lambda n: ("roi",) if getattr(n, "use_box_prompt", False) else ()),
+    "med_sa": BundleSpec(lambda n: ("foreground", "background", "roi"), prompted=True),
+    "sam3d_adapter": BundleSpec(
+        lambda n: ("foreground", "background") if getattr(n, "prompted", True) else (), slice_based=False, prompted=True
+    ),
+    "s_sam": BundleSpec(lambda n: ()),
+    "h_sam": BundleSpec(lambda n: ()),
+}
+_GENERIC_SPEC = BundleSpec(lambda n: ())
+
+
+# ------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _pin_malloc() -> bool:
+    """Pin glibc's mmap/trim thresholds (256 KiB) so freed tensors are returned to the OS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, 256 << 10) == 1  # M_MMAP_THRESHOLD
+        return ok and libc.mallopt(-1, 256 << 10) == 1  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+class PeakMemory:
+    """Peak memory of a call above what was resident before it (see the module docstring).
+
+    Args:
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.base = 0.0
+        self.method = "cuda_max_memory_allocated" if device == "cuda" else self._cpu_method()
+
+    @staticmethod
+    def _cpu_method() -> str:
+        if _proc_status_mb("VmHWM") is None:
+            return "unavailable"
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return "peak_rss_reset"
+        except OSError:
+            return "rss_growth"
+
+    def start(self) -> None:
+        """Reset the peak counter and remember the current level."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / _MIB
+        elif self.method == "peak_rss_reset":
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _proc_status_mb("VmRSS") or 0.0
+        else:
+            self.base = _proc_status_mb("VmRSS") or 0.0
+
+    def stop(self) -> float | None:
+        """Peak MiB above the level at :meth:`start` (None when it cannot be measured)."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / _MIB - self.base
+        if self.method == "unavailable":
+            return None
+        field = "VmHWM" if self.method == "peak_rss_reset" else "VmRSS"
+        return max(0.0, (_proc_status_mb(field) or 0.0) - self.base)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(
+    fn: Callable[[], Any], device: str, warmup: int = 1, repeat: int = 3, min_time: float = 0.0, max_repeat: int = 50
+) -> dict[str, Any]:
+    """Median wall time and peak memory of ``fn()`` (see :func:`measure_interleaved`).
+
+    Returns:
+        ``{"time_s": median, "runs": n, "peak_mb": max peak over the timed calls}``, or
+        ``{"error": "OOM" | message}`` when a call fails.
+    """
+    return measure_interleaved({"fn": fn}, device, warmup, repeat, min_time, max_repeat)["fn"]
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], device: str, warmup: int = 1, repeat: int = 3, min_time: float = 0.0,
+    max_repeat: int = 50,
+) -> dict[str, dict[str, Any]]:
+    """Time several calls in alternation (round robin), so load drift on a shared machine hits all alike.
+
+    Args:
+        fns: named calls to compare (e.g. stock / SDPA attention).
+        device: ``cpu`` or ``cuda`` (synchronised around each call).
+        warmup: untimed calls of each first (allocator, lazy init, optimizer state).
+        repeat: timed calls of each (at least).
+        min_time: keep going (up to ``max_repeat`` rounds) until each call's timed runs add up to
+            this many seconds, so cheap calls get a stable median.
+        max_repeat: upper bound on rounds.
+
+    Returns:
+        Per name ``{"time_s": median, "runs": n, "peak_mb": max peak}`` or ``{"error": ...}``
+        (``"OOM"`` for out of memory); a failing call is dropped, the others go on.
+    """
+    probe = PeakMemory(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, float | None] = {k: None for k in fns}
+    errors: dict[str, str] = {}
+
+    def call(name: str, timed: bool) -> None:
+        try:
+            if timed:
+                probe.start()
+                t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            if timed:
+                times[name].append(time.perf_counter() - t0)
+                p = probe.stop()
+                if p is not None:
+                    peaks[name] = p if peaks[name] is None else max(peaks[name], p)
+        except torch.OutOfMemoryError:
+            errors[name] = "OOM"
+        except Exception as err:  # a broken network is reported, not fatal
+            errors[name] = _one_line(err)
+        if name in errors:
+            _free(device)
+
+    try:
+        for _ in range(warmup):
+            for name in fns:
+                if name not in errors:
+                    call(name, False)
+        rounds = 0
+        while True:
+            live = [n for n in fns if n not in errors]
+            if not live:
+                break
+            enough = rounds >= max(1, repeat) and all(sum(times[n]) >= min_time for n in live)
+            if enough or rounds >= max(max_repeat, repeat):
+                break
+            for name in live:
+                call(name, True)
+            rounds += 1
+    finally:
+        _free(device)
+    return {
+        n: {"error": errors[n]} if n in errors
+        else {"time_s": statistics.median(times[n]), "runs": len(times[n]), "peak_mb": peaks[n]}
+        for n in fns
+    }
+
+
+def _one_line(err: BaseException) -> str:
+    msg = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def _free(device: str, collect: bool = False) -> None:
+    """Return cached CUDA blocks; ``collect`` also runs the (slow) cycle collector."""
+    if collect:
+        gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _count(module: nn.Module) -> tuple[int, int]:
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _state_mb(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> float:
+    """Parameters + buffers + gradients of trainable parameters + optimizer state, in MiB."""
+    size = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    size += sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            size += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return size / _MIB
+
+
+# ------------------------------------------------------------------------------------------
+# data: one fixed phantom volume
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Phantom:
+    """The fixed phantom (``tools.demo_data.make_phantom``).
+
+    Attributes:
+        image: ``[H, W, D]`` float, HU window [-200, 250] scaled to [0, 1].
+        label: ``[H, W, D]`` int64 BTCV ids.
+    """
+
+    image: torch.Tensor
+    label: torch.Tensor
+
+    @classmethod
+    def make(cls, shape: Sequence[int], seed: int = 0) -> Phantom:
+        from tools.demo_data import make_phantom
+
+        image, label, _ = make_phantom(tuple(int(s) for s in shape), rng=seed)
+        img = (np.clip(image.astype(np.float32), -200, 250) + 200) / 450
+        return cls(torch.from_numpy(img), torch.from_numpy(label.astype(np.int64)))
+
+    def resized(self, size: int) -> Phantom:
+        """In-plane resize to ``size × size`` (image bilinear, label nearest), as the bundles' pre-processing does."""
+        h, w, d = self.image.shape
+        if (h, w) == (size, size):
+            return self
+        img = torch.nn.functional.interpolate(self.image.permute(2, 0, 1)[None], size=(size, size), mode="bilinear")
+        lab = torch.nn.functional.interpolate(self.label.permute(2, 0, 1)[None].float(), size=(size, size), mode="nearest")
+        return Phantom(img[0].permute(1, 2, 0).contiguous(), lab[0].permute(1, 2, 0).long().contiguous())
+
+
+def _prompts(mask: torch.Tensor) -> dict[str, Any]:
+    """MONAI Label style prompts for a binary ``mask [H, W, D]``: one click near its centroid, its box."""
+    idx = torch.nonzero(mask)
+    if len(idx) == 0:
+        return {"foreground": [], "background": [], "roi": None}
+    centre = idx.float().mean(0)
+    click = idx[(idx.float() - centre).pow(2).sum(1).argmin()].tolist()
+    lo, hi = idx.min(0).values.tolist(), (idx.max(0).values + 1).tolist()
+    return {"foreground": [click], "background": [], "roi": lo + hi}
+
+
+def _with_guidance(image: torch.Tensor, mask: torch.Tensor, keys: tuple[str, ...]) -> torch.Tensor:
+    """``[1, H, W, D]`` image → ``[1 + len(keys), H, W, D]`` with rasterised prompts (shared_nets.prompts)."""
+    if not keys:
+        return image
+    from shared_nets.prompts import AddGuidanceChannelsd
+
+    data = {"image": image, **_prompts(mask)}
+    return torch.as_tensor(AddGuidanceChannelsd("image", keys)(data)["image"])
+
+
+def _crop(t: torch.Tensor, centre: Sequence[int], roi: Sequence[int]) -> torch.Tensor:
+    """Crop ``t [C, H, W, D]`` to ``roi`` around ``centre`` (clamped to the volume; zero-padded if smaller)."""
+    pad = [max(0, int(r) - int(n)) for r, n in zip(roi, t.shape[1:])]
+    if any(pad):
+        t = torch.nn.functional.pad(t, [q for p in reversed(pad) for q in (0, p)])
+    starts = [min(max(0, int(c) - int(r) // 2), int(n) - int(r)) for c, r, n in zip(centre, roi, t.shape[1:])]
+    return t[(slice(None), *(slice(a, a + int(r)) for a, r in zip(starts, roi)))]
+
+
+def _clear_embedding_caches(net: nn.Module) -> bool:
+    """Drop cached image embeddings of interactive networks (Med-SA, 3DSAM-adapter cache them keyed
+    on the image), so a timed call is a first click; returns whether any cache exists."""
+    found = False
+    for m in net.modules():
+        if callable(getattr(m, "clear_cache", None)):
+            m.clear_cache()
+            found = True
+        elif "_cache" in m.__dict__:
+            cache = m.__dict__["_cache"]
+            if isinstance(cache, (list, dict)):
+                cache.clear()
+            else:
+                m.__dict__["_cache"] = None
+            found = True
+    return found
+
+
+def _value(parser, key: str, default: Any = None) -> Any:
+    """Parsed value of a config key, ``default`` when absent."""
+    try:
+        return parser.get_parsed_content(key) if key in parser else default
+    except Exception:
+        return default
+
+
+# ------------------------------------------------------------------------------------------
+# bundles
+# ------------------------------------------------------------------------------------------
+def _parser(root: Path, configs: Sequence[str], overrides: dict[str, Any]):
+    """A MONAI ``ConfigParser`` over ``configs`` (later files override earlier ones) plus ``overrides``.
+
+    Like ``monai.bundle`` merging, except that a ``"a#b"`` override whose parent ``a`` is not in this
+    config set (e.g. a ``train#...`` key of ``demo.json`` while reading ``inference.json``) is skipped
+    instead of failing.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    files = [root / "configs" / c for c in configs if (root / "configs" / c).exists()]
+    if files:
+        parser.read_config(str(files[0]))
+    for f in files[1:]:
+        for k, v in ConfigParser.load_config_file(str(f)).items():
+            try:
+                parser[k] = v
+            except KeyError:
+                if "#" not in k:
+                    raise
+    meta = root / "configs" / "metadata.json"
+    if meta.exists():
+        parser.read_meta(str(meta))
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    return net[0] if isinstance(net, nn.Sequential) and len(net) > 0 else net
+
+
+def _find_encoder(net: nn.Module) -> nn.Module | None:
+    from segment_anything.modeling import ImageEncoderViT
+
+    return next((m for m in net.modules() if isinstance(m, ImageEncoderViT)), None)
+
+
+def _encoder_config(encoder: nn.Module) -> tuple[int, int]:
+    return int(encoder.img_size), int(encoder.patch_embed.proj.kernel_size[0])
+
+
+class _Bench:
+    """One benchmark run (settings + results); :func:`run_bench` is the entry point."""
+
+    def __init__(self, s: dict[str, Any]) -> None:
+        self.s = s
+        self.device = s["device"]
+        self.stock_sam: dict[tuple[str, int, int], dict[str, Any]] = {}
+        self.encoder_sizes: dict[tuple[str, int, int], None] = {}  # ordered set of encoder sizes seen
+        self.want_sam = "sam" in s["peers"]
+        self.phantom = Phantom.make(s["volume_shape"], seed=s["seed"])
+
+    def timed(self, fn: Callable[[], Any], cheap: bool = False) -> dict[str, Any]:
+        return self.timed_many({"fn": fn}, cheap)["fn"]
+
+    def timed_many(self, fns: dict[str, Callable[[], Any]], cheap: bool = False) -> dict[str, dict[str, Any]]:
+        s = self.s
+        return measure_interleaved(fns, self.device, s["warmup"], s["repeat"], s["min_time"] if cheap else 0.0, max_repeat=200)
+
+    # -- stock SAM peer (same variant and input size) ----------------------------------------
+    def stock(self, variant: str, img_size: int, patch_size: int) -> dict[str, Any]:
+        key = (variant, img_size, patch_size)
+        if key in self.stock_sam:
+            return self.stock_sam[key]
+        from shared_nets.sam import build_sam
+
+        row: dict[str, Any] = {"variant": variant, "img_size": img_size, "patch_size": patch_size}
+        try:
+            sam = build_sam(variant, None, img_size=img_size, patch_size=patch_size).to(self.device).eval()
+        except Exception as err:
+            row["error"] = _one_line(err)
+            self.stock_sam[key] = row
+            return row
+        row["params"] = _count(sam)[0]
+        x = torch.randn(1, 3, img_size, img_size, device=self.device)
+        with torch.no_grad():
+            row["encoder"] = self.timed(lambda: sam.image_encoder(x), cheap=True)
+        image = (torch.rand(3, img_size, img_size, device=self.device) * 255).round()
+        point = torch.tensor([[[img_size / 2, img_size / 2]]], device=self.device)
+        batch = [{"image": image, "original_size": (img_size, img_size), "point_coords": point,
+                  "point_labels": torch.ones(1, 1, device=self.device)}]
+        row["prompt_to_mask"] = self.timed(lambda: sam(batch, multimask_output=False), cheap=True)
+        del sam
+        _free(self.device)
+        self.stock_sam[key] = row
+        return row
+
+    # -- one bundle --------------------------------------------------------------------------
+    def bundle(self, name: str) -> dict[str, Any]:
+        """Build one bundle's networks from its configs and measure them (see the module docstring)."""
+        s = self.s
+        root = Path(s["bundles_dir"]) / name
+        spec = BUNDLE_SPECS.get(name)
+        row: dict[str, Any] = {"bundle": name, "status": "ok", "notes": []}
+        if spec is None:
+            spec = _GENERIC_SPEC
+            row["notes"].append("no BundleSpec: treated as an automatic slice-based network")
+        demo = ["demo.json"] if s["use_demo"] else []
+        train_cfgs, infer_cfgs = ["train.json", *demo], ["inference.json", *demo]
+        ov: dict[str, Any] = {"bundle_root": str(root), "device": f"$torch.device('{self.device}')", "sam_checkpoint": None}
+        if s["variant"] is not None:
+            ov["variant"] = s["variant"]
+        if s["img_size"] is not None and spec.slice_based:
+            ov["img_size"] = s["img_size"]
+        ov.update(s["overrides"] or {})
+        try:
+            tp = _parser(root, train_cfgs, ov)
+            net = tp.get_parsed_content("network")
+            loss_fn = tp.get_parsed_content("loss")
+            optimizer = tp.get_parsed_content("optimizer")
+        except Exception as err:  # missing/broken network module: skip with a note
+            row.update(status="skipped", error=_one_line(err))
+            row["notes"].append("network/loss/optimizer could not be built from the train config")
+            return row
+        core = _unwrap(net)
+        img_size = int(_value(tp, "img_size", 0) or 0)
+        row.update(network=type(core).__name__, variant=_value(tp, "variant"), img_size=img_size or None)
+        row["params_total"], row["params_trainable"] = _count(net)
+        try:
+            ip = _parser(root, infer_cfgs, ov)
+            inferer = ip.get_parsed_content("inferer")
+            infer_net = ip.get_parsed_content("network")
+        except Exception as err:
+            row.update(status="partial", error=_one_line(err))
+            row["notes"].append("inference network/inferer could not be built")
+            inferer = infer_net = None
+
+        # geometry: the inferer's window is what the network sees; slices are resized in-plane
+        roi_size = getattr(inferer, "roi_size", None) or [img_size] * 3
+        roi = [int(r) for r in np.broadcast_to(np.asarray(roi_size), (3,))]
+        volume = self.phantom.resized(img_size) if spec.slice_based and img_size else self.phantom
+        keys = spec.guidance(core)
+        mask = volume.label == OBJECT_ID
+        vol_in = _with_guidance(volume.image[None], mask, keys)  # [C, H, W, D]
+        row.update(roi=roi, input_channels=int(vol_in.shape[0]))
+
+        # a training batch: crops around the object (as RandCropByPosNegLabeld would), repeated
+        batch = s["batch_size"] or int(_value(tp, "batch_size", 1) or 1) * int(_value(tp, "num_samples", 1) or 1)
+        centre = torch.nonzero(mask).float().mean(0).round().long().tolist() if mask.any() else [n // 2 for n in mask.shape]
+        crop_mask = _crop(mask[None].float(), centre, roi)[0] > 0.5
+        x = _with_guidance(_crop(volume.image[None], centre, roi), crop_mask, keys)[None]
+        x = x.repeat(batch, 1, 1, 1, 1).to(self.device)
+        row.update(batch=batch, train_input=list(x.shape))
+        try:
+            net.eval()
+            with torch.no_grad():
+                probe = net(x[:1])
+            out_channels = int((probe[-1] if isinstance(probe, (list, tuple)) else probe).shape[1])
+        except Exception as err:
+            row.update(status="skipped", error=_one_line(err))
+            row["notes"].append("forward on the phantom crop failed")
+            return row
+        label = crop_mask.long() if spec.prompted else _crop(volume.label[None], centre, roi)[0]
+        label = torch.where(label < out_channels, label, torch.zeros_like(label))
+        y = label[None, None].repeat(batch, 1, 1, 1, 1).float().to(self.device)  # labels load as float
+        takes_label = "label" in inspect.signature(core.forward).parameters  # H-SAM's CMAttn
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            out = core(x, label=y) if takes_label else net(x)
+            loss_fn(out, y).backward()
+            optimizer.step()
+
+        net.train()
+        row["train"] = self.timed(step)
+        row["state_mb"] = _state_mb(net, optimizer)
+        del optimizer, loss_fn, x, y
+        net.eval()
+        _free(self.device)
+
+        # one volume through the bundle's own inferer (first click: caches cleared before each call)
+        if inferer is not None and infer_net is not None:
+            infer_net.eval()
+            vol = vol_in[None].to(self.device)
+            row["volume"] = list(vol.shape)
+
+            def infer() -> None:
+                _clear_embedding_caches(infer_net)
+                inferer(inputs=vol, network=infer_net)
+
+            with torch.no_grad():
+                row["infer"] = self.timed(infer)
+                if _clear_embedding_caches(infer_net):  # interactive: same image, cached embedding
+                    row["infer_reprompt"] = self.timed(lambda: inferer(inputs=vol, network=infer_net))
+            del infer_net, vol
+            _free(self.device)
+        self._encoder_rows(row, net, tp, root, train_cfgs, ov)
+        del net
+        _free(self.device, collect=True)
+        return row
+
+    def _encoder_rows(self, row: dict[str, Any], net: nn.Module, tp, root: Path, cfgs: list[str], ov: dict) -> None:
+        """Image encoder in the paper's PEFT setting, unmerged and merged, vs stock SAM of that size."""
+        from shared_nets.peft import PeftLayer, find_unmergeable, merge_peft
+
+        peft_ov, restored = dict(ov), {}
+        train_only = _parser(root, ["train.json"], {"bundle_root": str(root)})
+        for k in PEFT_KEYS:  # the paper's setting where demo.json switched to full fine-tuning
+            if k in train_only and k not in (self.s["overrides"] or {}) and train_only.get(k) != tp.get(k):
+                peft_ov[k] = restored[k] = train_only.get(k)
+        row["peft_setting"] = restored
+        try:
+            peft_net = _parser(root, cfgs, peft_ov).get_parsed_content("network_def") if restored else net
+            peft_net = peft_net.to(self.device).eval()
+        except Exception as err:
+            row["notes"].append(f"PEFT-setting network failed: {_one_line(err)}")
+            return
+        row["params_trainable_peft"] = _count(peft_net)[1]
+        encoder = _find_encoder(peft_net)
+        variant = str(_value(tp, "variant"))
+        if encoder is None:
+            size = int(_value(tp, "sam_input_size", 0) or _value(tp, "img_size"))
+            key = (variant, size, int(_value(tp, "patch_size", 16) or 16))
+            row["notes"].append("no segment_anything ImageEncoderViT inside: encoder merge ratio n/a")
+        else:
+            key = (variant, *_encoder_config(encoder))
+        row["stock_sam"] = list(key)
+        self.encoder_sizes.setdefault(key, None)
+        if self.want_sam:
+            self.stock(*key)
+        if encoder is None:
+            return
+        from shared_nets.sam import build_image_encoder
+
+        enc_row: dict[str, Any] = {"peft_layers": sum(isinstance(m, PeftLayer) for m in encoder.modules()),
+                                   "unmergeable": len(find_unmergeable(encoder))}
+        # stock encoder, ours unmerged and a merged copy, timed in alternation on one image
+        fns: dict[str, Callable[[], Any]] = {}
+        xe = torch.randn(1, 3, key[1], key[1], device=self.device)
+        try:
+            stock = build_image_encoder(key[0], key[1], key[2]).to(self.device).eval()
+            fns["stock"] = lambda: stock(xe)
+        except Exception as err:
+            enc_row["stock"] = {"error": _one_line(err)}
+        fns["unmerged"] = lambda: encoder(xe)
+        if enc_row["peft_layers"]:
+            try:
+                merged = copy.deepcopy(encoder)
+                enc_row["merged_layers"] = merge_peft(merged)
+                fns["merged"] = lambda: merged(xe)
+            except Exception as err:
+                enc_row["merged"] = {"error": _one_line(err)}
+        with torch.no_grad():
+            enc_row.update(self.timed_many(fns, cheap=True))
+        row["encoder"] = enc_row
+        del peft_net, encoder, fns
+        _free(self.device)
+
+    # -- MONAI peers -------------------------------------------------------------------------
+    def monai_peer(self, name: str) -> dict[str, Any]:
+        from monai.inferers import SlidingWindowInferer
+        from monai.losses import DiceCELoss
+
+        s = self.s
+        cuda = self.device == "cuda"
+        roi = [int(r) for r in s["peer_roi"]]
+        row: dict[str, Any] = {"name": name, "roi": roi, "batch": s["peer_batch"]}
+        try:
+            if name == "dynunet":
+                from monai.networks.nets import DynUNet
+
+                levels = 5 if cuda else 4
+                filters = [32, 64, 128, 256, 320][:levels] if cuda else [16, 32, 64, 128][:levels]
+                net = DynUNet(3, 1, 14, kernel_size=[3] * levels, strides=[1] + [2] * (levels - 1),
+                              upsample_kernel_size=[2] * (levels - 1), filters=filters, res_block=True)
+                row["config"] = f"DynUNet filters {filters}, residual"
+            elif name == "swinunetr":
+                from monai.networks.nets import SwinUNETR
+                from monai.utils import optional_import
+
+                if not optional_import("einops")[1]:
+                    return {**row, "status": "skipped", "error": "SwinUNETR needs einops (not installed)"}
+                fs = 48 if cuda else 12
+                net = SwinUNETR(in_channels=1, out_channels=14, feature_size=fs)
+                row["config"] = f"SwinUNETR feature_size {fs}"
+            else:
+                raise ValueError(f"unknown MONAI peer {name!r}")
+        except Exception as err:
+            return {**row, "status": "skipped", "error": _one_line(err)}
+        net = net.to(self.device)
+        row["params_total"], row["params_trainable"] = _count(net)
+        vol = self.phantom
+        centre = [d // 2 for d in vol.image.shape]
+        x = _crop(vol.image[None], centre, roi)[None].repeat(s["peer_batch"], 1, 1, 1, 1).to(self.device)
+        y = _crop(vol.label[None], centre, roi)[None].repeat(s["peer_batch"], 1, 1, 1, 1).float().to(self.device)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(net(x), y).backward()
+            optimizer.step()
+
+        net.train()
+        row["train"] = self.timed(step)
+        row["state_mb"] = _state_mb(net, optimizer)
+        del optimizer
+        net.eval()
+        inferer = SlidingWindowInferer(roi, sw_batch_size=s["peer_batch"], overlap=0.25, mode="gaussian")
+        v = vol.image[None, None].to(self.device)
+        row["volume"] = list(v.shape)
+        with torch.no_grad():
+            row["infer"] = self.timed(lambda: inferer(inputs=v, network=net))
+        row["status"] = "ok"
+        del net
+        _free(self.device, collect=True)
+        return row
+
+    # -- SDPA vs stock attention -----------------------------------------------------------
+    def _compare_attention(self, what: str, module: nn.Module, x: torch.Tensor, backward: bool) -> list[dict[str, Any]]:
+        """``module`` with stock attention vs SDPA ``bias`` / ``fold`` copies, timed in alternation."""
+        from shared_nets.sam import enable_sdpa
+
+        variants = {"stock": module}
+        for mode in ("bias", "fold"):
+            variants[mode] = enable_sdpa(copy.deepcopy(module), rel_pos_mode=mode)
+        rows = {mode: {"what": what, "mode": mode} for mode in variants}
+        for m in variants.values():
+            m.eval()
+        with torch.no_grad():
+            fwd = self.timed_many({mode: (lambda m=m: m(x)) for mode, m in variants.items()}, cheap=True)
+        for mode in variants:
+            rows[mode]["forward"] = fwd[mode]
+        if backward:
+            def fwd_bwd(m: nn.Module) -> None:
+                m.zero_grad(set_to_none=True)
+                m(x).float().pow(2).mean().backward()
+
+            for m in variants.values():
+                m.train()
+            train = self.timed_many({mode: (lambda m=m: fwd_bwd(m)) for mode, m in variants.items()}, cheap=True)
+            for mode in variants:
+                rows[mode]["train"] = train[mode]
+        del variants
+        _free(self.device)
+        return list(rows.values())
+
+    def sdpa_encoder(self, variant: str, img_size: int, patch_size: int) -> list[dict[str, Any]]:
+        """Whole SAM image encoder (batch 1), forward and forward+backward."""
+        from shared_nets.sam import build_image_encoder
+
+        what = f"encoder {variant}@{img_size}/p{patch_size}"
+        try:
+            enc = build_image_encoder(variant, img_size, patch_size).to(self.device)
+        except Exception as err:
+            return [{"what": what, "error": _one_line(err)}]
+        x = torch.randn(1, 3, img_size, img_size, device=self.device)
+        return self._compare_attention(what, enc, x, backward=True)
+
+    def sdpa_blocks(self, img_size: int, backward: bool) -> list[dict[str, Any]]:
+        """One ViT-B block (global, and 14-token windows) at ``img_size`` (batch 1), rel-pos randomised."""
+        from segment_anything.modeling.image_encoder import Block
+
+        grid = img_size // 16
+        rows: list[dict[str, Any]] = []
+        for kind, window in (("global", 0), ("window 14", 14)):
+            what = f"ViT-B block {kind} @{img_size}"
+            try:
+                blk = Block(768, 12, input_size=(grid, grid), use_rel_pos=True, window_size=window).to(self.device)
+                with torch.no_grad():
+                    for p in (blk.attn.rel_pos_h, blk.attn.rel_pos_w):
+                        p.normal_(0, 0.02)
+            except Exception as err:
+                rows.append({"what": what, "error": _one_line(err)})
+                continue
+            x = torch.randn(1, grid, grid, 768, device=self.device)
+            rows += self._compare_attention(what, blk, x, backward)
+            del blk
+        return rows
+
+
+# ------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------
+def _display_path(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (reports do not record local folders)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def _as_list(value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def _progress(t_start: float, what: str) -> None:
+    print(f"[bench {time.time() - t_start:6.1f} s] {what} ...", file=sys.stderr, flush=True)
+
+
+def _machine(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    info = {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "monai": version("monai"), "segment_anything": version("segment_anything"),
+        "python": platform.python_version(), "platform": platform.platform(), "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    return info
+
+
+def run_bench(
+    bundles: str | Sequence[str] | None = None,
+    device: str = "cpu",
+    variant: str | None = None,
+    img_size: int | None = None,
+    out: str | os.PathLike | None = "docs/benchmarks",
+    bundles_dir: str | os.PathLike | None = None,
+    use_demo: bool | None = None,
+    batch_size: int | None = None,
+    volume_shape: Sequence[int] | None = None,
+    peers: str | Sequence[str] = ("sam", "dynunet", "swinunetr"),
+    peer_roi: Sequence[int] | None = None,
+    peer_batch: int = 2,
+    sdpa_encoders: str | Sequence[str] | None = None,
+    sdpa_block_size: int | None = None,
+    sdpa_block_backward: bool | None = None,
+    warmup: int = 1,
+    repeat: int = 3,
+    min_time: float = 1.0,
+    threads: int | None = None,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    note: str | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and (unless ``out`` is None) write ``<out>.json`` and ``<out>.md``.
+
+    Args:
+        bundles: bundle folder names (list or comma-separated); None = every folder of
+            ``bundles_dir`` with a ``configs/train.json``.
+        device: ``cpu`` or ``cuda``.
+        variant: SAM variant for every bundle (None: the configs' own).
+        img_size: in-plane size for slice-based bundles (None: the configs' own); the 3D bundle
+            keeps its patch size.
+        out: output path without suffix; None writes nothing.
+        bundles_dir: folder holding the bundles (default ``<repo>/bundles``).
+        use_demo: merge ``configs/demo.json`` (default: on CPU only).
+        batch_size: training batch for every bundle (None: ``batch_size × num_samples`` of the config).
+        volume_shape: phantom volume ``(H, W, D)`` (CPU 128×128×32, CUDA 512×512×64).
+        peers: reference peers: ``sam``, ``dynunet``, ``swinunetr``.
+        peer_roi: MONAI peers' training patch and inference window (CPU 64×64×32, CUDA 96³).
+        peer_batch: MONAI peers' training batch and ``sw_batch_size``.
+        sdpa_encoders: extra ``variant@img_size`` encoders for the attention comparison (CUDA
+            default ``vit_b@1024,vit_h@1024``); the bundles' own encoder sizes are always included.
+        sdpa_block_size: input size of the ViT-B single-block attention comparison (default
+            1024; 0 disables it).
+        sdpa_block_backward: also time forward+backward of those blocks (default: CUDA only).
+        warmup: untimed calls before each measurement.
+        repeat: timed calls per measurement (median reported).
+        min_time: cheap calls (encoder forwards) repeat until this many seconds.
+        threads: ``torch.set_num_threads`` for the run (None: leave as is).
+        seed: phantom seed.
+        overrides: extra config overrides applied to every bundle (e.g. ``{"fact_rank": 8}``).
+        note: a sentence about the run printed at the top of the report (e.g. machine load).
+
+    Returns:
+        The results dictionary (also the JSON written).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch.cuda.is_available() is False; use --device cpu.")
+    for name, value in (("warmup", warmup), ("repeat", repeat), ("peer_batch", peer_batch)):
+        if not isinstance(value, int) or value < (0 if name == "warmup" else 1):
+            raise ValueError(f"{name} must be an integer >= {0 if name == 'warmup' else 1}, got {value!r}.")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a dict of config keys to values, got {overrides!r}.")
+    cuda = device == "cuda"
+    bundles_dir = Path(bundles_dir) if bundles_dir is not None else REPO / "bundles"
+    available = sorted(
+        p.name for p in (bundles_dir.iterdir() if bundles_dir.is_dir() else []) if (p / "configs" / "train.json").exists()
+    )
+    names = _as_list(bundles) if bundles is not None else available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"bundles must be among {available} (folders of {bundles_dir} with configs/train.json), got {unknown}.")
+    peer_names = _as_list(peers) or []
+    bad = [p for p in peer_names if p not in ("sam", "dynunet", "swinunetr")]
+    if bad:
+        raise ValueError(f"peers must be among ['sam', 'dynunet', 'swinunetr'], got {bad}.")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}.")
+        torch.set_num_threads(threads)
+    pinned = _pin_malloc() if not cuda else False
+    settings = {
+        "bundles": names, "device": device, "variant": variant, "img_size": img_size,
+        "bundles_dir": _display_path(bundles_dir), "use_demo": (not cuda) if use_demo is None else bool(use_demo),
+        "batch_size": batch_size,
+        "volume_shape": [int(v) for v in (volume_shape or ((512, 512, 64) if cuda else (128, 128, 32)))],
+        "peers": peer_names, "peer_roi": [int(v) for v in (peer_roi or ((96, 96, 96) if cuda else (64, 64, 32)))],
+        "peer_batch": peer_batch,
+        "sdpa_encoders": _as_list(sdpa_encoders) if sdpa_encoders is not None else (["vit_b@1024", "vit_h@1024"] if cuda else []),
+        "sdpa_block_size": 1024 if sdpa_block_size is None else int(sdpa_block_size),
+        "sdpa_block_backward": cuda if sdpa_block_backward is None else bool(sdpa_block_backward),
+        "warmup": warmup, "repeat": repeat, "min_time": float(min_time), "seed": seed, "overrides": overrides,
+    }
+    torch.manual_seed(seed)
+    t_start = time.time()
+    bench = _Bench(settings)
+    result: dict[str, Any] = {
+        "schema": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m tools bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+        "machine": _machine(device),
+        "settings": settings,
+        "memory_method": PeakMemory(device).method + (", glibc mmap threshold pinned" if pinned else ""),
+        "bundles": [],
+        "peers": {"sam": [], "monai": []},
+        "sdpa": [],
+        "note": note,
+    }
+    for name in names:
+        _progress(t_start, f"bundle {name}")
+        try:
+            row = bench.bundle(name)
+        except Exception as err:  # never let one bundle end the run
+            row = {"bundle": name, "status": "skipped", "error": _one_line(err), "notes": [traceback.format_exc(limit=2)]}
+        result["bundles"].append(row)
+    for peer in peer_names:
+        if peer != "sam":
+            _progress(t_start, f"peer {peer}")
+            result["peers"]["monai"].append(bench.monai_peer(peer))
+    result["peers"]["sam"] = list(bench.stock_sam.values())
+    # attention: every encoder size the bundles use plus the requested ones, then single ViT-B blocks
+    enc_sizes = list(bench.encoder_sizes)
+    for spec in settings["sdpa_encoders"]:
+        v, _, size = spec.partition("@")
+        key = (v, int(size or 1024), 16)
+        if key not in enc_sizes:
+            enc_sizes.append(key)
+    for v, size, patch in enc_sizes:
+        _progress(t_start, f"attention {v}@{size}/p{patch}")
+        result["sdpa"] += bench.sdpa_encoder(v, size, patch)
+    if settings["sdpa_block_size"]:
+        _progress(t_start, f"attention ViT-B blocks @{settings['sdpa_block_size']}")
+        result["sdpa"] += bench.sdpa_blocks(settings["sdpa_block_size"], settings["sdpa_block_backward"])
+    _add_ratios(result)
+    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["wall_s"] = round(time.time() - t_start, 1)
+    if out is not None:
+        write_report(result, out)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# ratios and report
+# ------------------------------------------------------------------------------------------
+def _t(m: Any) -> float | None:
+    return m.get("time_s") if isinstance(m, dict) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _add_ratios(result: dict[str, Any]) -> None:
+    """Ratios of each bundle to the peers (time / peer time; < 1 = faster than the peer)."""
+    monai = next((p for p in result["peers"]["monai"] if p.get("status") == "ok"), None)
+    sam = {(r["variant"], r["img_size"], r["patch_size"]): r for r in result["peers"]["sam"]}
+    for row in result["bundles"]:
+        ratios: dict[str, Any] = {}
+        if monai is not None:
+            ratios["peer"] = monai["name"]
+            ratios["train_vs_monai"] = _ratio(_t(row.get("train")), _t(monai.get("train")))
+            ratios["infer_vs_monai"] = _ratio(_t(row.get("infer")), _t(monai.get("infer")))
+        stock = sam.get(tuple(row["stock_sam"])) if row.get("stock_sam") else None
+        if stock is not None and row.get("volume"):
+            call = _t(stock.get("prompt_to_mask"))
+            depth = row["volume"][-1]
+            if call is not None:
+                # a user running stock SAM slice by slice: one prompt→mask call per slice
+                ratios["infer_vs_stock_sam_slices"] = _ratio(_t(row.get("infer")), call * depth)
+        if row.get("infer_reprompt"):
+            ratios["reprompt_vs_first"] = _ratio(_t(row.get("infer_reprompt")), _t(row.get("infer")))
+        enc = row.get("encoder")
+        if enc:  # the stock encoder was timed in alternation with ours (same call, same load)
+            ratios["encoder_unmerged_vs_stock"] = _ratio(_t(enc.get("unmerged")), _t(enc.get("stock")))
+            ratios["encoder_merged_vs_stock"] = _ratio(_t(enc.get("merged")), _t(enc.get("stock")))
+        row["ratios"] = ratios
+    stock_rows: dict[str, dict[str, Any]] = {}
+    for r in result["sdpa"]:
+        if r.get("mode") == "stock":
+            stock_rows[r["what"]] = r
+        base = stock_rows.get(r["what"])
+        if base is not None:
+            for k in ("forward", "train"):
+                if k in r:
+                    r[f"{k}_vs_stock"] = _ratio(_t(r[k]), _t(base.get(k)))
+                    pa, pb = r[k].get("peak_mb"), (base.get(k) or {}).get("peak_mb")
+                    # below 1 MiB the peak is allocator noise, not attention memory
+                    r[f"{k}_peak_vs_stock"] = round(pa / pb, 3) if pa is not None and pb and pb >= 1.0 else None
+
+
+def _fmt_t(m: Any) -> str:
+    if not isinstance(m, dict):
+        return "–"
+    if "error" in m:
+        return "OOM" if m["error"] == "OOM" else "error"
+    t = m["time_s"]
+    return f"{t * 1000:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _fmt_mb(m: Any) -> str:
+    if not isinstance(m, dict) or m.get("peak_mb") is None:
+        return "–"
+    return f"{m['peak_mb']:.0f}"
+
+
+def _fmt_x(v: Any) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def _fmt_load(load: Any) -> str:
+    return "–" if not load else " ".join(f"{v:.1f}" for v in load)
+
+
+def _fmt_n(n: Any) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+BUNDLE_COLUMNS = [
+    "bundle", "network", "variant@size", "train batch", "train step", "× MONAI", "train peak MB", "state MB",
+    "infer / volume", "× MONAI", "× stock SAM slices", "infer peak MB", "params", "trainable", "trainable (paper PEFT)",
+]
+PEER_COLUMNS = ["peer", "config", "input", "train step", "train peak MB", "state MB", "infer / volume", "infer peak MB", "params"]
+SAM_COLUMNS = ["stock SAM", "params", "encoder fwd", "encoder peak MB", "prompt→mask call", "call peak MB"]
+ENCODER_COLUMNS = ["bundle", "PEFT setting", "PEFT layers", "stock encoder fwd", "unmerged ×", "merged ×", "adapters (unmergeable)"]
+REPROMPT_COLUMNS = ["bundle", "first click (volume)", "re-prompt", "re-prompt ×"]
+SDPA_COLUMNS = ["what", "attention", "forward", "× stock", "fwd peak MB", "× stock mem", "fwd+bwd", "× stock", "fwd+bwd peak MB", "× stock mem"]
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return lines
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The results as markdown: machine, method, one table per section, notes."""
+    m, s = result["machine"], result["settings"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m tools bench` (method: `tools/bench.py` docstring) on the machine "
+        "below; raw numbers in the JSON file beside this one. Times are medians after warm-up; **× columns are ratios "
+        "(time or memory ÷ the peer's; < 1 = faster / leaner)**. Peak MB is the memory above what "
+        "was resident before the call; state MB = parameters + buffers + gradients + optimizer state.",
+        "",
+        "Run: `python -m tools bench [--bundles ma_sam,h_sam] [--device cpu|cuda] [--variant tiny] "
+        "[--img_size 128] [--threads 1] [--out docs/benchmarks]` (`--help` lists every flag). CPU "
+        "defaults use the bundles' `demo.json` (tiny SAM, small sizes) and finish in a few minutes; "
+        "on CUDA the defaults are the bundles' real `train.json` settings, a 512×512×64 volume, "
+        "DynUNet/SwinUNETR on 96³ and ViT-B/ViT-H encoders at 1024² for the attention comparison.",
+        "",
+        *([f"**Note:** {result['note']}", ""] if result.get("note") else []),
+        f"- created: {result['created']}, wall time {result.get('wall_s')} s",
+        f"- machine: {m['cpu']} ({m['cpu_count']} cores, torch threads {m['torch_threads']}), "
+        f"GPU: {m['gpu'] or 'none'}; device `{m['device']}`",
+        f"- versions: torch {m['torch']}, monai {m['monai']}, segment_anything {m['segment_anything']}, python {m['python']}",
+        f"- load average (1/5/15 min) at start / end: {_fmt_load(m.get('load_average_start'))} / "
+        f"{_fmt_load(m.get('load_average_end'))}",
+        f"- memory method: {result['memory_method']}",
+        f"- settings: volume {s['volume_shape']}, demo configs {s['use_demo']}, variant {s['variant'] or 'from configs'}, "
+        f"img_size {s['img_size'] or 'from configs'}, batch {s['batch_size'] or 'from configs'}, "
+        f"MONAI peers on {s['peer_roi']} × batch {s['peer_batch']}, warmup {s['warmup']}, repeat {s['repeat']}",
+        "",
+        "## Bundles",
+        "",
+    ]
+    rows = []
+    for r in result["bundles"]:
+        ra = r.get("ratios", {})
+        if r.get("status") == "skipped":
+            rows.append([r["bundle"], f"skipped: {r.get('error', '')}"] + ["–"] * (len(BUNDLE_COLUMNS) - 2))
+            continue
+        rows.append([
+            r["bundle"], r.get("network", "–"), f"{r.get('variant')}@{r.get('img_size')}", r.get("batch", "–"),
+            _fmt_t(r.get("train")), _fmt_x(ra.get("train_vs_monai")), _fmt_mb(r.get("train")),
+            f"{r['state_mb']:.0f}" if r.get("state_mb") is not None else "–",
+            _fmt_t(r.get("infer")), _fmt_x(ra.get("infer_vs_monai")), _fmt_x(ra.get("infer_vs_stock_sam_slices")),
+            _fmt_mb(r.get("infer")), _fmt_n(r.get("params_total")), _fmt_n(r.get("params_trainable")),
+            _fmt_n(r.get("params_trainable_peft")),
+        ])
+    lines += _table(BUNDLE_COLUMNS, rows)
+    monai = next((p for p in result["peers"]["monai"] if p.get("status") == "ok"), None)
+    lines += [
+        "",
+        f"× MONAI: ratio to {monai['name'] if monai else 'the MONAI peer'} (train step of its own batch; "
+        "inference over the same phantom volume). × stock SAM slices: ratio to one stock SAM prompt→mask "
+        "call per slice of the volume (a user running plain SAM slice by slice). Prompted bundles infer "
+        "only the region around the prompt (one click + box on the liver), as they do in use.",
+        "",
+        "## Reference peers",
+        "",
+    ]
+    rows = []
+    for p in result["peers"]["monai"]:
+        if p.get("status") != "ok":
+            rows.append([p["name"], f"skipped: {p.get('error', '')}"] + ["–"] * (len(PEER_COLUMNS) - 2))
+            continue
+        rows.append([p["name"], p.get("config", ""), f"{p['roi']} × {p['batch']}", _fmt_t(p.get("train")),
+                     _fmt_mb(p.get("train")), f"{p['state_mb']:.0f}", _fmt_t(p.get("infer")), _fmt_mb(p.get("infer")),
+                     _fmt_n(p.get("params_total"))])
+    lines += _table(PEER_COLUMNS, rows) + [""]
+    rows = [[f"{r['variant']}@{r['img_size']}/p{r['patch_size']}", _fmt_n(r.get("params")), _fmt_t(r.get("encoder")),
+             _fmt_mb(r.get("encoder")), _fmt_t(r.get("prompt_to_mask")), _fmt_mb(r.get("prompt_to_mask"))]
+            for r in result["peers"]["sam"]]
+    lines += _table(SAM_COLUMNS, rows)
+    lines += ["", "## Encoder after merging PEFT deltas (target: merged ≤ 1.05× stock SAM)", ""]
+    rows = []
+    for r in result["bundles"]:
+        enc, ra = r.get("encoder"), r.get("ratios", {})
+        if not enc:
+            continue
+        setting = ", ".join(f"{k}={v}" for k, v in (r.get("peft_setting") or {}).items()) or "as configured"
+        size = "{}@{}/p{}".format(*r["stock_sam"]) if r.get("stock_sam") else "–"
+        rows.append([r["bundle"], setting, enc.get("peft_layers", 0), f"{size}: {_fmt_t(enc.get('stock'))}",
+                     _fmt_x(ra.get("encoder_unmerged_vs_stock")),
+                     _fmt_x(ra.get("encoder_merged_vs_stock")) if enc.get("peft_layers") else "no PEFT layers",
+                     enc.get("unmergeable", 0)])
+    lines += _table(ENCODER_COLUMNS, rows)
+    rows = [[r["bundle"], _fmt_t(r.get("infer")), _fmt_t(r.get("infer_reprompt")),
+             _fmt_x(r.get("ratios", {}).get("reprompt_vs_first"))] for r in result["bundles"] if r.get("infer_reprompt")]
+    if rows:
+        lines += ["", "## Interactive re-prompt on the same volume (cached image embedding; target ≤ 0.05×)", ""]
+        lines += _table(REPROMPT_COLUMNS, rows)
+    lines += ["", "## Attention: stock SAM vs `scaled_dot_product_attention` (`shared_nets.sam.enable_sdpa`)", ""]
+    rows = []
+    for r in result["sdpa"]:
+        if "error" in r:
+            rows.append([r["what"], f"error: {r['error']}"] + ["–"] * (len(SDPA_COLUMNS) - 2))
+            continue
+        stock = r.get("mode") == "stock"
+        rows.append([r["what"], r["mode"], _fmt_t(r.get("forward")), "" if stock else _fmt_x(r.get("forward_vs_stock")),
+                     _fmt_mb(r.get("forward")), "" if stock else _fmt_x(r.get("forward_peak_vs_stock")),
+                     _fmt_t(r.get("train")), "" if stock else _fmt_x(r.get("train_vs_stock")),
+                     _fmt_mb(r.get("train")), "" if stock else _fmt_x(r.get("train_peak_vs_stock"))])
+    lines += _table(SDPA_COLUMNS, rows)
+    notes = []
+    for r in result["bundles"]:
+        msgs = list(r.get("notes", [])) + ([r["error"]] if r.get("error") else [])
+        measured = {k: r.get(k) for k in ("train", "infer", "infer_reprompt")}
+        measured.update({f"encoder {k}": v for k, v in (r.get("encoder") or {}).items() if isinstance(v, dict)})
+        msgs += [f"{k}: {v['error']}" for k, v in measured.items() if isinstance(v, dict) and "error" in v]
+        if msgs:
+            notes.append(f"- {r['bundle']}: " + "; ".join(msgs))
+    notes += [f"- {k}: {p.get('error')}" for k, p in ((p["name"], p) for p in result["peers"]["monai"]) if p.get("error")]
+    if notes:
+        lines += ["", "## Notes", ""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_report(result: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``<out>.json`` and ``<out>.md`` atomically (temporary file, then rename).
+
+    Returns:
+        The two paths.
+    """
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix in (".md", ".json") else out
+    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
+    _atomic_write(json_path, json.dumps(result, indent=1, default=str) + "\n")
+    _atomic_write(md_path, render_markdown(result))
+    return json_path, md_path
+
+
+def main(*args: Any, **kwargs: Any) -> None:
+    """``python -m tools bench``: :func:`run_bench` with the command-line flags, then print the tables."""
+    result = run_bench(*args, **kwargs)
+    print(render_markdown(result))
+
+
+main.__signature__ = inspect.signature(run_bench)  # python-fire reads run_bench's flags and help
+main.__doc__ = run_bench.__doc__
