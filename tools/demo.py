@@ -90,8 +90,8 @@ def write_overlays(image_file: Path, gt_file: Path, pred_file: Path, out_dir: Pa
                 if c > 0:
                     over[lab == c] = 0.45 * over[lab == c] + 0.55 * np.array(_colour(int(c)))
             panels.append(over)
-        # rows = first axis (R→L after RAS); transpose so the image reads like a radiology view
-        strip = np.concatenate([np.flipud(p.transpose(1, 0, 2)) for p in panels], axis=1).astype(np.uint8)
+        # RAS array → radiological view: anterior at the top, patient's right on the viewer's left
+        strip = np.concatenate([p.transpose(1, 0, 2)[::-1, ::-1] for p in panels], axis=1).astype(np.uint8)
         path = out_dir / f"{Path(image_file).name.replace('.nii.gz', '')}_slice{k:03d}.png"
         Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(path)
         written.append(path)
