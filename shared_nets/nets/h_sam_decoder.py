@@ -428,8 +428,6 @@ class HSAMStage2Decoder(nn.Module):
         n_up = int(round(math.log2(patch_size / 4))) if patch_size >= 8 else 0
         if n_up < 1 or 4 * 2**n_up != patch_size:
             raise ValueError(f"patch_size must be 8, 16, 32, ... (4·2^n) for H-SAM's pixel decoders, got {patch_size}.")
-        if use_hierarchical_pixel_decoder and c % (4 * 2**n_up):
-            raise ValueError(f"the decoder width {c} must be divisible by {4 * 2**n_up} for patch_size {patch_size}.")
         self.num_tokens = num_tokens
         self.grid = tuple(grid)
         self.mask_attention = mask_attention
@@ -452,12 +450,15 @@ class HSAMStage2Decoder(nn.Module):
             nn.GELU(),
         )
         if use_hierarchical_pixel_decoder:
-            # sec. 3.4: concat with stage 1's C/8 features, then x2 stages halving the width to full resolution
+            # sec. 3.4: concat with stage 1's C/8 features, then x2 stages halving the width to full
+            # resolution (released: 256 -> 64+32 -> 32 -> 16). Floor of 8 channels so narrow test models
+            # (tiny: C = 32) do not end in a rank-2 feature map; no effect for SAM's C = 256.
             layers: list[nn.Module] = []
             ch = c // 4
             for _ in range(n_up):
-                layers += [nn.ConvTranspose2d(ch, ch // 2, kernel_size=2, stride=2), LayerNorm2d(ch // 2), nn.GELU()]
-                ch //= 2
+                out = max(ch // 2, 8)
+                layers += [nn.ConvTranspose2d(ch, out, kernel_size=2, stride=2), LayerNorm2d(out), nn.GELU()]
+                ch = out
             self.skip_connect = nn.Sequential(*layers)
             self.output_hypernetworks_mlps = nn.ModuleList(MLP(c, c, ch, 5) for _ in range(num_tokens))
         else:
