@@ -105,7 +105,7 @@ def test_synapse_split_and_label_ids(btcv, tmp_path):
     from shared_nets.nets.h_sam_data import BTCV_TO_SYNAPSE
 
     out = tmp_path / "synapse"
-    prepare("synapse", btcv, out, progress=False)
+    prepare("synapse", btcv, out, label_ids="synapse", progress=False)
     content = _load(out)
     assert _cases(content, "test") == [f"img{i:04d}" for i in (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38)]
     assert tuple(int(c[3:]) for c in _cases(content, "test")) == SYNAPSE_TEST_CASES
@@ -119,13 +119,13 @@ def test_synapse_split_and_label_ids(btcv, tmp_path):
         src = _labels(n, 14)
         assert (got[src == 6] == 5).all() and (got[src == 8] == 7).all() and (got[src == 11] == 8).all()  # liver, aorta, pancreas
         assert (got[np.isin(src, (5, 9, 10, 12, 13))] == 0).all()  # organs outside the 8 become background
-    # keep BTCV ids for configs that map them themselves: nothing written
-    prepare("synapse", btcv, tmp_path / "btcv_ids", label_ids="btcv", progress=False)
+    # default: keep BTCV ids, which h_sam's default config maps itself (mapping twice corrupts labels)
+    prepare("synapse", btcv, tmp_path / "btcv_ids", progress=False)
     assert not (tmp_path / "btcv_ids" / "labelsTr").exists()
     assert _load(tmp_path / "btcv_ids")["labels"] == {str(k): v for k, v in BTCV_ORGANS.items()}
 
 
-@pytest.mark.parametrize("bundle, dataset, options", [("ma_sam", "btcv", {}), ("s_sam", "btcv", {}), ("h_sam", "synapse", {})])
+@pytest.mark.parametrize("bundle, dataset, options", [("ma_sam", "btcv", {}), ("s_sam", "btcv", {}), ("h_sam", "synapse", {"label_ids": "synapse"})])
 def test_labels_match_bundle_channel_def(btcv, tmp_path, bundle, dataset, options):
     meta = ROOT / "bundles" / bundle / "configs" / "metadata.json"
     if not meta.is_file():
@@ -182,7 +182,7 @@ def test_label_ids_outside_dataset_are_rejected(tmp_path):
         _save(train / "img" / f"img{n:04d}.nii.gz", np.zeros(SHAPE, np.int16))
         _save(train / "label" / f"label{n:04d}.nii.gz", np.full(SHAPE, 20 if n == 5 else 1, np.uint8))
     with pytest.raises(DataError, match=r"label0005\.nii\.gz' holds ids \[20\]"):
-        prepare("synapse", tmp_path / "src", tmp_path / "out", progress=False)
+        prepare("synapse", tmp_path / "src", tmp_path / "out", label_ids="synapse", progress=False)
 
 
 def test_cli_main(btcv, tmp_path, capsys):
