@@ -1,4 +1,4 @@
-"""The README's main job, shortened: phantoms → MA-SAM (tiny, CPU) → inference → Dice ≥ 0.80."""
+"""The README's main job end to end: phantoms → MA-SAM (tiny, CPU) → inference → Dice ≥ 0.80."""
 
 from __future__ import annotations
 
