@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from shared_nets.io import atomic_write_json, atomic_write_text
 
 __all__ = ["main", "dice_table", "write_overlays"]
 
@@ -27,13 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 # RGB colours for BTCV ids in overlays (others get a hashed colour)
 _COLOURS = {1: (255, 160, 0), 2: (0, 200, 255), 3: (0, 120, 255), 6: (200, 60, 60), 7: (120, 220, 90), 8: (255, 60, 200)}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _colour(label: int) -> tuple[int, int, int]:
@@ -157,8 +150,8 @@ def main(out: str = "demo_output", bundle: str = "ma_sam", num: int = 12, seed: 
     table = dice_table(pairs, names)
     table["seconds"] = {"train": round(t_train, 1), "inference": round(t_inf, 1), "total": round(time.time() - t0, 1)}
     md = _markdown(table)
-    _atomic_write_text(out_dir / "dice.md", md)
-    _atomic_write_text(out_dir / "dice.json", json.dumps(table, indent=2))
+    atomic_write_text(out_dir / "dice.md", md)
+    atomic_write_json(table, out_dir / "dice.json")
     print(md)
     print(f"mean foreground Dice {table['mean']:.3f}; train {t_train:.0f} s, inference {t_inf:.0f} s, "
           f"total {time.time() - t0:.0f} s. Outputs in {out_dir}")

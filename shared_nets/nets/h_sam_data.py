@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
+
+from shared_nets.io import atomic_write_json
 from monai.transforms import MapTransform
 
 from .h_sam_decoder import class_balanced_noise_var
@@ -88,20 +89,6 @@ def axial_depth(path: str | os.PathLike) -> int:
     axis = next(i for i, c in enumerate(codes) if c in ("S", "I"))
     return int(img.shape[axis])
 
-
-def _atomic_write_json(obj: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_few_shot_datalist(
@@ -170,7 +157,7 @@ def write_few_shot_datalist(
         if other in new and rebase:
             new[other] = [fix(it) for it in new[other]]
     new["few_shot"] = {"source": src, "seed": seed, "fraction": fraction, "num_cases": num_cases}
-    _atomic_write_json(new, out)
+    atomic_write_json(new, out)
     return {"cases": len(subset), "slices": n_slices if n_slices is not None else None, "total_slices": total or None}
 
 

@@ -9,7 +9,6 @@ written under ``--src``; every file is written to a temporary name first and ren
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared_nets.data import DataError
+from shared_nets.io import atomic_write_json
 
 __all__ = [
     "DatasetLayoutError",
@@ -311,15 +311,5 @@ def validation_split(training: Sequence[Mapping[str, Any]], test: Sequence[Mappi
 
 def write_json_atomic(obj: Any, path: Path) -> Path:
     """Write ``obj`` as indented JSON through a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(obj, path)
     return path
