@@ -207,6 +207,17 @@ class BundleHarness:
         summary = [f for f in files if "summary" in Path(f).name]
         rows = list(csv.reader(open(summary[0] if summary else files[0])))
         assert len(rows) >= 2
+        # shared_nets.metrics: distances in mm, NSD, per-case CSVs and a per-class markdown summary
+        raw = {Path(f).name for f in glob.glob(str(out_dir / "**" / "*_raw.csv"), recursive=True)}
+        assert {"val_mean_dice_raw.csv", "val_hd95_mm_raw.csv"} <= raw, raw
+        assert any(n.startswith("val_nsd_") and n.endswith("mm_raw.csv") for n in raw), raw
+        md = sorted(glob.glob(str(out_dir / "**" / "metrics.md"), recursive=True))
+        assert md, f"evaluate wrote no metrics.md under {out_dir}"
+        text = Path(md[0]).read_text()
+        assert "val_hd95_mm" in text and "**mean of classes**" in text and "millimetres" in text
+        per_class = list(csv.DictReader(open(Path(md[0]).parent / "metrics_per_class.csv")))
+        dice = [r for r in per_class if r["metric"] == "val_mean_dice" and r["class"] != "mean_of_classes"]
+        assert dice and all(0.0 <= float(r["mean"]) <= 1.0 for r in dice if r["mean"] != "nan")
 
     @pytest.mark.slow
     def test_multi_gpu_config_runs_under_torchrun_on_cpu(self, bundle_copy, data_dir, tmp_path):

@@ -78,7 +78,7 @@ class TestMedSA(BundleHarness):
         rows = list(csv.reader(open(out_dir / "prompt_settings_summary.csv")))
         assert rows[0] == ["metric", "1-point", "3-points", "bbox0.5", "bbox0.75"]
         names = {r[0] for r in rows[1:]}
-        assert {"val_mean_dice", "val_iou", "val_hd95", "val_mean_dice_liver", "refine_dice_0", "refine_dice_2"} <= names
+        assert {"val_mean_dice", "val_iou", "val_hd95_mm", "val_mean_dice_liver", "refine_dice_0", "refine_dice_2"} <= names
         for setting in rows[0][1:]:
             curve = list(csv.reader(open(out_dir / setting / "refinement_curve.csv")))
             assert curve[0][-1] == "dice_after_2_clicks" and curve[-1][0] == "mean"
