@@ -33,7 +33,7 @@ from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_boxes_2d, decode_points, decode_points_2d, scale_coords
 from shared_nets.sam import build_sam, get_variant
 
-from .common import decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from .common import EmbeddingCache, decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from .med_sa_blocks import PROMPT_FUSIONS, MedSAEncoderBlock, MedSATwoWayTransformer, adapter_width
 
 __all__ = ["MedSA", "MEDSA_OFFICIAL_CODE_SETTINGS", "PROMPT_SCOPES"]
@@ -195,8 +195,7 @@ class MedSA(nn.Module):
             if train_mask_decoder:
                 patterns += ["mask_decoder.*"]
             freeze_except(self, patterns)
-        self._cache: list[tuple] = []
-        self.cache_hits = 0
+        self._embeddings = EmbeddingCache(embedding_cache, self.image_encoder)
 
     # ------------------------------------------------------------------ encoder
     def encode(self, images: torch.Tensor, num_slices: int = 1) -> torch.Tensor:
@@ -217,31 +216,24 @@ class MedSA(nn.Module):
             x = blk(x, num_slices)
         return enc.neck(x.permute(0, 3, 1, 2))
 
-    def _param_version(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.image_encoder.parameters())
+    @property
+    def cache_hits(self) -> int:
+        """Forwards that reused cached image embeddings (re-prompts of an image already encoded)."""
+        return self._embeddings.hits
 
     def _encode_cached(self, images: torch.Tensor, num_slices: int) -> torch.Tensor:
-        """:meth:`encode` through a small LRU cache keyed on the image tensor (no autograd only)."""
-        if not self.embedding_cache or torch.is_grad_enabled():
-            self._cache.clear()
-            return self.encode(images, num_slices)
-        version = self._param_version()
-        for i, (img, ns, ver, emb) in enumerate(self._cache):
-            if (
-                ns == num_slices and img.shape == images.shape and img.dtype == images.dtype and img.device == images.device
-                and ver == version and torch.equal(img, images)
-            ):
-                self._cache.append(self._cache.pop(i))  # most recently used last
-                self.cache_hits += 1
-                return emb
-        emb = self.encode(images, num_slices)
-        self._cache.append((images.detach().clone(), num_slices, version, emb.detach()))
-        del self._cache[: -self.embedding_cache]
-        return emb
+        """:meth:`encode` through a small LRU cache keyed on the image tensor (no autograd only).
+
+        The encoder does not see the prompts (HyP-Adpt and the other prompt-conditioned
+        adapters sit in the mask decoder), so a re-prompt of a cached image runs only the prompt
+        encoder and the decoder; in the official-code setting too.
+        """
+        entry = self._embeddings.lookup(images, num_slices, lambda: self.encode(images, num_slices))
+        return self.encode(images, num_slices) if entry is None else entry["value"]
 
     def clear_cache(self) -> None:
         """Drop the cached image embeddings."""
-        self._cache.clear()
+        self._embeddings.clear()
 
     # ------------------------------------------------------------------ prompts
     def prompts(self, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

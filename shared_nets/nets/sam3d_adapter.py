@@ -7,7 +7,6 @@ read for facts only (see DESIGN.md "Method notes" and "Measured from the officia
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +16,7 @@ from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_points
 from shared_nets.sam import build_sam, get_variant
 
+from .common import EmbeddingCache
 from .sam3d_adapter_encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer, run_blocks
 from .sam3d_adapter_heads import PROMPT_ENCODINGS, PROMPT_LAYERS, MultiLevelDecoder3D, PromptEncoder3D
 
@@ -131,7 +131,11 @@ class SAM3DAdapter(nn.Module):
         slice_embed_init: ``"mean"`` or ``"default"`` (official: PyTorch's initialisation).
         use_checkpoint: gradient checkpointing of the transformer blocks (memory for 128^3 ViT-B).
         cache_image_embedding: in eval mode without gradients, reuse the image features when
-            the same patch comes again with new clicks (interactive refinement).
+            the same patch comes again with new clicks (interactive refinement); the decoder's
+            prompt-independent part (heads of the levels without a prompt, the image channel
+            and their share of the classifier's first convolution) is cached with them, so a
+            re-prompt runs only the prompt encoder and the prompted level's decoder path.
+        cache_size: patches kept in that cache (the windows of one volume).
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class SAM3DAdapter(nn.Module):
         slice_embed_init: str = "mean",
         use_checkpoint: bool = False,
         cache_image_embedding: bool = False,
+        cache_size: int = 8,
     ) -> None:
         super().__init__()
         v = get_variant(variant)
@@ -210,7 +215,7 @@ class SAM3DAdapter(nn.Module):
         self.window_size = ws
         self.use_checkpoint = bool(use_checkpoint)
         self.cache_image_embedding = bool(cache_image_embedding)
-        self._cache: tuple[tuple, list[torch.Tensor]] | None = None
+        self._cache_size = cache_size
 
         # SAM first (official weights loaded strictly at twice the token grid: 1024 for a 32^2
         # grid, i.e. no resizing for ViT-B at the defaults), then the 3D parts around its pieces.
@@ -260,6 +265,7 @@ class SAM3DAdapter(nn.Module):
         if not isinstance(ch, int) or ch < 1:
             raise ValueError(f"decoder_channels must be a positive integer, got {decoder_channels!r}.")
         self.decoder = MultiLevelDecoder3D(out_dim, ch, num_classes, num_levels=len(decoded), image_channels=1)
+        self._embeddings = EmbeddingCache(cache_size, self)
         del sam, enc  # SAM's 2D neck, prompt encoder and mask decoder are not used
 
         if full_finetune:
@@ -306,12 +312,23 @@ class SAM3DAdapter(nn.Module):
         """Input channels: image channels plus 2 guidance channels when prompted."""
         return self.in_channels + (2 if self.prompted else 0)
 
-    def _cache_key(self, image: torch.Tensor) -> tuple:
-        data = image.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()
-        return (tuple(image.shape), str(image.dtype), str(image.device), hashlib.blake2b(data, digest_size=16).digest())
+    @property
+    def cache_hits(self) -> int:
+        """Forwards that reused cached image features (re-prompts of a patch already encoded)."""
+        return self._embeddings.hits
+
+    def clear_cache(self) -> None:
+        """Drop the cached image features."""
+        self._embeddings.clear()
+
+    def _cached(self, image: torch.Tensor) -> dict | None:
+        """The cache entry of ``image`` (features computed on a miss), or None when not caching."""
+        if not self.cache_image_embedding or self.training:
+            return None
+        return self._embeddings.lookup(image, None, lambda: self._encode(image))
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Image features per decoded level.
+        """Image features per decoded level (cached as ``cache_image_embedding`` says).
 
         Args:
             image: ``[B, in_channels, H, W, D]`` patch.
@@ -319,19 +336,15 @@ class SAM3DAdapter(nn.Module):
         Returns:
             One ``[B, C_neck, h, w, d]`` tensor per level in ``decoded_levels`` (shallow to deep).
         """
-        use_cache = self.cache_image_embedding and not self.training and not torch.is_grad_enabled()
-        if use_cache:
-            key = self._cache_key(image)
-            if self._cache is not None and self._cache[0] == key:
-                return list(self._cache[1])
+        entry = self._cached(image)
+        return self._encode(image) if entry is None else list(entry["value"])
+
+    def _encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         rgb = image.expand(-1, 3, -1, -1, -1) if image.shape[1] == 1 else image
         tokens = self.tokenizer(rgb)
         taps = [self.taps[k - 1] for k in self.decoded_levels]
         outs = run_blocks(self.blocks, tokens, taps, use_checkpoint=self.use_checkpoint and self.training)
-        feats = [self.necks[str(k)](o.permute(0, 4, 1, 2, 3)) for k, o in zip(self.decoded_levels, outs)]
-        if use_cache:
-            self._cache = (key, list(feats))
-        return feats
+        return [self.necks[str(k)](o.permute(0, 4, 1, 2, 3)) for k, o in zip(self.decoded_levels, outs)]
 
     def _check_points(self, coords: torch.Tensor, labels: torch.Tensor, batch: int) -> None:
         if coords.ndim != 3 or coords.shape[-1] != 3 or labels.shape != coords.shape[:2] or coords.shape[0] != batch:
@@ -380,11 +393,17 @@ class SAM3DAdapter(nn.Module):
                 if bool(has_pos.any()):
                     out[has_pos] = self.forward_points(image[has_pos], coords[has_pos], labels[has_pos]).to(out.dtype)
                 return out
-        feats = self.encode(image)
-        for k in self.prompt_levels:
-            i = self.decoded_levels.index(k)
+        entry = self._cached(image)
+        feats = self._encode(image) if entry is None else list(entry["value"])
+        prompted = [self.decoded_levels.index(k) for k in self.prompt_levels]
+        for i, k in zip(prompted, self.prompt_levels):
             feats[i] = self.prompt_encoders[str(k)](feats[i], coords, labels, self.patch_size)
-        return self.decoder(feats, image[:, :1], self.patch_size)
+        if entry is None or not prompted:
+            return self.decoder(feats, image[:, :1], self.patch_size)
+        static = entry["extra"].get("decoder")
+        if static is None:  # once per patch: the decoder's share of the unprompted levels and the image
+            static = entry["extra"]["decoder"] = self.decoder.static_part(feats, image[:, :1], prompted)
+        return self.decoder.forward_with_static(feats, static, prompted, self.patch_size)
 
     def _check_image(self, x: torch.Tensor, channels: int) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 5:

@@ -214,12 +214,61 @@ class MultiLevelDecoder3D(nn.Module):
         Returns:
             ``[B, K, H, W, D]`` logits.
         """
-        if len(features) != len(self.heads):
-            raise ValueError(f"decoder expects {len(self.heads)} feature levels, got {len(features)}.")
-        x = [
-            F.interpolate(head(f), scale_factor=2, mode="trilinear", align_corners=True)
-            for head, f in zip(self.heads, features)
-        ]
+        self._check_levels(features)
+        x = [self._level(i, f) for i, f in enumerate(features)]
         img = F.interpolate(image.to(x[0].dtype), size=x[0].shape[2:], mode="trilinear")
         x = self.cls(torch.cat([*x, img], dim=1))
+        return F.interpolate(x, size=tuple(out_size), mode="trilinear", align_corners=True)
+
+    def _check_levels(self, features: Sequence[torch.Tensor]) -> None:
+        if len(features) != len(self.heads):
+            raise ValueError(f"decoder expects {len(self.heads)} feature levels, got {len(features)}.")
+
+    def _level(self, i: int, f: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.heads[i](f), scale_factor=2, mode="trilinear", align_corners=True)
+
+    def _first_conv_part(self, x: torch.Tensor, channels: Sequence[int]) -> torch.Tensor:
+        """The classifier's first convolution restricted to input ``channels`` (it has no bias, so
+        the convolution of the concatenation is the sum of these parts)."""
+        conv = self.cls[0].conv
+        weight = conv.weight[:, list(channels)]
+        return F.conv3d(x, weight, None, conv.stride, conv.padding, conv.dilation)
+
+    def _width(self) -> int:
+        return self.heads[0][-1].conv.out_channels
+
+    def _channels(self, levels: Sequence[int]) -> list[int]:
+        return [lv * self._width() + c for lv in levels for c in range(self._width())]
+
+    def static_part(self, features: Sequence[torch.Tensor], image: torch.Tensor, prompted: Sequence[int]) -> torch.Tensor:
+        """What the decoder computes from the levels without a prompt and the image (cacheable per image).
+
+        Args:
+            features: the levels as in :meth:`forward` (the ``prompted`` ones are not read).
+            image: ``[B, image_channels, H, W, D]``.
+            prompted: indices of the levels that depend on the prompt.
+
+        Returns:
+            The classifier's first convolution over those channels, ``[B, channels, 2h, 2w, 2d]``.
+        """
+        self._check_levels(features)
+        static = [i for i in range(len(self.heads)) if i not in prompted]
+        grid = [2 * s for s in features[0].shape[2:]]
+        parts = [self._level(i, features[i]) for i in static]
+        img = F.interpolate(image.to(features[0].dtype), size=grid, mode="trilinear")
+        n_img = img.shape[1]
+        channels = self._channels(static) + [len(self.heads) * self._width() + c for c in range(n_img)]
+        return self._first_conv_part(torch.cat([*parts, img], dim=1), channels)
+
+    def forward_with_static(
+        self, features: Sequence[torch.Tensor], static: torch.Tensor, prompted: Sequence[int], out_size: Sequence[int]
+    ) -> torch.Tensor:
+        """:meth:`forward` from :meth:`static_part`: only the ``prompted`` levels' path runs (a re-prompt).
+
+        Equal to :meth:`forward` up to float summation order.
+        """
+        self._check_levels(features)
+        parts = [self._level(i, features[i]) for i in prompted]
+        x = static + self._first_conv_part(torch.cat(parts, dim=1), self._channels(prompted))
+        x = self.cls[1](self.cls[0].adn(x))
         return F.interpolate(x, size=tuple(out_size), mode="trilinear", align_corners=True)

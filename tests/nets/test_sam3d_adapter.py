@@ -268,7 +268,7 @@ def test_image_embedding_cache_reused_for_new_clicks():
     assert len(calls) == 1
     net.cache_image_embedding = False
     with torch.no_grad():
-        assert torch.allclose(net(x2), y2_cached)
+        assert torch.allclose(net(x2), y2_cached, atol=1e-5)  # the cached decoder part sums in another order
     assert len(calls) == 2
 
 

@@ -1,0 +1,134 @@
+"""Performance switches change no result beyond numerical tolerance (issue 10).
+
+Re-prompting with cached image embeddings (Med-SA, 3DSAM-adapter) gives the uncached answer and
+the cache follows the image; the real-size re-prompt FLOP ratio of the benchmark meets the target.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared_nets.nets.common import EmbeddingCache
+from shared_nets.nets.med_sa import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
+from shared_nets.nets.sam3d_adapter import SAM3DAdapter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _medsa(**kw) -> MedSA:
+    torch.manual_seed(0)
+    return MedSA(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=2, **kw).eval()
+
+
+def _medsa_input(clicks, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(1, 4, 32, 32, 2)
+    x[:, :1] = torch.randn(1, 1, 32, 32, 2, generator=g)
+    for channel, i, j, k in clicks:
+        x[0, channel, i, j, k] = 1
+    x[0, 3, 4:20, 6:24, :] = 1  # a box on both slices
+    return x
+
+
+def _sam3d(**kw) -> SAM3DAdapter:
+    torch.manual_seed(0)
+    return SAM3DAdapter("tiny", img_size=32, sam_input_size=64, window_size=2, **kw).eval()
+
+
+def _sam3d_input(clicks, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(1, 3, 32, 32, 32)
+    x[:, :1] = torch.randn(1, 1, 32, 32, 32, generator=g)
+    for channel, i, j, k in clicks:
+        x[0, channel, i, j, k] = 1
+    return x
+
+
+CASES = {
+    "med_sa": (_medsa, _medsa_input, [(1, 10, 12, 0)], [(1, 10, 12, 0), (2, 14, 20, 1), (1, 8, 8, 1)]),
+    "med_sa_official": (lambda **kw: _medsa(**MEDSA_OFFICIAL_CODE_SETTINGS, **kw), _medsa_input, [(1, 10, 12, 0)],
+                        [(1, 10, 12, 0), (2, 14, 20, 1)]),
+    "sam3d_adapter": (lambda **kw: _sam3d(cache_image_embedding=True, **kw), _sam3d_input, [(1, 16, 16, 16)],
+                      [(1, 16, 16, 16), (2, 20, 12, 16), (1, 4, 5, 6)]),
+}
+
+
+def _caches(net: torch.nn.Module) -> list[EmbeddingCache]:
+    return [v for m in net.modules() for v in vars(m).values() if isinstance(v, EmbeddingCache)]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cached_reprompt_equals_uncached_and_follows_the_image(name):
+    build, make, first_clicks, new_clicks = CASES[name]
+    net = build()
+    (cache,) = _caches(net)
+    first, again = make(first_clicks), make(new_clicks)
+    with torch.no_grad():
+        net(first)
+        assert cache.misses == 1
+        cached = net(again)  # a new click on the same image: the encoder does not run again
+        assert (cache.hits, cache.misses) == (1, 1)
+        size, cache.size = cache.size, 0
+        uncached = net(again)  # caching off: the plain forward
+        cache.size = size
+        torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(cached, net(first))  # the new clicks changed the answer
+
+        other = make(new_clicks, seed=2)  # another image, same clicks: a miss, the other image's answer
+        hits = cache.hits
+        y_other = net(other)
+        assert cache.hits == hits
+        cache.size = 0
+        torch.testing.assert_close(y_other, net(other), atol=1e-5, rtol=1e-5)
+        cache.size = size
+
+        for p in net.parameters():  # new weights invalidate every entry
+            p.add_(0.01)
+            break
+        misses = cache.misses
+        net(again)
+        assert cache.misses == misses + 1
+    hits = cache.hits
+    net(again)  # with autograd: never served from the cache
+    assert cache.hits == hits and not cache.entries
+
+
+def test_cache_keeps_the_most_recent_windows():
+    net = _sam3d(cache_image_embedding=True, cache_size=2)
+    x = [_sam3d_input([(1, 16, 16, 16)], seed=s) for s in range(3)]
+    (cache,) = _caches(net)
+    with torch.no_grad():
+        for xi in (x[0], x[1], x[0], x[2]):  # x[1] is the least recently used when x[2] arrives
+            net(xi)
+        assert (cache.hits, cache.misses) == (1, 3)
+        net(x[0])
+        net(x[1])
+    assert (cache.hits, cache.misses) == (2, 4)
+    with pytest.raises(ValueError, match="cache size"):
+        EmbeddingCache(-1, net)
+
+
+def test_sam3d_decoder_static_part_matches_forward():
+    net = _sam3d()
+    with torch.no_grad():
+        image = torch.randn(2, 1, 32, 32, 32)
+        feats = net.encode(image)
+        for prompted in ([3], [0, 3], [1, 2]):
+            static = net.decoder.static_part(feats, image, prompted)
+            torch.testing.assert_close(
+                net.decoder.forward_with_static(feats, static, prompted, net.patch_size),
+                net.decoder(feats, image, net.patch_size), atol=1e-5, rtol=1e-5,
+            )
+
+
+@pytest.mark.parametrize("bundle, overrides", [("sam3d_adapter", {}), ("med_sa", {}), ("med_sa", dict(MEDSA_OFFICIAL_CODE_SETTINGS))])
+def test_real_size_reprompt_flops_meet_the_target(bundle, overrides):
+    """Counted with fake tensors at the bundles' train.json sizes (ViT-B 128^3, ViT-H 1024^2 x 16)."""
+    from tools.bench import reprompt_flops
+
+    out = reprompt_flops(REPO / "bundles" / bundle, overrides)
+    assert out["encoder"] > 10 * out["prompt_path"] > 0
+    assert out["ratio"] <= 0.05
