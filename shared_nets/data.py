@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -13,7 +14,17 @@ from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist
 from monai.transforms import MapTransform
 
-__all__ = ["DataError", "load_datalist", "check_volumes", "CheckLabelRanged", "CheckFinited", "source_name"]
+__all__ = [
+    "DataError",
+    "load_datalist",
+    "check_volumes",
+    "CheckLabelRanged",
+    "CheckFinited",
+    "source_name",
+    "SkippingDataset",
+    "SKIPPED_KEY",
+    "root_cause",
+]
 
 
 class DataError(ValueError):
@@ -21,7 +32,7 @@ class DataError(ValueError):
 
 
 def load_datalist(path: str | os.PathLike, key: str = "training", base_dir: str | os.PathLike | None = None,
-                  keys: Sequence[str] = ("image",)) -> list[dict]:
+                  keys: Sequence[str] = ("image",), check_files: bool = True) -> list[dict]:
     """Read a MONAI decathlon-style datalist and check that the files it names exist.
 
     Args:
@@ -29,6 +40,8 @@ def load_datalist(path: str | os.PathLike, key: str = "training", base_dir: str 
         key: the list to read (``training``, ``validation``, ``test``).
         base_dir: folder the relative paths are relative to (default: the datalist's folder).
         keys: entry keys that must name existing files.
+        check_files: raise when a named file does not exist (batch inference passes False and lets
+            :class:`SkippingDataset` report and skip the entry instead).
 
     Raises:
         DataError: missing/unreadable datalist, missing list, missing key in an entry, missing file.
@@ -51,7 +64,7 @@ def load_datalist(path: str | os.PathLike, key: str = "training", base_dir: str 
                 raise DataError(f"datalist '{path}' '{key}' entry {i} has no '{k}' (keys: {sorted(item)}).")
             files = item[k] if isinstance(item[k], (list, tuple)) else [item[k]]
             for fn in files:
-                if not os.path.exists(fn):
+                if check_files and not os.path.exists(fn):
                     raise DataError(f"datalist '{path}' '{key}' entry {i}: {k} file '{fn}' does not exist.")
     return items
 
@@ -149,3 +162,48 @@ class CheckFinited(MapTransform):
             if not torch.isfinite(arr).all():
                 raise DataError(f"image '{source_name(img)}' ({key}) contains NaN or Inf values.")
         return d
+
+
+SKIPPED_KEY = "skipped_input"
+
+
+def root_cause(e: BaseException) -> str:
+    """One line for an exception raised inside a transform chain: MONAI wraps the real error in
+    ``RuntimeError("applying transform ...")``; report the innermost one."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    msg = " ".join(str(e).split())
+    return msg if isinstance(e, DataError) else f"{type(e).__name__}: {msg}"
+
+
+class SkippingDataset(torch.utils.data.Dataset):
+    """Batch-inference dataset: an item whose loading or preprocessing fails is reported (logged with the
+    file and the reason) and handed on as a marker ``{SKIPPED_KEY: ..., "reason": ...}`` instead of
+    stopping the whole job; :class:`shared_nets.engine.SkipBadInputs` drops the marker, so the other
+    volumes are still written. Use with ``batch_size=1``.
+
+    Args:
+        data: datalist entries.
+        transform: preprocessing.
+        image_key: entry key that names the input file (for the report).
+    """
+
+    def __init__(self, data: Sequence[Mapping[str, Any]], transform=None, image_key: str = "image") -> None:
+        self.data = list(data)
+        self.transform = transform
+        self.image_key = image_key
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        from monai.transforms import apply_transform
+
+        item = self.data[index]
+        try:
+            return apply_transform(self.transform, dict(item)) if self.transform is not None else dict(item)
+        except Exception as e:  # any failure of one volume must not end the batch
+            name = item.get(self.image_key, f"entry {index}") if isinstance(item, Mapping) else f"entry {index}"
+            reason = root_cause(e)
+            logging.getLogger(__name__).error("skipping '%s': %s", name, reason)
+            return {SKIPPED_KEY: str(name), "reason": reason}

@@ -1,11 +1,32 @@
-"""Small engine helpers the bundle configs call (resume lookup)."""
+"""Engine helpers the bundle configs call: resumable, atomic checkpointing with random state, a NaN/Inf
+loss guard, and running a bundle workflow in-process."""
 
 from __future__ import annotations
 
 import glob
+import math
 import os
+import random
+from typing import Any
 
-__all__ = ["latest_checkpoint", "attach_checkpointing", "run_bundle_workflow"]
+import numpy as np
+import torch
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
+
+from shared_nets.io import atomic_torch_save
+
+__all__ = [
+    "latest_checkpoint",
+    "attach_checkpointing",
+    "attach_divergence_guard",
+    "CheckpointSaver",
+    "AtomicDiskSaver",
+    "RNGState",
+    "TrainingDiverged",
+    "SkipBadInputs",
+    "run_bundle_workflow",
+]
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint", required: bool = True) -> str | None:
@@ -33,6 +54,202 @@ def _is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN/Inf; the run stops and keeps its last good checkpoint."""
+
+
+_Generator = (np.random.RandomState, np.random.Generator, torch.Generator)
+
+
+def _random_states(*roots: Any) -> list:
+    """Every random generator (``numpy.random.RandomState``/``Generator``, ``torch.Generator``) reachable
+    from ``roots`` through MONAI and ``shared_nets`` objects, in a stable order.
+
+    MONAI's random transforms each own a ``RandomState`` (``.R``, also inside wrapped transforms such as
+    ``RandCropByPosNegLabeld.cropper``) and iteration hooks such as Med-SA's click simulation own theirs;
+    with ``num_workers=0`` these advance in the main process, so a bit-exact resume must restore them, not
+    just the global generators.
+    """
+    found: list = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, _Generator):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for o in obj:
+                visit(o)
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                visit(obj[k])
+        elif isinstance(obj, (torch.Tensor, torch.nn.Module)):
+            return
+        elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("monai", "shared_nets"):
+            for k in sorted(vars(obj)):
+                if k in ("data", "_cache", "_hash_keys", "_read_env", "_cache_other") or k.startswith("__"):
+                    continue  # a dataset's items and caches hold no generator
+                visit(vars(obj)[k])
+
+    for root in roots:
+        visit(root)
+    return found
+
+
+def _get_state(g: Any) -> dict:
+    """A generator's state as tensors, numbers and strings (``torch.load(weights_only=True)`` accepts them)."""
+    if isinstance(g, np.random.RandomState):
+        s = g.get_state()
+        return {"kind": "RandomState", "name": s[0], "keys": torch.from_numpy(s[1].astype(np.int64)), "pos": int(s[2]),
+                "has_gauss": int(s[3]), "cached_gaussian": float(s[4])}
+    if isinstance(g, np.random.Generator):
+        return {"kind": "Generator", "state": g.bit_generator.state}
+    return {"kind": "torch", "state": g.get_state()}
+
+
+def _set_state(g: Any, s: dict) -> None:
+    if isinstance(g, np.random.RandomState) and s["kind"] == "RandomState":
+        g.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"]))
+    elif isinstance(g, np.random.Generator) and s["kind"] == "Generator":
+        g.bit_generator.state = s["state"]
+    elif isinstance(g, torch.Generator) and s["kind"] == "torch":
+        g.set_state(s["state"])
+    else:
+        raise ValueError(f"checkpoint random state of kind {s['kind']!r} does not match generator {type(g).__name__}.")
+
+
+class RNGState:
+    """Checkpointable random state: Python, NumPy and torch (CPU and CUDA) global generators plus the
+    generators owned by the training transforms and iteration hooks, so a resumed run draws the same
+    crops, flips and simulated prompts as an uninterrupted one (DESIGN.md "Resume").
+
+    Args:
+        roots: objects holding random transforms/hooks, e.g. the training dataset and the trainer's
+            ``iteration_update``.
+    """
+
+    def __init__(self, *roots: Any) -> None:
+        self.roots = roots
+
+    def state_dict(self) -> dict:
+        py = random.getstate()
+        np_state = _get_state(np.random.mtrand._rand)
+        state = {
+            "python": [py[0], list(py[1]), py[2]],
+            "numpy": np_state,
+            "torch": torch.get_rng_state(),
+            "owned": [_get_state(g) for g in _random_states(*self.roots)],
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        _set_state(np.random.mtrand._rand, state["numpy"])
+        torch.set_rng_state(state["torch"].cpu())
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        gens = _random_states(*self.roots)
+        if len(gens) != len(state["owned"]):
+            raise ValueError(
+                f"checkpoint holds {len(state['owned'])} random generators of transforms/hooks but this training "
+                f"has {len(gens)}: the checkpoint was written with a different preprocessing (config changed?)."
+            )
+        for g, s in zip(gens, state["owned"]):
+            _set_state(g, s)
+
+
+class AtomicDiskSaver(DiskSaver):
+    """Ignite save handler that never leaves the folder without a complete checkpoint.
+
+    Ignite's ``Checkpoint`` deletes the previous file *before* writing the next one and MONAI's
+    ``CheckpointSaver`` writes non-atomically: a kill at the wrong moment left either nothing or a
+    truncated file. Here every file is written to a temporary name and renamed, and removals that
+    ``Checkpoint`` asks for are carried out only after the next file is safely in place.
+
+    Args:
+        dirname: checkpoint folder.
+        filename: fixed file name (e.g. ``model.pt``) instead of ignite's generated one.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        super().__init__(dirname=os.fspath(dirname), atomic=True, create_dir=True, require_empty=False)
+        self.filename = filename
+        self._pending_removal: list[str] = []
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        name = self.filename or filename
+        if _is_main_process():
+            atomic_torch_save(checkpoint, os.path.join(self.dirname, name))
+        pending, self._pending_removal = self._pending_removal, []
+        for old in pending:
+            if old != name:
+                super().remove(old)
+
+    def remove(self, filename: str) -> None:
+        name = self.filename or filename
+        if name not in self._pending_removal:
+            self._pending_removal.append(name)
+
+
+class CheckpointSaver(_MonaiCheckpointSaver):
+    """MONAI's ``CheckpointSaver`` with atomic writes (:class:`AtomicDiskSaver`) and no final save of a
+    diverged model (after :class:`TrainingDiverged`, ``checkpoint_final.pt`` is not overwritten).
+
+    Same arguments as ``monai.handlers.CheckpointSaver``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:  # keep MONAI's fixed file names (model.pt, checkpoint_final.pt)
+                ckpt.save_handler = AtomicDiskSaver(self.save_dir, filename=getattr(ckpt.save_handler, "filename", None))
+
+    def completed(self, engine) -> None:
+        if getattr(engine.state, "diverged", False):
+            return
+        super().completed(engine)
+
+    def exception_raised(self, engine, e: Exception) -> None:
+        if getattr(engine.state, "diverged", False) or isinstance(e, TrainingDiverged):
+            raise e
+        super().exception_raised(engine, e)
+
+
+def _batch_loss(output: Any) -> float | None:
+    """The loss a MONAI trainer put in ``engine.state.output`` (a dict, or a decollated list of dicts)."""
+    if isinstance(output, (list, tuple)) and output:
+        output = output[0]
+    if isinstance(output, dict) and "loss" in output:
+        loss = output["loss"]
+        return float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+    return None
+
+
+def attach_divergence_guard(trainer, ckpt_dir: str | os.PathLike | None = None) -> None:
+    """Stop training at the first NaN/Inf loss with :class:`TrainingDiverged`, before anything saves the
+    diverged weights; the message names the epoch, iteration and the last good checkpoint."""
+    from ignite.engine import Events
+
+    def check(engine) -> None:
+        loss = _batch_loss(engine.state.output)
+        if loss is None or math.isfinite(loss):
+            return
+        engine.state.diverged = True
+        last = latest_checkpoint(ckpt_dir, required=False) if ckpt_dir is not None else None
+        raise TrainingDiverged(
+            f"training diverged: loss is {loss} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
+            + (f"the last good checkpoint '{last}' was kept (resume from it with a lower learning rate or amp off)."
+               if last else "no checkpoint was written yet.")
+        )
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, check)
+
+
 def attach_checkpointing(
     trainer,
     ckpt_dir: str | os.PathLike,
@@ -41,9 +258,13 @@ def attach_checkpointing(
     save_interval: int = 1,
     map_location=None,
 ):
-    """Make a MONAI trainer resumable: save model/optimizer/scheduler/engine state every
-    ``save_interval`` epochs (``checkpoint_*.pt``, atomic writes, rank 0 only) and, with ``resume``,
-    restore the newest one before training starts.
+    """Make a MONAI trainer resumable and safe: save model/optimizer/scheduler/engine state and every
+    random generator (:class:`RNGState`) every ``save_interval`` epochs (``checkpoint_epoch=N.pt``,
+    atomic, rank 0 only), stop at a NaN/Inf loss keeping the last good checkpoint
+    (:func:`attach_divergence_guard`) and, with ``resume``, restore the newest checkpoint before training.
+
+    A run killed at any point and resumed with ``--resume true`` ends with the same weights as an
+    uninterrupted run (CPU, ``num_workers=0``): the partial epoch is redone from the same random state.
 
     Done from the bundle's ``initialize`` section because a handler inside ``train#handlers``
     cannot reference ``train#trainer`` (a circular reference for MONAI's config parser).
@@ -59,11 +280,18 @@ def attach_checkpointing(
     Returns:
         ``trainer``.
     """
-    from monai.handlers import CheckpointLoader, CheckpointSaver
+    from monai.handlers import CheckpointLoader
 
-    objects = {**save_dict, "trainer": trainer}
+    loader = getattr(trainer, "data_loader", None)
+    hook = getattr(trainer, "_process_function", None)  # a custom iteration_update may own a generator
+    objects = {**save_dict, "trainer": trainer, "rng": RNGState(getattr(loader, "dataset", None), hook)}
+    attach_divergence_guard(trainer, ckpt_dir)
     if resume:
         path = latest_checkpoint(ckpt_dir, required=True)
+        keys = torch.load(path, map_location="cpu", weights_only=True).keys()
+        missing = [k for k in objects if k not in keys]
+        if missing:
+            raise ValueError(f"checkpoint '{path}' lacks {missing}; expected a checkpoint written by this bundle's trainer.")
         CheckpointLoader(load_path=path, load_dict=objects, map_location=map_location).attach(trainer)
     if _is_main_process():
         CheckpointSaver(
@@ -72,6 +300,34 @@ def attach_checkpointing(
         ).attach(trainer)
     return trainer
 
+
+class SkipBadInputs:
+    """``iteration_update`` for a batch-inference ``SupervisedEvaluator`` fed by
+    :class:`shared_nets.data.SkippingDataset`: a batch that is a skip marker runs no network and no
+    post-processing (nothing is written for it); every skip is appended to ``report`` (JSON, atomic).
+
+    Args:
+        report: JSON file listing the skipped inputs and why (e.g. ``eval/skipped.json``); None: log only.
+    """
+
+    def __init__(self, report: str | os.PathLike | None = None) -> None:
+        self.report = os.fspath(report) if report is not None else None
+        self.skipped: list[dict] = []
+
+    def __call__(self, engine, batch):
+        from shared_nets.data import SKIPPED_KEY
+
+        if isinstance(batch, dict) and SKIPPED_KEY in batch:
+            names, reasons = batch[SKIPPED_KEY], batch["reason"]
+            names = names if isinstance(names, (list, tuple)) else [names]
+            reasons = reasons if isinstance(reasons, (list, tuple)) else [reasons]
+            self.skipped.extend({"image": n, "reason": r} for n, r in zip(names, reasons))
+            if self.report is not None:
+                from shared_nets.io import atomic_write_json
+
+                atomic_write_json({"skipped": self.skipped}, self.report)
+            return None
+        return engine._iteration(engine, batch)
 
 
 def run_bundle_workflow(

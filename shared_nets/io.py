@@ -1,36 +1,122 @@
 """Atomic file writes: a temporary file in the target folder, then ``os.replace``.
 
 A killed or failing writer never leaves a truncated file under the real name, and the
-temporary file is removed on failure.
+temporary file is removed on failure. Everything a bundle writes goes through here:
+checkpoints (:func:`atomic_torch_save`), predictions (:class:`AtomicNibabelWriter`),
+metric reports (:class:`AtomicMetricsSaver`), datalists and JSON/text files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import stat
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json"]
+from monai.data import NibabelWriter
+from monai.handlers import MetricsSaver
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "AtomicNibabelWriter",
+    "AtomicMetricsSaver",
+]
+
+
+def _suffix(path: str) -> str:
+    """File-type suffix to keep on the temporary name (writers pick the format from it): ``.nii.gz``, ``.pt``..."""
+    name = os.path.basename(path)
+    for multi in (".nii.gz", ".tar.gz"):
+        if name.endswith(multi):
+            return multi
+    return os.path.splitext(name)[1]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on normal exit it replaces ``path`` atomically.
+
+    The caller writes the whole file to the yielded path (any writer, any format: the temporary
+    name keeps ``path``'s suffix). On an exception the temporary file is removed and ``path`` is
+    left as it was. The file gets the permissions a plain ``open()`` would give (umask honoured).
+
+    Args:
+        path: final file name (parent folders are created).
+        fsync: flush the file to disk before the rename, so a power loss cannot leave an empty file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp" + _suffix(path))
+    os.close(fd)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, stat.S_IMODE(0o666 & ~umask))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:
     """Write ``text`` to ``path`` atomically (parent folders are created); returns the path."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    return os.fspath(path)
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> str:
     """Write ``obj`` as indented JSON (trailing newline) to ``path`` atomically; returns the path."""
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> str:
+    """``torch.save(obj, path)`` through a temporary file; returns the path."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return os.fspath(path)
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` writing through a temporary file, for ``SaveImaged(writer=...)``.
+
+    ``SaveImaged`` writes straight to the output name; a job killed mid-write would leave a
+    truncated ``*_seg.nii.gz`` that looks like a finished prediction.
+    """
+
+    def write(self, filename, verbose: bool = False, **obj_kwargs):
+        with atomic_path(filename) as tmp:
+            super().write(tmp, verbose=verbose, **obj_kwargs)
+
+
+class AtomicMetricsSaver(MetricsSaver):
+    """MONAI's ``MetricsSaver`` that writes its CSV reports to a temporary folder and then moves each
+    file into ``save_dir`` with an atomic rename (a killed evaluation never leaves a half-written CSV)."""
+
+    def __call__(self, engine) -> None:
+        final_dir = os.path.abspath(self.save_dir)
+        os.makedirs(final_dir, exist_ok=True)
+        tmp_dir = tempfile.mkdtemp(dir=final_dir, prefix=".metrics.")
+        self.save_dir = tmp_dir
+        try:
+            super().__call__(engine)
+            for name in sorted(os.listdir(tmp_dir)):
+                os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))
+        finally:
+            self.save_dir = final_dir
+            shutil.rmtree(tmp_dir, ignore_errors=True)
