@@ -132,3 +132,65 @@ def test_real_size_reprompt_flops_meet_the_target(bundle, overrides):
     out = reprompt_flops(REPO / "bundles" / bundle, overrides)
     assert out["encoder"] > 10 * out["prompt_path"] > 0
     assert out["ratio"] <= 0.05
+
+
+# ---------------------------------------------------------------------------- gradient checkpointing
+def _grad_ckpt_cases():
+    from shared_nets.nets.h_sam import HSAM
+    from shared_nets.nets.ma_sam import MASAM
+    from shared_nets.nets.s_sam import SSAM
+    from shared_nets.sam import enable_gradient_checkpointing
+
+    def toggle_blocks(blocks):
+        return lambda on: enable_gradient_checkpointing(blocks, on)
+
+    def medsa():
+        net = _medsa(full_finetune=True)
+        return net, toggle_blocks(net.image_encoder.blocks), (_medsa_input([(1, 10, 12, 0)]),), {}
+
+    def ssam():
+        net = SSAM(variant="tiny", img_size=32, patch_size=8, class_names=("liver", "spleen"))
+        return net, toggle_blocks(net.sam.image_encoder.blocks), (torch.randn(1, 1, 32, 32, 2),), {}
+
+    def hsam():
+        net = HSAM(variant="tiny", img_size=32, patch_size=8, num_classes=3, finetune="lora")
+        label = torch.randint(0, 4, (1, 1, 32, 32, 2)).float()
+        return net, toggle_blocks(net.image_encoder.blocks), (torch.randn(1, 1, 32, 32, 2),), {"label": label}
+
+    def masam():
+        net = MASAM(variant="tiny", img_size=32, patch_size=8, num_classes=3, fact_rank=4, num_slices=2)
+        return net, lambda on: setattr(net, "gradient_checkpointing", on), (torch.randn(1, 1, 32, 32, 2),), {}
+
+    def sam3d():
+        net = _sam3d(full_finetune=True)
+        return net, lambda on: setattr(net, "use_checkpoint", on), (_sam3d_input([(1, 16, 16, 16)]),), {}
+
+    return {"med_sa": medsa, "s_sam": ssam, "h_sam": hsam, "ma_sam": masam, "sam3d_adapter": sam3d}
+
+
+@pytest.mark.parametrize("name", ["med_sa", "s_sam", "h_sam", "ma_sam", "sam3d_adapter"])
+def test_gradient_checkpointing_keeps_outputs_and_gradients(name):
+    torch.manual_seed(0)
+    net, toggle, args, kwargs = _grad_ckpt_cases()[name]()
+    net.train()
+    first_block = next(m for m in net.modules() if isinstance(m, torch.nn.ModuleList) and "block" in type(m[0]).__name__.lower())[0]
+    calls = []
+    norm = next(m for m in first_block.modules() if isinstance(m, torch.nn.LayerNorm))  # runs inside the block
+    norm.register_forward_hook(lambda *a: calls.append(1))
+    results = []
+    for on in (False, True):
+        toggle(on)
+        calls.clear()
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # dropout / noise draw the same numbers in both runs
+        out = net(*args, **kwargs)
+        out = out[-1] if isinstance(out, (list, tuple)) else out
+        out.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+        assert len(calls) == (2 if on else 1)  # checkpointed: the block runs again in the backward pass
+    (out0, g0), (out1, g1) = results
+    torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
+    assert g0 and g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared_nets.peft import freeze_except, inject_lora
+from shared_nets.sam.checkpointing import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
 
 from .common import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
@@ -80,6 +81,8 @@ class HSAM(nn.Module):
         cmattn_noise_max_var: variance of the rarest class for the per-batch estimate.
         cmattn_num_heads: CMAttn heads; None: the largest divisor of ``h*w`` up to 8 (as released).
         pos_embed_mode: position-embedding resizing of the checkpoint, ``bicubic`` | ``avgpool``.
+        gradient_checkpointing: recompute the image-encoder blocks in the backward pass instead of
+            keeping their activations (training memory; same outputs and gradients).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class HSAM(nn.Module):
         cmattn_noise_max_var: float = 0.1,
         cmattn_num_heads: int | None = None,
         pos_embed_mode: str = "bicubic",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         v = get_variant(variant)
@@ -170,6 +174,10 @@ class HSAM(nn.Module):
         # sec. 3.1: LoRA on q and v (SAMed), injected after the checkpoint is loaded
         self.lora_layers = inject_lora(self.image_encoder, r=lora_rank, targets=("q", "v")) if finetune == "lora" else []
         self._set_trainable()
+        if not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}.")
+        self.gradient_checkpointing = gradient_checkpointing
+        enable_gradient_checkpointing(self.image_encoder.blocks, gradient_checkpointing)
 
     def _set_trainable(self) -> None:
         """Encoder frozen except LoRA; prompt encoder frozen except its default embedding (sec. 3.1).

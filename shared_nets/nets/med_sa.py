@@ -31,6 +31,7 @@ from torch import nn
 
 from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_boxes_2d, decode_points, decode_points_2d, scale_coords
+from shared_nets.sam.checkpointing import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
 
 from .common import EmbeddingCache, decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
@@ -105,6 +106,8 @@ class MedSA(nn.Module):
             (e.g. the windows of one volume) and reuse them when the same image is decoded
             again with new prompts (interactive refinement); 0 disables.
         no_prompt_logit: object logit written for slices without any prompt (non-automatic).
+        gradient_checkpointing: recompute the image-encoder blocks in the backward pass instead of
+            keeping their activations (training memory; same outputs and gradients).
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class MedSA(nn.Module):
         full_finetune: bool = False,
         embedding_cache: int = 8,
         no_prompt_logit: float = -20.0,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3) or isinstance(in_channels, bool):
@@ -149,6 +153,7 @@ class MedSA(nn.Module):
             ("adapter_zero_init", adapter_zero_init), ("sd_trans", sd_trans), ("depth_adapter", depth_adapter),
             ("decoder_adapters", decoder_adapters), ("hyp_adapter", hyp_adapter), ("automatic", automatic),
             ("train_mask_decoder", train_mask_decoder), ("full_finetune", full_finetune),
+            ("gradient_checkpointing", gradient_checkpointing),
         ):
             _check_bool(value, name)
         self.max_points = _check_pos_int(max_points, "max_points")
@@ -196,6 +201,8 @@ class MedSA(nn.Module):
                 patterns += ["mask_decoder.*"]
             freeze_except(self, patterns)
         self._embeddings = EmbeddingCache(embedding_cache, self.image_encoder)
+        self.gradient_checkpointing = gradient_checkpointing
+        enable_gradient_checkpointing(self.image_encoder.blocks, gradient_checkpointing)
 
     # ------------------------------------------------------------------ encoder
     def encode(self, images: torch.Tensor, num_slices: int = 1) -> torch.Tensor:

@@ -49,6 +49,7 @@ from torch import nn
 
 from shared_nets.nets.common import decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from shared_nets.peft import inject_svd
+from shared_nets.sam.checkpointing import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
 
 from .s_sam_text import TEXT_EMBEDDING_DIM, HashTextEncoder, load_class_embeddings
@@ -139,6 +140,8 @@ class SSAM(nn.Module):
         patch_size: ViT patch size (16 for SAM checkpoints; 8 gives ``tiny`` demos a finer grid).
         pos_embed_mode: resizing of the checkpoint's position embedding: ``avgpool`` (paper)
             or ``bicubic``.
+        gradient_checkpointing: recompute the image-encoder blocks in the backward pass instead of
+            keeping their activations (training memory; same outputs and gradients).
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class SSAM(nn.Module):
         pixel_norm: bool = False,
         patch_size: int = 16,
         pos_embed_mode: str = "avgpool",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if mode not in S_SAM_MODES:
@@ -233,6 +237,10 @@ class SSAM(nn.Module):
         if not full_finetune and (svd_scale or svd_shift):
             self.svd_layers = list(inject_svd(sam.image_encoder, include=_SVD_TARGETS))
         self._set_trainable(svd_scale, svd_shift, train_pos_embed, train_norms, train_decoder_norms)
+        if not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}.")
+        self.gradient_checkpointing = gradient_checkpointing
+        enable_gradient_checkpointing(self.sam.image_encoder.blocks, gradient_checkpointing)
 
     # ------------------------------------------------------------------ trainable set
     def _set_trainable(

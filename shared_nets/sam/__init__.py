@@ -1,6 +1,7 @@
 """SAM backbone: named variants, builders at any input size, official-checkpoint loading."""
 
 from .attention import REL_POS_MODES, SdpaAttention, decomposed_rel_pos_bias, enable_sdpa, is_sdpa_enabled
+from .checkpointing import enable_gradient_checkpointing, is_gradient_checkpointed
 from .builder import build_image_encoder, build_sam, check_img_size, expand_mask_tokens
 from .checkpoint import (
     SamCheckpointError,
@@ -23,11 +24,13 @@ __all__ = [
     "build_sam",
     "check_img_size",
     "decomposed_rel_pos_bias",
+    "enable_gradient_checkpointing",
     "enable_sdpa",
     "expand_mask_tokens",
     "fit_state_dict_to_model",
     "get_variant",
     "infer_variant",
+    "is_gradient_checkpointed",
     "is_sdpa_enabled",
     "load_sam_state_dict",
     "read_sam_state_dict",
