@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "bench": "tools.bench:main",
     "demo": "tools.demo:main",
     "demo_data": "tools.demo_data:main",
+    "init_model": "tools.init_model:main",
+    "label_app": "tools.label_app:main",
     "prepare": "tools.prepare:main",
     "weights": "tools.weights:main",
 }

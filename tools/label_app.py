@@ -1,0 +1,584 @@
+"""Assemble a MONAI Label app folder that serves and trains our bundles.
+
+Command line (from the checkout)::
+
+    python -m tools label_app --out APP [--models ma_sam,med_sa_deepgrow,...] [--variant tiny|paper]
+        [--sam_dir DIR] [--num_studies 4] [--monailabel_python PY] [--overwrite]
+
+The app is MONAI Label's own ``monaibundle`` sample app, copied unchanged from the MONAI Label
+installation, with our bundles as local bundles in its ``model/`` folder (see ``docs/monai_label.md``):
+
+* ``APP/main.py``, ``APP/lib/``: the sample app as installed (no code of ours);
+* ``APP/model/<name>/``: one bundle per served model, with ``configs/inference.json`` and
+  ``configs/train.json`` written as the merged configs (the bundle's own, ``box_prompt.json`` for
+  the MA-SAM box model, ``demo.json`` for ``--variant tiny``, then the few MONAI Label settings of
+  :data:`APP_INFER_OVERRIDES` / :data:`APP_TRAIN_OVERRIDES`), ``configs/metadata.json`` and an initial
+  ``models/model.pt`` (SAM with the adapters at identity, see ``tools/init_model.py``);
+* ``APP/studies/``: phantom CT volumes with labels in MONAI Label's local datastore layout
+  (``labels/final/``), unless ``--num_studies 0``;
+* ``APP/start_server.sh``: the exact ``monailabel start_server`` command.
+
+MONAI Label's bundle infer task decides the model type from the folder name: names containing
+``deepgrow`` are interactive (clicks are sent as ``foreground``/``background`` voxel lists, a box as
+``roi``); the others are automatic segmentation. The prompted bundles are therefore installed as
+``med_sa_deepgrow``, ``sam3d_adapter_deepgrow`` and ``ma_sam_box_deepgrow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared_nets.io import atomic_write_json, atomic_write_text
+from tools.init_model import merged_config, write_initial_model
+
+__all__ = [
+    "AppModel",
+    "APP_MODELS",
+    "APP_INFER_OVERRIDES",
+    "APP_TRAIN_OVERRIDES",
+    "find_sample_app",
+    "assemble_bundle",
+    "write_studies",
+    "start_server_command",
+    "build_label_app",
+    "main",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+VARIANTS = ("tiny", "paper")
+
+# MONAI Label passes ``device`` as a string ("cpu", "cuda:0"), so ``@device.type`` must not be used
+APP_INFER_OVERRIDES: dict[str, Any] = {"amp": "$torch.device(@device).type == 'cuda'"}
+APP_TRAIN_OVERRIDES: dict[str, Any] = {
+    "amp": "$torch.device(@device).type == 'cuda'",
+    # model.pt (written by validation's CheckpointSaver) must appear after a short MONAI Label run
+    "val_interval": 1,
+    "num_workers": 0,
+    # model.pt already holds SAM's weights: MONAI Label loads it before training
+    "sam_checkpoint": None,
+    "resume": False,
+}
+_ACTIVATIONS = {"softmax": "torch.nn.Softmax(dim=1)", "sigmoid": "torch.nn.Sigmoid()"}
+
+
+@dataclass(frozen=True)
+class AppModel:
+    """One model served by the app.
+
+    Args:
+        bundle: folder name under ``bundles/``.
+        extra_configs: config files merged after ``inference.json`` / ``train.json`` (before ``demo.json``).
+        activation: what the bundle's ``network`` puts after ``network_def`` (``softmax``, ``sigmoid``
+            or ``None``). MONAI Label instantiates ``network_def`` only, so the app's inferer adds it
+            back per window: windows are blended as probabilities, as the bundle does.
+        prompted: clicks/box come from the request (name must contain ``deepgrow``).
+        infer_overrides: config values set in the app's ``inference.json``.
+        train_overrides: config values set in the app's ``train.json``.
+        inputs_channel_def: replaces ``network_data_format.inputs.image.channel_def`` in metadata.
+        pred_channel_def: replaces ``network_data_format.outputs.pred.channel_def`` in metadata.
+        relabel_flag: config switch that makes post-processing's ``MapLabelValued`` write other ids than
+            the network channels (H-SAM's ``output_btcv_ids``); when on, metadata ids are mapped the same way.
+        subset_key: config list of class names the model segments (S-SAM's ``class_names``); metadata keeps
+            only those classes (with their ids) when it is a literal list.
+    """
+
+    bundle: str
+    extra_configs: tuple[str, ...] = ()
+    activation: str | None = "softmax"
+    prompted: bool = False
+    infer_overrides: Mapping[str, Any] = field(default_factory=dict)
+    train_overrides: Mapping[str, Any] = field(default_factory=dict)
+    inputs_channel_def: Mapping[str, str] | None = None
+    pred_channel_def: Mapping[str, str] | None = None
+    relabel_flag: str | None = None
+    subset_key: str | None = None
+
+
+APP_MODELS: dict[str, AppModel] = {
+    "ma_sam": AppModel("ma_sam"),
+    "ma_sam_box_deepgrow": AppModel(
+        "ma_sam",
+        extra_configs=("box_prompt.json",),
+        prompted=True,
+        inputs_channel_def={"0": "image", "1": "box"},
+        pred_channel_def={"0": "background", "1": "object"},
+    ),
+    # demo.json evaluates with prompts simulated from the label; in the app they come from the request
+    "med_sa_deepgrow": AppModel(
+        "med_sa", activation=None, prompted=True, infer_overrides={"prompt_source": "input"}
+    ),
+    "sam3d_adapter_deepgrow": AppModel(
+        "sam3d_adapter",
+        prompted=True,
+        infer_overrides={"prompt_source": "user"},
+        # the datastore's labels are organ maps under 'label' (demo.json trains on 'tumour')
+        train_overrides={"label_key": "label"},
+    ),
+    "s_sam": AppModel("s_sam", activation="sigmoid", subset_key="class_names"),
+    "h_sam": AppModel("h_sam", relabel_flag="output_btcv_ids"),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# MONAI Label installation
+# ------------------------------------------------------------------------------------------
+def _monailabel_python(monailabel_python: str | None) -> str:
+    """The Python of the MONAI Label environment: argument, ``$MONAILABEL_PYTHON`` or ``monailabel`` on PATH."""
+    if monailabel_python:
+        return str(monailabel_python)
+    if os.environ.get("MONAILABEL_PYTHON"):
+        return os.environ["MONAILABEL_PYTHON"]
+    exe = shutil.which("monailabel")
+    if exe:
+        candidate = Path(exe).resolve().parent / "python"
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
+
+
+def find_sample_app(monailabel_python: str | None = None, name: str = "monaibundle") -> Path:
+    """Folder of MONAI Label's installed sample app ``name`` (``<prefix>/monailabel/sample-apps/<name>``).
+
+    Args:
+        monailabel_python: Python of the environment where MONAI Label is installed (default:
+            ``$MONAILABEL_PYTHON``, the ``python`` beside ``monailabel`` on PATH, or this Python).
+        name: sample app name.
+
+    Returns:
+        The sample app folder (it holds ``main.py``).
+    """
+    python = _monailabel_python(monailabel_python)
+    probe = (
+        "import os, sys, monailabel; p = os.path.dirname(os.path.dirname(os.path.abspath(monailabel.__file__))); "
+        "c = [os.path.join(p, 'sample-apps'), os.path.join(sys.prefix, 'monailabel', 'sample-apps'), "
+        "os.path.join(sys.prefix, 'local', 'monailabel', 'sample-apps')]; "
+        "print(next((x for x in c if os.path.isdir(x)), ''))"
+    )
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    except OSError as e:
+        raise FileNotFoundError(f"MONAI Label Python '{python}' cannot be run ({e}); pass --monailabel_python.") from e
+    if found.returncode != 0:
+        raise FileNotFoundError(
+            f"MONAI Label is not installed for '{python}' (import monailabel failed); install it "
+            "(see docs/monai_label.md) or pass --monailabel_python / --sample_app."
+        )
+    app = Path(found.stdout.strip()) / name
+    if not (app / "main.py").is_file():
+        raise FileNotFoundError(f"MONAI Label sample app '{name}' not found under '{found.stdout.strip()}'.")
+    return app
+
+
+# ------------------------------------------------------------------------------------------
+# bundles
+# ------------------------------------------------------------------------------------------
+def _enabled(transform: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    """Whether a config transform is enabled; ``_disabled_`` may be a bool, ``"$@key"`` or ``"$not @key"``."""
+    flag = transform.get("_disabled_", False)
+    if isinstance(flag, bool):
+        return not flag
+    text = str(flag).replace(" ", "")
+    for prefix, negate in (("$not@", True), ("$@", False)):
+        key = text[len(prefix):]
+        if text.startswith(prefix) and key in config and isinstance(config[key], bool):
+            return bool(config[key]) if negate else not config[key]
+    raise ValueError(f"cannot decide whether transform {transform.get('_target_')} is disabled: _disabled_={flag!r}.")
+
+
+def _written_ids(config: Mapping[str, Any]) -> dict[int, int]:
+    """``{network channel: label value written}`` from enabled ``MapLabelValued`` on ``pred`` in postprocessing."""
+    post = config.get("postprocessing")
+    transforms = post.get("transforms", []) if isinstance(post, Mapping) else []
+    mapping: dict[int, int] = {}
+    for t in transforms if isinstance(transforms, list) else []:
+        if not isinstance(t, Mapping) or str(t.get("_target_", "")).rsplit(".", 1)[-1] != "MapLabelValued":
+            continue
+        if t.get("keys") not in ("pred", ["pred"]) or not _enabled(t, config):
+            continue
+        orig, target = t.get("orig_labels"), t.get("target_labels")
+        if not isinstance(orig, list) or not isinstance(target, list) or len(orig) != len(target):
+            raise ValueError("MapLabelValued on 'pred' must list literal orig_labels/target_labels of equal length.")
+        mapping.update({int(o): int(v) for o, v in zip(orig, target)})
+    return mapping
+
+
+def _metadata(spec: AppModel, source: Path, infer: Mapping[str, Any]) -> dict[str, Any]:
+    """The app's metadata: channel definitions of the model as served (ids as written in the label map)."""
+    meta = json.loads((source / "configs" / "metadata.json").read_text())
+    fmt = meta.get("network_data_format", {})
+    pred = next(iter(fmt["outputs"].values()))
+    if spec.relabel_flag and infer.get(spec.relabel_flag) is True:  # H-SAM demo: Synapse channels written as BTCV ids
+        written = _written_ids(infer)
+        pred["channel_def"] = {str(written.get(int(k), int(k))): v for k, v in pred["channel_def"].items()}
+    names = infer.get(spec.subset_key) if spec.subset_key else None
+    if isinstance(names, list):  # S-SAM: only the classes this model segments (ids kept)
+        keep = {str(n).lower() for n in names}
+        pred["channel_def"] = {k: v for k, v in pred["channel_def"].items() if k == "0" or str(v).lower() in keep}
+    if spec.inputs_channel_def is not None:
+        image = next(iter(fmt["inputs"].values()))
+        image["channel_def"] = dict(spec.inputs_channel_def)
+        image["num_channels"] = len(spec.inputs_channel_def)
+    if spec.pred_channel_def is not None:
+        pred = next(iter(fmt["outputs"].values()))
+        pred["channel_def"] = dict(spec.pred_channel_def)
+        pred["num_channels"] = len(spec.pred_channel_def)
+    return meta
+
+
+def _wrap_inferer(config: dict[str, Any], activation: str | None) -> None:
+    """Make ``inferer`` apply ``activation`` to each window, as the bundle's ``network`` does."""
+    if activation is None:
+        return
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)} or None, got {activation!r}.")
+    if "inferer" not in config:
+        raise ValueError("bundle inference config has no 'inferer' to wrap.")
+    config["window_inferer"] = config["inferer"]
+    config["inferer"] = (
+        f"$lambda inputs, network, *args, **kwargs: @window_inferer(inputs, "
+        f"torch.nn.Sequential(network, {_ACTIVATIONS[activation]}), *args, **kwargs)"
+    )
+
+
+# MONAI Label reads these request keys back after pre-processing (model file, output path/format)
+_STASH = "monailabel_image_path"
+
+
+def _serve_preprocessing(config: dict[str, Any]) -> None:
+    """Adapt the inference ``preprocessing`` list to the data dictionary MONAI Label passes through it.
+
+    * ``SelectItemsd`` is dropped: MONAI Label reads request keys (``image_path``, ``model_filename``,
+      ``result_*``) from the dictionary after pre-processing.
+    * ``Spacingd`` updates every ``image_*`` entry of the dictionary with the image's meta data, which
+      fails on MONAI Label's ``image_path`` string: the path is moved aside around it.
+    """
+    pre = config.get("preprocessing")
+    transforms = pre.get("transforms") if isinstance(pre, dict) else None
+    if not isinstance(transforms, list):
+        raise ValueError("bundle inference config: 'preprocessing#transforms' must be a list of transforms.")
+    out: list[Any] = []
+    for t in transforms:
+        name = str(t.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(t, dict) else ""
+        if name == "SelectItemsd":
+            continue
+        if name == "Spacingd":
+            out += [
+                {"_target_": "CopyItemsd", "keys": "image_path", "names": _STASH, "allow_missing_keys": True},
+                {"_target_": "DeleteItemsd", "keys": "image_path"},
+                t,
+                {"_target_": "CopyItemsd", "keys": _STASH, "names": "image_path", "allow_missing_keys": True},
+                {"_target_": "DeleteItemsd", "keys": _STASH},
+            ]
+            continue
+        out.append(t)
+    pre["transforms"] = out
+
+
+def _sam_checkpoint(config: Mapping[str, Any], sam_dir: str | os.PathLike | None, name: str) -> str | None:
+    """The official SAM file for the config's ``variant`` in ``sam_dir`` (``None`` for ``tiny``)."""
+    from shared_nets.sam.variants import get_variant
+
+    variant = config.get("variant")
+    if not isinstance(variant, str) or variant.startswith("$") or variant.startswith("@"):
+        raise ValueError(f"model '{name}': config 'variant' must be a literal SAM variant name, got {variant!r}.")
+    spec = get_variant(variant)
+    if spec.checkpoint_name is None:
+        return None
+    if sam_dir is None:
+        raise ValueError(
+            f"model '{name}' uses SAM {variant}: pass --sam_dir with {spec.checkpoint_name} "
+            f"(python -m tools weights --variant {variant} --dest DIR)."
+        )
+    path = Path(sam_dir) / spec.checkpoint_name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model '{name}': SAM checkpoint '{path}' not found (python -m tools weights --variant {variant} --dest {sam_dir})."
+        )
+    return str(path)
+
+
+def assemble_bundle(
+    name: str,
+    model_dir: str | os.PathLike,
+    variant: str = "tiny",
+    sam_dir: str | os.PathLike | None = None,
+    bundles_dir: str | os.PathLike = BUNDLES,
+    seed: int = 0,
+) -> Path:
+    """Write ``model_dir/<name>``: the bundle's files, merged app configs and an initial ``model.pt``.
+
+    Args:
+        name: a key of :data:`APP_MODELS`.
+        model_dir: the app's ``model/`` folder.
+        variant: ``tiny`` (merge ``demo.json``: tiny SAM on CPU) or ``paper`` (the bundle's defaults).
+        sam_dir: folder with the official SAM ``.pth`` files (``paper`` only).
+        bundles_dir: where the source bundles live.
+        seed: torch seed of the initial weights.
+
+    Returns:
+        The written bundle folder.
+    """
+    if name not in APP_MODELS:
+        raise ValueError(f"model must be one of {sorted(APP_MODELS)}, got {name!r}.")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    spec = APP_MODELS[name]
+    source = Path(bundles_dir) / spec.bundle
+    if not (source / "configs" / "inference.json").is_file():
+        raise FileNotFoundError(f"bundle '{source}' has no configs/inference.json.")
+    target = Path(model_dir) / name
+    tmp = Path(model_dir) / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("models", "eval", "runs", "__pycache__"))
+    try:
+        demo = ["demo.json"] if variant == "tiny" else []
+        infer = merged_config(source, ["inference.json", *spec.extra_configs, *demo], {**APP_INFER_OVERRIDES, **spec.infer_overrides})
+        meta = _metadata(spec, source, infer)
+        _wrap_inferer(infer, spec.activation)
+        _serve_preprocessing(infer)
+        infer["_meta_"] = meta  # s_sam reads channel_def from @_meta_; MONAI Label reads only this file
+        sam_file = None if variant == "tiny" else _sam_checkpoint(infer, sam_dir, name)
+        atomic_write_json(infer, tmp / "configs" / "inference.json")
+        atomic_write_json(meta, tmp / "configs" / "metadata.json")
+        if (source / "configs" / "train.json").is_file():
+            train = merged_config(source, ["train.json", *spec.extra_configs, *demo], {**APP_TRAIN_OVERRIDES, **spec.train_overrides})
+            train["_meta_"] = meta
+            atomic_write_json(train, tmp / "configs" / "train.json")
+        for stale in ("demo.json", "box_prompt.json", "automatic.json"):
+            (tmp / "configs" / stale).unlink(missing_ok=True)
+        write_initial_model(tmp, ["inference.json"], out=tmp / "models" / "model.pt", sam_checkpoint=sam_file, seed=seed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------
+# datastore
+# ------------------------------------------------------------------------------------------
+def write_studies(
+    studies: str | os.PathLike, num: int = 4, seed: int = 0, shape: str | Sequence[int] = (64, 64, 24)
+) -> list[Path]:
+    """Phantom CT volumes with labels in MONAI Label's local datastore layout.
+
+    Images go to ``studies/phantom_XXX.nii.gz``, their BTCV-id label maps to
+    ``studies/labels/final/phantom_XXX.nii.gz``.
+
+    Args:
+        studies: the datastore folder (created).
+        num: number of volumes (>= 3).
+        seed: phantom seed (``tools.demo_data``).
+        shape: ``(H, W, D)`` of each volume.
+
+    Returns:
+        The image paths.
+    """
+    from tools.demo_data import write_demo_dataset
+
+    studies = Path(studies)
+    final = studies / "labels" / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    scratch = studies.parent / f".{studies.name}.phantoms"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        datalist = json.loads(write_demo_dataset(scratch, num=num, seed=seed, shape=shape, progress=False).read_text())
+        images = []
+        for entry in datalist["training"] + datalist["validation"] + datalist["test"]:
+            image = studies / Path(entry["image"]).name
+            os.replace(scratch / entry["image"], image)
+            os.replace(scratch / entry["label"], final / image.name)
+            images.append(image)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return images
+
+
+# ------------------------------------------------------------------------------------------
+# app
+# ------------------------------------------------------------------------------------------
+ERRORS_MODULE = "sam_bundles_errors"
+ERRORS_SOURCE = '''"""Clear error answers for MONAI Label (written by ``python -m tools label_app``).
+
+MONAI Label answers a request that fails inside the app (unknown model, unreadable volume, malformed
+prompts) with a bare "500 Internal Server Error". This module adds one exception handler to MONAI
+Label's own FastAPI app, so the client gets ``{"detail": "<Error>: <message>"}`` with status 400 for
+bad input and 500 otherwise; the server keeps serving. Use it with
+``monailabel start_server ... --uvicorn_app sam_bundles_errors:app`` (this folder on ``PYTHONPATH``).
+"""
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from monailabel.app import app
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+
+try:
+    from nibabel.filebasedimages import ImageFileError
+except ImportError:  # pragma: no cover
+    ImageFileError = ValueError
+
+__all__ = ["app"]
+
+BAD_INPUT = (ValueError, KeyError, FileNotFoundError, ImageFileError)
+
+
+def _chain(exc):
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def status_and_message(exc):
+    """HTTP status and one-line message for an exception raised while serving a request."""
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, MONAILabelException):
+            status = 400 if e.error == MONAILabelError.INVALID_INPUT else 500
+            return status, f"{e.error.value}: {e.msg}"
+    for e in chain:
+        if isinstance(e, BAD_INPUT):
+            return 400, f"{type(e).__name__}: {e}"
+    return 500, f"{type(exc).__name__}: {exc}"
+
+
+@app.exception_handler(Exception)
+async def error_message(request: Request, exc: Exception) -> JSONResponse:
+    status, message = status_and_message(exc)
+    return JSONResponse(status_code=status, content={"detail": message})
+'''
+
+def _names(models: str | Sequence[str] | None) -> list[str]:
+    if models is None:
+        return list(APP_MODELS)
+    names = [m.strip() for m in models.split(",")] if isinstance(models, str) else [str(m).strip() for m in models]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in APP_MODELS]
+    if unknown or not names:
+        raise ValueError(f"models must be names from {sorted(APP_MODELS)}, got {models!r}.")
+    return list(dict.fromkeys(names))
+
+
+def start_server_command(
+    app: str | os.PathLike,
+    studies: str | os.PathLike,
+    models: Sequence[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    monailabel: str = "monailabel",
+) -> list[str]:
+    """The ``monailabel start_server`` command line for an assembled app (run with ``app`` on ``PYTHONPATH``).
+
+    ``--uvicorn_app sam_bundles_errors:app`` is MONAI Label's app with clear error answers (see
+    :data:`ERRORS_SOURCE`), ``zoo_source github`` keeps MONAI Label from asking the model-zoo host (local bundle folders
+    are used as they are), ``sam2 false`` skips its SAM2 models (they download weights).
+    """
+    return [
+        monailabel, "start_server",
+        "--uvicorn_app", f"{ERRORS_MODULE}:app",
+        "--app", str(app),
+        "--studies", str(studies),
+        "--conf", "models", ",".join(models),
+        "--conf", "zoo_source", "github",
+        "--conf", "sam2", "false",
+        "--conf", "preload", "false",
+        "--host", str(host),
+        "--port", str(int(port)),
+    ]
+
+
+def build_label_app(
+    out: str | os.PathLike,
+    models: str | Sequence[str] | None = None,
+    variant: str = "tiny",
+    sam_dir: str | os.PathLike | None = None,
+    studies: str | os.PathLike | None = None,
+    num_studies: int = 4,
+    seed: int = 0,
+    shape: str | Sequence[int] = (64, 64, 24),
+    sample_app: str | os.PathLike | None = None,
+    monailabel_python: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Assemble the app folder (see the module docstring).
+
+    Args:
+        out: app folder to write.
+        models: comma-separated names or a list from :data:`APP_MODELS` (default: all).
+        variant: ``tiny`` (demo settings, CPU, no SAM weights needed) or ``paper``.
+        sam_dir: folder with the official SAM checkpoints (``paper``).
+        studies: existing datastore folder to serve; default ``out/studies`` with phantoms.
+        num_studies: phantom volumes written to ``out/studies`` when ``studies`` is not given (0: none).
+        seed: seed of the phantoms and of the initial weights.
+        shape: phantom volume shape.
+        sample_app: MONAI Label's ``monaibundle`` folder (default: found in the MONAI Label install).
+        monailabel_python: Python of the MONAI Label environment (to find the sample app).
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        ``{"app", "studies", "models", "command"}`` (command: the start_server argument list).
+    """
+    out = Path(out)
+    names = _names(models)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"app folder '{out}' exists and is not empty; pass --overwrite to replace it.")
+        shutil.rmtree(out)
+    app_src = Path(sample_app) if sample_app else find_sample_app(monailabel_python)
+    if not (app_src / "main.py").is_file():
+        raise FileNotFoundError(f"sample_app '{app_src}' has no main.py (expected MONAI Label's monaibundle app).")
+    shutil.copytree(app_src, out, ignore=shutil.ignore_patterns("logs", "model", "__pycache__"), dirs_exist_ok=True)
+    model_dir = out / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        assemble_bundle(name, model_dir, variant=variant, sam_dir=sam_dir, seed=seed)
+    if studies is None:
+        studies = out / "studies"
+        studies.mkdir(parents=True, exist_ok=True)
+        if num_studies:
+            write_studies(studies, num=num_studies, seed=seed, shape=shape)
+    atomic_write_text(out / f"{ERRORS_MODULE}.py", ERRORS_SOURCE)
+    command = start_server_command(out.resolve(), Path(studies).resolve(), names)
+    script = (
+        "#!/usr/bin/env bash\n# generated by python -m tools label_app; extra arguments go to monailabel start_server\n"
+        f"set -euo pipefail\nexport PYTHONPATH={shlex.quote(str(out.resolve()))}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+        + shlex.join(command) + ' "$@"\n'
+    )
+    atomic_write_text(out / "start_server.sh", script)
+    (out / "start_server.sh").chmod(0o755)
+    return {"app": str(out), "studies": str(studies), "models": names, "command": command}
+
+
+def main(
+    out: str,
+    models: str | Sequence[str] | None = None,
+    variant: str = "tiny",
+    sam_dir: str | None = None,
+    studies: str | None = None,
+    num_studies: int = 4,
+    seed: int = 0,
+    shape: str = "64,64,24",
+    sample_app: str | None = None,
+    monailabel_python: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """``python -m tools label_app``: assemble the app; returns (fire prints) the start_server command."""
+    result = build_label_app(
+        out, models=models, variant=variant, sam_dir=sam_dir, studies=studies, num_studies=num_studies, seed=seed,
+        shape=shape, sample_app=sample_app, monailabel_python=monailabel_python, overwrite=overwrite,
+    )
+    return shlex.join(result["command"])
