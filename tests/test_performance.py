@@ -194,3 +194,38 @@ def test_gradient_checkpointing_keeps_outputs_and_gradients(name):
     assert g0 and g0.keys() == g1.keys()
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------- dataset_type switch
+BUNDLES = ["ma_sam", "med_sa", "s_sam", "h_sam", "sam3d_adapter"]
+
+
+def _first_batch(bundle: str, data_dir: Path, dataset_type: str, cache_dir: Path) -> dict:
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    root = REPO / "bundles" / bundle
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "train.json"), str(root / "configs" / "demo.json")])
+    parser.read_meta(str(root / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(root), "dataset_dir": str(data_dir), "dataset_type": dataset_type,
+                   "persistent_cache_dir": str(cache_dir), "num_workers": 0})
+    parser["train#datalist"] = parser.get_parsed_content("train#datalist")[:1]  # one volume is enough
+    set_determinism(seed=0)
+    try:
+        loader = parser.get_parsed_content("train#dataloader")
+        assert type(loader.dataset).__name__ == dataset_type
+        return next(iter(loader))
+    finally:
+        set_determinism(seed=None)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_dataset_types_give_the_same_first_batch(bundle, demo_data, tmp_path):
+    batches = {t: _first_batch(bundle, demo_data, t, tmp_path / "cache") for t in ("CacheDataset", "Dataset", "PersistentDataset")}
+    assert any((tmp_path / "cache" / "train").iterdir())  # PersistentDataset wrote its cache there
+    ref = batches["CacheDataset"]
+    for t, batch in batches.items():
+        assert batch.keys() == ref.keys(), t
+        for k in ("image", "label"):
+            torch.testing.assert_close(torch.as_tensor(batch[k]), torch.as_tensor(ref[k]), msg=lambda m, t=t, k=k: f"{t} {k}: {m}")
