@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -284,6 +285,45 @@ def _serve_preprocessing(config: dict[str, Any]) -> None:
     pre["transforms"] = out
 
 
+def _rename_refs(node: Any, pattern: "re.Pattern[str]", new: str) -> Any:
+    if isinstance(node, str):
+        return pattern.sub(new, node)
+    if isinstance(node, list):
+        return [_rename_refs(v, pattern, new) for v in node]
+    if isinstance(node, dict):
+        return {k: _rename_refs(v, pattern, new) for k, v in node.items()}
+    return node
+
+
+def _expose_dataset_data(config: dict[str, Any], section: str) -> None:
+    """Give ``<section>#dataset#data`` a place in the train config: MONAI Label sets the datastore's list there.
+
+    A dataset written as a component (``{"_target_": ..., "data": ...}``) already has it. A dataset
+    built by an expression (e.g. ``"$getattr(monai.data, @dataset_type)(@train#datalist, ...)"``)
+    becomes ``<section>#dataset = {"data": @<section>#datalist}`` plus ``<section>#dataset_built``, the
+    same expression reading ``@<section>#dataset#data``; references to the dataset follow it.
+    """
+    sec = config.get(section)
+    if not isinstance(sec, dict) or "dataset" not in sec:
+        return
+    dataset = sec["dataset"]
+    if isinstance(dataset, dict) and "data" in dataset:
+        return
+    datalist = f"@{section}#datalist"
+    if not (isinstance(dataset, str) and dataset.startswith("$") and datalist in dataset):
+        raise ValueError(
+            f"train config: '{section}#dataset' must be a component with 'data' or an expression using {datalist}, "
+            f"got {dataset!r}."
+        )
+    built = f"{section}#dataset_built"
+    pattern = re.compile(rf"@{re.escape(section)}#dataset(?![#\w])")
+    renamed = _rename_refs({k: v for k, v in config.items()}, pattern, f"@{built}")
+    config.clear()
+    config.update(renamed)
+    config[section]["dataset"] = {"data": datalist}
+    config[section]["dataset_built"] = dataset.replace(datalist, f"@{section}#dataset#data")
+
+
 def _sam_checkpoint(config: Mapping[str, Any], sam_dir: str | os.PathLike | None, name: str) -> str | None:
     """The official SAM file for the config's ``variant`` in ``sam_dir`` (``None`` for ``tiny``)."""
     from shared_nets.sam.variants import get_variant
@@ -353,6 +393,8 @@ def assemble_bundle(
         if (source / "configs" / "train.json").is_file():
             train = merged_config(source, ["train.json", *spec.extra_configs, *demo], {**APP_TRAIN_OVERRIDES, **spec.train_overrides})
             train["_meta_"] = meta
+            for section in ("train", "validate"):
+                _expose_dataset_data(train, section)
             atomic_write_json(train, tmp / "configs" / "train.json")
         for stale in ("demo.json", "box_prompt.json", "automatic.json"):
             (tmp / "configs" / stale).unlink(missing_ok=True)
