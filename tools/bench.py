@@ -43,8 +43,13 @@ minutes on 2 cores. CUDA defaults are the bundles' real settings (``train.json``
 ``demo.json``: ViT-H at 512² for MA-SAM, ViT-B at 128³/512² for 3DSAM-adapter, ...), a
 512×512×64 volume, DynUNet/SwinUNETR on 96³, and SDPA comparisons of ViT-B and ViT-H encoders at
 1024². A measurement that runs out of memory is reported as ``OOM``, others that fail as
-``error``; the run goes on. Not measured yet (issue 10): AMP, gradient checkpointing, and data
-loading with/without ``CacheDataset``.
+``error``; the run goes on.
+
+Also measured (issue 10): the training step with each memory switch (none / gradient
+checkpointing / AMP / both; AMP only on CUDA, where MONAI's trainers autocast), the train
+dataloader of each ``dataset_type`` (Dataset / CacheDataset / PersistentDataset) on a phantom
+data set, and the re-prompt cost of interactive bundles both timed (tiny configs) and counted in
+FLOPs at the real sizes (fake tensors, :func:`reprompt_flops`).
 """
 
 from __future__ import annotations
@@ -71,8 +76,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-
-from shared_nets.nets.med_sa import MEDSA_OFFICIAL_CODE_SETTINGS
 
 __all__ = [
     "BundleSpec",
@@ -124,10 +127,15 @@ BUNDLE_SPECS: dict[str, BundleSpec] = {
 }
 _GENERIC_SPEC = BundleSpec(lambda n: ())
 
-#: further network settings whose re-prompt cost is measured beside the configured one
-REPROMPT_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "med_sa": {"official code": dict(MEDSA_OFFICIAL_CODE_SETTINGS)},  # its keys are the bundle's config keys
-}
+DATASET_TYPES = ("Dataset", "CacheDataset", "PersistentDataset")
+
+def reprompt_settings(bundle: str) -> dict[str, dict[str, Any]]:
+    """Further network settings (config overrides) whose re-prompt cost is measured beside the configured one."""
+    if bundle == "med_sa":
+        from shared_nets.nets.med_sa import MEDSA_OFFICIAL_CODE_SETTINGS
+
+        return {"official code": dict(MEDSA_OFFICIAL_CODE_SETTINGS)}  # its keys are the bundle's config keys
+    return {}
 
 
 # ------------------------------------------------------------------------------------------
@@ -686,8 +694,12 @@ class _Bench:
         net.train()
         row["train"] = self.timed(step)
         row["state_mb"] = _state_mb(net, optimizer)
-        del optimizer, loss_fn, x, y
+        del optimizer, loss_fn
         net.eval()
+        _free(self.device)
+        if s["switches"]:
+            row["switches"] = self._train_switches(root, train_cfgs, ov, tp, x, y, takes_label)
+        del x, y
         _free(self.device)
 
         # one volume through the bundle's own inferer (first click: caches cleared before each call)
@@ -705,7 +717,7 @@ class _Bench:
                 if _clear_embedding_caches(infer_net):  # interactive: a new click on the same image
                     row["reprompt"] = [self._reprompt_setting(root, "default", {}, infer_net, inferer, volume, mask, keys, row)]
                     row["infer_reprompt"] = row["reprompt"][0]["reprompt"]
-                    for setting, extra in REPROMPT_SETTINGS.get(name, {}).items():
+                    for setting, extra in reprompt_settings(name).items():
                         try:
                             net2 = _parser(root, infer_cfgs, {**ov, **extra}).get_parsed_content("network").eval()
                         except Exception as err:
@@ -719,6 +731,59 @@ class _Bench:
         del net
         _free(self.device, collect=True)
         return row
+
+    def _train_switches(
+        self, root: Path, cfgs: list[str], ov: dict[str, Any], tp, x: torch.Tensor, y: torch.Tensor, takes_label: bool
+    ) -> dict[str, Any]:
+        """Training step with each memory switch: none / gradient checkpointing / AMP / both.
+
+        Networks are rebuilt from the configs with ``gradient_checkpointing`` overridden; AMP is
+        ``torch.autocast("cuda", dtype=amp_dtype)`` with a ``GradScaler`` for float16, as MONAI's
+        trainer does with the configs' ``amp_kwargs``. MONAI's trainers autocast on CUDA only, so
+        on CPU the AMP rows are not applicable. The four calls are timed in alternation.
+        """
+        out: dict[str, Any] = {"amp_dtype": str(_value(tp, "amp_dtype", "float16"))}
+        has_ckpt = "gradient_checkpointing" in tp
+        if not has_ckpt:
+            out["note"] = "no gradient_checkpointing key in train.json"
+        amp_dtype = getattr(torch, out["amp_dtype"], torch.float16)
+        cuda = self.device == "cuda"
+        fns: dict[str, Callable[[], Any]] = {}
+        keep: list[Any] = []
+        for ckpt in ((False, True) if has_ckpt else (False,)):
+            try:
+                p = _parser(root, cfgs, {**ov, "gradient_checkpointing": ckpt} if has_ckpt else ov)
+                net, loss_fn, opt = (p.get_parsed_content(k) for k in ("network", "loss", "optimizer"))
+            except Exception as err:
+                out[f"ckpt={ckpt}"] = {"error": _one_line(err)}
+                continue
+            net.train()
+            core = _unwrap(net)
+            keep.append((net, loss_fn, opt))
+            for amp in ((False, True) if cuda else (False,)):
+                scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
+
+                def step(net=net, core=core, loss_fn=loss_fn, opt=opt, amp=amp, scaler=scaler) -> None:
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast("cuda", dtype=amp_dtype, enabled=amp):
+                        pred = core(x, label=y) if takes_label else net(x)
+                        loss = loss_fn(pred, y)
+                    if scaler is None:
+                        loss.backward()
+                        opt.step()
+                    else:
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+
+                fns[("grad-ckpt" if ckpt else "none") if not amp else ("both" if ckpt else "AMP")] = step
+        out.update(self.timed_many(fns))
+        if not cuda:
+            for k in ("AMP", "both"):
+                out[k] = {"error": "n/a on CPU (MONAI trainers autocast on CUDA only)"}
+        del keep, fns
+        _free(self.device, collect=True)
+        return out
 
     def _reprompt_setting(
         self, root: Path, setting: str, extra: dict[str, Any], net: nn.Module, inferer: Any, volume: Phantom,
@@ -829,6 +894,47 @@ class _Bench:
         row["encoder"] = enc_row
         del peft_net, encoder, fns
         _free(self.device)
+
+    # -- data loading ------------------------------------------------------------------------
+    def demo_dir(self) -> Path:
+        """Phantom data set (``tools.demo_data``) written once per run into a temporary folder."""
+        if getattr(self, "_demo", None) is None:
+            from tools.demo_data import write_demo_dataset
+
+            self._demo = tempfile.TemporaryDirectory(prefix="bench_demo_")
+            write_demo_dataset(self._demo.name, num=self.s["data_num"], seed=self.s["seed"], shape=self.s["data_shape"], progress=False)
+        return Path(self._demo.name)
+
+    def data_loading(self, name: str) -> dict[str, Any]:
+        """Train dataloader of each ``dataset_type`` (train.json + demo.json on the phantom data set):
+        construction time (the cache fill), first and later epoch time, seconds per batch."""
+        from monai.bundle import ConfigParser
+
+        root = Path(self.s["bundles_dir"]) / name
+        if "dataset_type" not in ConfigParser.load_config_file(str(root / "configs" / "train.json")):
+            return {"error": "no dataset_type key in train.json"}
+        out: dict[str, Any] = {}
+        for kind in DATASET_TYPES:
+            with tempfile.TemporaryDirectory(prefix="bench_cache_") as cache:
+                ov = {"bundle_root": str(root), "dataset_dir": str(self.demo_dir()), "dataset_type": kind,
+                      "persistent_cache_dir": cache, "device": "$torch.device('cpu')", "sam_checkpoint": None}
+                try:
+                    parser = _parser(root, ["train.json", "demo.json"], ov)
+                    torch.manual_seed(self.s["seed"])
+                    t0 = time.perf_counter()
+                    loader = parser.get_parsed_content("train#dataloader")
+                    row: dict[str, Any] = {"build_s": time.perf_counter() - t0, "epochs_s": []}
+                    for _ in range(max(2, self.s["data_epochs"])):
+                        t0 = time.perf_counter()
+                        batches = sum(1 for _ in loader)
+                        row["epochs_s"].append(time.perf_counter() - t0)
+                    row["batches"] = batches
+                    row["batch_s"] = statistics.median(row["epochs_s"][1:]) / max(1, batches)
+                    out[kind] = row
+                    del loader, parser
+                except Exception as err:
+                    out[kind] = {"error": _one_line(err)}
+        return out
 
     # -- MONAI peers -------------------------------------------------------------------------
     def monai_peer(self, name: str) -> dict[str, Any]:
@@ -1023,6 +1129,11 @@ def run_bench(
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
     note: str | None = None,
+    switches: bool = True,
+    data_loading: bool = True,
+    data_num: int = 9,
+    data_shape: Sequence[int] = (96, 96, 48),
+    data_epochs: int = 3,
 ) -> dict[str, Any]:
     """Run the benchmark and (unless ``out`` is None) write ``<out>.json`` and ``<out>.md``.
 
@@ -1053,6 +1164,15 @@ def run_bench(
         seed: phantom seed.
         overrides: extra config overrides applied to every bundle (e.g. ``{"fact_rank": 8}``).
         note: a sentence about the run printed at the top of the report (e.g. machine load).
+        switches: also time the training step with each memory switch (none / gradient
+            checkpointing / AMP / both; AMP on CUDA only).
+        data_loading: also time each bundle's train dataloader with every ``dataset_type``
+            (Dataset, CacheDataset, PersistentDataset) on a phantom data set (always the demo
+            configs: the phantoms are what they are written for).
+        data_num: phantom volumes written for that (about 2/3 are training cases).
+        data_shape: their shape ``(H, W, D)``.
+        data_epochs: epochs iterated per dataset type (the first fills caches; the median of
+            the others is reported).
 
     Returns:
         The results dictionary (also the JSON written).
@@ -1097,6 +1217,8 @@ def run_bench(
         "sdpa_block_size": 1024 if sdpa_block_size is None else int(sdpa_block_size),
         "sdpa_block_backward": cuda if sdpa_block_backward is None else bool(sdpa_block_backward),
         "warmup": warmup, "repeat": repeat, "min_time": float(min_time), "seed": seed, "overrides": overrides,
+        "switches": bool(switches), "data_loading": bool(data_loading), "data_num": int(data_num),
+        "data_shape": [int(v) for v in data_shape], "data_epochs": int(data_epochs),
     }
     torch.manual_seed(seed)
     t_start = time.time()
@@ -1119,6 +1241,12 @@ def run_bench(
             row = bench.bundle(name)
         except Exception as err:  # never let one bundle end the run
             row = {"bundle": name, "status": "skipped", "error": _one_line(err), "notes": [traceback.format_exc(limit=2)]}
+        if settings["data_loading"] and row.get("status") != "skipped":
+            _progress(t_start, f"data loading {name}")
+            try:
+                row["data_loading"] = bench.data_loading(name)
+            except Exception as err:
+                row["data_loading"] = {"error": _one_line(err)}
         result["bundles"].append(row)
     for peer in peer_names:
         if peer != "sam":
@@ -1233,6 +1361,8 @@ SAM_COLUMNS = ["stock SAM", "params", "encoder fwd", "encoder peak MB", "prompt�
 ENCODER_COLUMNS = ["bundle", "PEFT setting", "PEFT layers", "stock encoder fwd", "unmerged ×", "merged ×", "adapters (unmergeable)"]
 REPROMPT_COLUMNS = ["bundle", "setting", "first click (volume)", "re-prompt", "measured ×", "encoder runs",
                     "cached vs uncached", "real-size × (FLOPs)", "cached share"]
+SWITCH_COLUMNS = ["bundle", "none MB", "none", "grad-ckpt MB", "grad-ckpt", "AMP MB", "AMP", "both MB", "both", "amp_dtype", "note"]
+DATA_COLUMNS = ["bundle", "batches", "Dataset", "CacheDataset", "×", "PersistentDataset", "×", "batch ÷ train step"]
 SDPA_COLUMNS = ["what", "attention", "forward", "× stock", "fwd peak MB", "× stock mem", "fwd+bwd", "× stock", "fwd+bwd peak MB", "× stock mem"]
 
 
@@ -1328,6 +1458,65 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += _table(ENCODER_COLUMNS, rows)
     rows = []
     for r in result["bundles"]:
+        sw = r.get("switches")
+        if not sw or ("grad-ckpt" not in sw and "time_s" not in (sw.get("AMP") or {})):
+            continue  # nothing to compare (listed under Notes)
+        cells = [r["bundle"]]
+        base = sw.get("none")
+        for k in ("none", "grad-ckpt", "AMP", "both"):
+            m = sw.get(k)
+            if not isinstance(m, dict):
+                cells += ["–", "–"]
+            elif "error" in m:
+                cells += ["n/a" if m["error"].startswith("n/a") else ("OOM" if m["error"] == "OOM" else "error"), "–"]
+            else:
+                x_mem = ""
+                if k != "none" and isinstance(base, dict) and base.get("peak_mb") and m.get("peak_mb") is not None:
+                    x_mem = f" ({m['peak_mb'] / base['peak_mb']:.2f}×)"
+                cells += [f"{_fmt_mb(m)}{x_mem}", _fmt_t(m)]
+        rows.append(cells + [sw.get("amp_dtype", "–"), sw.get("note", "")])
+    if rows:
+        lines += ["", "## Training memory switches (train step peak MB and time; × = peak ÷ no switch)", ""]
+        lines += _table(SWITCH_COLUMNS, rows)
+        lines += ["", "Each bundle's train configs with `gradient_checkpointing` and AMP (`amp`, `amp_dtype` → MONAI "
+                  "`amp_kwargs`) switched; same batch as the Bundles table. MONAI's trainers autocast on CUDA only, "
+                  "so the AMP columns are n/a on CPU; the CUDA figures (ViT-B/H at the real sizes) are pending a "
+                  "GPU run: `python -m tools bench --device cuda`. Frozen weights: validation wraps the same "
+                  "module as training (`validate#network` is `@network`, or a `Sequential` around it), so one copy "
+                  "of the frozen SAM weights serves both; under DDP every rank holds its own copy (separate "
+                  "processes/GPUs) but frozen parameters are outside DDP's gradient buckets (no all-reduce, no "
+                  "gradient memory)."]
+    rows = []
+    for r in result["bundles"]:
+        dl = r.get("data_loading")
+        if not dl or "error" in dl:
+            continue  # listed under Notes
+        ref = (dl.get("Dataset") or {}).get("batch_s")
+        cells = [r["bundle"], str((dl.get("Dataset") or {}).get("batches", "–"))]
+        for kind in DATASET_TYPES:
+            m = dl.get(kind) or {}
+            if "error" in m:
+                cells += ["error"] + ([] if kind == "Dataset" else ["–"])
+                continue
+            t = m.get("batch_s")
+            cells.append(f"{t * 1000:.1f} ms (build {m['build_s']:.2f} s, 1st epoch {m['epochs_s'][0]:.2f} s)")
+            if kind != "Dataset":
+                cells.append(_fmt_x(_ratio(t, ref)))
+        train = _t(r.get("train"))
+        cache_t = (dl.get("CacheDataset") or {}).get("batch_s")
+        cells.append(_fmt_x(_ratio(cache_t, train)) if train else "–")
+        rows.append(cells)
+    if rows:
+        s_ = result["settings"]
+        lines += ["", "## Data loading (train dataloader per batch, later epochs; × = ÷ plain Dataset)", ""]
+        lines += _table(DATA_COLUMNS, rows)
+        lines += ["", f"Each bundle's `train#dataloader` with `dataset_type` switched, on {s_.get('data_num')} phantoms of "
+                  f"{s_.get('data_shape')} (train.json + demo.json, their `num_workers`), {s_.get('data_epochs')} epochs: "
+                  "build = constructing the dataset (CacheDataset fills its cache there), 1st epoch (PersistentDataset "
+                  "writes its cache there), per batch = median of the later epochs. Batch ÷ train step compares the "
+                  "CacheDataset batch with the Bundles table's train step (< 1: loading is not the bottleneck)."]
+    rows = []
+    for r in result["bundles"]:
         for rp in r.get("reprompt") or []:
             if "error" in rp:
                 rows.append([r["bundle"], rp["setting"], f"error: {rp['error']}"] + ["–"] * (len(REPROMPT_COLUMNS) - 3))
@@ -1369,6 +1558,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         measured = {k: r.get(k) for k in ("train", "infer", "infer_reprompt")}
         measured.update({f"encoder {k}": v for k, v in (r.get("encoder") or {}).items() if isinstance(v, dict)})
         msgs += [f"{k}: {v['error']}" for k, v in measured.items() if isinstance(v, dict) and "error" in v]
+        if (r.get("switches") or {}).get("note"):
+            msgs.append(f"memory switches: {r['switches']['note']}")
+        if "error" in (r.get("data_loading") or {}):
+            msgs.append(f"data loading: {r['data_loading']['error']}")
         if msgs:
             notes.append(f"- {r['bundle']}: " + "; ".join(msgs))
     notes += [f"- {k}: {p.get('error')}" for k, p in ((p["name"], p) for p in result["peers"]["monai"]) if p.get("error")]

@@ -56,6 +56,7 @@ def result(tmp_path_factory):
             bundles="dummy,broken,ma_sam", bundles_dir=bundles, img_size=32, batch_size=1,
             volume_shape=(32, 32, 8), peers=("sam", "dynunet"), peer_roi=(32, 32, 8), peer_batch=1,
             sdpa_block_size=32, warmup=0, repeat=1, min_time=0.0, threads=1, out=out,
+            data_num=3, data_shape=(32, 32, 8), data_epochs=2,
         )
     finally:
         torch.set_num_threads(threads)
@@ -167,3 +168,18 @@ def test_bad_arguments(kwargs, match):
 
 def test_registered_as_a_tools_command():
     assert tools_main.resolve("bench") is bench.main
+
+
+def test_switch_and_data_loading_rows(result):
+    res, out = result
+    row = next(r for r in res["bundles"] if r["bundle"] == "ma_sam")
+    sw = row["switches"]
+    assert sw["none"]["time_s"] > 0 and sw["grad-ckpt"]["time_s"] > 0
+    assert sw["AMP"]["error"].startswith("n/a")  # CPU: MONAI autocasts on CUDA only
+    dl = row["data_loading"]
+    assert {k: dl[k]["batches"] for k in bench.DATASET_TYPES} == {k: dl["Dataset"]["batches"] for k in bench.DATASET_TYPES}
+    assert all(dl[k]["batch_s"] > 0 for k in bench.DATASET_TYPES)
+    dummy = next(r for r in res["bundles"] if r["bundle"] == "dummy")
+    assert "gradient_checkpointing" in dummy["switches"]["note"] and "error" in dummy["data_loading"]
+    md = out.with_suffix(".md").read_text()
+    assert "## Training memory switches" in md and "## Data loading" in md
