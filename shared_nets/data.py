@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist
+from monai.transforms import LoadImaged as _MonaiLoadImaged
 from monai.transforms import MapTransform
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "SkippingDataset",
     "SKIPPED_KEY",
     "root_cause",
+    "LoadImaged",
 ]
 
 
@@ -69,41 +71,59 @@ def load_datalist(path: str | os.PathLike, key: str = "training", base_dir: str 
     return items
 
 
-def _nifti_shape(fn: str) -> tuple[int, ...] | None:
+def _nifti_header(fn: str):
+    """(shape, affine) of a NIfTI file from its header, or None for other formats."""
     if not fn.endswith((".nii", ".nii.gz")):
         return None
     import nibabel as nib
 
     try:
-        return tuple(int(s) for s in nib.load(fn).shape)
+        img = nib.load(fn)
+        return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
     except Exception as e:  # nibabel raises many types on corrupt headers
         raise DataError(f"'{fn}' is not a readable NIfTI file ({type(e).__name__}: {e}).") from None
 
 
 def check_volumes(items: Sequence[Mapping[str, Any]], image_key: str = "image", label_key: str | None = "label",
-                  min_depth: int | None = None, spatial_dims: int = 3, num_classes: int | None = None) -> list[Mapping[str, Any]]:
+                  min_depth: int | None = None, spatial_dims: int = 3, num_classes: int | None = None,
+                  channels: int = 1, affine_atol: float = 1e-3) -> list[Mapping[str, Any]]:
     """Check the NIfTI files of a datalist before any training starts.
 
-    Checks (headers only) that images are ``spatial_dims``-D (a trailing channel axis is allowed),
-    have at least ``min_depth`` slices along the last spatial axis, and that labels match the image
-    grid; with ``num_classes`` (incl. background) it also reads each label and checks its values.
-    Returns ``items`` so configs can wrap a datalist in it.
+    Checks (headers only) that images are ``spatial_dims``-D with ``channels`` channels (a trailing
+    channel axis is allowed), not empty, with at least ``min_depth`` slices along the last spatial axis,
+    and that labels lie on the image grid (same shape and affine); with ``num_classes`` (incl.
+    background) it also reads each label and checks its values. Returns ``items`` so configs can wrap a
+    datalist in it.
     """
     for item in items:
         fn = item[image_key]
-        shape = _nifti_shape(fn) if isinstance(fn, str) else None
-        if shape is None:
+        header = _nifti_header(fn) if isinstance(fn, str) else None
+        if header is None:
             continue
-        spatial = shape[:spatial_dims] if len(shape) > spatial_dims else shape
-        if len(spatial) < spatial_dims or (len(shape) > spatial_dims and any(s > 1 for s in shape[spatial_dims + 1 :])):
+        shape, affine = header
+        spatial, extra = shape[:spatial_dims], shape[spatial_dims:]
+        if len(spatial) < spatial_dims:
             raise DataError(f"image '{fn}' has shape {shape}; expected a {spatial_dims}D volume.")
+        if int(np.prod(extra, dtype=np.int64)) != channels:
+            raise DataError(f"image '{fn}' has shape {shape} ({int(np.prod(extra))} channels); expected a {spatial_dims}D "
+                            f"volume with {channels} channel{'s' if channels > 1 else ''}.")
+        if min(spatial) == 0:
+            raise DataError(f"image '{fn}' is empty (shape {shape}).")
         if min_depth is not None and spatial[-1] < min_depth:
             raise DataError(f"image '{fn}' has {spatial[-1]} slices along the last axis; expected at least {min_depth}.")
         if label_key and isinstance(item.get(label_key), str):
-            lshape = _nifti_shape(item[label_key])
-            if lshape is not None and tuple(lshape[:spatial_dims]) != tuple(spatial):
+            lheader = _nifti_header(item[label_key])
+            if lheader is None:
+                continue
+            lshape, laffine = lheader
+            if tuple(lshape[:spatial_dims]) != tuple(spatial):
                 raise DataError(f"label '{item[label_key]}' has shape {lshape}; expected the image's {tuple(spatial)} ('{fn}').")
-            if lshape is not None and num_classes is not None:
+            if not np.allclose(laffine, affine, atol=affine_atol):
+                raise DataError(
+                    f"label '{item[label_key]}' has another affine than its image '{fn}' (max difference "
+                    f"{np.abs(laffine - affine).max():.4g}); expected both on the same grid (resample the label to the image)."
+                )
+            if num_classes is not None:
                 import nibabel as nib
 
                 values = np.unique(np.asarray(nib.load(item[label_key]).dataobj))
@@ -113,6 +133,20 @@ def check_volumes(items: Sequence[Mapping[str, Any]], image_key: str = "image", 
                         f"[0, {num_classes - 1}] for {num_classes} classes (map labels with MapLabelValued first)."
                     )
     return list(items)
+
+
+class LoadImaged(_MonaiLoadImaged):
+    """MONAI's ``LoadImaged`` whose errors name the file: a truncated or corrupt volume raises
+    :class:`DataError` ``'<file>' could not be read: <reason>`` instead of a reader error without a name."""
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except DataError:
+            raise
+        except Exception as e:  # readers raise OSError, EOFError, zlib errors, ValueError...
+            names = [str(data[k]) for k in self.key_iterator(dict(data))]
+            raise DataError(f"{', '.join(repr(n) for n in names)} could not be read as an image ({root_cause(e)}).") from None
 
 
 def source_name(x: Any) -> str:

@@ -4,6 +4,7 @@ loss guard, and running a bundle workflow in-process."""
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 import random
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
 from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
 
 from shared_nets.io import atomic_torch_save
@@ -21,6 +23,7 @@ __all__ = [
     "attach_checkpointing",
     "attach_divergence_guard",
     "CheckpointSaver",
+    "CheckpointLoader",
     "AtomicDiskSaver",
     "RNGState",
     "TrainingDiverged",
@@ -52,6 +55,33 @@ def _is_main_process() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class CheckpointLoader(_MonaiCheckpointLoader):
+    """MONAI's ``CheckpointLoader`` with one-line errors that name the file: a missing or unreadable file, or
+    a checkpoint of another method/variant/size (missing/unexpected/mis-shaped keys) instead of torch's
+    multi-line ``load_state_dict`` report. Same arguments as ``monai.handlers.CheckpointLoader``."""
+
+    def __call__(self, engine) -> None:
+        path = os.fspath(self.load_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint '{path}' does not exist; train the bundle first or write an initial "
+                                    "model.pt (`python -m tools init_model`).")
+        try:
+            super().__call__(engine)
+        except Exception as e:
+            text = " ".join(str(e).split())
+            if "Error(s) in loading state_dict" in text or isinstance(e, KeyError):
+                hint = [what for what, label in (("missing keys", "Missing key(s)"), ("unexpected keys", "Unexpected key(s)"),
+                                                 ("mis-shaped tensors", "size mismatch")) if label in text]
+                raise ValueError(
+                    f"checkpoint '{path}' does not fit this network ({', '.join(hint) or type(e).__name__}); expected a "
+                    "model.pt written by this bundle with the same variant, img_size and number of classes."
+                ) from None
+            if isinstance(e, (RuntimeError, EOFError, OSError)) or "pickl" in text.lower():  # truncated zip, bad pickle...
+                raise ValueError(f"checkpoint '{path}' is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                                 f"{text[:160]}).") from None
+            raise
 
 
 class TrainingDiverged(RuntimeError):
@@ -280,8 +310,6 @@ def attach_checkpointing(
     Returns:
         ``trainer``.
     """
-    from monai.handlers import CheckpointLoader
-
     loader = getattr(trainer, "data_loader", None)
     hook = getattr(trainer, "_process_function", None)  # a custom iteration_update may own a generator
     objects = {**save_dict, "trainer": trainer, "rng": RNGState(getattr(loader, "dataset", None), hook)}
@@ -303,8 +331,13 @@ def attach_checkpointing(
 
 class SkipBadInputs:
     """``iteration_update`` for a batch-inference ``SupervisedEvaluator`` fed by
-    :class:`shared_nets.data.SkippingDataset`: a batch that is a skip marker runs no network and no
-    post-processing (nothing is written for it); every skip is appended to ``report`` (JSON, atomic).
+    :class:`shared_nets.data.SkippingDataset`: one bad volume is reported and skipped, the rest are written.
+
+    A batch that is a skip marker (its loading/preprocessing failed), or whose forward raises a
+    ``ValueError`` (input-dependent errors such as prompts the network cannot take), runs no
+    post-processing, so nothing is written for it; each skip is logged and appended to ``report``
+    (JSON, atomic). Other errors (out of memory, bugs) stop the run as usual. When every input was
+    skipped the run fails at the end with the first reason, so a systematic problem is not an exit code 0.
 
     Args:
         report: JSON file listing the skipped inputs and why (e.g. ``eval/skipped.json``); None: log only.
@@ -313,21 +346,50 @@ class SkipBadInputs:
     def __init__(self, report: str | os.PathLike | None = None) -> None:
         self.report = os.fspath(report) if report is not None else None
         self.skipped: list[dict] = []
+        self.done = 0
+        self._engines: set[int] = set()
+
+    def _skip(self, names: Any, reasons: Any) -> None:
+        names = names if isinstance(names, (list, tuple)) else [names]
+        reasons = reasons if isinstance(reasons, (list, tuple)) else [reasons] * len(names)
+        self.skipped.extend({"image": str(n), "reason": str(r)} for n, r in zip(names, reasons))
+        if self.report is not None:
+            from shared_nets.io import atomic_write_json
+
+            atomic_write_json({"skipped": self.skipped}, self.report)
+
+    def _finish(self, engine) -> None:
+        if self.skipped and not self.done:
+            first = self.skipped[0]
+            from shared_nets.data import DataError
+
+            raise DataError(f"all {len(self.skipped)} inputs were skipped, nothing was written; first: "
+                            f"'{first['image']}': {first['reason']}")
 
     def __call__(self, engine, batch):
-        from shared_nets.data import SKIPPED_KEY
+        from ignite.engine import Events
 
+        from shared_nets.data import SKIPPED_KEY, root_cause
+
+        if id(engine) not in self._engines:
+            self._engines.add(id(engine))
+            engine.add_event_handler(Events.COMPLETED, self._finish)
         if isinstance(batch, dict) and SKIPPED_KEY in batch:
-            names, reasons = batch[SKIPPED_KEY], batch["reason"]
-            names = names if isinstance(names, (list, tuple)) else [names]
-            reasons = reasons if isinstance(reasons, (list, tuple)) else [reasons]
-            self.skipped.extend({"image": n, "reason": r} for n, r in zip(names, reasons))
-            if self.report is not None:
-                from shared_nets.io import atomic_write_json
-
-                atomic_write_json({"skipped": self.skipped}, self.report)
+            self._skip(batch[SKIPPED_KEY], batch["reason"])
             return None
-        return engine._iteration(engine, batch)
+        try:
+            output = engine._iteration(engine, batch)
+        except ValueError as e:  # input-dependent: report this volume, go on with the next
+            from shared_nets.data import source_name
+
+            image = batch.get("image") if isinstance(batch, dict) else None
+            name = source_name(image[0] if isinstance(image, (list, tuple)) else image)
+            reason = root_cause(e)
+            logging.getLogger(__name__).error("skipping '%s': %s", name, reason)
+            self._skip(name, reason)
+            return None
+        self.done += 1
+        return output
 
 
 def run_bundle_workflow(

@@ -1,0 +1,326 @@
+"""Bad input, clear errors, nothing lost: a table of bad inputs across the data checks, transforms,
+networks, checkpoints, prompts and tools. Each must fail with ONE line (the innermost error, which is
+what MONAI's wrappers chain to) that names the file or key and says what was expected.
+
+The same case ids make up the table in ``docs/reliability.md`` (checked below).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from shared_nets.data import root_cause
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPE = (16, 16, 8)
+
+
+def _nii(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> str:
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return str(path)
+
+
+def _pair(tmp: Path, image: np.ndarray | None = None, label: np.ndarray | None = None, label_affine=None) -> dict:
+    image = np.zeros(SHAPE, np.float32) if image is None else image
+    label = np.zeros(image.shape[:3], np.uint8) if label is None else label
+    return {"image": _nii(tmp / "img.nii.gz", image), "label": _nii(tmp / "lab.nii.gz", label, label_affine)}
+
+
+def _meta(arr: np.ndarray, name: str = "/data/case_7.nii.gz"):
+    from monai.data import MetaTensor
+
+    return MetaTensor(torch.as_tensor(arr), meta={"filename_or_obj": name})
+
+
+# -- the cases: (id, description for the docs, function(tmp) that must raise, substrings of the message) --
+def datalist_missing(tmp):
+    from shared_nets.data import load_datalist
+
+    load_datalist(tmp / "nope.json")
+
+
+def datalist_not_json(tmp):
+    from shared_nets.data import load_datalist
+
+    (tmp / "bad.json").write_text("{ not json")
+    load_datalist(tmp / "bad.json")
+
+
+def datalist_no_split(tmp):
+    from shared_nets.data import load_datalist
+
+    (tmp / "d.json").write_text(json.dumps({"validation": []}))
+    load_datalist(tmp / "d.json", "training")
+
+
+def datalist_entry_without_label(tmp):
+    from shared_nets.data import load_datalist
+
+    item = _pair(tmp)
+    (tmp / "d.json").write_text(json.dumps({"training": [{"image": item["image"]}]}))
+    load_datalist(tmp / "d.json", "training", keys=["image", "label"])
+
+
+def datalist_file_does_not_exist(tmp):
+    from shared_nets.data import load_datalist
+
+    (tmp / "d.json").write_text(json.dumps({"training": [{"image": "gone/case_1.nii.gz"}]}))
+    load_datalist(tmp / "d.json", "training")
+
+
+def image_not_nifti(tmp):
+    from shared_nets.data import check_volumes
+
+    (tmp / "junk.nii.gz").write_bytes(b"this is not an image" * 10)
+    check_volumes([{"image": str(tmp / "junk.nii.gz")}], label_key=None)
+
+
+def image_truncated(tmp):
+    from shared_nets.data import LoadImaged
+
+    path = _nii(tmp / "cut.nii.gz", np.random.default_rng(0).random((32, 32, 32), dtype=np.float32))
+    blob = Path(path).read_bytes()
+    Path(path).write_bytes(blob[: len(blob) // 2])  # header intact, data cut: only a full read notices
+    LoadImaged(keys="image")({"image": path})
+
+
+def image_2d_for_3d_bundle(tmp):
+    from shared_nets.data import check_volumes
+
+    check_volumes([{"image": _nii(tmp / "slice.nii.gz", np.zeros((16, 16), np.float32))}], label_key=None)
+
+
+def image_wrong_channel_count(tmp):
+    from shared_nets.data import check_volumes
+
+    check_volumes([{"image": _nii(tmp / "two.nii.gz", np.zeros((*SHAPE, 2), np.float32))}], label_key=None)
+
+
+def image_empty(tmp):
+    from shared_nets.data import check_volumes
+
+    check_volumes([{"image": _nii(tmp / "empty.nii.gz", np.zeros((16, 16, 0), np.float32))}], label_key=None)
+
+
+def image_too_few_slices(tmp):
+    from shared_nets.data import check_volumes
+
+    check_volumes([_pair(tmp, np.zeros((16, 16, 3), np.float32))], min_depth=5)
+
+
+def label_shape_mismatch(tmp):
+    from shared_nets.data import check_volumes
+
+    check_volumes([_pair(tmp, label=np.zeros((16, 16, 7), np.uint8))])
+
+
+def label_affine_mismatch(tmp):
+    from shared_nets.data import check_volumes
+
+    shifted = np.eye(4)
+    shifted[:3, 3] = [0, 0, 2.5]
+    check_volumes([_pair(tmp, label_affine=shifted)])
+
+
+def label_values_outside_num_classes(tmp):
+    from shared_nets.data import check_volumes
+
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[2, 2, 2] = 5
+    check_volumes([_pair(tmp, label=lab)], num_classes=3)
+
+
+def label_not_integer(tmp):
+    from shared_nets.data import CheckLabelRanged
+
+    lab = np.zeros((1, *SHAPE), np.float32)
+    lab[0, 1, 1, 1] = 0.5
+    CheckLabelRanged("label", num_classes=3)({"label": _meta(lab, "/data/lab_7.nii.gz")})
+
+
+def image_nan(tmp):
+    from shared_nets.data import CheckFinited
+
+    img = np.zeros((1, *SHAPE), np.float32)
+    img[0, 3, 3, 3] = np.nan
+    CheckFinited("image")({"image": _meta(img)})
+
+
+def image_inf(tmp):
+    from shared_nets.data import CheckFinited
+
+    img = np.zeros((1, *SHAPE), np.float32)
+    img[0, 3, 3, 3] = -np.inf
+    CheckFinited("image")({"image": _meta(img)})
+
+
+def sam_checkpoint_of_another_variant(tmp):
+    from shared_nets.sam import build_sam
+
+    state = build_sam("tiny", None, img_size=64).state_dict()
+    state["image_encoder.patch_embed.proj.weight"] = torch.zeros(768, 3, 16, 16)  # a ViT-B patch embedding
+    torch.save(state, tmp / "sam_vit_b.pth")
+    build_sam("tiny", str(tmp / "sam_vit_b.pth"), img_size=64)
+
+
+def _load_into_masam(tmp, path):
+    from ignite.engine import Engine
+
+    from shared_nets.engine import CheckpointLoader
+    from shared_nets.nets import MASAM
+
+    net = MASAM(variant="tiny", checkpoint=None, img_size=64, num_classes=3, patch_size=8)
+    engine = Engine(lambda e, b: None)
+    CheckpointLoader(load_path=str(path), load_dict={"model": net}).attach(engine)
+    engine.run([0], max_epochs=1)
+
+
+def model_checkpoint_of_another_method(tmp):
+    from shared_nets.nets import HSAM
+
+    torch.save(HSAM(variant="tiny", checkpoint=None, img_size=64, num_classes=3).state_dict(), tmp / "model.pt")
+    _load_into_masam(tmp, tmp / "model.pt")
+
+
+def model_checkpoint_other_num_classes(tmp):
+    from shared_nets.nets import MASAM
+
+    other = MASAM(variant="tiny", checkpoint=None, img_size=64, num_classes=5, patch_size=8)
+    torch.save(other.state_dict(), tmp / "model.pt")
+    _load_into_masam(tmp, tmp / "model.pt")
+
+
+def model_checkpoint_corrupt(tmp):
+    (tmp / "model.pt").write_bytes(b"PK\x03\x04 truncated")
+    _load_into_masam(tmp, tmp / "model.pt")
+
+
+def model_checkpoint_missing(tmp):
+    _load_into_masam(tmp, tmp / "models" / "model.pt")
+
+
+def prompt_wrong_format(tmp):
+    from monai.data import MetaTensor
+
+    from shared_nets.prompts import PointsToGridd
+
+    img = MetaTensor(torch.zeros(1, *SHAPE), affine=torch.eye(4))
+    PointsToGridd(keys=["foreground"], ref_key="image")({"image": img, "foreground": [1, 2]})
+
+
+def prompt_outside_the_image(tmp):
+    from monai.data import MetaTensor
+
+    from shared_nets.prompts import PointsToGridd
+
+    img = MetaTensor(torch.zeros(1, *SHAPE), affine=torch.eye(4))
+    PointsToGridd(keys=["foreground"], ref_key="image", on_outside="raise")({"image": img, "foreground": [[40, 2, 2]]})
+
+
+def override_wrong_type(tmp):
+    from shared_nets.nets import MASAM
+
+    MASAM(variant="tiny", checkpoint=None, img_size="512px", num_classes=3)  # `--img_size 512px`
+
+
+def override_unknown_variant(tmp):
+    from shared_nets.nets import HSAM
+
+    HSAM(variant="vit_xl", checkpoint=None, img_size=64, num_classes=3)  # `--variant vit_xl`
+
+
+def tool_unknown_dataset(tmp):
+    proc = subprocess.run([sys.executable, "-m", "tools", "prepare", "brats99", "--src", str(tmp), "--out", str(tmp / "o")],
+                          cwd=REPO, capture_output=True, text=True)
+    raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.returncode else "no error")
+
+
+CASES = [
+    ("datalist_missing", datalist_missing, ["nope.json", "does not exist"]),
+    ("datalist_not_json", datalist_not_json, ["bad.json", "not readable JSON"]),
+    ("datalist_no_split", datalist_no_split, ["d.json", "'training'"]),
+    ("datalist_entry_without_label", datalist_entry_without_label, ["entry 0", "'label'"]),
+    ("datalist_file_does_not_exist", datalist_file_does_not_exist, ["case_1.nii.gz", "does not exist"]),
+    ("image_not_nifti", image_not_nifti, ["junk.nii.gz", "not a readable NIfTI"]),
+    ("image_truncated", image_truncated, ["cut.nii.gz", "could not be read"]),
+    ("image_2d_for_3d_bundle", image_2d_for_3d_bundle, ["slice.nii.gz", "expected a 3D volume"]),
+    ("image_wrong_channel_count", image_wrong_channel_count, ["two.nii.gz", "2 channels", "1 channel"]),
+    ("image_empty", image_empty, ["empty.nii.gz", "is empty"]),
+    ("image_too_few_slices", image_too_few_slices, ["img.nii.gz", "at least 5"]),
+    ("label_shape_mismatch", label_shape_mismatch, ["lab.nii.gz", "expected the image's"]),
+    ("label_affine_mismatch", label_affine_mismatch, ["lab.nii.gz", "img.nii.gz", "affine"]),
+    ("label_values_outside_num_classes", label_values_outside_num_classes, ["lab.nii.gz", "[0, 2]"]),
+    ("label_not_integer", label_not_integer, ["lab_7.nii.gz", "expected integers"]),
+    ("image_nan", image_nan, ["case_7.nii.gz", "NaN or Inf"]),
+    ("image_inf", image_inf, ["case_7.nii.gz", "NaN or Inf"]),
+    ("sam_checkpoint_of_another_variant", sam_checkpoint_of_another_variant, ["sam_vit_b.pth", "expected a tiny"]),
+    ("model_checkpoint_of_another_method", model_checkpoint_of_another_method, ["model.pt", "does not fit"]),
+    ("model_checkpoint_other_num_classes", model_checkpoint_other_num_classes, ["model.pt", "mis-shaped"]),
+    ("model_checkpoint_corrupt", model_checkpoint_corrupt, ["model.pt", "not a readable PyTorch checkpoint"]),
+    ("model_checkpoint_missing", model_checkpoint_missing, ["model.pt", "does not exist"]),
+    ("prompt_wrong_format", prompt_wrong_format, ["'foreground'", "[i, j, k]"]),
+    ("prompt_outside_the_image", prompt_outside_the_image, ["'foreground'", "[40, 2, 2]", "outside"]),
+    ("override_wrong_type", override_wrong_type, ["img_size", "'512px'"]),
+    ("override_unknown_variant", override_unknown_variant, ["variant", "vit_xl"]),
+    ("tool_unknown_dataset", tool_unknown_dataset, ["brats99", "must be one of"]),
+]
+
+
+@pytest.mark.parametrize("case, func, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_line(case, func, expected, tmp_path):
+    with pytest.raises(Exception) as err:
+        func(tmp_path)
+    line = root_cause(err.value)
+    assert "\n" not in line and len(line) < 400, line
+    for text in expected:
+        assert text in line, f"{case}: {text!r} not in {line!r}"
+
+
+def test_the_docs_table_lists_every_case():
+    doc = (REPO / "docs" / "reliability.md").read_text()
+    missing = [c[0] for c in CASES if f"`{c[0]}`" not in doc]
+    assert not missing, f"docs/reliability.md lacks rows for {missing}"
+    assert len(CASES) >= 20
+
+
+# -- batch inference: one bad volume is reported and skipped, the others are written ---------------------
+def test_batch_inference_skips_and_reports_a_bad_volume(demo_data, tmp_path):
+    import shutil
+
+    from tests.bundle_harness import run_workflow
+
+    bundle = tmp_path / "ma_sam"
+    shutil.copytree(REPO / "bundles" / "ma_sam", bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    content = json.loads((demo_data / "datalist.json").read_text())
+    good = [str(demo_data / item["image"]) for item in content["validation"][:1] + content["test"][:1]]
+    broken = tmp_path / "broken.nii.gz"
+    blob = Path(good[0]).read_bytes()
+    broken.write_bytes(blob[: len(blob) // 3])
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": good[0]}, {"image": str(broken)},
+                                             {"image": str(tmp_path / "missing.nii.gz")}, {"image": good[1]}]}))
+    (bundle / "models").mkdir()
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([bundle / "configs" / "inference.json", bundle / "configs" / "demo.json"])
+    parser["bundle_root"] = str(bundle)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+
+    out = tmp_path / "out"
+    run_workflow(bundle, ["inference.json", "demo.json"], "infer",
+                 {"dataset_dir": str(demo_data), "data_list_file_path": str(datalist), "output_dir": str(out)})
+    written = sorted(p.name for p in out.glob("*_seg.nii.gz"))
+    assert written == sorted(Path(g).name.replace(".nii.gz", "_seg.nii.gz") for g in good)
+    report = json.loads((out / "skipped.json").read_text())["skipped"]
+    assert [r["image"] for r in report] == [str(broken), str(tmp_path / "missing.nii.gz")]
+    assert "could not be read" in report[0]["reason"] and "missing.nii.gz" in report[1]["reason"]
