@@ -229,3 +229,13 @@ def test_dataset_types_give_the_same_first_batch(bundle, demo_data, tmp_path):
         assert batch.keys() == ref.keys(), t
         for k in ("image", "label"):
             torch.testing.assert_close(torch.as_tensor(batch[k]), torch.as_tensor(ref[k]), msg=lambda m, t=t, k=k: f"{t} {k}: {m}")
+
+
+def test_train_memory_estimate_orders_the_switches():
+    """The fake-tensor estimate behind the benchmark's real-size memory table (tiny here)."""
+    from tools.bench import train_memory_estimate
+
+    est = train_memory_estimate(REPO / "bundles" / "ma_sam", {"variant": "tiny", "img_size": 64, "num_slices": 2})
+    act = {k: est[k]["activations_gb"] for k in ("none", "grad-ckpt", "AMP", "both")}
+    assert act["grad-ckpt"] < act["none"] / 2 and act["AMP"] < act["none"] and act["both"] < act["grad-ckpt"]
+    assert est["none"]["total_gb"] == pytest.approx(act["none"] + est["state_gb"])

@@ -525,6 +525,83 @@ def reprompt_flops(bundle_root: str | os.PathLike, overrides: dict[str, Any] | N
 
 
 # ------------------------------------------------------------------------------------------
+# real-size training memory with each switch, estimated with fake tensors (CPU-feasible)
+# ------------------------------------------------------------------------------------------
+#: issue 10's 24 GB targets: bundle -> config overrides of train.json
+MEMORY_TARGETS: dict[str, dict[str, Any]] = {
+    "ma_sam": {"variant": "vit_b", "img_size": 512, "num_slices": 5},
+    "sam3d_adapter": {},  # train.json: ViT-B, 128^3
+}
+
+
+def _kept_activation_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the fake tensors autograd keeps for the backward pass while ``fn()`` runs (parameters excluded)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, FakeTensor):
+            saved[id(t.untyped_storage())] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
+def train_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Training memory of a bundle's real-size network with each switch (batch 1), without a GPU.
+
+    The network is built from ``train.json`` (random weights); the forward runs on fake tensors
+    (no memory, no compute) and the tensors autograd keeps for the backward pass are summed, with
+    and without gradient checkpointing and bf16 autocast (standing in for CUDA AMP). Weights,
+    gradients and AdamW state (two moments) of the trainable parameters are added. The real peak
+    also holds the backward's transient buffers (one block's activations when checkpointing).
+
+    Returns:
+        ``{"config", "state_gb", "<switch>": {"activations_gb", "total_gb"}}`` for switch in
+        none / grad-ckpt / AMP / both.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    root = Path(bundle_root)
+    ov = {"bundle_root": str(root), "device": "$torch.device('cpu')", "sam_checkpoint": None, **(overrides or {})}
+    parser = _parser(root, ["train.json"], ov)
+    net = parser.get_parsed_content("network_def").train()
+    name = type(net).__name__
+    params = sum(p.numel() * p.element_size() for p in net.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    state = params + 3 * trainable  # weights, gradients, AdamW moments
+    out: dict[str, Any] = {"network": name, "state_gb": state / 2**30}
+    if name == "SAM3DAdapter":
+        from shared_nets.nets.sam3d_adapter_bench import training_step_memory
+
+        out["config"] = f"{net.variant}, {list(net.patch_size)} patch, batch 1"
+        kwargs = {k: parser.get_parsed_content(k) for k in ("variant", "img_size") if k in parser}
+        for label, ckpt, amp in (("none", False, False), ("grad-ckpt", True, False), ("AMP", False, True), ("both", True, True)):
+            est = training_step_memory(batch=1, use_checkpoint=ckpt, amp=amp, device="cpu", **kwargs)
+            out[label] = {"activations_gb": est["activation_bytes"] / 2**30, "total_gb": (est["activation_bytes"] + state) / 2**30}
+        return out
+    if "num_slices" not in parser or "img_size" not in parser:
+        return {"network": name, "error": "no img_size/num_slices in train.json"}
+    size, depth = int(parser.get_parsed_content("img_size")), int(parser.get_parsed_content("num_slices"))
+    out["config"] = f"{_value(parser, 'variant')}@{size}, {depth} slices, batch 1"
+    for label, ckpt, amp in (("none", False, False), ("grad-ckpt", True, False), ("AMP", False, True), ("both", True, True)):
+        net.gradient_checkpointing = ckpt
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.randn(1, 1, size, size, depth)
+
+            def fwd() -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    net(x)
+
+            act = _kept_activation_bytes(fwd)
+        out[label] = {"activations_gb": act / 2**30, "total_gb": (act + state) / 2**30}
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # bundles
 # ------------------------------------------------------------------------------------------
 def _parser(root: Path, configs: Sequence[str], overrides: dict[str, Any]):
@@ -1130,6 +1207,7 @@ def run_bench(
     overrides: dict[str, Any] | None = None,
     note: str | None = None,
     switches: bool = True,
+    memory_estimates: bool = True,
     data_loading: bool = True,
     data_num: int = 9,
     data_shape: Sequence[int] = (96, 96, 48),
@@ -1166,6 +1244,8 @@ def run_bench(
         note: a sentence about the run printed at the top of the report (e.g. machine load).
         switches: also time the training step with each memory switch (none / gradient
             checkpointing / AMP / both; AMP on CUDA only).
+        memory_estimates: also estimate real-size training memory with each switch for the
+            bundles of :data:`MEMORY_TARGETS` (fake tensors; no GPU needed).
         data_loading: also time each bundle's train dataloader with every ``dataset_type``
             (Dataset, CacheDataset, PersistentDataset) on a phantom data set (always the demo
             configs: the phantoms are what they are written for).
@@ -1217,7 +1297,7 @@ def run_bench(
         "sdpa_block_size": 1024 if sdpa_block_size is None else int(sdpa_block_size),
         "sdpa_block_backward": cuda if sdpa_block_backward is None else bool(sdpa_block_backward),
         "warmup": warmup, "repeat": repeat, "min_time": float(min_time), "seed": seed, "overrides": overrides,
-        "switches": bool(switches), "data_loading": bool(data_loading), "data_num": int(data_num),
+        "switches": bool(switches), "memory_estimates": bool(memory_estimates), "data_loading": bool(data_loading), "data_num": int(data_num),
         "data_shape": [int(v) for v in data_shape], "data_epochs": int(data_epochs),
     }
     torch.manual_seed(seed)
@@ -1233,6 +1313,7 @@ def run_bench(
         "bundles": [],
         "peers": {"sam": [], "monai": []},
         "sdpa": [],
+        "memory_estimates": [],
         "note": note,
     }
     for name in names:
@@ -1248,6 +1329,15 @@ def run_bench(
             except Exception as err:
                 row["data_loading"] = {"error": _one_line(err)}
         result["bundles"].append(row)
+    if settings["memory_estimates"]:
+        for name in [n for n in names if n in MEMORY_TARGETS]:
+            _progress(t_start, f"real-size training memory estimate {name}")
+            try:
+                est = train_memory_estimate(bundles_dir / name, {**(overrides or {}), **MEMORY_TARGETS[name]})
+            except Exception as err:
+                est = {"error": _one_line(err)}
+            result["memory_estimates"].append({"bundle": name, **est})
+            _free(device, collect=True)
     for peer in peer_names:
         if peer != "sam":
             _progress(t_start, f"peer {peer}")
@@ -1362,6 +1452,7 @@ ENCODER_COLUMNS = ["bundle", "PEFT setting", "PEFT layers", "stock encoder fwd",
 REPROMPT_COLUMNS = ["bundle", "setting", "first click (volume)", "re-prompt", "measured ×", "encoder runs",
                     "cached vs uncached", "real-size × (FLOPs)", "cached share"]
 SWITCH_COLUMNS = ["bundle", "none MB", "none", "grad-ckpt MB", "grad-ckpt", "AMP MB", "AMP", "both MB", "both", "amp_dtype", "note"]
+ESTIMATE_COLUMNS = ["bundle", "config", "state GB", "none", "grad-ckpt", "AMP (bf16)", "both"]
 DATA_COLUMNS = ["bundle", "batches", "Dataset", "CacheDataset", "×", "PersistentDataset", "×", "batch ÷ train step"]
 SDPA_COLUMNS = ["what", "attention", "forward", "× stock", "fwd peak MB", "× stock mem", "fwd+bwd", "× stock", "fwd+bwd peak MB", "× stock mem"]
 
@@ -1486,6 +1577,23 @@ def render_markdown(result: dict[str, Any]) -> str:
                   "of the frozen SAM weights serves both; under DDP every rank holds its own copy (separate "
                   "processes/GPUs) but frozen parameters are outside DDP's gradient buckets (no all-reduce, no "
                   "gradient memory)."]
+    rows = []
+    for e in result.get("memory_estimates", []):
+        if "error" in e:
+            rows.append([e["bundle"], f"error: {e['error']}"] + ["–"] * (len(ESTIMATE_COLUMNS) - 2))
+            continue
+        cells = [e["bundle"], e.get("config", "–"), f"{e['state_gb']:.2f}"]
+        for k in ("none", "grad-ckpt", "AMP", "both"):
+            m = e.get(k) or {}
+            cells.append(f"{m['activations_gb']:.2f} / {m['total_gb']:.2f}" if "total_gb" in m else "–")
+        rows.append(cells)
+    if rows:
+        lines += ["", "## Real-size training memory, estimated (GB; target ≤ 24 GB at batch 1)", ""]
+        lines += _table(ESTIMATE_COLUMNS, rows)
+        lines += ["", "Activations kept for the backward pass / total with weights, gradients and AdamW state; the "
+                  "networks of `train.json` at issue 10's sizes, traced on fake tensors (`train_memory_estimate`), "
+                  "AMP as bf16 autocast. An estimate of what a GPU run measures (the backward's transient buffers "
+                  "come on top, one block's activations when checkpointing): the measured CUDA peaks are pending."]
     rows = []
     for r in result["bundles"]:
         dl = r.get("data_loading")

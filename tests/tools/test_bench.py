@@ -56,7 +56,7 @@ def result(tmp_path_factory):
             bundles="dummy,broken,ma_sam", bundles_dir=bundles, img_size=32, batch_size=1,
             volume_shape=(32, 32, 8), peers=("sam", "dynunet"), peer_roi=(32, 32, 8), peer_batch=1,
             sdpa_block_size=32, warmup=0, repeat=1, min_time=0.0, threads=1, out=out,
-            data_num=3, data_shape=(32, 32, 8), data_epochs=2,
+            data_num=3, data_shape=(32, 32, 8), data_epochs=2, memory_estimates=False,
         )
     finally:
         torch.set_num_threads(threads)
