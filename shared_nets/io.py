@@ -9,6 +9,7 @@ metric reports (:class:`AtomicMetricsSaver`), datalists and JSON/text files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -16,9 +17,6 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from typing import Any
-
-from monai.data import NibabelWriter
-from monai.handlers import MetricsSaver
 
 __all__ = [
     "atomic_path",
@@ -92,31 +90,48 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
-class AtomicNibabelWriter(NibabelWriter):
-    """MONAI's ``NibabelWriter`` writing through a temporary file, for ``SaveImaged(writer=...)``.
+# The MONAI-based writers below are built on first use (PEP 562), so that light tools (demo data,
+# dataset recipes) can use the helpers above without importing torch and MONAI.
+@functools.cache
+def _monai_classes() -> dict[str, type]:
+    from monai.data import NibabelWriter
+    from monai.handlers import MetricsSaver
 
-    ``SaveImaged`` writes straight to the output name; a job killed mid-write would leave a
-    truncated ``*_seg.nii.gz`` that looks like a finished prediction.
-    """
+    class AtomicNibabelWriter(NibabelWriter):
+        """MONAI's ``NibabelWriter`` writing through a temporary file, for ``SaveImaged(writer=...)``.
 
-    def write(self, filename, verbose: bool = False, **obj_kwargs):
-        with atomic_path(filename) as tmp:
-            super().write(tmp, verbose=verbose, **obj_kwargs)
+        ``SaveImaged`` writes straight to the output name; a job killed mid-write would leave a
+        truncated ``*_seg.nii.gz`` that looks like a finished prediction.
+        """
+
+        def write(self, filename, verbose: bool = False, **obj_kwargs):
+            with atomic_path(filename) as tmp:
+                super().write(tmp, verbose=verbose, **obj_kwargs)
+
+    class AtomicMetricsSaver(MetricsSaver):
+        """MONAI's ``MetricsSaver`` that writes its CSV reports to a temporary folder and then moves each
+        file into ``save_dir`` with an atomic rename (a killed evaluation never leaves a half-written CSV)."""
+
+        def __call__(self, engine) -> None:
+            final_dir = os.path.abspath(self.save_dir)
+            os.makedirs(final_dir, exist_ok=True)
+            tmp_dir = tempfile.mkdtemp(dir=final_dir, prefix=".metrics.")
+            self.save_dir = tmp_dir
+            try:
+                super().__call__(engine)
+                for name in sorted(os.listdir(tmp_dir)):
+                    os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))
+            finally:
+                self.save_dir = final_dir
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    classes = {"AtomicNibabelWriter": AtomicNibabelWriter, "AtomicMetricsSaver": AtomicMetricsSaver}
+    for name, cls in classes.items():  # importable and picklable as shared_nets.io.<name>
+        cls.__qualname__ = name
+    return classes
 
 
-class AtomicMetricsSaver(MetricsSaver):
-    """MONAI's ``MetricsSaver`` that writes its CSV reports to a temporary folder and then moves each
-    file into ``save_dir`` with an atomic rename (a killed evaluation never leaves a half-written CSV)."""
-
-    def __call__(self, engine) -> None:
-        final_dir = os.path.abspath(self.save_dir)
-        os.makedirs(final_dir, exist_ok=True)
-        tmp_dir = tempfile.mkdtemp(dir=final_dir, prefix=".metrics.")
-        self.save_dir = tmp_dir
-        try:
-            super().__call__(engine)
-            for name in sorted(os.listdir(tmp_dir)):
-                os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))
-        finally:
-            self.save_dir = final_dir
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+def __getattr__(name: str):
+    if name in ("AtomicNibabelWriter", "AtomicMetricsSaver"):
+        return _monai_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

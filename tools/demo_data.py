@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
+from shared_nets.io import atomic_path, atomic_write_text
 
 __all__ = [
     "BTCV_LABELS",
@@ -348,27 +348,8 @@ def _atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Non
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_demo_dataset(
@@ -445,7 +426,7 @@ def write_demo_dataset(
         "test": entries[n_train + n_val :],
     }
     path = out / "datalist.json"
-    _atomic_write_text(json.dumps(datalist, indent=2) + "\n", path)
+    atomic_write_text(path, json.dumps(datalist, indent=2) + "\n")
     return path
 
 

@@ -25,6 +25,7 @@ import torch
 from monai.data import MetaTensor, list_data_collate
 from monai.utils import min_version, optional_import
 from scipy import ndimage
+from shared_nets.io import atomic_path, atomic_write_text
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -254,14 +255,12 @@ class InteractiveRefinementCurve:
         if self.output_dir and self.rows:
             os.makedirs(self.output_dir, exist_ok=True)
             path = os.path.join(self.output_dir, "refinement_curve.csv")
-            tmp = path + ".tmp"
-            with open(tmp, "w", newline="") as f:
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["item"] + [f"dice_after_{n}_clicks" for n in range(self.num_clicks + 1)])
                 for name, row in zip(self.names, self.rows):
                     w.writerow([name] + [f"{v:.6f}" for v in row])
                 w.writerow(["mean"] + [f"{v:.6f}" for v in mean])
-            os.replace(tmp, path)
 
 
 class PerObjectMetrics:
@@ -349,10 +348,7 @@ class PromptSettingsRunner:
         return self.results
 
     def _atomic(self, name: str, text: str) -> None:
-        path = os.path.join(self.output_dir, name)
-        with open(path + ".tmp", "w", newline="") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(self.output_dir, name), text)
 
     def _write(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)

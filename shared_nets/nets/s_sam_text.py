@@ -30,11 +30,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
 from monai.utils import optional_import
+from shared_nets.io import atomic_write_text
 
 __all__ = [
     "TEXT_EMBEDDING_DIM",
@@ -218,21 +218,7 @@ def write_text_embeddings(
         "dim": int(embeddings.shape[1]),
         "embeddings": {str(n): [round(float(x), 6) for x in row] for n, row in zip(names, embeddings)},
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj) + "\n")
 
 
 def load_class_embeddings(

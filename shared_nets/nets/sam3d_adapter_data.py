@@ -9,9 +9,7 @@ split here is our own, seeded and reproducible.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import numpy as np
 from monai.transforms import MapTransform
 
 from shared_nets.prompts import parse_prompt
+from shared_nets.io import atomic_write_json
 
 __all__ = [
     "TUMOUR_DATASETS",
@@ -161,10 +160,7 @@ def write_datalist(
     split = random_split(find_cases(dataset, root), seed=seed)
     out = Path(out) if out is not None else Path(root) / "datalist.json"
     payload = {"name": dataset, "split_seed": seed, **TUMOUR_DATASETS[dataset], **split}
-    fd, tmp = tempfile.mkstemp(dir=str(out.parent), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_json(payload, out)
     return str(out)
 
 

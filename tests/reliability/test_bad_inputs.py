@@ -7,7 +7,6 @@ The same case ids make up the table in ``docs/reliability.md`` (checked below).
 
 from __future__ import annotations
 
-import gzip
 import json
 import subprocess
 import sys

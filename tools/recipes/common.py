@@ -10,7 +10,6 @@ written under ``--src``; every file is written to a temporary name first and ren
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared_nets.data import DataError
-from shared_nets.io import atomic_write_json
+from shared_nets.io import atomic_path, atomic_write_json
 
 __all__ = [
     "DatasetLayoutError",
@@ -158,15 +157,8 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, h
     img.set_data_dtype(arr.dtype)
     if arr.dtype.kind in "iub":
         img.header.set_slope_inter(1.0, 0.0)  # integer labels/images: store the values themselves
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp_", suffix=".nii.gz")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
