@@ -1633,7 +1633,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             real = f"{fl['config']}: {fl['ratio']:.4f}×" if "ratio" in fl else f"error: {fl.get('error', '–')}"
             cached = "–" if "ratio" not in fl else f"{(fl['encoder'] + fl['cached_decoder_part']) / fl['first_click']:.1%}"
             rows.append([r["bundle"], rp["setting"], _fmt_t(rp.get("first_click")), _fmt_t(rp.get("reprompt")),
-                         _fmt_x(rp.get("ratio")), f"{rp.get('encoder_runs', '–')} ({rp.get('windows', 0)} windows)",
+                         _fmt_x(rp.get("ratio")), f"{rp.get('encoder_runs', '–')} ({rp.get('windows', 0)} window{'' if rp.get('windows') == 1 else 's'})",
                          f"{rp.get('max_abs_diff_vs_uncached', float('nan')):.1e}", real, cached])
     if rows:
         lines += ["", "## Interactive re-prompt (cached image embedding; target ≤ 0.05×)", ""]
