@@ -248,7 +248,7 @@ class PromptRegionInferer(Inferer):
             outputs.append(full)
         self.last_windows_run = windows.run + every_window.run
         self.last_windows_skipped = windows.skipped
-        out = torch.cat(outputs, dim=0)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)  # no second full-size copy for one item
         if isinstance(inputs, MetaTensor):  # keep the input's meta, as SlidingWindowInferer does
             out = convert_to_dst_type(out, inputs, device=out.device)[0]
         return out
