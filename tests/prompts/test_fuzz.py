@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import tempfile
 from pathlib import Path
 
