@@ -316,7 +316,7 @@ def attach_checkpointing(
     attach_divergence_guard(trainer, ckpt_dir)
     if resume:
         path = latest_checkpoint(ckpt_dir, required=True)
-        keys = torch.load(path, map_location="cpu", weights_only=True).keys()
+        keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()  # keys only: no tensor read
         missing = [k for k in objects if k not in keys]
         if missing:
             raise ValueError(f"checkpoint '{path}' lacks {missing}; expected a checkpoint written by this bundle's trainer.")

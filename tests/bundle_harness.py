@@ -53,6 +53,20 @@ def run_workflow(bundle_root: Path, configs: list[str], workflow_type: str, over
     return losses
 
 
+def relabelled_datalist(data_dir: Path, out: Path, label_key: str) -> Path:
+    """A copy of ``data_dir``'s datalist in ``out`` whose ``label`` entries are ``label_key``'s files (e.g. the
+    phantoms' ``tumour`` masks for 3DSAM-adapter); the volumes are symlinked, not copied. Returns ``out``."""
+    content = json.loads((data_dir / "datalist.json").read_text())
+    for split in ("training", "validation", "test"):
+        for item in content.get(split, []):
+            item["label"] = item[label_key]
+    for entry in data_dir.iterdir():
+        if entry.name != "datalist.json":
+            (out / entry.name).symlink_to(entry)
+    (out / "datalist.json").write_text(json.dumps(content))
+    return out
+
+
 class BundleHarness:
     """Base class of the per-bundle test classes.
 
@@ -96,16 +110,7 @@ class BundleHarness:
         """The demo datalist, with ``label`` pointing at ``label_key``'s files when they differ."""
         if self.label_key == "label":
             return demo_data
-        out = tmp_path_factory.mktemp(f"data_{self.bundle}")
-        content = json.loads((demo_data / "datalist.json").read_text())
-        for split in ("training", "validation", "test"):
-            for item in content.get(split, []):
-                item["label"] = item[self.label_key]
-        for entry in demo_data.iterdir():
-            if entry.name != "datalist.json":
-                (out / entry.name).symlink_to(entry)
-        (out / "datalist.json").write_text(json.dumps(content))
-        return out
+        return relabelled_datalist(demo_data, tmp_path_factory.mktemp(f"data_{self.bundle}"), self.label_key)
 
     def _overrides(self, data_dir: Path, **extra: Any) -> dict[str, Any]:
         return {"dataset_dir": str(data_dir), **self.overrides, **extra}

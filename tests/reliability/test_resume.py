@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.bundle_harness import REPO, run_workflow
+from tests.bundle_harness import REPO, relabelled_datalist, run_workflow
 
 BUNDLES = ["ma_sam", "med_sa", "sam3d_adapter", "s_sam", "h_sam"]
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -30,18 +30,8 @@ def _copy(bundle: str, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def data_dirs(demo_data, tmp_path_factory) -> dict[str, Path]:
     """Demo data per bundle (3DSAM-adapter trains on the ``tumour`` label files)."""
-    import json
-
-    out = tmp_path_factory.mktemp("tumour_data")
-    content = json.loads((demo_data / "datalist.json").read_text())
-    for split in ("training", "validation", "test"):
-        for item in content.get(split, []):
-            item["label"] = item["tumour"]
-    for entry in demo_data.iterdir():
-        if entry.name != "datalist.json":
-            (out / entry.name).symlink_to(entry)
-    (out / "datalist.json").write_text(json.dumps(content))
-    return {b: (out if b == "sam3d_adapter" else demo_data) for b in BUNDLES}
+    tumour = relabelled_datalist(demo_data, tmp_path_factory.mktemp("tumour_data"), "tumour")
+    return {b: (tumour if b == "sam3d_adapter" else demo_data) for b in BUNDLES}
 
 
 def _train(root: Path, data: Path, max_epochs: int, **extra) -> None:
