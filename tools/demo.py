@@ -92,7 +92,7 @@ def write_overlays(image_file: Path, gt_file: Path, pred_file: Path, out_dir: Pa
 
 
 def main(out: str = "demo_output", bundle: str = "ma_sam", num: int = 12, seed: int = 0, max_epochs: int | None = None,
-         shape: tuple[int, int, int] = (96, 96, 48), device: str = "cpu") -> float:
+         shape: tuple[int, int, int] = (96, 96, 48), device: str = "cpu", num_threads: int | None = None) -> float:
     """Run the end-to-end demo and return the mean foreground Dice on the held-out phantoms.
 
     Args:
@@ -103,8 +103,11 @@ def main(out: str = "demo_output", bundle: str = "ma_sam", num: int = 12, seed: 
         max_epochs: override the demo config's epochs (shorter runs for tests).
         shape: phantom volume shape.
         device: ``cpu`` or ``cuda``.
+        num_threads: torch CPU threads (default: ``OMP_NUM_THREADS`` if set, else the cores the machine's load
+            leaves free; see ``shared_nets.threads``).
     """
     from shared_nets.engine import run_bundle_workflow
+    from shared_nets.threads import configure_threads
     from tools.demo_data import write_demo_dataset
 
     t0 = time.time()
@@ -118,7 +121,10 @@ def main(out: str = "demo_output", bundle: str = "ma_sam", num: int = 12, seed: 
 
     print(f"[1/4] phantom data → {data_dir}")
     write_demo_dataset(data_dir, num=num, seed=seed, shape=tuple(shape))
-    common = {"dataset_dir": str(data_dir), "ckpt_dir": str(models), "device": f"$torch.device('{device}')", "seed": seed}
+    # chosen once: the training's own load must not make the inference stage pick fewer threads
+    threads = configure_threads(num_threads)
+    common = {"dataset_dir": str(data_dir), "ckpt_dir": str(models), "device": f"$torch.device('{device}')", "seed": seed,
+              "num_threads": threads}
 
     print(f"[2/4] training {bundle} (tiny SAM, {device}); TensorBoard logs in {out_dir / 'eval' / 'runs'}")
     train_over = {**common, "output_dir": str(out_dir / "eval")}
@@ -149,10 +155,11 @@ def main(out: str = "demo_output", bundle: str = "ma_sam", num: int = 12, seed: 
         write_overlays(data_dir / item["image"], data_dir / item["label"], pred, overlays)
     table = dice_table(pairs, names)
     table["seconds"] = {"train": round(t_train, 1), "inference": round(t_inf, 1), "total": round(time.time() - t0, 1)}
+    table["torch_threads"] = threads
     md = _markdown(table)
     atomic_write_text(out_dir / "dice.md", md)
     atomic_write_json(table, out_dir / "dice.json")
     print(md)
     print(f"mean foreground Dice {table['mean']:.3f}; train {t_train:.0f} s, inference {t_inf:.0f} s, "
-          f"total {time.time() - t0:.0f} s. Outputs in {out_dir}")
+          f"total {time.time() - t0:.0f} s with {threads} torch thread(s). Outputs in {out_dir}")
     return table["mean"]
