@@ -13,7 +13,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImaged as _MonaiLoadImaged
-from monai.transforms import MapTransform
+from monai.transforms import Flip, MapTransform, RandomizableTransform
 
 __all__ = [
     "DataError",
@@ -27,6 +27,8 @@ __all__ = [
     "root_cause",
     "LoadImaged",
     "build_dataset",
+    "lateral_pairs",
+    "RandLateralFlipd",
 ]
 
 
@@ -273,3 +275,75 @@ def build_dataset(dataset_type: str, data: Sequence[Mapping[str, Any]], transfor
             raise ValueError("dataset_type 'PersistentDataset' needs a cache_dir (config key 'persistent_cache_dir').")
         return monai.data.PersistentDataset(data, transform, cache_dir=os.fspath(cache_dir))
     return monai.data.Dataset(data, transform)
+
+
+def lateral_pairs(names: Sequence[str], first_id: int = 1) -> list[tuple[int, int]]:
+    """Label-id pairs of classes whose names differ only by "left" / "right" (e.g. the kidneys).
+
+    Args:
+        names: class names in label-id order (background excluded).
+        first_id: label id of ``names[0]``.
+
+    Returns:
+        ``[(id of "left X", id of "right X"), ...]``, each pair once.
+    """
+    import re
+
+    norm = [" ".join(str(n).lower().split()) for n in names]
+    index = {n: i for i, n in enumerate(norm)}
+    pairs = []
+    for i, n in enumerate(norm):
+        if re.search(r"\bleft\b", n):
+            j = index.get(re.sub(r"\bleft\b", "right", n))
+            if j is not None:
+                pairs.append((i + first_id, j + first_id))
+    return pairs
+
+
+class RandLateralFlipd(RandomizableTransform, MapTransform):
+    """Random flip along the left-right axis that also swaps the ids of lateral classes in the label.
+
+    A plain left-right flip of a body image turns a left kidney into an organ on the right, still
+    labelled "left kidney"; flipping with ``swap`` exchanges such ids so that labels stay anatomical.
+
+    Args:
+        keys: images and labels to flip together.
+        label_key: the label among ``keys`` whose ids are swapped.
+        swap: ``(id_a, id_b)`` pairs to exchange when flipping (see :func:`lateral_pairs`).
+        spatial_axis: the left-right axis (0 after ``Orientationd(axcodes="RAS")``).
+        prob: probability of flipping.
+        allow_missing_keys: as in ``MapTransform``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        swap: Sequence[Sequence[int]] = (),
+        spatial_axis: int = 0,
+        prob: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.label_key = label_key
+        self.swap = [(int(a), int(b)) for a, b in swap]
+        if any(a == b for a, b in self.swap):
+            raise ValueError(f"RandLateralFlipd: swap pairs must join two different ids, got {self.swap}.")
+        self.flipper = Flip(spatial_axis=spatial_axis)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = self.flipper(d[key])
+        if self.swap and self.label_key in d:
+            lab = d[self.label_key]
+            out = lab.clone() if isinstance(lab, torch.Tensor) else np.array(lab, copy=True)
+            for a, b in self.swap:
+                out[lab == a] = b
+                out[lab == b] = a
+            d[self.label_key] = out
+        return d

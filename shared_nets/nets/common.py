@@ -89,13 +89,23 @@ def check_input(x: torch.Tensor, channels: int, img_size: int | None = None, dep
 class ProgressiveUpsampling(nn.Module):
     """MA-SAM's progressive up-sampling (paper sec. 3.4): SAM's two transposed convs plus more.
 
-    The first two stages are the SAM decoder's own ``output_upscaling`` (pretrained, ×4); new
-    transposed convs (×2 each) recover full resolution: two for SAM's patch 16, one for patch 8.
-    Widths follow the official code (C → C/4 → C/8 → C/16 → C/32, i.e. 256 → 64 → 32 → 16 → 8),
-    with a floor of 8 so narrow test models keep usable feature maps.
+    Paper sec. 3.4: "we use progressive up-sampling [...] to recover the prediction resolution
+    to the original input size". The layers follow the official network
+    (cchen-cc/MA-SAM, ``MA-SAM/segment_anything/modeling/mask_decoder.py``, ``output_upscaling``):
+    ``ConvT, LN, GELU`` per stage, the last stage without LN, widths C → C/4 → C/8 → C/16 → C/32
+    (256 → 64 → 32 → 16 → 8). The first two transposed convs (and the first LN) are SAM's
+    pretrained ``output_upscaling`` (×4), which the official ``load_from`` (``build_sam.py``)
+    loads into the same indices; unlike SAM, the official network has a ``LayerNorm2d(C/8)``
+    after the *second* transposed conv too, so one is inserted there (new, 2·C/8 parameters).
+    New transposed convs (×2 each) recover full resolution: two for SAM's patch 16, one for
+    patch 8. Widths have a floor of 8 so narrow test models keep usable feature maps.
+
+    Layout: ``sam_upscaling`` = ``[ConvT, LN, GELU, ConvT, LN (new), GELU]`` (same indices as the
+    official ``output_upscaling[0:6]``); ``extra`` = the remaining stages.
 
     Args:
-        sam_upscaling: the pretrained ``MaskDecoder.output_upscaling`` (H/p → 4H/p).
+        sam_upscaling: the pretrained ``MaskDecoder.output_upscaling`` (H/p → 4H/p), SAM's layout
+            ``[ConvT, LayerNorm2d, GELU, ConvT, GELU]``.
         transformer_dim: the decoder width C.
         patch_size: the encoder's patch size p (a power of two ≥ 4).
     """
@@ -105,6 +115,15 @@ class ProgressiveUpsampling(nn.Module):
         stages = int(math.log2(patch_size)) - 2
         if stages < 0 or 2 ** (stages + 2) != patch_size:
             raise ValueError(f"patch_size must be a power of two >= 4 for progressive up-sampling, got {patch_size}.")
+        sam_layers = list(sam_upscaling)
+        kinds = [type(m) for m in sam_layers]
+        if len(sam_layers) != 5 or kinds[0] is not nn.ConvTranspose2d or kinds[3] is not nn.ConvTranspose2d:
+            raise ValueError(
+                "sam_upscaling must be SAM's output_upscaling [ConvTranspose2d, LayerNorm2d, GELU, ConvTranspose2d, "
+                f"GELU], got {[k.__name__ for k in kinds]}."
+            )
+        second = sam_layers[3]
+        norm = LayerNorm2d(second.out_channels).to(device=second.weight.device, dtype=second.weight.dtype)
         widths = [transformer_dim // 8] + [max(transformer_dim // 2 ** (4 + i), 8) for i in range(stages)]
         layers: list[nn.Module] = []
         for i in range(stages):
@@ -112,7 +131,7 @@ class ProgressiveUpsampling(nn.Module):
             if i < stages - 1:
                 layers.append(LayerNorm2d(widths[i + 1]))
             layers.append(nn.GELU())
-        self.sam_upscaling = sam_upscaling
+        self.sam_upscaling = nn.Sequential(*sam_layers[:4], norm, sam_layers[4])
         self.extra = nn.Sequential(*layers)
         self.out_channels = widths[-1]
 

@@ -7,6 +7,19 @@ handler rewrites ``weights`` at the start of every epoch:
 * ``paper``: ``λ·L1 + (1−λ)·L2`` with ``λ = start · exp(−decay · epoch)`` (λ "gradually decreases
   from 0.8 by exponential decay with coefficient 0.005");
 * ``official``: the released trainer's ``(1−w)·L1 + w·L2`` with ``w = 0.6 ** (0.99 ** epoch)``.
+
+Each stage's loss (:func:`stage_loss`, ``loss_type``):
+
+* ``softmax`` (default): softmax cross-entropy + softmax Dice over the ``K + 1`` channels, as the
+  released code (Cccccczh404/H-SAM ``trainer.py``: ``CrossEntropyLoss()`` and ``utils.DiceLoss``
+  with ``softmax=True``, ``loss = (1 - dice_param) * ce + dice_param * dice``, ``dice_param`` 0.9 in
+  ``train.py``) and the implementation details of the paper (sec. 4.1: "a combination of
+  Cross-Entropy loss and Dice loss"). It is the default because the network itself is softmax-based:
+  the stage-2 decoder is guided by the *softmax* of the stage-1 logits (CMAttn, mask attention) and
+  the two stages are ensembled as averaged softmax probabilities.
+* ``sigmoid``: the literal eq. (4) of sec. 3.4, "binary cross-entropy loss and dice loss": every
+  channel is a binary mask (sigmoid), BCE-with-logits on the one-hot label plus sigmoid Dice. Built
+  as MONAI ``DiceFocalLoss`` with focal ``gamma=0`` and no ``alpha``, which is exactly BCE-with-logits.
 """
 
 from __future__ import annotations
@@ -21,9 +34,32 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", name="Engine")
 
-__all__ = ["STAGE_WEIGHT_SCHEDULES", "stage_weights", "HSAMStageWeights"]
+__all__ = ["STAGE_WEIGHT_SCHEDULES", "STAGE_LOSS_TYPES", "stage_weights", "stage_loss", "HSAMStageWeights"]
 
 STAGE_WEIGHT_SCHEDULES = ("paper", "official")
+STAGE_LOSS_TYPES = ("softmax", "sigmoid")
+
+
+def stage_loss(loss_type: str = "softmax", lambda_dice: float = 0.9, lambda_ce: float = 0.1):
+    """The loss of one decoder stage, ``lambda_ce · CE + lambda_dice · Dice`` (see the module docstring).
+
+    Args:
+        loss_type: ``softmax`` (released code; default) or ``sigmoid`` (the paper's binary cross-entropy).
+        lambda_dice: weight of the Dice term (released ``dice_param`` 0.9).
+        lambda_ce: weight of the (binary) cross-entropy term (released ``1 - dice_param``).
+
+    Returns:
+        A MONAI loss taking logits ``[B, K, ...]`` and an integer label ``[B, 1, ...]``.
+    """
+    from monai.losses import DiceCELoss, DiceFocalLoss
+
+    if loss_type == "softmax":
+        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+    if loss_type == "sigmoid":
+        return DiceFocalLoss(
+            to_onehot_y=True, sigmoid=True, gamma=0.0, alpha=None, lambda_dice=lambda_dice, lambda_focal=lambda_ce
+        )
+    raise ValueError(f"loss_type must be one of {STAGE_LOSS_TYPES}, got {loss_type!r}.")
 
 
 def stage_weights(epoch: int, schedule: str = "paper", start: float = 0.8, decay: float = 0.005) -> list[float]:

@@ -208,7 +208,11 @@ class SimulatePromptSettingd(Randomizable, MapTransform):
 
 
 def object_datalist(
-    datalist: Sequence[Mapping[str, Any]], class_ids: Sequence[int], label_key: str = "label", object_key: str = "object_id"
+    datalist: Sequence[Mapping[str, Any]],
+    class_ids: Sequence[int],
+    label_key: str = "label",
+    object_key: str = "object_id",
+    label_map: Mapping[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One evaluation item per (volume, class present in its label).
 
@@ -217,6 +221,8 @@ def object_datalist(
         class_ids: classes to evaluate.
         label_key: key of the label.
         object_key: key that receives the class id.
+        label_map: ``{file id: class id}`` applied to the label's ids before the presence test, as the
+            pre-processing's ``MapLabelValued`` does (e.g. ``{13: 12}``: BTCV's adrenal glands merged).
 
     Returns:
         New items ``dict(item, object_id=c)`` for every class ``c`` of ``class_ids`` present.
@@ -234,5 +240,7 @@ def object_datalist(
         lab = item[label_key]
         arr = np.asarray(loader(lab) if isinstance(lab, str) else lab)
         present = set(np.unique(np.rint(arr)).astype(int).tolist())
+        if label_map:
+            present = {int(label_map.get(c, c)) for c in present}
         out.extend(dict(item, **{object_key: c}) for c in ids if c in present)
     return out

@@ -27,9 +27,16 @@ setting                ``mode="paper"`` (default)          ``mode="official"``
 TAL                    one Linear 512 -> prompt dim        Linear, ReLU, BatchNorm1d
 mask-decoder norms     frozen (paper: decoder frozen)      trainable (a side effect of the
                                                            code's name-based freezing order)
-relative positions     SAM's tables (resized)              not used (the code comments out
-                                                           ``add_decomposed_rel_pos``)
+relative positions     SAM's tables (resized)              none: the tables are removed
 =====================  ==================================  ====================================
+
+Relative positions in the official code: ``model.py`` builds its ``ImageEncoderViT``
+(``prompt_adapted_segment_anything/modeling/image_encoder.py``) with the default
+``use_rel_pos=False``, so the blocks have no ``rel_pos_h``/``rel_pos_w`` parameters at all and
+``load_state_dict(strict=False)`` drops SAM's tables (the ``add_decomposed_rel_pos`` call is
+commented out as well). ``use_rel_pos=False`` does the same: the checkpoint is loaded strictly
+into plain SAM first, then the tables are deleted from every block (ViT-B at 256: 12 blocks x
+2 x 31 x 64 = 47,616 frozen parameters fewer). The paper does not mention relative positions.
 
 Both modes use global attention in every block (code; the paper does not say) and a
 256x256 input for ViT-B. Trainable parameters at 256 for ViT-B: 439,552 (paper mode) and
@@ -126,7 +133,8 @@ class SSAM(nn.Module):
         train_pos_embed: Table 3 "Tuning Pos Embeds".
         train_norms: Table 3 "Tuning Layernorm" (the LayerNorms of the encoder blocks).
         train_decoder_norms: train the mask decoder's LayerNorms; None follows ``mode``.
-        use_rel_pos: use SAM's relative position tables in attention; None follows ``mode``.
+        use_rel_pos: use SAM's relative position tables in attention; False removes them (the
+            official network has none); None follows ``mode``.
         global_attention: global attention in every encoder block (official code); False
             keeps SAM's windowed blocks.
         full_finetune: train every parameter of SAM that the forward pass uses, and the TAL,
@@ -205,9 +213,11 @@ class SSAM(nn.Module):
         )
         self.sam = sam
         if not use_rel_pos:
-            # Official-code behaviour: the tables are loaded but never added to the attention.
+            # Official-code behaviour (JayParanjape/SVDSAM model.py builds ImageEncoderViT with
+            # use_rel_pos=False): the blocks have no relative-position tables at all.
             for blk in sam.image_encoder.blocks:
                 blk.attn.use_rel_pos = False
+                del blk.attn.rel_pos_h, blk.attn.rel_pos_w
 
         self.img_size = img_size
         self.class_names = [str(n) for n in class_names]

@@ -16,7 +16,7 @@ from shared_nets.nets.h_sam_decoder import (
     class_balanced_noise_var,
     run_two_way_transformer,
 )
-from shared_nets.nets.h_sam_loss import HSAMStageWeights, stage_weights
+from shared_nets.nets.h_sam_loss import HSAMStageWeights, stage_loss, stage_weights
 from shared_nets.peft import LoRAQKV, trainable_parameter_report
 from shared_nets.sam import SamCheckpointError, build_sam
 
@@ -286,6 +286,40 @@ def test_stage_weight_schedules_and_handler():
         HSAMStageWeights(loss, schedule="cosine")
     with pytest.raises(ValueError, match="DeepSupervisionLoss"):
         HSAMStageWeights(DiceCELoss())
+
+
+def test_stage_loss_softmax_is_the_released_loss_and_sigmoid_the_papers_bce_dice():
+    """softmax: Cccccczh404/H-SAM trainer.py (CrossEntropyLoss + softmax Dice, 0.1 / 0.9);
+    sigmoid: the paper's eq. (4), binary cross-entropy + Dice on each channel's sigmoid."""
+    import torch.nn.functional as F
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, 1), torch.randint(0, 4, (2, 1, 8, 8, 1))
+    onehot = F.one_hot(y[:, 0], 4).permute(0, 4, 1, 2, 3).float()
+    soft = stage_loss("softmax", 0.9, 0.1)(x, y)
+    ref = 0.9 * DiceLoss(to_onehot_y=True, softmax=True)(x, y) + 0.1 * F.cross_entropy(x, y[:, 0])
+    torch.testing.assert_close(soft, ref)
+    sig = stage_loss("sigmoid", 0.9, 0.1)(x, y)
+    ref = 0.9 * DiceLoss(to_onehot_y=True, sigmoid=True)(x, y) + 0.1 * F.binary_cross_entropy_with_logits(x, onehot)
+    torch.testing.assert_close(sig, ref)
+    assert (soft - sig).abs() > 1e-3
+    with pytest.raises(ValueError, match="loss_type"):
+        stage_loss("focal")
+
+
+@pytest.mark.parametrize("loss_type, kind", [("softmax", "DiceCELoss"), ("sigmoid", "DiceFocalLoss")])
+def test_bundle_loss_type_switch(loss_type, kind):
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[2] / "bundles" / "h_sam" / "configs" / "train.json"))
+    parser["loss_type"] = loss_type
+    loss = parser.get_parsed_content("loss")
+    assert isinstance(loss, DeepSupervisionLoss) and type(loss.loss).__name__ == kind
+    assert loss.weights == pytest.approx([0.8, 0.2])
 
 
 @pytest.mark.parametrize(

@@ -164,3 +164,40 @@ def test_bad_input_shapes(shape, match):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MASAM(**{**TINY, **kwargs})
+
+
+def test_progressive_upsampling_matches_the_official_output_upscaling():
+    """cchen-cc/MA-SAM ``MA-SAM/segment_anything/modeling/mask_decoder.py``: ``output_upscaling`` is
+    ConvT(256→64), LN, GELU, ConvT(64→32), LN(32), GELU, ConvT(32→16), LN, GELU, ConvT(16→8), GELU —
+    a LayerNorm2d after the second transposed conv that SAM's own upscaling lacks (64 parameters)."""
+    from segment_anything.modeling.common import LayerNorm2d
+    from torch import nn
+
+    model = MASAM(variant="vit_b", img_size=64, num_classes=13)
+    up = model.upscaling
+    layers = [*up.sam_upscaling, *up.extra]
+    kinds = [type(m) for m in layers]
+    ct, ln, gelu = nn.ConvTranspose2d, LayerNorm2d, nn.GELU
+    assert kinds == [ct, ln, gelu, ct, ln, gelu, ct, ln, gelu, ct, gelu]
+    assert [m.out_channels for m in layers if isinstance(m, ct)] == [64, 32, 16, 8]
+    assert [m.weight.numel() for m in layers if isinstance(m, ln)] == [64, 32, 16]
+    # official total: 65,600 + 128 + 8,224 + 64 + 2,064 + 32 + 520
+    assert sum(p.numel() for p in up.parameters()) == 76_632
+    # the official state-dict indices 0..5 (SAM's pretrained convs at 0 and 3, the new LN at 4)
+    keys = {k for k in up.sam_upscaling.state_dict()}
+    assert keys == {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias", "4.weight", "4.bias"}
+    assert all(p.requires_grad for p in up.parameters())
+
+
+def test_progressive_upsampling_keeps_sams_pretrained_convs():
+    sam = build_sam("tiny", img_size=64, num_multimask_outputs=4)
+    ref = [p.detach().clone() for p in sam.mask_decoder.output_upscaling.parameters()]
+    torch.manual_seed(0)
+    model = MASAM(**TINY)
+    torch.manual_seed(0)
+    twin = build_sam("tiny", img_size=64, num_multimask_outputs=4)
+    ours = model.upscaling.sam_upscaling
+    for a, b in zip([ours[0], ours[1], ours[3]], [twin.mask_decoder.output_upscaling[i] for i in (0, 1, 3)]):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb)
+    assert len(ref) == 6  # SAM's own upscaling: two convs and one LN, no second LN

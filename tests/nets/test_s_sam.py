@@ -110,6 +110,29 @@ def test_official_mode_switches():
     assert mixed.trainable_parameter_counts() == paper.trainable_parameter_counts()
 
 
+def test_official_mode_has_no_relative_position_tables():
+    """JayParanjape/SVDSAM ``model.py`` builds ``ImageEncoderViT`` with ``use_rel_pos=False``: no tables exist
+    (ViT-B at 256: 12 blocks x 2 x (2*16-1) x 64 = 47,616 parameters fewer than with SAM's tables)."""
+    with torch.device("meta"):
+        official = SSAM(variant="vit_b", img_size=256, class_names=CLASSES, mode="official")
+        paper = SSAM(variant="vit_b", img_size=256, class_names=CLASSES, mode="paper")
+    assert not any("rel_pos" in k for k in official.state_dict())
+    assert sum("rel_pos" in k for k in paper.state_dict()) == 24
+    n_official = sum(p.numel() for p in official.parameters())
+    n_paper = sum(p.numel() for p in paper.parameters())
+    tal_extra = 256 * 2  # the official TAL's BatchNorm1d affine parameters
+    assert n_paper - (n_official - tal_extra) == 47_616
+
+
+def test_official_mode_loads_a_sam_checkpoint_and_runs(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    model = SSAM(**TINY, mode="official", checkpoint=str(path)).eval()
+    assert not any("rel_pos" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        y = model(torch.randn(1, 1, 64, 64, 2))
+    assert y.shape == (1, 4, 64, 64, 2) and torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"mode": "official"}, {"full_finetune": True}])
 def test_gradients_reach_exactly_the_trainable_set(kwargs):
     model = SSAM(**TINY, **kwargs)
