@@ -83,6 +83,9 @@ class HSAM(nn.Module):
         pos_embed_mode: position-embedding resizing of the checkpoint, ``bicubic`` | ``avgpool``.
         gradient_checkpointing: recompute the image-encoder blocks in the backward pass instead of
             keeping their activations (training memory; same outputs and gradients).
+        use_sdpa: compute the image encoder's attention with ``scaled_dot_product_attention``
+            (:func:`shared_nets.sam.enable_sdpa`; same weights and outputs within 1e-4, no
+            ``N x N`` softmax matrices kept). False runs ``segment_anything``'s stock attention.
     """
 
     def __init__(
@@ -109,8 +112,11 @@ class HSAM(nn.Module):
         cmattn_num_heads: int | None = None,
         pos_embed_mode: str = "bicubic",
         gradient_checkpointing: bool = False,
+        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(use_sdpa, bool):
+            raise ValueError(f"use_sdpa must be true or false, got {use_sdpa!r}.")
         v = get_variant(variant)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer (foreground classes), got {num_classes!r}.")
@@ -137,7 +143,8 @@ class HSAM(nn.Module):
             )
 
         # sec. 3.1: SAM built and its checkpoint loaded first; SAMed-style one mask token per class
-        sam = build_sam(v, checkpoint, img_size, patch_size, num_multimask_outputs=num_classes, pos_embed_mode=pos_embed_mode)
+        sam = build_sam(v, checkpoint, img_size, patch_size, num_multimask_outputs=num_classes, pos_embed_mode=pos_embed_mode,
+                        use_sdpa=use_sdpa)
         self.variant = v.name
         self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
         self.num_classes, self.finetune = num_classes, finetune

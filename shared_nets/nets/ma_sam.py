@@ -122,6 +122,9 @@ class MASAM(nn.Module):
             ``"multiscale"`` (U-shaped skips).
         patch_size: ViT patch size (16; tiny demos may use 8 without a checkpoint).
         gradient_checkpointing: recompute encoder blocks in backward to save memory.
+        use_sdpa: compute the image encoder's attention with ``scaled_dot_product_attention``
+            (:func:`shared_nets.sam.enable_sdpa`; same weights and outputs within 1e-4, no
+            ``N x N`` softmax matrices kept). False runs ``segment_anything``'s stock attention.
     """
 
     def __init__(
@@ -144,8 +147,11 @@ class MASAM(nn.Module):
         decoder: str = "progressive",
         patch_size: int = 16,
         gradient_checkpointing: bool = False,
+        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(use_sdpa, bool):
+            raise ValueError(f"use_sdpa must be true or false, got {use_sdpa!r}.")
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}.")
         if adapter_position not in ADAPTER_POSITIONS:
@@ -164,7 +170,8 @@ class MASAM(nn.Module):
         self.finetune, self.gradient_checkpointing = finetune, gradient_checkpointing
 
         # official weights load strictly into plain SAM first; PEFT is injected after (sec. 3.2)
-        self.sam = build_sam(variant, checkpoint, img_size=img_size, patch_size=patch_size, num_multimask_outputs=num_classes)
+        self.sam = build_sam(variant, checkpoint, img_size=img_size, patch_size=patch_size, num_multimask_outputs=num_classes,
+                             use_sdpa=use_sdpa)
         encoder = self.sam.image_encoder
         embed_dim = encoder.patch_embed.proj.out_channels
         depth = len(encoder.blocks)

@@ -108,6 +108,9 @@ class MedSA(nn.Module):
         no_prompt_logit: object logit written for slices without any prompt (non-automatic).
         gradient_checkpointing: recompute the image-encoder blocks in the backward pass instead of
             keeping their activations (training memory; same outputs and gradients).
+        use_sdpa: compute the image encoder's attention with ``scaled_dot_product_attention``
+            (:func:`shared_nets.sam.enable_sdpa`; same weights and outputs within 1e-4, no
+            ``N x N`` softmax matrices kept). False runs ``segment_anything``'s stock attention.
     """
 
     def __init__(
@@ -139,8 +142,11 @@ class MedSA(nn.Module):
         embedding_cache: int = 8,
         no_prompt_logit: float = -20.0,
         gradient_checkpointing: bool = False,
+        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(use_sdpa, bool):
+            raise ValueError(f"use_sdpa must be true or false, got {use_sdpa!r}.")
         if in_channels not in (1, 3) or isinstance(in_channels, bool):
             raise ValueError(f"in_channels must be 1 (grey, repeated to RGB) or 3 image channels, got {in_channels!r}.")
         if num_classes != 2 or isinstance(num_classes, bool):
@@ -166,7 +172,7 @@ class MedSA(nn.Module):
         self.no_prompt_logit = float(no_prompt_logit)
 
         # Load SAM (official weights strictly, rel-pos tables included) before injecting adapters.
-        sam = build_sam(v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size)
+        sam = build_sam(v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size, use_sdpa=use_sdpa)
         self.image_encoder, self.prompt_encoder, self.mask_decoder = sam.image_encoder, sam.prompt_encoder, sam.mask_decoder
         width = adapter_width(v.encoder_embed_dim, adapter_ratio)
         self.image_encoder.blocks = nn.ModuleList(

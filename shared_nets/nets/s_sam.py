@@ -150,6 +150,9 @@ class SSAM(nn.Module):
             or ``bicubic``.
         gradient_checkpointing: recompute the image-encoder blocks in the backward pass instead of
             keeping their activations (training memory; same outputs and gradients).
+        use_sdpa: compute the image encoder's attention with ``scaled_dot_product_attention``
+            (:func:`shared_nets.sam.enable_sdpa`; same weights and outputs within 1e-4, no
+            ``N x N`` softmax matrices kept). False runs ``segment_anything``'s stock attention.
     """
 
     def __init__(
@@ -176,8 +179,11 @@ class SSAM(nn.Module):
         patch_size: int = 16,
         pos_embed_mode: str = "avgpool",
         gradient_checkpointing: bool = False,
+        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(use_sdpa, bool):
+            raise ValueError(f"use_sdpa must be true or false, got {use_sdpa!r}.")
         if mode not in S_SAM_MODES:
             raise ValueError(f"mode must be one of {S_SAM_MODES}, got {mode!r}.")
         for name, value in (
@@ -209,7 +215,8 @@ class SSAM(nn.Module):
             # Code: every block attends globally (window_size 0 everywhere); the paper is silent.
             v = dataclasses.replace(v, global_attn_indexes=tuple(range(v.encoder_depth)))
         sam: Sam = build_sam(
-            v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size, pos_embed_mode=pos_embed_mode
+            v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size, pos_embed_mode=pos_embed_mode,
+            use_sdpa=use_sdpa,
         )
         self.sam = sam
         if not use_rel_pos:

@@ -12,15 +12,25 @@ from .base import PeftLayer, check_base_layer, get_encoder
 
 __all__ = ["SVDLinear", "SVDConv2d", "inject_svd"]
 
+_FACTORS = ("U", "S", "Vh")
+
 
 class _SVDLayer(PeftLayer):
     """Shared part of :class:`SVDLinear` / :class:`SVDConv2d` (S-SAM sec. "Method", singular-value tuning).
 
-    The SVD of the base weight (viewed as ``[out, rest]``) is computed once, in float64, at
-    wrap time and kept as float32 buffers ``U [out, k]``, ``S [k]``, ``Vh [k, rest]``
-    (``k = min(out, rest)``); they are persistent so a saved state dict restores the exact
-    decomposition even into a model whose base weights were random at wrap time. Trainable
-    ``scale`` (a, ones) and ``shift`` (b, zeros) have shape ``[k]``; the bias stays frozen.
+    The SVD of the base weight (viewed as ``[out, rest]``), computed in float64, is kept as
+    float32 buffers ``U [out, k]``, ``S [k]``, ``Vh [k, rest]`` (``k = min(out, rest)``); they
+    are persistent so a saved state dict restores the exact decomposition even into a model
+    whose base weights were random at wrap time. Trainable ``scale`` (a, ones) and ``shift``
+    (b, zeros) have shape ``[k]``; the bias stays frozen.
+
+    The decomposition is taken lazily, of the base weight as it is when the factors are first
+    needed (forward, :meth:`get_delta_weight`, :meth:`singular_values`, ``state_dict()``, reading
+    ``U``/``S``/``Vh``): a model that is built and then given its weights by a state dict holding
+    the factors (a trained bundle ``model.pt``) never decomposes anything, and base weights loaded
+    after wrapping are the ones decomposed. Loading a state dict that holds this layer's base
+    weight but not its factors marks them stale, to be recomputed from the loaded weight. Base
+    weights changed in place by other means after the factors exist need :meth:`reset_svd`.
 
     Deliberate difference from the official S-SAM code, which rebuilds the weight from the
     factors alone: we keep the base weight and add ``U · diag(ReLU(a ⊙ Σ + b) − Σ) · Vᵀ``.
@@ -31,15 +41,59 @@ class _SVDLayer(PeftLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         weight = base_layer.weight.detach()
-        matrix = weight.reshape(weight.shape[0], -1)
-        with torch.no_grad():
-            u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
-        self.register_buffer("U", u.to(torch.float32))
-        self.register_buffer("S", s.to(torch.float32))
-        self.register_buffer("Vh", vh.to(torch.float32))
-        self.rank = s.shape[0]
+        out, rest = weight.shape[0], weight[0].numel()
+        self.rank = min(out, rest)
+        # placeholders of the right shapes (load_state_dict checks them); filled by _ensure_svd
+        self.register_buffer("U", torch.empty(out, self.rank, device=weight.device, dtype=torch.float32))
+        self.register_buffer("S", torch.empty(self.rank, device=weight.device, dtype=torch.float32))
+        self.register_buffer("Vh", torch.empty(self.rank, rest, device=weight.device, dtype=torch.float32))
+        self._svd_pending = True
         self.scale = nn.Parameter(torch.ones(self.rank, device=weight.device, dtype=torch.float32))
         self.shift = nn.Parameter(torch.zeros(self.rank, device=weight.device, dtype=torch.float32))
+
+    def __getattr__(self, name: str):
+        if name in _FACTORS and self.__dict__.get("_svd_pending", False):
+            self._ensure_svd()
+        return super().__getattr__(name)
+
+    @property
+    def svd_pending(self) -> bool:
+        """Whether the factors are still to be computed from the current base weight."""
+        return self._svd_pending
+
+    def reset_svd(self) -> None:
+        """Mark the factors stale: they are recomputed from the base weight when next needed."""
+        if self._merged:
+            raise ValueError(f"{type(self).__name__} is merged; unmerge it before resetting its SVD.")
+        self._svd_pending = True
+
+    @torch.no_grad()
+    def _ensure_svd(self) -> None:
+        """Fill ``U``, ``S``, ``Vh`` with the SVD of the current base weight if they are pending."""
+        if not self._svd_pending:
+            return
+        weight = self.base_layer.weight.detach()
+        u, s, vh = torch.linalg.svd(weight.reshape(weight.shape[0], -1).to(torch.float64), full_matrices=False)
+        for name, value in (("U", u), ("S", s), ("Vh", vh)):
+            buf = self._buffers[name]
+            buf.copy_(value.to(device=buf.device, dtype=buf.dtype))
+        self._svd_pending = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self._ensure_svd()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        has_factors = all(prefix + name in state_dict for name in _FACTORS)
+        has_base = prefix + "base_layer.weight" in state_dict
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if has_factors and len(error_msgs) == n_errors:
+            self._svd_pending = False  # the saved decomposition, exactly
+        elif has_base:
+            self._svd_pending = True  # new base weight without its factors: decompose it when needed
 
     def singular_values(self) -> torch.Tensor:
         """The adapted singular values ``ReLU(a ⊙ Σ + b)``, shape ``[k]``."""

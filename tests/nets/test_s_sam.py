@@ -312,3 +312,36 @@ def test_clip_encoder_fails_clearly_offline():
     # open_clip is an optional extra; either it is missing or its weights cannot be downloaded here
     with pytest.raises(RuntimeError, match=r"open_clip_torch|could not load CLIP 'ViT-B-32'"):
         ClipTextEncoder(pretrained="/nonexistent/open_clip_pytorch_model.bin")
+
+
+def test_building_and_loading_a_trained_model_does_no_svd(monkeypatch):
+    """The SVD is deferred to first use: a trained state dict (with U, S, Vh) replaces it, so
+    inference and MONAI Label loads never decompose; the outputs equal the trained model's."""
+    torch.manual_seed(0)
+    trained = SSAM(**TINY).eval()
+    with torch.no_grad():
+        for layer in trained.svd_layers:
+            layer.shift.add_(0.3 * torch.randn_like(layer.shift))
+    state = trained.state_dict()  # decomposes the trained model's base weights
+    x = torch.randn(1, 1, 64, 64, 2)
+    with torch.no_grad():
+        expected = trained(x)
+
+    calls = []
+    real = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    torch.manual_seed(1)  # different random base weights
+    model = SSAM(**TINY).eval()
+    assert calls == [] and all(layer.svd_pending for layer in model.svd_layers)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        out = model(x)
+    assert calls == []
+    assert torch.equal(out, expected)
+
+    # training from base weights: each wrapped layer decomposes once, at first use
+    fresh = SSAM(**TINY)
+    assert calls == []
+    fresh(x).mean().backward()
+    fresh(x)
+    assert len(calls) == len(fresh.svd_layers) == 4 * 4 + 2

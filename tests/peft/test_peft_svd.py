@@ -128,3 +128,97 @@ def test_include_subset_and_errors(tiny_sam):
     assert len(layers) == 4 and isinstance(enc.neck[0], nn.Conv2d)
     with pytest.raises(ValueError, match="ImageEncoderViT"):
         inject_svd(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------- lazy decomposition
+@pytest.fixture()
+def svd_calls(monkeypatch):
+    """Count ``torch.linalg.svd`` calls (the decomposition a wrapped layer pays for)."""
+    calls = []
+    real = torch.linalg.svd
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting)
+    return calls
+
+
+def _reference_factors(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The eager decomposition (float64 SVD of ``[out, rest]`` stored as float32)."""
+    u, s, vh = torch.linalg.svd(weight.detach().reshape(weight.shape[0], -1).double(), full_matrices=False)
+    return u.float(), s.float(), vh.float()
+
+
+def test_wrapping_decomposes_nothing_until_needed(svd_calls):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 20)
+    layer = SVDLinear(base)
+    assert svd_calls == [] and layer.svd_pending
+    assert layer.scale.shape == layer.shift.shape == (12,) and layer.rank == 12
+    x = torch.randn(3, 12)
+    assert torch.equal(layer(x), base(x))  # forward decomposes once
+    assert len(svd_calls) == 1 and not layer.svd_pending
+    layer(x), layer.get_delta_weight(), layer.state_dict()
+    assert len(svd_calls) == 1
+    n = len(svd_calls)
+    for u, ref in zip((layer.U, layer.S, layer.Vh), _reference_factors(base.weight)):
+        assert torch.equal(u, ref)
+    assert len(svd_calls) == n + 1  # the reference only
+
+
+def test_weights_loaded_after_wrapping_are_the_ones_decomposed():
+    """A SAM checkpoint loaded after construction: the factors belong to the loaded weights."""
+    torch.manual_seed(0)
+    layer = SVDConv2d(nn.Conv2d(6, 5, 3, padding=1))
+    trained = nn.Conv2d(6, 5, 3, padding=1)
+    # through the wrapper's state dict (base weight, no factors), non-strict
+    result = layer.load_state_dict({"base_layer.weight": trained.weight, "base_layer.bias": trained.bias}, strict=False)
+    assert set(result.missing_keys) == {"U", "S", "Vh", "scale", "shift"}
+    for got, ref in zip((layer.U, layer.S, layer.Vh), _reference_factors(trained.weight)):
+        assert torch.equal(got, ref)
+    # loading a base weight without factors after the factors exist marks them stale
+    other = nn.Conv2d(6, 5, 3, padding=1)
+    layer.load_state_dict({"base_layer.weight": other.weight}, strict=False)
+    assert layer.svd_pending
+    torch.testing.assert_close(_paper_weight(layer), other.weight, atol=1e-5, rtol=0)
+    # in-place changes need reset_svd
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(trained.weight)
+    layer.reset_svd()
+    torch.testing.assert_close(_paper_weight(layer), trained.weight, atol=1e-5, rtol=0)
+
+
+def test_state_dict_with_factors_loads_them_exactly(svd_calls, perturb):
+    torch.manual_seed(0)
+    src = SVDLinear(nn.Linear(16, 24))
+    perturb(src, std=0.5)
+    state = copy.deepcopy(src.state_dict())
+    n = len(svd_calls)
+    torch.manual_seed(1)  # other random base weights
+    dst = SVDLinear(nn.Linear(16, 24))
+    dst.load_state_dict(state)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(dst(x), src(x))
+    assert len(svd_calls) == n and not dst.svd_pending
+    for name in ("U", "S", "Vh"):
+        assert torch.equal(getattr(dst, name), getattr(src, name))
+
+
+def test_merge_of_a_pending_layer_decomposes_the_unmerged_weight():
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7)
+    original = base.weight.detach().clone()
+    layer = SVDLinear(base)
+    with torch.no_grad():
+        layer.shift.fill_(0.1)
+    layer.merge()
+    _, s, _ = _reference_factors(original)
+    torch.testing.assert_close(layer.S, s)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, original, atol=1e-5, rtol=0)
+    layer.merge()
+    with pytest.raises(ValueError, match="merged"):
+        layer.reset_svd()
