@@ -296,9 +296,14 @@ def find_amos_cases(src: Path) -> list[dict[str, Any]]:
     Raises:
         DatasetLayoutError: no ``imagesTr``/``labelsTr`` folders, an image without its label, or no cases.
     """
-    folder = find_folder(src, ("", "amos22", "AMOS22"), lambda p: (p / "imagesTr").is_dir() and (p / "labelsTr").is_dir())
+    def has_pairs(p: Path) -> bool:
+        return (p / "imagesTr").is_dir() and (p / "labelsTr").is_dir()
+
+    folder = find_folder(src, ("", "amos22", "AMOS22"), has_pairs)
     if folder is None:
-        raise DatasetLayoutError(f"'{src}' does not look like AMOS 22: no imagesTr/ + labelsTr/ folders; {_AMOS_LAYOUT}.")
+        raise DatasetLayoutError(
+            f"'{src}' does not look like AMOS 22: no imagesTr/ + labelsTr/ folders; {_AMOS_LAYOUT}."
+        )
     cases = []
     for part in ("Tr", "Va"):
         img_dir, lab_dir = folder / f"images{part}", folder / f"labels{part}"
@@ -344,7 +349,9 @@ def prepare_amos22(src: Path, out: Path, *, modality: str = "ct", shots: int = 0
         raise ValueError(f"modality must be one of {AMOS_MODALITIES}, got {modality!r}.")
     cases = [c for c in find_amos_cases(src) if (c["number"] > AMOS_LAST_CT_ID) == (modality == "mri")]
     if not cases:
-        raise DatasetLayoutError(f"'{src}' holds no AMOS 22 {modality.upper()} cases (CT: amos_0001-0500, MRI: above 0500).")
+        raise DatasetLayoutError(
+            f"'{src}' holds no AMOS 22 {modality.upper()} cases (CT: amos_0001-0500, MRI: above 0500)."
+        )
     if isinstance(shots, bool) or not isinstance(shots, int) or not 0 <= shots < len(cases):
         raise ValueError(f"shots must be an integer in [0, {len(cases) - 1}] (cases moved to training), got {shots!r}.")
     test, train = hold_out(cases, shots, seed)
