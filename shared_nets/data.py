@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist
-from monai.transforms import LoadImaged as _MonaiLoadImaged
 from monai.transforms import Flip, MapTransform, RandomizableTransform
+from monai.transforms import LoadImaged as _MonaiLoadImaged
 
 __all__ = [
     "DataError",

@@ -396,7 +396,7 @@ def assemble_bundle(
             for section in ("train", "validate"):
                 _expose_dataset_data(train, section)
             atomic_write_json(train, tmp / "configs" / "train.json")
-        for stale in ("demo.json", "box_prompt.json", "automatic.json"):
+        for stale in ("demo.json", "box_prompt.json", "automatic.json", "finetune.json"):
             (tmp / "configs" / stale).unlink(missing_ok=True)
         write_initial_model(tmp, ["inference.json"], out=tmp / "models" / "model.pt", sam_checkpoint=sam_file, seed=seed)
     except BaseException:

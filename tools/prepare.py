@@ -20,6 +20,7 @@ dataset                what                                                     
 ``promise12``          PROMISE12 prostate (.mhd -> NIfTI), seeded 40/10                   ``num_test``, ``num_val``
 ``prostate_multisite`` MA-SAM's 6-site prostate MRI, its per-site test cases               ``sites``, ``num_val``
 ``la``                 left atrium (.nrrd / UA-MT .h5 -> NIfTI), UA-MT's 80/20            ``num_labeled``, ``source``
+``amos22``             AMOS 22 CT or MRI in BTCV ids (MA-SAM Fig. 6), labelled cases      ``modality``, ``shots``
 =====================  =================================================================  ==========================
 """
 
@@ -45,6 +46,7 @@ RECIPES: dict[str, str] = {
     "promise12": "tools.recipes.prostate:prepare_promise12",
     "prostate_multisite": "tools.recipes.prostate:prepare_prostate_multisite",
     "la": "tools.recipes.heart:prepare_la",
+    "amos22": "tools.recipes.abdomen:prepare_amos22",
 }
 
 

@@ -137,3 +137,23 @@ def test_box_prompt_overlay_trains_and_infers_with_a_user_box(bundle, demo_data,
         src = nib.load(str(demo_data / item["image"]))
         assert pred.shape == src.shape
         assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1}
+
+
+def test_finetune_overlay_starts_from_the_given_weights(tmp_path):
+    """configs/finetune.json (MA-SAM Fig. 6, 5-shot AMOS): training starts from a trained model's weights."""
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in ("train.json", "finetune.json", "demo.json")])
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path), "img_size": 64,
+                   "finetune_from": str(tmp_path / "btcv.pt")})
+    handlers = parser["train#handlers"]
+    assert handlers[-1]["_target_"] == "CheckpointLoader"
+    network = parser.get_parsed_content("network")
+    trained = {k: v + 1.0 if v.is_floating_point() else v for k, v in network.state_dict().items()}
+    torch.save(trained, tmp_path / "btcv.pt")
+    loader = parser.get_parsed_content(f"train#handlers#{len(handlers) - 1}")
+    loader(Engine(lambda engine, batch: None))
+    for k, v in network.state_dict().items():
+        torch.testing.assert_close(v, trained[k])

@@ -405,3 +405,56 @@ def test_every_recipe_takes_seed_and_progress():
     for name in RECIPES:
         opts = recipe_options(name)
         assert opts["seed"] == 0 and opts["progress"] is True, name
+
+
+# ---------------------------------------------------------------- AMOS 22 (MA-SAM Fig. 6)
+
+
+@pytest.fixture(scope="module")
+def amos(tmp_path_factory) -> Path:
+    """amos22/{imagesTr,labelsTr,imagesVa,labelsVa}: CT cases 1-6 (Tr) and 7-8 (Va), MRI 507-509 (Tr)."""
+    root = tmp_path_factory.mktemp("amos") / "amos22"
+    for part, ids in (("Tr", (1, 2, 3, 4, 5, 6, 507, 508)), ("Va", (7, 8, 509))):
+        for n in ids:
+            _save(root / f"images{part}" / f"amos_{n:04d}.nii.gz", np.full(SHAPE, n, np.int16))
+            _save(root / f"labels{part}" / f"amos_{n:04d}.nii.gz", _labels(n, 16))
+    (root / "imagesTs").mkdir()
+    return root
+
+
+def test_amos22_maps_the_twelve_shared_organs_to_btcv_ids(amos, tmp_path):
+    from tools.recipes.abdomen import AMOS_TO_BTCV
+
+    before = _snapshot(amos)
+    content = _load(prepare("amos22", amos.parent, tmp_path / "ct", progress=False).parent)
+    assert _cases(content, "test") == [f"amos_{n:04d}" for n in range(1, 9)]  # Tr + Va, CT only
+    assert content["training"] == [] and content["validation"] == content["test"]
+    assert content["modality"] == {"0": "CT"} and "10" not in content["labels"]  # no portal vein in AMOS
+    assert len(content["labels"]) == 13  # background + 12 organs
+    item = _checked_items(tmp_path / "ct", "test")[0]
+    src = np.asarray(nib.load(str(amos / "labelsTr" / "amos_0001.nii.gz")).dataobj)
+    out = np.asarray(nib.load(item["label"]).dataobj)
+    for a, b in [(1, 1), (8, 8), (9, 9), (10, 11), (11, 12), (12, 13), (13, 0), (14, 0), (15, 0)]:
+        assert AMOS_TO_BTCV[a] == b and np.all(out[src == a] == b), (a, b)
+    assert _snapshot(amos) == before
+
+
+def test_amos22_mri_shots_and_merged_adrenals(amos, tmp_path):
+    content = _load(prepare("amos22", amos, tmp_path / "mri", modality="mri", shots=1, merge_adrenals=True,
+                            progress=False).parent)
+    cases = _cases(content, "training") + _cases(content, "test")
+    assert sorted(cases) == ["amos_0507", "amos_0508", "amos_0509"] and len(content["training"]) == 1
+    assert content["labels"]["12"] == "adrenal gland" and "13" not in content["labels"]
+    item = _checked_items(tmp_path / "mri", "test")[0]
+    name = Path(item["image"]).name
+    part = "Va" if name == "amos_0509.nii.gz" else "Tr"
+    src = np.asarray(nib.load(str(amos / f"labels{part}" / name)).dataobj)
+    out = np.asarray(nib.load(item["label"]).dataobj)
+    assert np.all(out[src == 12] == 12) and np.all(out[src == 11] == 12)
+    with pytest.raises(ValueError, match="shots"):
+        prepare("amos22", amos, tmp_path / "bad", modality="mri", shots=3, progress=False)
+    with pytest.raises(ValueError, match="modality"):
+        prepare("amos22", amos, tmp_path / "bad2", modality="pet", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match="AMOS 22"):
+        prepare("amos22", tmp_path / "empty", tmp_path / "bad3", progress=False)

@@ -1,4 +1,5 @@
-"""BTCV (13 organs, MA-SAM's 24/6 split) and Synapse (8 organs, TransUNet's 18/12 split) from the BTCV download.
+"""BTCV (13 organs, MA-SAM's 24/6 split) and Synapse (8 organs, TransUNet's 18/12 split) from the BTCV download;
+AMOS 22 in BTCV ids (MA-SAM's generalisation study, Fig. 6).
 
 Both read the "Multi-Atlas Labeling Beyond the Cranial Vault" abdomen training set as published
 on Synapse (syn3193805, ``RawData.zip``): ``RawData/Training/img/img0001.nii.gz`` and
@@ -18,6 +19,7 @@ import numpy as np
 from .common import (
     DatasetLayoutError,
     find_folder,
+    hold_out,
     is_nifti,
     lut_from_mapping,
     materialise,
@@ -36,6 +38,9 @@ __all__ = [
     "synapse_labels",
     "prepare_btcv",
     "prepare_synapse",
+    "AMOS_TO_BTCV",
+    "find_amos_cases",
+    "prepare_amos22",
 ]
 
 #: BTCV label ids as distributed; names as in the bundles' ``channel_def`` (MA-SAM, S-SAM).
@@ -259,4 +264,123 @@ def prepare_synapse(src: Path, out: Path, *, seed: int = 0, num_val: int = 0, la
         **({"label_mapping": {"from": "btcv", "lut": lut.tolist()}} if use_lut is not None else {}),
         **lists,
     })
+    return payload
+
+
+# -- AMOS 22 ---------------------------------------------------------------------------------------
+
+#: AMOS 22 label ids (its dataset.json: 1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder,
+#: 5 esophagus, 6 liver, 7 stomach, 8 aorta, 9 postcava (IVC), 10 pancreas, 11 right adrenal gland,
+#: 12 left adrenal gland, 13 duodenum, 14 bladder, 15 prostate/uterus) -> BTCV ids. MA-SAM sec. 4.1:
+#: "Each scan was annotated with 15 organs, but we focus on the 12 organs that overlap with the BTCV
+#: dataset"; duodenum, bladder and prostate/uterus become background. BTCV's portal/splenic vein
+#: (10) has no AMOS counterpart.
+AMOS_TO_BTCV: dict[int, int] = {**{i: i for i in range(10)}, 10: 11, 11: 12, 12: 13, 13: 0, 14: 0, 15: 0}
+AMOS_NUM_IDS = 16
+#: AMOS 22 numbering: amos_0001-0500 are CT, amos_0501-0600 MRI.
+AMOS_LAST_CT_ID = 500
+AMOS_MODALITIES = ("ct", "mri")
+
+_AMOS_LAYOUT = (
+    "expected the AMOS 22 release (amos22.zip, zenodo 7262581): imagesTr/amos_0001.nii.gz + labelsTr/amos_0001.nii.gz "
+    "and imagesVa/ + labelsVa/ (--src may point at the folder holding amos22 or at amos22 itself)"
+)
+
+
+def find_amos_cases(src: Path) -> list[dict[str, Any]]:
+    """The labelled AMOS 22 cases (training + validation sets) under ``src``.
+
+    Returns:
+        ``[{"case": "amos_0001", "image": abs path, "label": abs path, "number": 1, "set": "Tr"}, ...]``.
+
+    Raises:
+        DatasetLayoutError: no ``imagesTr``/``labelsTr`` folders, an image without its label, or no cases.
+    """
+    def has_pairs(p: Path) -> bool:
+        return (p / "imagesTr").is_dir() and (p / "labelsTr").is_dir()
+
+    folder = find_folder(src, ("", "amos22", "AMOS22"), has_pairs)
+    if folder is None:
+        raise DatasetLayoutError(
+            f"'{src}' does not look like AMOS 22: no imagesTr/ + labelsTr/ folders; {_AMOS_LAYOUT}."
+        )
+    cases = []
+    for part in ("Tr", "Va"):
+        img_dir, lab_dir = folder / f"images{part}", folder / f"labels{part}"
+        if not img_dir.is_dir():
+            continue
+        for img in sorted(p for p in img_dir.iterdir() if is_nifti(p) and p.name.startswith("amos_")):
+            name = strip_suffix(img.name)
+            digits = name[len("amos_"):]
+            if not digits.isdigit():
+                continue
+            label = next((p for p in lab_dir.glob(f"{name}.nii*") if is_nifti(p)), None) if lab_dir.is_dir() else None
+            if label is None:
+                raise DatasetLayoutError(f"AMOS image '{img}' has no label in '{lab_dir}'; {_AMOS_LAYOUT}.")
+            cases.append({"case": name, "image": str(img), "label": str(label), "number": int(digits), "set": part})
+    if not cases:
+        raise DatasetLayoutError(f"'{folder}' holds no amos_NNNN.nii.gz images; {_AMOS_LAYOUT}.")
+    return cases
+
+
+def prepare_amos22(src: Path, out: Path, *, modality: str = "ct", shots: int = 0, merge_adrenals: bool = False,
+                   seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """AMOS 22 CT or MRI in BTCV label ids, for MA-SAM's generalisation study (sec. 4.4, Fig. 6).
+
+    The paper applies its BTCV-trained model to "300 CT scans and 60 MRI scans in the training and
+    validation sets of AMOS 22" (0 shot), and fine-tunes it "with 5 additional training cases from the
+    AMOS22 dataset" (5 shot). The paper does not name the five cases: ``shots`` seeded cases form the
+    ``training`` list, the rest of the chosen modality is ``test`` (and ``validation``).
+
+    Args:
+        src: the AMOS 22 folder (``imagesTr``, ``labelsTr``, ``imagesVa``, ``labelsVa``).
+        out: output folder; labels are written there in BTCV ids (:data:`AMOS_TO_BTCV`).
+        modality: ``ct`` (ids up to 500) or ``mri`` (ids above 500).
+        shots: cases moved to ``training`` for few-shot fine-tuning (0: evaluation only, no training list).
+        merge_adrenals: also merge the left adrenal gland into the right one (BTCV ids 0-12, for a model
+            trained with ``merge_adrenals``).
+        seed: seed for picking the ``shots`` cases.
+        progress: show a progress bar.
+
+    Returns:
+        The datalist content (written by ``tools.prepare``).
+    """
+    if modality not in AMOS_MODALITIES:
+        raise ValueError(f"modality must be one of {AMOS_MODALITIES}, got {modality!r}.")
+    cases = [c for c in find_amos_cases(src) if (c["number"] > AMOS_LAST_CT_ID) == (modality == "mri")]
+    if not cases:
+        raise DatasetLayoutError(
+            f"'{src}' holds no AMOS 22 {modality.upper()} cases (CT: amos_0001-0500, MRI: above 0500)."
+        )
+    if isinstance(shots, bool) or not isinstance(shots, int) or not 0 <= shots < len(cases):
+        raise ValueError(f"shots must be an integer in [0, {len(cases) - 1}] (cases moved to training), got {shots!r}.")
+    test, train = hold_out(cases, shots, seed)
+    mapping = dict(AMOS_TO_BTCV)
+    labels = {k: v for k, v in BTCV_ORGANS.items() if k != 10}
+    if merge_adrenals:
+        mapping[12] = 12
+        labels.pop(13)
+        labels[12] = "adrenal gland"
+    lut = lut_from_mapping(mapping, AMOS_NUM_IDS)
+    lists = {}
+    for key, items in (("training", train), ("test", test)):
+        lists[key] = materialise(items, out, label_lut=lut, progress=progress, desc=f"amos22 {modality} {key}")
+    lists["validation"] = [dict(i) for i in lists["test"]]
+    payload = {
+        "name": f"AMOS22-{modality.upper()}",
+        "description": f"AMOS 22 {modality.upper()}, the 12 organs shared with BTCV, in BTCV label ids"
+                       + (" (adrenal glands merged)" if merge_adrenals else ""),
+        "reference": "Ji et al., AMOS: a large-scale abdominal multi-organ benchmark, NeurIPS 2022 (zenodo 7262581)",
+        "licence": "CC BY 4.0 (AMOS 22)",
+        "tensorImageSize": "3D",
+        "modality": {"0": modality.upper()},
+        "labels": {str(k): v for k, v in labels.items()},
+        "numTraining": len(lists["training"]),
+        "numTest": len(lists["test"]),
+        "split": {"kind": "seeded" if shots else "all", "source": "MA-SAM sec. 4.4 / Fig. 6 (cases not named)",
+                  "shots": shots, "seed": seed, "validation": "validation = the test cases"},
+        "label_ids": "btcv_adrenals_merged" if merge_adrenals else "btcv",
+        "label_mapping": {"from": "amos22", "lut": lut.tolist()},
+        **lists,
+    }
     return payload
