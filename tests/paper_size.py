@@ -1,0 +1,248 @@
+"""Paper-size smoke runs of the five bundles: one training iteration and one inference at ViT-B.
+
+Each run uses the bundle's own ``configs/train.json`` / ``configs/inference.json`` through
+``monai.bundle`` (:func:`shared_nets.engine.run_bundle_workflow`), with the paper's image size,
+random weights (``sam_checkpoint: null``), ``variant: vit_b``, batch size 1, one sample per volume,
+one epoch and no validation, on a real abdominal CT cropped to a few slices (the bundles' own
+transforms resize it in-plane to the paper's size). Training and inference each run in their own
+child process, so the peak RSS read from ``os.wait4`` is that run's alone; the training child
+saves the trained network as ``models/model.pt`` and the inference child loads it from there.
+
+Used by ``tests/test_paper_size.py`` (CI) and, as a script, to take the numbers written in the
+bundle READMEs::
+
+    python -m tests.paper_size ma_sam med_sa ...        # CI settings, prints a table
+    python -m tests.paper_size med_sa --slices 16       # the paper's full depth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CT = REPO.parent / "shared" / "data" / "totalsegmentator_example"
+# TotalSegmentator v2 "total" ids -> BTCV ids (organs both label; everything else -> background)
+TOTALSEG_TO_BTCV = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 7, 7: 11, 8: 12, 9: 13, 52: 8, 63: 9, 64: 10}
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PaperSetting:
+    """How one bundle is run at paper size.
+
+    Attributes:
+        paper: the paper's setting in words (for the README table).
+        slices: slices of the cropped CT (the training/inference depth the run sees).
+        slices_key: the config key that holds the network's slice count, if any.
+        crop_xy: in-plane crop ``(row0, row1, col0, col1)`` of the CT (3 mm voxels), or None.
+        overrides: bundle-specific config overrides (both workflows).
+        infer_overrides: overrides for the inference workflow only.
+    """
+
+    paper: str
+    slices: int
+    slices_key: str | None = None
+    crop_xy: tuple[int, int, int, int] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    infer_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+SETTINGS: dict[str, PaperSetting] = {
+    "ma_sam": PaperSetting("512 x 512, 5 slices", 5, "num_slices"),
+    # the paper's 16-slice chunks at 1024 px take minutes on 2 CPU cores: CI uses 2 (SD-Trans still mixes slices)
+    "med_sa": PaperSetting("1024 x 1024, 16 slices", 2, "num_slices", infer_overrides={"prompt_source": "label"}),
+    # a 126 mm cube around the right kidney (KiTS21 target class 2 = BTCV right kidney): one 128^3 window at 1 mm
+    "sam3d_adapter": PaperSetting(
+        "128 x 128 x 128 at 1 mm, SAM at 512", 30, crop_xy=(60, 102, 19, 61), infer_overrides={"prompt_source": "label"}
+    ),
+    "s_sam": PaperSetting("256 x 256, 2D", 1),
+    "h_sam": PaperSetting("512 x 512, 2D", 1),
+}
+FIRST_SLICE = 8  # slices 8.. of the example hold the liver, spleen, both kidneys, stomach and aorta
+
+
+def write_case(out: Path, slices: int, crop_xy: tuple[int, int, int, int] | None = None) -> Path:
+    """The real CT cropped to ``slices`` slices (and ``crop_xy``), BTCV labels, as a one-case datalist."""
+    import nibabel as nib
+    import numpy as np
+
+    if not (REAL_CT / "ct.nii.gz").is_file():
+        raise FileNotFoundError(f"real CT example not found at {REAL_CT}")
+    ct, seg = nib.load(str(REAL_CT / "ct.nii.gz")), nib.load(str(REAL_CT / "seg.nii.gz"))
+    z0 = min(FIRST_SLICE, ct.shape[2] - slices)
+    r0, r1, c0, c1 = crop_xy or (0, ct.shape[0], 0, ct.shape[1])
+    box = (slice(r0, r1), slice(c0, c1), slice(z0, z0 + slices))
+    affine = ct.affine.copy()
+    affine[:3, 3] = ct.affine[:3, :3] @ np.array([r0, c0, z0]) + ct.affine[:3, 3]
+    img = np.asarray(ct.dataobj)[box]
+    ts = np.asarray(seg.dataobj)[box]
+    btcv = np.zeros(ts.shape, np.uint8)
+    for src, dst in TOTALSEG_TO_BTCV.items():
+        btcv[ts == src] = dst
+    out.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(img, affine), str(out / "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(btcv, affine), str(out / "ct_label.nii.gz"))
+    item = {"image": "ct.nii.gz", "label": "ct_label.nii.gz"}
+    content = {"name": "totalsegmentator_example", "labels": {}, "training": [item], "validation": [item], "test": [item]}
+    (out / "datalist.json").write_text(json.dumps(content))
+    return out
+
+
+def overrides_for(bundle: str, data_dir: Path, workflow: str, slices: int | None = None) -> dict[str, Any]:
+    """Config overrides of a paper-size run (``slices`` replaces the setting's depth if given)."""
+    s = SETTINGS[bundle]
+    over: dict[str, Any] = {
+        "dataset_dir": str(data_dir),
+        "device": "$torch.device('cpu')",
+        "variant": "vit_b",
+        "sam_checkpoint": None,
+        "num_workers": 0,
+        **s.overrides,
+    }
+    if s.slices_key:
+        over[s.slices_key] = slices or s.slices
+    if workflow == "train":
+        over.update({"batch_size": 1, "num_samples": 1, "max_epochs": 1, "val_interval": 1000})
+    else:
+        over.update({"output_dir": str(data_dir / "pred"), **s.infer_overrides})
+    return over
+
+
+def child_main(argv: list[str]) -> int:
+    """Child process: run one workflow, write ``{"time_s", "losses", "sdpa", ...}`` to the result file."""
+    bundle, workflow, bundle_root, result_file, over_json = argv
+    import torch
+
+    from shared_nets.engine import run_bundle_workflow
+    from shared_nets.sam import is_sdpa_enabled
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    losses: list[float] = []
+
+    def collect(engine) -> None:
+        out = engine.state.output
+        losses.append(float((out[0] if isinstance(out, list) else out)["loss"]))
+
+    start = time.perf_counter()
+    wf = run_bundle_workflow(
+        bundle_root, ["train.json" if workflow == "train" else "inference.json"], workflow, json.loads(over_json),
+        on_iteration=collect if workflow == "train" else None,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    net = wf.parser.get_parsed_content("network_def")
+    if workflow == "train":
+        (Path(bundle_root) / "models").mkdir(exist_ok=True)
+        torch.save(net.state_dict(), str(Path(bundle_root) / "models" / "model.pt"))
+    result = {"time_s": elapsed, "losses": losses, "sdpa": is_sdpa_enabled(net), "threads": torch.get_num_threads()}
+    Path(result_file).write_text(json.dumps(result))
+    return 0
+
+
+def run_measured(cmd: list[str], log: Path, env: dict[str, str], timeout: float) -> tuple[int, int, float]:
+    """Run ``cmd``; returns ``(exit status, peak RSS in bytes of that child, wall seconds)``."""
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_maxrss * 1024, time.monotonic() - start  # Linux: KiB
+        if time.monotonic() - start > timeout:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return -9, 0, time.monotonic() - start
+        time.sleep(0.2)
+
+
+def run_bundle(bundle: str, work: Path, slices: int | None = None, threads: int = 2, timeout: float = 600) -> dict:
+    """Train one iteration then infer, each in a child process; returns both runs' measurements.
+
+    Returns:
+        ``{"train": {...}, "infer": {...}, "slices", "data_dir", "bundle_root"}``; each run has
+        ``status``, ``peak_rss_mib``, ``wall_s`` (child process, imports included), ``time_s``
+        (the workflow alone), ``log`` and what the child reported (``losses``, ``sdpa``).
+    """
+    s = SETTINGS[bundle]
+    depth = slices or s.slices
+    data_dir = write_case(work / "data", depth, s.crop_xy)
+    root = work / bundle
+    shutil.copytree(REPO / "bundles" / bundle, root, ignore=shutil.ignore_patterns("models", "eval", "runs", "cache"))
+    threads_env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, **threads_env, "PYTHONPATH": path}
+    out: dict[str, Any] = {"slices": depth, "data_dir": str(data_dir), "bundle_root": str(root)}
+    for workflow in ("train", "infer"):
+        result_file = work / f"{workflow}.json"
+        over = overrides_for(bundle, data_dir, workflow, slices)
+        cmd = [sys.executable, "-m", "tests.paper_size", "--child", bundle, workflow, str(root), str(result_file), json.dumps(over)]
+        log = work / f"{workflow}.log"
+        status, peak, wall = run_measured(cmd, log, env, timeout)
+        run = {"status": status, "peak_rss_mib": peak / MIB, "wall_s": wall, "log": str(log)}
+        if status == 0:
+            run.update(json.loads(result_file.read_text()))
+        out[workflow] = run
+        if status != 0:
+            break
+    return out
+
+
+def machine() -> str:
+    """CPU model, cores and load, for the README tables."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{model}, {os.cpu_count()} cores, load {load:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return child_main(argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundles", nargs="*", default=list(SETTINGS))
+    ap.add_argument("--slices", type=int, default=None, help="depth instead of the CI setting's")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--work", default=None, help="working folder (default: a temporary one, removed after)")
+    args = ap.parse_args(argv)
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        for bundle in args.bundles:
+            res = run_bundle(bundle, Path(tmp) / bundle, args.slices, args.threads, args.timeout)
+            for wf in ("train", "infer"):
+                r = res.get(wf, {"status": "not run"})
+                rows.append((bundle, wf, res["slices"], r.get("status"), r.get("peak_rss_mib", 0), r.get("wall_s", 0),
+                             r.get("time_s", float("nan"))))
+                print(json.dumps({"bundle": bundle, "workflow": wf, "slices": res["slices"], **r}), flush=True)
+                if r.get("status") not in (0, "not run"):
+                    print(Path(r["log"]).read_text()[-3000:], file=sys.stderr)
+    print(f"\nmachine: {machine()}, threads {args.threads}")
+    print("| bundle | run | slices | status | peak RSS (MiB) | child wall (s) | workflow (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for b, wf, sl, st, rss, wall, t in rows:
+        print(f"| {b} | {wf} | {sl} | {st} | {rss:.0f} | {wall:.0f} | {t:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
