@@ -122,7 +122,7 @@ def _all_gather(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order (``[obj]`` without a process group)."""
     import torch.distributed as dist
 
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
