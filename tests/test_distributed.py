@@ -264,3 +264,61 @@ def test_killed_inference_reruns_only_the_unfinished_cases(demo_data, tmp_path):
 def _predictions_of(root, data, overrides, out, run) -> dict[str, np.ndarray]:
     run(root, ["inference.json", "demo.json"], "infer", {"dataset_dir": str(data), "output_dir": str(out), **overrides})
     return _predictions(out)
+
+
+def test_bad_input_is_skipped_with_its_reason_and_retried_on_rerun(demo_data, tmp_path):
+    """One process without torchrun (the configs run as a world of one): a missing volume gets a ``skipped``
+    manifest line with its reason, the others are written; a rerun runs only the skipped case again."""
+    from shared_nets.engine import run_bundle_workflow
+
+    overrides, label_key = BUNDLES["ma_sam"]
+    data = _data(demo_data, tmp_path / "data", label_key)
+    content = json.loads((data / "datalist.json").read_text())
+    content["test"].append({"image": "imagesTr/missing_case.nii.gz", "label": content["test"][0]["label"]})
+    (data / "datalist.json").write_text(json.dumps(content))
+    root = _bundle(tmp_path, "ma_sam", overrides, data)
+    out = tmp_path / "out"
+    configs = ["inference.json", "multi_gpu_inference.json", "demo.json"]
+    over = {"dataset_dir": str(data), "output_dir": str(out), **overrides}
+    run_bundle_workflow(root, configs, "infer", over)
+    first = D.read_manifest(out)
+    status = {r["case"]: r["status"] for r in first}
+    assert status.pop("missing_case") == "skipped" and set(status.values()) == {"done"} and len(status) == NUM_CASES
+    bad = next(r for r in first if r["case"] == "missing_case")
+    assert "missing_case.nii.gz" in bad["error"] and "\n" not in bad["error"]
+    assert len(_predictions(out)) == NUM_CASES
+
+    run_bundle_workflow(root, configs, "infer", over)
+    second = D.read_manifest(out)[len(first):]
+    assert [(r["case"], r["status"]) for r in second] == [("missing_case", "skipped")]
+
+
+@pytest.mark.slow
+def test_killed_evaluation_reruns_only_the_unfinished_cases_and_reports_all(demo_data, tmp_path):
+    from shared_nets.engine import run_bundle_workflow
+
+    overrides, label_key = BUNDLES["h_sam"]
+    data = _data(demo_data, tmp_path / "data", label_key, copies=3)  # 9 cases
+    root = _bundle(tmp_path, "h_sam", overrides, data)
+    single = tmp_path / "single"
+    run_bundle_workflow(root, ["train.json", "evaluate.json", "demo.json"], "infer",
+                        {"dataset_dir": str(data), "output_dir": str(single), **overrides})
+    out = tmp_path / "sharded"
+    configs = ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"]
+    over = {"dataset_dir": str(data), "output_dir": str(out), **overrides}
+    proc = subprocess.Popen(_torchrun_args(root, configs, over), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_first_case(out, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _done_counts(out)
+    assert 0 < len(before) < 9, f"kill came too late to test a rerun: {before}"
+    assert not (out / "metrics.csv").exists()
+
+    _torchrun(root, configs, over)
+    after = _done_counts(out)
+    assert len(after) == 9 and set(after.values()) == {1}, after
+    for report in sorted(p.name for p in single.iterdir() if p.suffix in (".csv", ".md")):
+        assert (out / report).read_text() == (single / report).read_text(), report
