@@ -23,6 +23,8 @@ __all__ = [
     "CheckFinited",
     "source_name",
     "SkippingDataset",
+    "CaseSeededDataset",
+    "case_seed",
     "SKIPPED_KEY",
     "root_cause",
     "LoadImaged",
@@ -213,6 +215,50 @@ def root_cause(e: BaseException) -> str:
     return msg if isinstance(e, DataError) else f"{type(e).__name__}: {msg}"
 
 
+def case_seed(item: Mapping[str, Any], seed: int, image_key: str = "image") -> int:
+    """A random seed for one datalist entry: ``seed`` combined with the CRC-32 of its image file name.
+
+    Random preprocessing (simulated prompts) seeded with it draws the same for a case whatever its
+    position in the datalist or the rank that runs it, so a sharded run equals a single-process one.
+    """
+    import zlib
+
+    image = item.get(image_key, "") if isinstance(item, Mapping) else ""
+    image = image[0] if isinstance(image, (list, tuple)) and image else image
+    name = os.path.basename(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else str(image)
+    return (int(seed) + zlib.crc32(name.encode("utf-8"))) % (2**31 - 1)
+
+
+def _seeded(transform, item: Mapping[str, Any], seed: int | None, image_key: str):
+    if seed is not None and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=case_seed(item, seed, image_key))
+    return transform
+
+
+class CaseSeededDataset(torch.utils.data.Dataset):
+    """Dataset whose random transforms are re-seeded per case (:func:`case_seed`) before each item, for
+    evaluations with simulated prompts that must not depend on the order or the rank of the cases.
+
+    Args:
+        data: datalist entries.
+        transform: preprocessing (a MONAI ``Compose``).
+        seed: base seed.
+        image_key: entry key of the image file (names the case).
+    """
+
+    def __init__(self, data: Sequence[Mapping[str, Any]], transform, seed: int = 0, image_key: str = "image") -> None:
+        self.data, self.transform, self.seed, self.image_key = list(data), transform, int(seed), image_key
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        from monai.transforms import apply_transform
+
+        item = self.data[index]
+        return apply_transform(_seeded(self.transform, item, self.seed, self.image_key), dict(item))
+
+
 class SkippingDataset(torch.utils.data.Dataset):
     """Batch-inference dataset: an item whose loading or preprocessing fails is reported (logged with the
     file and the reason) and handed on as a marker ``{SKIPPED_KEY: ..., "reason": ...}`` instead of
@@ -223,12 +269,16 @@ class SkippingDataset(torch.utils.data.Dataset):
         data: datalist entries.
         transform: preprocessing.
         image_key: entry key that names the input file (for the report).
+        seed: re-seed the random transforms per case (:func:`case_seed`), so simulated prompts do not
+            depend on the case's position in the datalist or on the rank running it; None: one stream.
     """
 
-    def __init__(self, data: Sequence[Mapping[str, Any]], transform=None, image_key: str = "image") -> None:
+    def __init__(self, data: Sequence[Mapping[str, Any]], transform=None, image_key: str = "image",
+                 seed: int | None = None) -> None:
         self.data = list(data)
         self.transform = transform
         self.image_key = image_key
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.data)
@@ -238,7 +288,9 @@ class SkippingDataset(torch.utils.data.Dataset):
 
         item = self.data[index]
         try:
-            return apply_transform(self.transform, dict(item)) if self.transform is not None else dict(item)
+            if self.transform is None:
+                return dict(item)
+            return apply_transform(_seeded(self.transform, item, self.seed, self.image_key), dict(item))
         except Exception as e:  # any failure of one volume must not end the batch
             name = item.get(self.image_key, f"entry {index}") if isinstance(item, Mapping) else f"entry {index}"
             reason = root_cause(e)

@@ -125,6 +125,31 @@ def _monai_classes() -> dict[str, type]:
                 self.save_dir = final_dir
                 shutil.rmtree(tmp_dir, ignore_errors=True)
 
+        def write_reports(self, metrics: dict, metric_details: dict, images: list[str] | None) -> None:
+            """Write the reports this saver writes at the end of a run, from values gathered elsewhere (a
+            sharded evaluation's merged records): same selection (``metrics``/``metric_details`` names),
+            same files and format, each moved into ``save_dir`` atomically."""
+            from monai.handlers.utils import write_metrics_reports
+
+            def chosen(values: dict, names) -> dict:
+                if names is None:
+                    return {}
+                return {k: v for k, v in values.items() if k in names or "*" in names}
+
+            final_dir = os.path.abspath(self.save_dir)
+            os.makedirs(final_dir, exist_ok=True)
+            tmp_dir = tempfile.mkdtemp(dir=final_dir, prefix=".metrics.")
+            try:
+                write_metrics_reports(
+                    save_dir=tmp_dir, images=images or None, metrics=chosen(metrics, self.metrics),
+                    metric_details=chosen(metric_details, self.metric_details), summary_ops=self.summary_ops,
+                    deli=self.deli, output_type=self.output_type,
+                )
+                for name in sorted(os.listdir(tmp_dir)):
+                    os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))
+            finally:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+
     classes = {"AtomicNibabelWriter": AtomicNibabelWriter, "AtomicMetricsSaver": AtomicMetricsSaver}
     for name, cls in classes.items():  # importable and picklable as shared_nets.io.<name>
         cls.__qualname__ = name

@@ -389,11 +389,20 @@ class MetricsSummary:
             from monai.utils import evenly_divisible_all_gather  # same rank order as MONAI's metric buffers
 
             objects = [int(v) for v in evenly_divisible_all_gather(torch.as_tensor(objects), concat=True).tolist()]
-        details = dict(getattr(engine.state, "metric_details", {}) or {})
+        if idist.get_rank() != 0:
+            return
+        self.write(dict(getattr(engine.state, "metric_details", {}) or {}), objects)
+
+    def write(self, details: Mapping[str, Any], objects: Sequence[int] = ()) -> None:
+        """Write ``metrics.md`` and ``metrics_per_class.csv`` from ``{metric name: (cases, classes)}`` details
+        (and, with ``object_key``, each row's class id); the end of a run calls it, as does a sharded
+        evaluation's merge."""
+        details = dict(details)
         if "*" not in self.metric_names:
             details = {k: details[k] for k in self.metric_names if k in details}
-        if not details or idist.get_rank() != 0:
+        if not details:
             return
+        objects = list(objects)
         summary = summarise(details, self.class_names,
                             groups=objects if self.object_key is not None else None, group_names=self.id_names)
         atomic_write_text(os.path.join(self.output_dir, "metrics.md"), markdown_summary(summary, self.title, self.notes))

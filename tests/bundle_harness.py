@@ -153,7 +153,7 @@ class BundleHarness:
 
     def test_bundle_file_set_is_complete(self, bundle_copy):
         for rel in ("configs/metadata.json", "configs/train.json", "configs/inference.json", "configs/evaluate.json",
-                    "configs/multi_gpu_train.json", "configs/logging.conf", "configs/demo.json", "large_files.yml",
+                    "configs/multi_gpu_train.json", "configs/multi_gpu_inference.json", "configs/logging.conf", "configs/demo.json", "large_files.yml",
                     "docs/README.md", "docs/data_license.txt", "LICENSE"):
             assert (bundle_copy / rel).is_file(), f"bundle {self.bundle} lacks {rel}"
 

@@ -94,7 +94,7 @@ def build_network(config: Mapping[str, Any], bundle: str | os.PathLike, metadata
 
     parser = ConfigParser(dict(config))
     parser["bundle_root"] = str(bundle)
-    if metadata is not None and "_meta_" not in config:
+    if metadata is not None and not config.get("_meta_"):  # ConfigParser starts with an empty _meta_
         parser["_meta_"] = dict(metadata)
     if "network_def" not in parser.config:
         raise ValueError(f"bundle config of '{bundle}' has no 'network_def' to build.")

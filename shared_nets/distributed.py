@@ -1,0 +1,547 @@
+"""Sharded, resumable batch inference and evaluation under ``torchrun`` (one node or many).
+
+The bundles' ``configs/multi_gpu_inference.json`` and ``configs/multi_gpu_evaluate.json`` overlay the
+single-process configs with the pieces here:
+
+* :func:`init_distributed` / :func:`local_device`: one process per GPU; the device comes from
+  ``LOCAL_RANK`` (the GPU on this node), the shard from the global rank, so nothing assumes one node.
+* :class:`CaseRunner`: decides which datalist cases still need work (a case is *done* when its output
+  exists and is whole, or, for evaluation, when its per-case metrics are recorded), splits the rest
+  over the ranks with MONAI's ``partition_dataset(..., even_divisible=False)`` (no padded duplicates:
+  every case is run exactly once), records every case in a manifest and, at the end, merges the
+  manifest and (evaluation) writes the same metric reports as a single-process run.
+* :class:`CaseTracker`: the evaluator's ``iteration_update``: times each case, reports and skips a bad
+  volume (as :class:`shared_nets.engine.SkipBadInputs` does) and appends one manifest line per case.
+
+Manifest: ``<output_dir>/manifest.jsonl``, one JSON object per line with ``case``, ``rank``,
+``status`` (``done``, ``skipped``: a bad input with its one-line reason in ``error``; ``failed``: the
+run stopped at this case), ``seconds`` and ``error`` (plus ``output``/``sha256`` of a prediction, or
+``metrics`` of an evaluated case). While a job runs each rank appends to its own
+``manifest.rank<N>.jsonl`` (one ``write`` per line, flushed); rank 0 merges them into
+``manifest.jsonl`` when all ranks are finished. The reader skips a line cut short by a kill, so a
+killed job can always be rerun; a rerun reads the merged and the per-rank files.
+
+Why not MONAI's own multi-rank evaluation: ``MetricsSaver`` and the metric buffers all-gather in
+rank-major order (rows come out in another order than the datalist), and a rank without a case
+never joins the gather (the others wait forever; ignite also refuses an empty loader), which a
+resumed run with few cases left hits. Here every rank computes its cases' metrics locally and rank 0
+rebuilds the reports from the records in datalist order, so they equal a single-process run's.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "rank_and_world",
+    "local_device",
+    "init_distributed",
+    "finalize_distributed",
+    "case_name",
+    "read_manifest",
+    "ManifestWriter",
+    "NiftiOutputCheck",
+    "CaseRunner",
+    "CaseTracker",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+
+
+# -- process group ---------------------------------------------------------------------------------
+def rank_and_world() -> tuple[int, int]:
+    """(global rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when CUDA is available (``LOCAL_RANK`` is set by ``torchrun`` per node), else CPU.
+
+    The global rank is not a GPU index on the second node of a multi-node job; ``LOCAL_RANK`` is.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    text = os.environ.get("LOCAL_RANK", "0")
+    try:
+        local = int(text)
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK must be an integer GPU index, got {text!r}.") from None
+    if not 0 <= local < torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {local} has no GPU on this node ({torch.cuda.device_count()} visible); start "
+                         "torchrun with --nproc_per_node at most the number of GPUs.")
+    return torch.device(f"cuda:{local}")
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes (``nccl`` on GPUs, else ``gloo``) and select this
+    rank's GPU; does nothing when the group exists. Without ``torchrun`` (no ``WORLD_SIZE``) it runs as a
+    single process. Returns (global rank, world size)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_device())
+    return rank_and_world()
+
+
+def finalize_distributed() -> None:
+    """Wait for every rank, then leave the process group (no-op without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -- case names and the manifest -------------------------------------------------------------------
+_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".npy", ".npz", ".png", ".jpg", ".h5")
+
+
+def case_name(item: Mapping[str, Any], image_key: str = "image", extra_keys: Sequence[str] = ()) -> str:
+    """A case's name: its image file name without the extension (as the predictions are named), followed by
+    ``_<key>-<value>`` for each of ``extra_keys`` (e.g. ``object_id`` when a volume gives several items).
+
+    Raises:
+        ValueError: the item has no ``image_key``.
+    """
+    if image_key not in item:
+        raise ValueError(f"datalist entry has no '{image_key}' (keys: {sorted(item)}); cannot name the case.")
+    image = item[image_key]
+    path = os.fspath(image[0] if isinstance(image, (list, tuple)) and image else image)
+    base = os.path.basename(os.path.normpath(path))
+    for ext in _EXTENSIONS:
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+            break
+    return base + "".join(f"_{k}-{item[k]}" for k in extra_keys)
+
+
+def _parse_lines(path: str) -> list[dict]:
+    """The records of one manifest file; a line that is not a whole JSON object (cut by a kill) is skipped."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return records
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("manifest '%s' line %d is incomplete (a killed run?); ignored.", path, n)
+            continue
+        if isinstance(rec, dict) and "case" in rec and "status" in rec:
+            records.append(rec)
+    return records
+
+
+def read_manifest(output_dir: str | os.PathLike) -> list[dict]:
+    """Every record in ``output_dir``'s merged manifest and the per-rank files a killed job left, oldest first
+    (by their ``time``); incomplete lines are skipped."""
+    folder = os.fspath(output_dir)
+    records = _parse_lines(os.path.join(folder, MANIFEST))
+    for path in sorted(glob.glob(os.path.join(folder, "manifest.rank*.jsonl"))):
+        records.extend(_parse_lines(path))
+    return sorted(records, key=lambda r: float(r.get("time", 0.0)))
+
+
+def _latest(records: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for rec in records:  # oldest first: the last one wins
+        out[str(rec["case"])] = dict(rec)
+    return out
+
+
+class ManifestWriter:
+    """Appends manifest records to ``<output_dir>/manifest.rank<rank>.jsonl``, one ``os.write`` per line
+    (flushed to disk), so a kill leaves at most one incomplete last line, which :func:`read_manifest` skips;
+    a line left without its newline is closed before the next record is appended.
+
+    Args:
+        output_dir: the run's output folder.
+        rank: global rank (names the file).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, rank: int) -> None:
+        self.path = os.path.join(os.fspath(output_dir), f"manifest.rank{int(rank)}.jsonl")
+        self.rank = int(rank)
+
+    def append(self, record: Mapping[str, Any]) -> dict:
+        rec = {"case": None, "rank": self.rank, "status": None, "seconds": None, "error": None, **record,
+               "time": time.time()}
+        line = (json.dumps(rec, allow_nan=True) + "\n").encode("utf-8")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                with open(self.path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":  # a kill cut the last line: end it so this record stays whole
+                        line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return rec
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- output checks ---------------------------------------------------------------------------------
+class NiftiOutputCheck:
+    """Where a case's prediction goes and whether it is whole, for inference configs that write with
+    ``SaveImaged``: the file name comes from the ``SaveImaged`` in ``postprocessing`` (its MONAI
+    ``FolderLayout`` and name formatter, so it is the file the transform writes).
+
+    A prediction counts as whole when its recorded SHA-256 matches, or (no record: the job was killed
+    between writing it and recording it) when the whole file decompresses; in both cases its shape and
+    affine must equal the input image's (NIfTI inputs; read from the headers).
+
+    Args:
+        postprocessing: the inference ``Compose`` holding one ``SaveImaged``.
+        image_key: datalist key of the input image.
+        affine_atol: tolerance of the affine comparison.
+    """
+
+    def __init__(self, postprocessing: Any, image_key: str = "image", affine_atol: float = 1e-4) -> None:
+        from monai.transforms import SaveImaged
+
+        savers = [t for t in getattr(postprocessing, "transforms", [postprocessing]) if isinstance(t, SaveImaged)]
+        if len(savers) != 1:
+            raise ValueError(f"NiftiOutputCheck: expected one SaveImaged in the postprocessing, found {len(savers)}.")
+        self.saver = savers[0].saver
+        self.image_key = image_key
+        self.affine_atol = affine_atol
+
+    def output_path(self, item: Mapping[str, Any]) -> str:
+        """The file ``SaveImaged`` writes for this datalist entry."""
+        from monai.utils import ImageMetaKey
+
+        image = item[self.image_key]
+        image = image[0] if isinstance(image, (list, tuple)) else image
+        kw = self.saver.fname_formatter({ImageMetaKey.FILENAME_OR_OBJ: os.fspath(image)}, self.saver)
+        return os.fspath(self.saver.folder_layout.filename(**kw))
+
+    def problem(self, item: Mapping[str, Any], record: Mapping[str, Any] | None) -> str | None:
+        """None when the prediction of ``item`` is whole, else why not (one line)."""
+        import nibabel as nib
+
+        path = self.output_path(item)
+        if not os.path.isfile(path):
+            return f"no output '{path}'"
+        try:
+            if record is not None and record.get("sha256") and record.get("output") == path:
+                if _sha256(path) != record["sha256"]:
+                    return f"'{path}' differs from its recorded checksum"
+                out = nib.load(path)
+            else:
+                out = nib.load(path)
+                np.asarray(out.dataobj)  # decompress all of it: a cut file fails here
+        except Exception as e:  # nibabel/zlib raise many types on damaged files
+            return f"'{path}' is not a readable NIfTI file ({type(e).__name__}: {e})"
+        image = item[self.image_key]
+        image = os.fspath(image[0] if isinstance(image, (list, tuple)) else image)
+        if image.endswith((".nii", ".nii.gz")) and os.path.isfile(image):
+            src = nib.load(image)
+            if tuple(out.shape[:3]) != tuple(src.shape[:3]):
+                return f"'{path}' has shape {out.shape}, the input '{image}' {src.shape}"
+            if not np.allclose(out.affine, src.affine, atol=self.affine_atol):
+                return f"'{path}' has another affine than its input '{image}'"
+        return None
+
+    def record(self, item: Mapping[str, Any]) -> dict:
+        """Manifest fields of a just-written prediction (its path and SHA-256)."""
+        path = self.output_path(item)
+        return {"output": path, "sha256": _sha256(path) if os.path.isfile(path) else None}
+
+
+# -- the runner ------------------------------------------------------------------------------------
+def _json_float(v: float) -> float | str:
+    return v if math.isfinite(v) else str(v)  # NaN/Inf as strings: strict JSON readers accept the line
+
+
+def _from_json_float(v: Any) -> float:
+    return float(v)
+
+
+class CaseRunner:
+    """Shards a datalist over the ranks, skips finished cases, records every case and merges the results.
+
+    Config use (``multi_gpu_inference.json``; see the bundles)::
+
+        "cases": {"_target_": "shared_nets.distributed.CaseRunner", "output_dir": "@output_dir",
+                  "output_check": {"_target_": "shared_nets.distributed.NiftiOutputCheck",
+                                   "postprocessing": "@postprocessing"}},
+        "dataset#data": "$@cases.shard(@datalist)",
+        "evaluator#iteration_update": "$@cases.tracker()",
+        "finalize": ["$@cases.finish()", "$shared_nets.distributed.finalize_distributed()"]
+
+    For evaluation give ``metrics`` (``{name: IgniteMetricHandler}``, the evaluator gets none) and the
+    single-process report writers ``metrics_saver`` (``AtomicMetricsSaver``) and ``metrics_summary``
+    (``MetricsSummary``): each case's metric rows go into its manifest line and rank 0 writes the reports
+    from all records in datalist order.
+
+    Args:
+        output_dir: folder of the outputs and the manifest.
+        output_check: for inference, decides whether a case's output is whole (:class:`NiftiOutputCheck`).
+        metrics: for evaluation, the metric handlers whose ``metric_fn`` scores each case.
+        metrics_saver: ``shared_nets.io.AtomicMetricsSaver`` writing ``metrics.csv`` and ``*_raw.csv``.
+        metrics_summary: ``shared_nets.metrics.MetricsSummary`` writing ``metrics.md``.
+        image_key: datalist key of the input image (names the case).
+        case_keys: extra datalist keys that tell items of one volume apart (e.g. ``["object_id"]``).
+        retry_skipped: run again cases a previous run skipped as bad input (the file may have been fixed).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, output_check: NiftiOutputCheck | None = None,
+                 metrics: Mapping[str, Any] | None = None, metrics_saver: Any = None, metrics_summary: Any = None,
+                 image_key: str = "image", case_keys: Sequence[str] = (), retry_skipped: bool = True) -> None:
+        if (output_check is None) == (metrics is None):
+            raise ValueError("CaseRunner: give output_check (inference) or metrics (evaluation), exactly one.")
+        self.output_dir = os.fspath(output_dir)
+        self.output_check = output_check
+        self.metrics = dict(metrics) if metrics is not None else None
+        self.metrics_saver, self.metrics_summary = metrics_saver, metrics_summary
+        self.image_key, self.case_keys, self.retry_skipped = image_key, list(case_keys), retry_skipped
+        self.items: list[dict] = []
+        self.names: list[str] = []
+        self.shard_items: list[dict] = []
+        self.shard_names: list[str] = []
+        self._writer: ManifestWriter | None = None
+
+    # which cases this rank runs
+    def _done(self, name: str, item: Mapping[str, Any], record: Mapping[str, Any] | None) -> tuple[bool, dict | None]:
+        """(done?, a record to add for an output found whole without one)."""
+        if self.metrics is not None:
+            return bool(record and record.get("status") == "done" and "metrics" in record), None
+        if record is not None and record.get("status") == "skipped" and not self.retry_skipped:
+            return True, None
+        checked = record if record is not None and record.get("status") == "done" and record.get("sha256") else None
+        if self.output_check.problem(item, checked) is not None:
+            return False, None
+        if checked is not None:
+            return True, None
+        return True, {"case": name, "status": "done", "note": "output found whole on resume",
+                      **self.output_check.record(item)}
+
+    def shard(self, items: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """This rank's share of the cases that are not done yet (call after :func:`init_distributed`).
+
+        Every rank checks a slice of the cases and the results are all-gathered, so all ranks shard the
+        same pending list; ``partition_dataset(even_divisible=False)`` gives each pending case to one rank.
+        """
+        from monai.data import partition_dataset
+
+        self.items = [dict(i) for i in items]
+        self.names = [case_name(i, self.image_key, self.case_keys) for i in self.items]
+        seen: dict[str, int] = {}
+        for n, name in enumerate(self.names):
+            if name in seen:
+                raise ValueError(f"datalist entries {seen[name]} and {n} are both case '{name}' (same file name); "
+                                 "their outputs would overwrite each other.")
+            seen[name] = n
+        rank, world = rank_and_world()
+        self._writer = ManifestWriter(self.output_dir, rank)
+        latest = _latest(read_manifest(self.output_dir))
+        mine = {}
+        for n in range(rank, len(self.items), world):
+            done, new_record = self._done(self.names[n], self.items[n], latest.get(self.names[n]))
+            mine[n] = done
+            if new_record is not None:
+                self._writer.append(new_record)
+        done_all: dict[int, bool] = {}
+        for part in _all_gather(mine):
+            done_all.update(part)
+        pending = [n for n in range(len(self.items)) if not done_all[n]]
+        skipped = len(self.items) - len(pending)
+        if rank == 0:
+            logger.info("%d of %d cases are done already; %d left for %d rank(s).", skipped, len(self.items),
+                        len(pending), world)
+        ids = partition_dataset(pending, num_partitions=world, shuffle=False, even_divisible=False)[rank] if pending \
+            else []
+        self.shard_items = [self.items[n] for n in ids]
+        self.shard_names = [self.names[n] for n in ids]
+        return self.shard_items
+
+    def run(self, engine) -> None:
+        """``engine.run()`` when this rank has cases left (ignite refuses an empty loader)."""
+        if self.shard_items:
+            engine.run()
+        else:
+            logger.info("rank %d: no case left to run.", rank_and_world()[0])
+
+    def tracker(self) -> CaseTracker:
+        """The evaluator's ``iteration_update`` for this rank's shard."""
+        return CaseTracker(self)
+
+    def record(self, index: int, status: str, seconds: float | None, error: str | None = None,
+               output: Any = None) -> dict:
+        """Append the manifest line of shard item ``index`` (``output``: the iteration's output, for metrics)."""
+        rec: dict[str, Any] = {"case": self.shard_names[index], "status": status,
+                               "seconds": None if seconds is None else round(seconds, 3), "error": error}
+        if status == "done":
+            if self.output_check is not None:
+                rec.update(self.output_check.record(self.shard_items[index]))
+            else:
+                rec.update(self._case_metrics(output))
+        assert self._writer is not None
+        return self._writer.append(rec)
+
+    def _case_metrics(self, output: Any) -> dict:
+        """Per-case metric rows (and, for the reports, the file names and object ids) of one iteration."""
+        out: dict[str, Any] = {"metrics": {}, "dtypes": {}}
+        for name, handler in (self.metrics or {}).items():
+            fn = handler.metric_fn
+            y_pred, y = handler._output_transform(output)
+            values = fn(y_pred=y_pred, y=y)
+            fn.reset()  # nothing accumulates: the buffers are never all-gathered
+            values = torch.as_tensor(values).detach().cpu()
+            out["metrics"][name] = [[_json_float(float(v)) for v in row] for row in values.reshape(values.shape[0], -1)]
+            out["dtypes"][name] = str(values.dtype).replace("torch.", "")
+        items = output if isinstance(output, list) else [output]
+        if self.metrics_saver is not None:
+            from monai.data import decollate_batch
+            from monai.utils import ImageMetaKey
+
+            meta = self.metrics_saver.batch_transform(items)
+            meta = decollate_batch(meta) if isinstance(meta, dict) else meta
+            out["filenames"] = [f"{m.get(ImageMetaKey.FILENAME_OR_OBJ)}" for m in meta]
+        key = getattr(self.metrics_summary, "object_key", None)
+        if key is not None:
+            out["objects"] = [int(v) for it in items for v in torch.as_tensor(it[key]).reshape(-1).tolist()]
+        return out
+
+    # the end of the run
+    def finish(self) -> dict[str, dict]:
+        """After every rank's last case: rank 0 merges the manifest (and writes the metric reports).
+        Returns the latest record per case (on every rank)."""
+        _barrier()
+        rank, _ = rank_and_world()
+        records = read_manifest(self.output_dir)
+        latest = _latest(records)
+        if rank == 0:
+            from shared_nets.io import atomic_write_text
+
+            text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
+            atomic_write_text(os.path.join(self.output_dir, MANIFEST), text)
+            for path in glob.glob(os.path.join(self.output_dir, "manifest.rank*.jsonl")):
+                os.remove(path)
+            if self.metrics is not None:
+                self._write_reports(latest)
+        _barrier()
+        done = [n for n in self.names if latest.get(n, {}).get("status") == "done"]
+        bad = [latest[n] for n in self.names if latest.get(n, {}).get("status") == "skipped"]
+        if bad and not done:
+            from shared_nets.data import DataError
+
+            raise DataError(f"all {len(bad)} inputs were skipped, nothing was written; first: "
+                            f"'{bad[0]['case']}': {bad[0]['error']}")
+        return latest
+
+    def _write_reports(self, latest: Mapping[str, Mapping[str, Any]]) -> None:
+        """Rank 0: the single-process metric reports from the per-case records, in datalist order."""
+        from monai.metrics.utils import do_metric_reduction
+
+        cases = [latest[n] for n in self.names if latest.get(n, {}).get("status") == "done"]
+        if not cases:
+            return
+        details: dict[str, torch.Tensor] = {}
+        values: dict[str, Any] = {}
+        for name, handler in (self.metrics or {}).items():
+            dtype = getattr(torch, cases[0]["dtypes"].get(name, "float32"))
+            rows = [[_from_json_float(v) for v in row] for c in cases for row in c["metrics"][name]]
+            details[name] = torch.tensor(rows, dtype=dtype)
+            result, _ = do_metric_reduction(details[name].clone(), handler.metric_fn.reduction)
+            result = result.squeeze()
+            values[name] = result.item() if result.ndim == 0 else result
+        if self.metrics_saver is not None:
+            filenames = [f for c in cases for f in c.get("filenames", [])]
+            self.metrics_saver.write_reports(values, details, filenames)
+        if self.metrics_summary is not None:
+            objects = [o for c in cases for o in c.get("objects", [])]
+            self.metrics_summary.write(details, objects)
+
+
+class CaseTracker:
+    """``iteration_update`` of a sharded run (batch size 1, shard order): times each case and appends its
+    manifest line; a bad input (a :class:`shared_nets.data.SkippingDataset` marker, or a ``ValueError`` in
+    the forward pass) is reported, recorded as ``skipped`` and produces no output; any other error is
+    recorded as ``failed`` and stops the run.
+
+    Args:
+        runner: the :class:`CaseRunner` whose shard the evaluator's loader iterates.
+    """
+
+    def __init__(self, runner: CaseRunner) -> None:
+        self.runner = runner
+
+    def __call__(self, engine, batch):
+        from shared_nets.data import SKIPPED_KEY, root_cause
+
+        index = engine.state.iteration - 1
+        if index >= len(self.runner.shard_names):
+            raise ValueError(f"CaseTracker: iteration {index + 1} but the shard has {len(self.runner.shard_names)} "
+                             "cases; the loader must iterate CaseRunner.shard's items with batch_size 1, in order.")
+        start = time.perf_counter()
+        if isinstance(batch, dict) and SKIPPED_KEY in batch:
+            reason = batch["reason"]
+            reason = reason[0] if isinstance(reason, (list, tuple)) else reason
+            self.runner.record(index, "skipped", 0.0, str(reason))
+            return None
+        try:
+            output = engine._iteration(engine, batch)
+        except ValueError as e:  # input-dependent: report this case, go on with the next
+            reason = root_cause(e)
+            logger.error("skipping '%s': %s", self.runner.shard_names[index], reason)
+            self.runner.record(index, "skipped", time.perf_counter() - start, reason)
+            return None
+        except BaseException as e:
+            self.runner.record(index, "failed", time.perf_counter() - start, root_cause(e))
+            raise
+        self.runner.record(index, "done", time.perf_counter() - start, output=output)
+        return output
