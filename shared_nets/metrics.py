@@ -161,6 +161,9 @@ class HausdorffDistanceMM(HausdorffDistanceMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         kwargs["spacing"] = _spacing(kwargs, y_pred, y, "HausdorffDistanceMM")
         values = super()._compute_tensor(y_pred, y, **kwargs)
+        # MONAI gives NaN for an empty side with a percentile but inf without one (the maximum of no
+        # distances); both mean "undefined" here, so the CSV and the summary agree (NaN is left out of means).
+        values = torch.where(torch.isinf(values), torch.full_like(values, float("nan")), values)
         if self.empty_case == "monai":
             return values
         return apply_empty_case(values, *_presence(y_pred, y, self.include_background), self.empty_case, "distance")

@@ -125,6 +125,17 @@ def test_empty_case_conventions(convention, dice, hd, nsd):
         np.testing.assert_allclose(got[name].numpy(), np.array(want, dtype=float), err_msg=f"{convention} {name}")
 
 
+@pytest.mark.parametrize("convention", ["monai", "blank_is_one"])
+def test_full_hausdorff_is_nan_not_inf_where_hd95_is_nan(convention):
+    """Without a percentile MONAI returns inf for a class on one side only; HD and HD95 must agree (NaN)."""
+    pred, label = _empty_cases()
+    hd = HausdorffDistanceMM(percentile=None, empty_case=convention)(pred, label)[0]
+    hd95 = HausdorffDistanceMM(percentile=95, empty_case=convention)(pred, label)[0]
+    assert not torch.isinf(hd).any(), hd
+    np.testing.assert_array_equal(torch.isnan(hd).numpy(), torch.isnan(hd95).numpy())
+    assert torch.isnan(hd[2]) and torch.isnan(hd[3])  # predicted only / missed
+
+
 def test_monai_convention_is_monai_unchanged():
     from monai.metrics import DiceMetric
 
