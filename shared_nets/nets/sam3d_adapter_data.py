@@ -22,6 +22,8 @@ from shared_nets.io import atomic_write_json
 
 __all__ = [
     "TUMOUR_DATASETS",
+    "RECIPES",
+    "check_target_class",
     "RequirePositiveClicksd",
     "check_isotropic",
     "find_cases",
@@ -36,6 +38,32 @@ TUMOUR_DATASETS: dict[str, dict[str, Any]] = {
     "lits17": {"target_class": 2, "intensity_range": [-48, 163], "mean": 60.057533, "std": 40.198017},
     "msd_colon": {"target_class": 1, "intensity_range": [-57, 175], "mean": 65.175035, "std": 32.651197},
 }
+
+#: every ``tumour_dataset`` a bundle config accepts: the four real datasets plus ``phantom``, the demo's
+#: binary tumour files (``tools demo_data``: tumour id 1; intensities as KiTS21).
+RECIPES: dict[str, dict[str, Any]] = {**TUMOUR_DATASETS, "phantom": {**TUMOUR_DATASETS["kits21"], "target_class": 1}}
+
+
+def check_target_class(tumour_dataset: str, target_class: int) -> int:
+    """Stop when ``target_class`` contradicts ``tumour_dataset`` (the configs derive one from the other).
+
+    Args:
+        tumour_dataset: a key of :data:`RECIPES`.
+        target_class: the label id the bundle segments.
+
+    Returns:
+        ``target_class``.
+    """
+    if tumour_dataset not in RECIPES:
+        raise ValueError(f"tumour_dataset: expected one of {sorted(RECIPES)}, got {tumour_dataset!r}.")
+    expected = RECIPES[tumour_dataset]["target_class"]
+    if int(target_class) != expected:
+        raise ValueError(
+            f"target_class {target_class} contradicts tumour_dataset {tumour_dataset!r} (its tumour id is {expected}); "
+            "set tumour_dataset and let target_class follow it."
+        )
+    return int(target_class)
+
 
 _NIFTI = (".nii.gz", ".nii")
 
