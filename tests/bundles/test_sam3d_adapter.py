@@ -53,3 +53,22 @@ def test_inference_without_positive_click_fails_clearly(demo_data):
     while not isinstance(err, ValueError) and err.__cause__ is not None:
         err = err.__cause__
     assert isinstance(err, ValueError) and "no positive click" in str(err)
+
+
+def test_click_outside_the_image_names_the_input_shape(demo_data):
+    """A click outside the input is reported against the image as given, not the resampled grid, and not as
+    'no prompt' (the resampling used to drop it with a warning about a (134, 134, 105)-style grid)."""
+    import nibabel as nib
+
+    infer = _parser(["inference.json", "demo.json"], demo_data)
+    infer["prompt_source"] = "user"
+    image = demo_data / "imagesTr" / "phantom_000.nii.gz"
+    shape = tuple(int(s) for s in nib.load(str(image)).shape[:3])
+    item = {"image": str(image), "foreground": [[shape[0] + 3, 1, 1]]}
+    with pytest.raises(Exception) as info:
+        infer.get_parsed_content("preprocessing")(item)
+    err = info.value
+    while not isinstance(err, ValueError) and err.__cause__ is not None:
+        err = err.__cause__
+    assert isinstance(err, ValueError)
+    assert f"outside the image of spatial shape {shape}" in str(err) and "no prompt" not in str(err)
