@@ -21,6 +21,7 @@ __all__ = [
     "check_volumes",
     "CheckLabelRanged",
     "CheckFinited",
+    "CheckImageShaped",
     "source_name",
     "SkippingDataset",
     "CaseSeededDataset",
@@ -185,6 +186,40 @@ class CheckLabelRanged(MapTransform):
                     f"label '{source_name(lab)}' ({key}) has values in [{lo:g}, {hi:g}]; expected integers in "
                     f"[0, {self.num_classes - 1}] for {self.num_classes} classes (map labels with MapLabelValued first)."
                 )
+        return d
+
+
+class CheckImageShaped(MapTransform):
+    """Raise :class:`DataError` naming the file when a channel-first image is not ``[channels, *spatial]``.
+
+    Inference checks what training checks with :func:`check_volumes`, before any resampling: a 4D
+    (multi-channel) volume given to a one-channel bundle otherwise fails deep inside the network with a
+    window's shape instead of the file's.
+
+    Args:
+        keys: image keys (after ``EnsureChannelFirstd``).
+        channels: expected channel count.
+        spatial_dims: expected number of spatial axes.
+    """
+
+    def __init__(self, keys: KeysCollection, channels: int = 1, spatial_dims: int = 3,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if int(channels) < 1 or int(spatial_dims) < 1:
+            raise ValueError(f"channels and spatial_dims must be positive, got {channels} and {spatial_dims}.")
+        self.channels, self.spatial_dims = int(channels), int(spatial_dims)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            shape = tuple(int(n) for n in np.shape(d[key]))
+            if len(shape) == 1 + self.spatial_dims and shape[0] == self.channels:
+                continue
+            what = f"{shape[0]} channel(s)" if len(shape) == 1 + self.spatial_dims else f"{len(shape) - 1} non-channel axes"
+            raise DataError(
+                f"image '{source_name(d[key])}' ({key}) has {what} (shape {shape}, channel first); expected a "
+                f"{self.spatial_dims}D volume with {self.channels} channel(s)."
+            )
         return d
 
 
