@@ -68,7 +68,7 @@ class _NothingDone:
         return {}
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3, 4, 8])  # 8 > 5 cases: a resumed run with few left
 def test_shards_cover_every_case_once_without_padding(monkeypatch, tmp_path, world):
     items = [{"image": f"/d/c{i}.nii.gz"} for i in range(5)]
     seen = []
