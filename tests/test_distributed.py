@@ -322,3 +322,25 @@ def test_killed_evaluation_reruns_only_the_unfinished_cases_and_reports_all(demo
     assert len(after) == 9 and set(after.values()) == {1}, after
     for report in sorted(p.name for p in single.iterdir() if p.suffix in (".csv", ".md")):
         assert (out / report).read_text() == (single / report).read_text(), report
+
+
+def test_seeded_datasets_draw_the_same_for_a_case_at_any_position():
+    """Per-case seeds: a case's random preprocessing does not depend on what came before it (or on the rank)."""
+    from monai.transforms import Compose, RandGaussianNoised
+
+    from shared_nets.data import CaseSeededDataset, SkippingDataset
+
+    items = [{"image": f"/d/c{i}.nii.gz", "x": np.zeros((1, 8), np.float32)} for i in range(3)]
+
+    def make(cls, data, **kw):
+        return cls(data, Compose([RandGaussianNoised(keys="x", prob=1.0)]), seed=7, **kw)
+
+    for cls in (SkippingDataset, CaseSeededDataset):
+        full = make(cls, items)
+        alone = make(cls, items[2:])
+        np.testing.assert_array_equal(np.asarray(full[2]["x"]), np.asarray(alone[0]["x"]))
+        assert not np.array_equal(np.asarray(full[0]["x"]), np.asarray(full[1]["x"]))
+    plain = SkippingDataset(items, Compose([RandGaussianNoised(keys="x", prob=1.0)]))  # no seed: one stream
+    plain.transform.set_random_state(seed=0)
+    first = np.asarray(plain[0]["x"])
+    assert not np.array_equal(first, np.asarray(plain[0]["x"]))
