@@ -402,8 +402,10 @@ class CaseRunner:
         if rank == 0:
             logger.info("%d of %d cases are done already; %d left for %d rank(s).", skipped, len(self.items),
                         len(pending), world)
-        ids = partition_dataset(pending, num_partitions=world, shuffle=False, even_divisible=False)[rank] if pending \
-            else []
+        if len(pending) >= world:
+            ids = partition_dataset(pending, num_partitions=world, shuffle=False, even_divisible=False)[rank]
+        else:  # MONAI refuses fewer items than partitions; same interleaving: the first ranks take one each
+            ids = pending[rank::world]
         self.shard_items = [self.items[n] for n in ids]
         self.shard_names = [self.names[n] for n in ids]
         return self.shard_items

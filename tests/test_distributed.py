@@ -38,7 +38,8 @@ NUM_CASES = 3  # odd: the two ranks get 2 and 1 cases (no padding)
 # -- unit tests --------------------------------------------------------------------------------------
 def test_case_name_strips_the_extension_and_adds_extra_keys():
     assert D.case_name({"image": "/d/imagesTr/case_01.nii.gz"}) == "case_01"
-    assert D.case_name({"image": ["/d/a/x.nii", "/d/b/y.nii"], "object_id": 3}, extra_keys=["object_id"]) == "x_object_id-3"
+    item = {"image": ["/d/a/x.nii", "/d/b/y.nii"], "object_id": 3}
+    assert D.case_name(item, extra_keys=["object_id"]) == "x_object_id-3"
     with pytest.raises(ValueError, match="'image'"):
         D.case_name({"label": "a.nii.gz"})
 
@@ -68,7 +69,7 @@ class _NothingDone:
         return {}
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3, 4, 8])  # 8 > 5 cases: a resumed run with few left
 def test_shards_cover_every_case_once_without_padding(monkeypatch, tmp_path, world):
     items = [{"image": f"/d/c{i}.nii.gz"} for i in range(5)]
     seen = []
@@ -145,7 +146,8 @@ def _bundle(tmp_path: Path, name: str, overrides: dict, data: Path) -> Path:
 
     root = tmp_path / name
     shutil.copytree(REPO / "bundles" / name, root, ignore=shutil.ignore_patterns("models", "eval", "runs"))
-    write_initial_model(root, configs=["inference.json", "demo.json"], overrides={"dataset_dir": str(data), **overrides})
+    write_initial_model(root, configs=["inference.json", "demo.json"],
+                        overrides={"dataset_dir": str(data), **overrides})
     return root
 
 
@@ -164,8 +166,8 @@ def _env() -> dict:
 
 
 def _torchrun(root: Path, configs: list[str], overrides: dict) -> None:
-    proc = subprocess.run(_torchrun_args(root, configs, overrides), check=False, cwd=root, env=_env(), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(_torchrun_args(root, configs, overrides), check=False, cwd=root, env=_env(),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -206,7 +208,8 @@ def test_two_rank_inference_and_evaluation_equal_a_single_process_run(name, demo
     if name not in EVALUATE_BUNDLES:
         return
     single_ev, sharded_ev = tmp_path / "single_ev", tmp_path / "sharded_ev"
-    run_bundle_workflow(root, ["train.json", "evaluate.json", "demo.json"], "infer", {**over, "output_dir": str(single_ev)})
+    run_bundle_workflow(root, ["train.json", "evaluate.json", "demo.json"], "infer",
+                        {**over, "output_dir": str(single_ev)})
     _torchrun(root, ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"],
               {**over, "output_dir": str(sharded_ev)})
     reports = sorted(p.name for p in single_ev.iterdir() if p.suffix in (".csv", ".md"))
@@ -322,3 +325,25 @@ def test_killed_evaluation_reruns_only_the_unfinished_cases_and_reports_all(demo
     assert len(after) == 9 and set(after.values()) == {1}, after
     for report in sorted(p.name for p in single.iterdir() if p.suffix in (".csv", ".md")):
         assert (out / report).read_text() == (single / report).read_text(), report
+
+
+def test_seeded_datasets_draw_the_same_for_a_case_at_any_position():
+    """Per-case seeds: a case's random preprocessing does not depend on what came before it (or on the rank)."""
+    from monai.transforms import Compose, RandGaussianNoised
+
+    from shared_nets.data import CaseSeededDataset, SkippingDataset
+
+    items = [{"image": f"/d/c{i}.nii.gz", "x": np.zeros((1, 8), np.float32)} for i in range(3)]
+
+    def make(cls, data, **kw):
+        return cls(data, Compose([RandGaussianNoised(keys="x", prob=1.0)]), seed=7, **kw)
+
+    for cls in (SkippingDataset, CaseSeededDataset):
+        full = make(cls, items)
+        alone = make(cls, items[2:])
+        np.testing.assert_array_equal(np.asarray(full[2]["x"]), np.asarray(alone[0]["x"]))
+        assert not np.array_equal(np.asarray(full[0]["x"]), np.asarray(full[1]["x"]))
+    plain = SkippingDataset(items, Compose([RandGaussianNoised(keys="x", prob=1.0)]))  # no seed: one stream
+    plain.transform.set_random_state(seed=0)
+    first = np.asarray(plain[0]["x"])
+    assert not np.array_equal(first, np.asarray(plain[0]["x"]))
