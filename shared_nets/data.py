@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from multiprocessing.pool import ThreadPool
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import CacheDataset as _MonaiCacheDataset
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImaged as _MonaiLoadImaged
 from monai.transforms import MapTransform
@@ -26,6 +28,7 @@ __all__ = [
     "SKIPPED_KEY",
     "root_cause",
     "LoadImaged",
+    "CacheDataset",
     "build_dataset",
 ]
 
@@ -244,6 +247,39 @@ class SkippingDataset(torch.utils.data.Dataset):
             return {SKIPPED_KEY: str(name), "reason": reason}
 
 
+class CacheDataset(_MonaiCacheDataset):
+    """MONAI's ``CacheDataset`` whose cache filling waits for its worker threads when an item fails.
+
+    MONAI fills the cache in a ``multiprocessing.pool.ThreadPool`` inside ``with``; when one item raises
+    (a :class:`DataError`), leaving the block calls ``terminate()``, which drops the queued items but does
+    not wait for the threads, and these are daemon threads. The error then reaches the top level and the
+    interpreter shuts down while a worker is still transforming the next item inside torch; when that
+    worker takes the GIL back, Python ends the thread with ``pthread_exit``, whose unwinding through
+    torch's ``noexcept`` GIL guard calls ``std::terminate``: "terminate called without an active
+    exception", exit code 134 instead of 1, in some of the runs. Here the pool is terminated *and joined*
+    before the error propagates, so no thread outlives it. Same arguments as ``monai.data.CacheDataset``.
+    """
+
+    def _fill_cache(self, indices=None) -> list:
+        if self.cache_num <= 0:
+            return []
+        if indices is None:
+            indices = list(range(self.cache_num))
+        pool = ThreadPool(self.num_workers)
+        try:
+            results = pool.imap(self._load_cache_item, indices)
+            if self.progress:
+                from monai.utils import optional_import
+
+                tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+                if has_tqdm:
+                    results = tqdm(results, total=len(indices), desc="Loading dataset")
+            return list(results)
+        finally:
+            pool.terminate()  # drops the items not started yet (a no-op once all are done) ...
+            pool.join()  # ... and waits for the ones in progress
+
+
 _DATASET_TYPES = ("Dataset", "CacheDataset", "PersistentDataset")
 
 
@@ -267,7 +303,7 @@ def build_dataset(dataset_type: str, data: Sequence[Mapping[str, Any]], transfor
     if dataset_type not in _DATASET_TYPES:
         raise ValueError(f"dataset_type must be one of {list(_DATASET_TYPES)}, got {dataset_type!r}.")
     if dataset_type == "CacheDataset":
-        return monai.data.CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers)
+        return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers)
     if dataset_type == "PersistentDataset":
         if cache_dir is None:
             raise ValueError("dataset_type 'PersistentDataset' needs a cache_dir (config key 'persistent_cache_dir').")
