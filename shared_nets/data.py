@@ -23,6 +23,7 @@ __all__ = [
     "check_volumes",
     "CheckLabelRanged",
     "CheckFinited",
+    "CheckChannelsd",
     "source_name",
     "SkippingDataset",
     "SKIPPED_KEY",
@@ -199,6 +200,41 @@ class CheckFinited(MapTransform):
                 raise DataError(f"image '{source_name(img)}' ({key}) is empty (shape {tuple(arr.shape)}).")
             if not torch.isfinite(arr).all():
                 raise DataError(f"image '{source_name(img)}' ({key}) contains NaN or Inf values.")
+        return d
+
+
+class CheckChannelsd(MapTransform):
+    """Raise :class:`DataError` naming the file when a loaded, channel-first image does not have the
+    channels and spatial dimensions the bundle's network takes (inference's counterpart of
+    :func:`check_volumes`; put it right after ``EnsureChannelFirstd``). Without it a 2-channel volume
+    reached the network and failed there, with the shape of a sliding window and no file name.
+
+    Args:
+        keys: image keys.
+        channels: expected number of channels.
+        spatial_dims: expected number of spatial dimensions.
+    """
+
+    def __init__(self, keys: KeysCollection, channels: int = 1, spatial_dims: int = 3,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}.")
+        self.channels, self.spatial_dims = channels, spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            shape = tuple(int(s) for s in np.shape(img))
+            n = self.channels
+            want = f"a {self.spatial_dims}D volume with {n} channel{'s' if n > 1 else ''}"
+            if len(shape) != self.spatial_dims + 1:
+                raise DataError(f"image '{source_name(img)}' ({key}) has shape {shape} after EnsureChannelFirstd; "
+                                f"expected {want}.")
+            if shape[0] != n:
+                raise DataError(f"image '{source_name(img)}' ({key}) has {shape[0]} channels (shape {shape}, "
+                                f"channel first); expected {want}.")
         return d
 
 

@@ -374,3 +374,25 @@ def test_bad_volume_during_cache_fill_exits_1_every_time(tmp_path):
         assert proc.returncode == 1, f"run {run}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
         assert "bad.nii.gz' (image) contains NaN or Inf values" in proc.stderr
         assert "terminate called" not in proc.stderr
+
+
+# -- inference: a volume with the wrong channel count is named up front, not inside the network ---------
+@pytest.mark.parametrize("bundle", ["ma_sam", "med_sa", "sam3d_adapter", "s_sam", "h_sam"])
+def test_inference_names_a_volume_with_the_wrong_channel_count(bundle, demo_data, tmp_path):
+    """Field report: a 2-channel image reached the network and failed there with a sliding window's shape
+    (``expected 1 input channel(s) ... got 2 in shape (4, 2, 64, 64, 5)``) and no file name. Each bundle's
+    inference preprocessing must stop at the file, as ``check_volumes`` does for training."""
+    from monai.bundle import ConfigParser
+
+    root = REPO / "bundles" / bundle
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "inference.json"), str(root / "configs" / "demo.json")])
+    parser["bundle_root"], parser["dataset_dir"] = str(root), str(demo_data)
+    item = dict(parser.get_parsed_content("datalist")[0])  # the bundle's own test item (prompts, object id...)
+    one = nib.load(item["image"])
+    item["image"] = _nii(tmp_path / "two_channels.nii.gz", np.stack([one.get_fdata(dtype=np.float32)] * 2, -1), one.affine)
+    preprocessing = parser.get_parsed_content("preprocessing")
+    with pytest.raises(Exception) as err:
+        preprocessing(item)
+    line = root_cause(err.value)
+    assert "two_channels.nii.gz" in line and "has 2 channels" in line and "expected a 3D volume with 1 channel" in line, line
