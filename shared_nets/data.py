@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from multiprocessing.pool import ThreadPool
 from collections.abc import Hashable, Mapping, Sequence
+from multiprocessing.pool import ThreadPool
 from typing import Any
 
 import numpy as np
