@@ -6,11 +6,13 @@ import json
 import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from multiprocessing.pool import ThreadPool
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import CacheDataset as _MonaiCacheDataset
 from monai.data import load_decathlon_datalist
 from monai.transforms import Flip, MapTransform, RandomizableTransform
 from monai.transforms import LoadImaged as _MonaiLoadImaged
@@ -21,7 +23,7 @@ __all__ = [
     "check_volumes",
     "CheckLabelRanged",
     "CheckFinited",
-    "CheckImageShaped",
+    "CheckChannelsd",
     "source_name",
     "SkippingDataset",
     "CaseSeededDataset",
@@ -29,6 +31,7 @@ __all__ = [
     "SKIPPED_KEY",
     "root_cause",
     "LoadImaged",
+    "CacheDataset",
     "build_dataset",
     "lateral_pairs",
     "RandLateralFlipd",
@@ -189,40 +192,6 @@ class CheckLabelRanged(MapTransform):
         return d
 
 
-class CheckImageShaped(MapTransform):
-    """Raise :class:`DataError` naming the file when a channel-first image is not ``[channels, *spatial]``.
-
-    Inference checks what training checks with :func:`check_volumes`, before any resampling: a 4D
-    (multi-channel) volume given to a one-channel bundle otherwise fails deep inside the network with a
-    window's shape instead of the file's.
-
-    Args:
-        keys: image keys (after ``EnsureChannelFirstd``).
-        channels: expected channel count.
-        spatial_dims: expected number of spatial axes.
-    """
-
-    def __init__(self, keys: KeysCollection, channels: int = 1, spatial_dims: int = 3,
-                 allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if int(channels) < 1 or int(spatial_dims) < 1:
-            raise ValueError(f"channels and spatial_dims must be positive, got {channels} and {spatial_dims}.")
-        self.channels, self.spatial_dims = int(channels), int(spatial_dims)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            shape = tuple(int(n) for n in np.shape(d[key]))
-            if len(shape) == 1 + self.spatial_dims and shape[0] == self.channels:
-                continue
-            what = f"{shape[0]} channel(s)" if len(shape) == 1 + self.spatial_dims else f"{len(shape) - 1} non-channel axes"
-            raise DataError(
-                f"image '{source_name(d[key])}' ({key}) has {what} (shape {shape}, channel first); expected a "
-                f"{self.spatial_dims}D volume with {self.channels} channel(s)."
-            )
-        return d
-
-
 class CheckFinited(MapTransform):
     """Raise :class:`DataError` when an image holds NaN/Inf values or is empty."""
 
@@ -235,6 +204,41 @@ class CheckFinited(MapTransform):
                 raise DataError(f"image '{source_name(img)}' ({key}) is empty (shape {tuple(arr.shape)}).")
             if not torch.isfinite(arr).all():
                 raise DataError(f"image '{source_name(img)}' ({key}) contains NaN or Inf values.")
+        return d
+
+
+class CheckChannelsd(MapTransform):
+    """Raise :class:`DataError` naming the file when a loaded, channel-first image does not have the
+    channels and spatial dimensions the bundle's network takes (inference's counterpart of
+    :func:`check_volumes`; put it right after ``EnsureChannelFirstd``). Without it a 2-channel volume
+    reached the network and failed there, with the shape of a sliding window and no file name.
+
+    Args:
+        keys: image keys.
+        channels: expected number of channels.
+        spatial_dims: expected number of spatial dimensions.
+    """
+
+    def __init__(self, keys: KeysCollection, channels: int = 1, spatial_dims: int = 3,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}.")
+        self.channels, self.spatial_dims = channels, spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            shape = tuple(int(s) for s in np.shape(img))
+            n = self.channels
+            want = f"a {self.spatial_dims}D volume with {n} channel{'s' if n > 1 else ''}"
+            if len(shape) != self.spatial_dims + 1:
+                raise DataError(f"image '{source_name(img)}' ({key}) has shape {shape} after EnsureChannelFirstd; "
+                                f"expected {want}.")
+            if shape[0] != n:
+                raise DataError(f"image '{source_name(img)}' ({key}) has {shape[0]} channels (shape {shape}, "
+                                f"channel first); expected {want}.")
         return d
 
 
@@ -333,6 +337,39 @@ class SkippingDataset(torch.utils.data.Dataset):
             return {SKIPPED_KEY: str(name), "reason": reason}
 
 
+class CacheDataset(_MonaiCacheDataset):
+    """MONAI's ``CacheDataset`` whose cache filling waits for its worker threads when an item fails.
+
+    MONAI fills the cache in a ``multiprocessing.pool.ThreadPool`` inside ``with``; when one item raises
+    (a :class:`DataError`), leaving the block calls ``terminate()``, which drops the queued items but does
+    not wait for the threads, and these are daemon threads. The error then reaches the top level and the
+    interpreter shuts down while a worker is still transforming the next item inside torch; when that
+    worker takes the GIL back, Python ends the thread with ``pthread_exit``, whose unwinding through
+    torch's ``noexcept`` GIL guard calls ``std::terminate``: "terminate called without an active
+    exception", exit code 134 instead of 1, in some of the runs. Here the pool is terminated *and joined*
+    before the error propagates, so no thread outlives it. Same arguments as ``monai.data.CacheDataset``.
+    """
+
+    def _fill_cache(self, indices=None) -> list:
+        if self.cache_num <= 0:
+            return []
+        if indices is None:
+            indices = list(range(self.cache_num))
+        pool = ThreadPool(self.num_workers)
+        try:
+            results = pool.imap(self._load_cache_item, indices)
+            if self.progress:
+                from monai.utils import optional_import
+
+                tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+                if has_tqdm:
+                    results = tqdm(results, total=len(indices), desc="Loading dataset")
+            return list(results)
+        finally:
+            pool.terminate()  # drops the items not started yet (a no-op once all are done) ...
+            pool.join()  # ... and waits for the ones in progress
+
+
 _DATASET_TYPES = ("Dataset", "CacheDataset", "PersistentDataset")
 
 
@@ -356,7 +393,7 @@ def build_dataset(dataset_type: str, data: Sequence[Mapping[str, Any]], transfor
     if dataset_type not in _DATASET_TYPES:
         raise ValueError(f"dataset_type must be one of {list(_DATASET_TYPES)}, got {dataset_type!r}.")
     if dataset_type == "CacheDataset":
-        return monai.data.CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers)
+        return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers)
     if dataset_type == "PersistentDataset":
         if cache_dir is None:
             raise ValueError("dataset_type 'PersistentDataset' needs a cache_dir (config key 'persistent_cache_dir').")

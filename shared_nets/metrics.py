@@ -52,7 +52,7 @@ __all__ = [
 #: What a class absent from the label and/or the prediction scores.
 #:
 #: ``monai``: MONAI's defaults. Dice: label empty → NaN (left out of means), prediction empty and
-#: label not → 0. HD: either empty → NaN. NSD: both empty → NaN, one empty → 0.
+#: label not → 0. HD (with or without a percentile): either empty → NaN (MONAI's max gives inf). NSD: both empty → NaN, one empty → 0.
 #: ``blank_is_one``: both empty → Dice 1, NSD 1, HD 0; exactly one empty → Dice 0, NSD 0, HD NaN
 #: (MA-SAM's and S-SAM's official Dice).
 #: ``transunet``: the TransUNet/SAMed/H-SAM ``calculate_metric_percase``: both present → the metric;
@@ -113,7 +113,11 @@ def apply_empty_case(values: torch.Tensor, pred_any: torch.Tensor, label_any: to
     out = values.clone().float()
     pred_any, label_any = pred_any.to(out.device), label_any.to(out.device)
     good, bad = (1.0, 0.0) if kind == "overlap" else (0.0, float("nan"))
-    if convention == "blank_is_one":
+    if convention == "monai" and kind == "distance":
+        # MONAI's HD with percentile=None is the max of an all-inf distance map when one side is empty
+        # (inf, while percentile=95 gives NaN): either empty → NaN, whatever the percentile
+        out[~pred_any | ~label_any] = float("nan")
+    elif convention == "blank_is_one":
         out[~pred_any & ~label_any] = good
         out[pred_any ^ label_any] = bad
     elif convention == "transunet":
@@ -161,11 +165,6 @@ class HausdorffDistanceMM(HausdorffDistanceMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         kwargs["spacing"] = _spacing(kwargs, y_pred, y, "HausdorffDistanceMM")
         values = super()._compute_tensor(y_pred, y, **kwargs)
-        # MONAI gives NaN for an empty side with a percentile but inf without one (the maximum of no
-        # distances); both mean "undefined" here, so the CSV and the summary agree (NaN is left out of means).
-        values = torch.where(torch.isinf(values), torch.full_like(values, float("nan")), values)
-        if self.empty_case == "monai":
-            return values
         return apply_empty_case(values, *_presence(y_pred, y, self.include_background), self.empty_case, "distance")
 
 

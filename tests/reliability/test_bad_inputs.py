@@ -8,6 +8,7 @@ The same case ids make up the table in ``docs/reliability.md`` (checked below).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -323,3 +324,75 @@ def test_batch_inference_skips_and_reports_a_bad_volume(demo_data, tmp_path):
     report = json.loads((out / "skipped.json").read_text())["skipped"]
     assert [r["image"] for r in report] == [str(broken), str(tmp_path / "missing.nii.gz")]
     assert "could not be read" in report[0]["reason"] and "missing.nii.gz" in report[1]["reason"]
+
+
+# -- a bad volume while the cache is filled: exit 1 with the error, never abort -------------------------
+def test_failed_cache_fill_leaves_no_worker_thread_running():
+    """The root cause of the aborts: MONAI's cache filling let its (daemon) worker thread run on after an
+    item failed; the interpreter then shut down under it. Ours joins the pool before the error goes up."""
+    import threading
+
+    from monai.transforms import Compose, Lambdad
+
+    from shared_nets.data import CheckFinited, DataError, build_dataset
+
+    release = threading.Event()  # the second item's transform waits for it: the worker is busy when item 0 fails
+    items = [{"image": _meta(np.full((1, 4, 4, 4), np.nan, np.float32), "/data/bad.nii.gz")},
+             {"image": _meta(np.zeros((1, 4, 4, 4), np.float32), "/data/good.nii.gz")}]
+    transform = Compose([CheckFinited("image"), Lambdad("image", lambda x: release.wait(30) and x)])
+    before = set(threading.enumerate())
+    timer = threading.Timer(1.0, release.set)  # lets the busy worker finish, so the join can end
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError) as err:  # MONAI's "applying transform" around our DataError
+            build_dataset("CacheDataset", items, transform, num_workers=0)
+        assert isinstance(err.value.__cause__, DataError) and "bad.nii.gz" in root_cause(err.value)
+        left = [t.name for t in set(threading.enumerate()) - before - {timer}
+                if t.is_alive() and type(t).__name__ != "TMonitor"]  # tqdm's idle monitor is harmless
+    finally:
+        release.set()
+        timer.join()
+    assert not left, f"threads still running after the cache fill failed: {left}"
+
+
+def test_every_bundle_caches_with_the_joining_cache_dataset():
+    """The validation datasets are cached too: they must use the same class, not MONAI's."""
+    for config in sorted(REPO.glob("bundles/*/configs/*.json")):
+        text = config.read_text()
+        assert '"_target_": "CacheDataset"' not in text, f"{config} uses MONAI's CacheDataset"
+
+
+@pytest.mark.slow
+def test_bad_volume_during_cache_fill_exits_1_every_time(tmp_path):
+    """Field report: a NaN/truncated volume printed its DataError and then aborted with "terminate called
+    without an active exception" (exit 134) in about half of the runs. Three runs of a worker that keeps
+    the cache thread inside torch at exit aborted 5 of 6 times before the fix; each must exit 1."""
+    worker = REPO / "tests" / "reliability" / "bad_cache_worker.py"
+    for run in range(3):
+        proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 1, f"run {run}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+        assert "bad.nii.gz' (image) contains NaN or Inf values" in proc.stderr
+        assert "terminate called" not in proc.stderr
+
+
+# -- inference: a volume with the wrong channel count is named up front, not inside the network ---------
+@pytest.mark.parametrize("bundle", ["ma_sam", "med_sa", "sam3d_adapter", "s_sam", "h_sam"])
+def test_inference_names_a_volume_with_the_wrong_channel_count(bundle, demo_data, tmp_path):
+    """Field report: a 2-channel image reached the network and failed there with a sliding window's shape
+    (``expected 1 input channel(s) ... got 2 in shape (4, 2, 64, 64, 5)``) and no file name. Each bundle's
+    inference preprocessing must stop at the file, as ``check_volumes`` does for training."""
+    from monai.bundle import ConfigParser
+
+    root = REPO / "bundles" / bundle
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "inference.json"), str(root / "configs" / "demo.json")])
+    parser["bundle_root"], parser["dataset_dir"] = str(root), str(demo_data)
+    item = dict(parser.get_parsed_content("datalist")[0])  # the bundle's own test item (prompts, object id...)
+    one = nib.load(item["image"])
+    item["image"] = _nii(tmp_path / "two_channels.nii.gz", np.stack([one.get_fdata(dtype=np.float32)] * 2, -1), one.affine)
+    preprocessing = parser.get_parsed_content("preprocessing")
+    with pytest.raises(Exception) as err:
+        preprocessing(item)
+    line = root_cause(err.value)
+    assert "two_channels.nii.gz" in line and "has 2 channels" in line and "expected a 3D volume with 1 channel" in line, line
