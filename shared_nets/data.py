@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import CacheDataset as _MonaiCacheDataset
 from monai.data import load_decathlon_datalist
 from monai.transforms import Flip, MapTransform, RandomizableTransform
 from monai.transforms import LoadImaged as _MonaiLoadImaged
@@ -29,6 +30,7 @@ __all__ = [
     "root_cause",
     "LoadImaged",
     "build_dataset",
+    "CacheDataset",
     "lateral_pairs",
     "RandLateralFlipd",
 ]
@@ -298,6 +300,39 @@ class SkippingDataset(torch.utils.data.Dataset):
             return {SKIPPED_KEY: str(name), "reason": reason}
 
 
+class CacheDataset(_MonaiCacheDataset):
+    """MONAI's ``CacheDataset`` whose cache-filling threads have all stopped when the constructor returns or raises.
+
+    MONAI fills the cache with ``multiprocessing.pool.ThreadPool.imap``; when one item raises (a truncated
+    or NaN volume: :class:`DataError`), leaving the pool's ``with`` block calls ``terminate()``, which does
+    not join thread workers, so a worker goes on transforming the remaining items. Once the exception has
+    reached the top and the interpreter finalizes, that daemon thread is stopped inside torch's C++ code and
+    the process aborts (``terminate called without an active exception``, exit code 134) instead of exiting
+    with 1. Here the items go through a ``concurrent.futures.ThreadPoolExecutor`` that, on any exit, cancels
+    the items not yet started and waits for the running ones. Arguments are those of
+    ``monai.data.CacheDataset``; items are loaded in the same order and with the same transforms.
+    """
+
+    def _fill_cache(self, indices=None) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from monai.utils import optional_import
+
+        tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+        if self.cache_num <= 0:
+            return []
+        if indices is None:
+            indices = list(range(self.cache_num))
+        pool = ThreadPoolExecutor(max_workers=self.num_workers)
+        try:
+            futures = [pool.submit(self._load_cache_item, i) for i in indices]
+            if self.progress and has_tqdm:
+                futures = tqdm(futures, total=len(indices), desc="Loading dataset")
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 _DATASET_TYPES = ("Dataset", "CacheDataset", "PersistentDataset")
 
 
@@ -321,7 +356,7 @@ def build_dataset(dataset_type: str, data: Sequence[Mapping[str, Any]], transfor
     if dataset_type not in _DATASET_TYPES:
         raise ValueError(f"dataset_type must be one of {list(_DATASET_TYPES)}, got {dataset_type!r}.")
     if dataset_type == "CacheDataset":
-        return monai.data.CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers)
+        return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers)
     if dataset_type == "PersistentDataset":
         if cache_dir is None:
             raise ValueError("dataset_type 'PersistentDataset' needs a cache_dir (config key 'persistent_cache_dir').")
@@ -399,3 +434,4 @@ class RandLateralFlipd(RandomizableTransform, MapTransform):
                 out[lab == b] = a
             d[self.label_key] = out
         return d
+
