@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUNS = 8  # before the fix: 2 of 8 runs aborted with the bad volume second of 8; it comes first of 25 here
+RUNS = 8  # before the fix 2 of 8 runs aborted (bad volume 2nd of 8), 2 of 6 with it 1st of 25 as here
 
 
 @pytest.mark.slow
