@@ -15,6 +15,7 @@ from monai.config import KeysCollection
 from monai.data import CacheDataset as _MonaiCacheDataset
 from monai.data import load_decathlon_datalist
 from monai.transforms import Flip, MapTransform, RandomizableTransform
+from monai.transforms import Invertd as _MonaiInvertd
 from monai.transforms import LoadImaged as _MonaiLoadImaged
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "build_dataset",
     "lateral_pairs",
     "RandLateralFlipd",
+    "Invertd",
 ]
 
 
@@ -471,3 +473,69 @@ class RandLateralFlipd(RandomizableTransform, MapTransform):
                 out[lab == b] = a
             d[self.label_key] = out
         return d
+
+
+_INTERPOLATE_CLASSES = ("Resize", "Zoom", "RandZoom")  # inverted with torch.nn.functional.interpolate
+
+
+def _nearest_modes(info):
+    """An applied-operations stack with every interpolation mode set to a nearest-neighbour one.
+
+    ``grid_sample`` based entries (``Spacing``, ``Affine``, ...) get ``"nearest"``, which samples the voxel
+    whose centre is closest. ``torch.nn.functional.interpolate`` based entries (``Resize``, ``Zoom``) get
+    ``"nearest-exact"``: interpolate's ``"nearest"`` is the legacy ``floor(i * in / out)`` lookup, shifted by up
+    to half a source voxel towards lower indices (PyTorch ``interpolate`` docs), so a label map inverted with
+    it lands off the original grid whenever the sizes are not integer multiples of each other.
+    """
+    from monai.transforms.utils import convert_applied_interp_mode
+    from monai.utils import TraceKeys
+
+    def exact(item):
+        if isinstance(item, (list, tuple)):
+            return [exact(x) for x in item]
+        if not isinstance(item, Mapping):
+            return item
+        if item.get(TraceKeys.CLASS_NAME) in _INTERPOLATE_CLASSES:
+            return convert_applied_interp_mode(item, mode="nearest-exact", align_corners=None)
+        return {k: exact(v) for k, v in item.items()}
+
+    return exact(convert_applied_interp_mode(info, mode="nearest", align_corners=None))
+
+
+class Invertd(_MonaiInvertd):
+    """MONAI's ``Invertd`` whose ``nearest_interp`` inverts ``Resize``/``Zoom`` with centre-aligned nearest.
+
+    MONAI's ``nearest_interp=True`` sets every entry of the inverted stack to ``"nearest"``; for the
+    interpolate-based ``Resize`` (the bundles' in-plane resize to ``img_size``) that is PyTorch's legacy
+    nearest, which moves a label map by up to ~0.6 original voxels when the in-plane size is not a multiple
+    of ``img_size``. Here those entries use ``"nearest-exact"`` (see :func:`_nearest_modes`); all other
+    arguments and behaviour are those of ``monai.transforms.Invertd``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nearest_exact = self.nearest_interp
+        self.nearest_interp = tuple(False for _ in self.nearest_exact)  # the stack is converted in __call__
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.data import MetaTensor
+        from monai.transforms import InvertibleTransform
+
+        d = dict(data)
+        done = set()
+        for key, orig_key, nearest in zip(self.keys, self.orig_keys, self.nearest_exact):
+            if not nearest or key not in d or orig_key in done:
+                continue
+            done.add(orig_key)
+            if isinstance(d.get(orig_key), MetaTensor):
+                img = d[orig_key]  # a view with the converted stack: the caller's image keeps its own
+                d[orig_key] = MetaTensor(img.as_tensor(), meta=img.meta,
+                                         applied_operations=_nearest_modes(img.applied_operations))
+            elif InvertibleTransform.trace_key(orig_key) in d:
+                d[InvertibleTransform.trace_key(orig_key)] = _nearest_modes(d[InvertibleTransform.trace_key(orig_key)])
+        out = super().__call__(d)
+        for orig_key in done:  # hand back the caller's own image / trace
+            for k in (orig_key, InvertibleTransform.trace_key(orig_key)):
+                if k in data:
+                    out[k] = data[k]
+        return out
