@@ -130,7 +130,7 @@ def test_batch_items_are_independent():
 
 
 def test_packaged_weights_are_checked(monkeypatch):
-    import shared_nets.sam.variants as variants
+    from shared_nets.sam import variants
 
     bad_hash = dataclasses.replace(SAM_VARIANTS["lite"], sha256="0" * 64)
     with pytest.raises(SamCheckpointError, match="SHA-256"):
