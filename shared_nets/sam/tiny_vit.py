@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-__all__ = ["ConvBN", "MBConv", "PatchMerging", "WindowAttention", "TinyViTBlock", "TinyViTEncoder"]
+__all__ = ["ConvBN", "MBConv", "PatchMerging", "TinyViTBlock", "TinyViTEncoder", "WindowAttention"]
 
 
 class ConvBN(nn.Sequential):

