@@ -278,7 +278,7 @@ def test_train_writes_the_model_that_the_next_infer_uses(server, tmp_path):
         ("med_sa_deepgrow", "phantom_000", {"foreground": [[1, 2]]}, None, "prompt 'foreground' must be a list"),
         ("med_sa_deepgrow", "phantom_000", {"foreground": [], "background": []}, None, "no prompt"),
         ("sam3d_adapter_deepgrow", "phantom_000", {"foreground": [[500, 5, 5]]}, None,
-         "prompt 'foreground' has clicks [[500, 5, 5]] outside the image of spatial shape"),
+         "outside the image of spatial shape (64, 64, 24)"),
     ],
     ids=["unknown-model", "unreadable-volume", "prompt-not-a-list", "click-with-two-coords", "no-prompt", "click-outside"],
 )
