@@ -219,6 +219,17 @@ def test_two_rank_inference_and_evaluation_equal_a_single_process_run(name, demo
     assert set(_done_counts(sharded_ev).values()) == {1} and len(_done_counts(sharded_ev)) == NUM_CASES
 
 
+def _kill_after_first_case(root, configs, over, out):
+    """Start a 2-rank torchrun job and SIGKILL the whole job (torchrun and both workers) once a case is done."""
+    proc = subprocess.Popen(_torchrun_args(root, configs, over), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_first_case(out, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _wait_for_first_case(folder: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
@@ -241,13 +252,7 @@ def test_killed_inference_reruns_only_the_unfinished_cases(demo_data, tmp_path):
     out = tmp_path / "sharded"
     configs = ["inference.json", "multi_gpu_inference.json", "demo.json"]
     over = {"dataset_dir": str(data), "output_dir": str(out), **overrides}
-    proc = subprocess.Popen(_torchrun_args(root, configs, over), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_for_first_case(out, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole job: torchrun and both workers
-        proc.wait()
+    _kill_after_first_case(root, configs, over, out)
     before = _done_counts(out)
     assert 0 < len(before) < 12, f"kill came too late to test a rerun: {before}"
     assert not (out / "manifest.jsonl").exists()  # killed before the merge: only per-rank files
@@ -309,13 +314,7 @@ def test_killed_evaluation_reruns_only_the_unfinished_cases_and_reports_all(demo
     out = tmp_path / "sharded"
     configs = ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"]
     over = {"dataset_dir": str(data), "output_dir": str(out), **overrides}
-    proc = subprocess.Popen(_torchrun_args(root, configs, over), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_for_first_case(out, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _kill_after_first_case(root, configs, over, out)
     before = _done_counts(out)
     assert 0 < len(before) < 9, f"kill came too late to test a rerun: {before}"
     assert not (out / "metrics.csv").exists()

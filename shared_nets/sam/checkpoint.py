@@ -232,6 +232,11 @@ def load_sam_state_dict(
             + ")."
         )
     sd = fit_state_dict_to_model(sd, model.state_dict(), pos_embed_mode=pos_embed_mode, source=f"SAM checkpoint '{path}'")
+    _load_strictly(model, sd, path, variant)
+
+
+def _load_strictly(model: nn.Module, sd: dict, path: str, variant: SamVariant) -> None:
+    """``load_state_dict`` that names the checkpoint and the first missing / unexpected keys in one line."""
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise SamCheckpointError(
@@ -254,10 +259,4 @@ def _load_tiny_vit_state_dict(model: nn.Module, checkpoint: str | os.PathLike, v
             "'image_encoder.patch_embed.seq.0.c.weight'."
         )
     sd = fit_state_dict_to_model(sd, model.state_dict(), source=f"SAM checkpoint '{path}'")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise SamCheckpointError(
-            f"SAM checkpoint '{path}' does not match the {variant.name} model: "
-            f"missing keys {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected keys {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}."
-        )
+    _load_strictly(model, sd, path, variant)
