@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "demo_data": "tools.demo_data:main",
     "init_model": "tools.init_model:main",
     "label_app": "tools.label_app:main",
+    "nifti_to_dicom": "tools.nifti_to_dicom:main",
     "prepare": "tools.prepare:main",
     "weights": "tools.weights:main",
 }
