@@ -161,20 +161,27 @@ def check_dicom_series(folder: str | os.PathLike, rtol: float = 0.01, atol_mm: f
     return datasets
 
 
+_NOT_A_SERIES = ("output_dicom_seg needs a DICOM series folder as input; image '{}' is not one "
+                 "(set output_dicom_seg to false for NIfTI inputs).")
+
+
 class CheckDicomSeriesd(MapTransform):
     """Run :func:`check_dicom_series` on every key whose value names a folder (put it before ``LoadImaged``);
-    file names and in-memory images pass unchanged.
+    file names and in-memory images pass unchanged, unless ``require_series`` (the bundles pass their
+    ``output_dicom_seg`` switch: a DICOM SEG can only reference a DICOM series), which rejects them.
 
     Args:
         keys: image keys of the datalist entry.
+        require_series: raise :class:`~shared_nets.data.DataError` naming the image when it is not a folder.
         rtol: relative tolerance on the slice spacing.
         atol_mm: absolute tolerance (mm) on positions.
         allow_missing_keys: as in ``MapTransform``.
     """
 
-    def __init__(self, keys: KeysCollection, rtol: float = 0.01, atol_mm: float = 0.01,
+    def __init__(self, keys: KeysCollection, require_series: bool = False, rtol: float = 0.01, atol_mm: float = 0.01,
                  allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.require_series = bool(require_series)
         self.rtol, self.atol_mm = float(rtol), float(atol_mm)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
@@ -183,6 +190,9 @@ class CheckDicomSeriesd(MapTransform):
             value = d[key]
             if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
                 check_dicom_series(value, rtol=self.rtol, atol_mm=self.atol_mm)
+            elif self.require_series:
+                name = os.fspath(value) if isinstance(value, (str, os.PathLike)) else source_name(value)
+                raise DataError(_NOT_A_SERIES.format(name))
         return d
 
 
@@ -519,8 +529,7 @@ class SaveDicomSegd(MapTransform):
             pred = d[key]
             source = source_name(pred)
             if not os.path.isdir(source):
-                raise DataError(f"output_dicom_seg needs a DICOM series folder as input; image '{source}' is not "
-                                "one (set output_dicom_seg to false for NIfTI inputs).")
+                raise DataError(_NOT_A_SERIES.format(source))
             arr = pred.detach().cpu().numpy() if hasattr(pred, "detach") else np.asarray(pred)
             affine = pred.meta.get("affine") if hasattr(pred, "meta") else None
             if affine is None:

@@ -217,6 +217,14 @@ def test_check_transform_passes_files_and_arrays(tmp_path):
     assert CheckDicomSeriesd(["image", "label"])(data) == data
 
 
+def test_check_transform_requires_a_series_when_a_seg_is_asked_for(small_series, tmp_path):
+    """The bundles pass output_dicom_seg as require_series: a NIfTI input fails before any inference runs."""
+    check = CheckDicomSeriesd("image", require_series=True)
+    with pytest.raises(DataError, match=r"needs a DICOM series folder as input; image '.*ct.nii.gz' is not one"):
+        check({"image": str(tmp_path / "ct.nii.gz")})
+    assert check({"image": str(small_series[0])})["image"] == str(small_series[0])
+
+
 # -- DICOM SEG ---------------------------------------------------------------------------------------
 CHANNEL_DEF = {"0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney",
                "10": "portal vein and splenic vein", "13": "left adrenal gland"}

@@ -130,14 +130,22 @@ def test_dicom_series_predicts_as_its_nifti_and_the_seg_reads_back(name, ct_pair
     np.testing.assert_array_equal(frames, expected)
 
 
-def test_nifti_input_with_dicom_seg_on_fails_naming_the_image(ct_pair, tmp_path):
+def test_nifti_input_with_dicom_seg_on_is_refused_naming_the_image(ct_pair, tmp_path):
+    """output_dicom_seg with a NIfTI entry: skipped before inference with one line naming the image (a SEG must
+    reference a DICOM series), the series in the same list still gets its SEG; a NIfTI-only list fails."""
     overrides = BUNDLES["ma_sam"][0]
     root = _bundle("ma_sam", tmp_path, overrides)
+    out = tmp_path / "out"
+    _infer(root, ct_pair["dir"], [{"image": "ct.nii.gz"}, {"image": "ct_dicom"}], out, overrides, output_dicom_seg=True)
+    skipped = json.loads((out / "skipped.json").read_text())["skipped"]
+    expected = f"output_dicom_seg needs a DICOM series folder as input; image '{ct_pair['dir'] / 'ct.nii.gz'}' is not one"
+    assert [s["image"] for s in skipped] == [str(ct_pair["dir"] / "ct.nii.gz")] and expected in skipped[0]["reason"]
+    assert sorted(p.name for p in out.iterdir() if p.name != "skipped.json") == ["ct_dicom_seg.dcm", "ct_dicom_seg.nii.gz"]
     with pytest.raises(Exception) as info:
-        _infer(root, ct_pair["dir"], [{"image": "ct.nii.gz"}], tmp_path / "out", overrides, output_dicom_seg=True)
+        _infer(root, ct_pair["dir"], [{"image": "ct.nii.gz"}], tmp_path / "out2", overrides, output_dicom_seg=True)
     message = root_cause(info.value)
-    assert "output_dicom_seg needs a DICOM series folder as input; image '" in message and "ct.nii.gz" in message
-    assert "\n" not in message
+    assert expected in message and "\n" not in message
+    assert not list((tmp_path / "out2").glob("*.nii.gz"))
 
 
 def test_a_series_with_a_missing_slice_is_skipped_with_the_folder_named(ct_pair, tmp_path):
