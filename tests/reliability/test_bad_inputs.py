@@ -244,6 +244,51 @@ def tool_unknown_dataset(tmp):
     raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.returncode else "no error")
 
 
+
+def _dicom_series(tmp, name: str = "series", slices: int = 6):
+    from shared_nets.dicom import write_dicom_series
+
+    write_dicom_series(np.zeros((8, 8, slices), np.int16), np.diag([1.0, 1.0, 2.0, 1.0]), tmp / name)
+    return tmp / name
+
+
+def dicom_series_missing_slice(tmp):
+    from shared_nets.dicom import CheckDicomSeriesd
+
+    folder = _dicom_series(tmp)
+    (folder / "slice_0002.dcm").unlink()
+    CheckDicomSeriesd("image")({"image": str(folder)})
+
+
+def dicom_series_inconsistent(tmp):
+    import pydicom
+
+    from shared_nets.dicom import CheckDicomSeriesd
+
+    folder = _dicom_series(tmp)
+    ds = pydicom.dcmread(str(folder / "slice_0003.dcm"))
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.save_as(str(folder / "slice_0003.dcm"))
+    CheckDicomSeriesd("image")({"image": str(folder)})
+
+
+def dicom_series_mixed(tmp):
+    import shutil
+
+    from shared_nets.dicom import CheckDicomSeriesd
+
+    folder = _dicom_series(tmp)
+    other = _dicom_series(tmp, "other", slices=2)
+    shutil.copy(other / "slice_0000.dcm", folder / "other_0000.dcm")
+    CheckDicomSeriesd("image")({"image": str(folder)})
+
+
+def dicom_seg_for_a_nifti_input(tmp):
+    from shared_nets.dicom import CheckDicomSeriesd
+
+    CheckDicomSeriesd("image", require_series=True)({"image": _nii(tmp / "ct.nii.gz", np.zeros(SHAPE, np.float32))})
+
+
 CASES = [
     ("datalist_missing", datalist_missing, ["nope.json", "does not exist"]),
     ("datalist_not_json", datalist_not_json, ["bad.json", "not readable JSON"]),
@@ -272,6 +317,10 @@ CASES = [
     ("override_wrong_type", override_wrong_type, ["img_size", "'512px'"]),
     ("override_unknown_variant", override_unknown_variant, ["variant", "vit_xl"]),
     ("tool_unknown_dataset", tool_unknown_dataset, ["brats99", "must be one of"]),
+    ("dicom_series_missing_slice", dicom_series_missing_slice, ["DICOM series folder '", "series'", "gap of 4 mm"]),
+    ("dicom_series_inconsistent", dicom_series_inconsistent, ["series'", "inconsistent slices", "PixelSpacing"]),
+    ("dicom_series_mixed", dicom_series_mixed, ["series'", "mixes 2 series"]),
+    ("dicom_seg_for_a_nifti_input", dicom_seg_for_a_nifti_input, ["output_dicom_seg", "ct.nii.gz", "is not one"]),
 ]
 
 
