@@ -10,7 +10,8 @@
   Rescale Slope/Intercept, one Series Instance UID (``python -m tools nifti_to_dicom``).
 * :func:`write_dicom_seg` / :class:`SaveDicomSegd`: a label map written as a DICOM Segmentation
   (highdicom) that references the source series, one segment per class of the bundle's
-  ``channel_def``, with coded anatomy (:func:`segment_codes`).
+  ``channel_def``, with coded anatomy (:func:`segment_codes`); :func:`read_dicom_seg` reads one back
+  onto the series' grid.
 
 pydicom and highdicom are imported inside the functions, so that importing this module (the bundles'
 preprocessing does) costs nothing when no DICOM is involved.
@@ -36,7 +37,9 @@ __all__ = [
     "SaveDicomSegd",
     "check_dicom_series",
     "nifti_to_dicom",
+    "read_dicom_seg",
     "segment_codes",
+    "series_grid",
     "write_dicom_seg",
     "write_dicom_series",
 ]
@@ -490,6 +493,55 @@ def write_dicom_seg(label: np.ndarray, affine: np.ndarray, source: str | os.Path
     with atomic_path(out_path) as tmp:
         seg.save_as(tmp)
     return out_path
+
+
+def series_grid(datasets: Sequence) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape, RAS affine)`` of the volume ITK reads from a checked series (:func:`check_dicom_series` order):
+    axis 0 along a row (columns), axis 1 down the columns (rows), axis 2 the slices by position."""
+    first = datasets[0]
+    iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
+    dr, dc = (float(v) for v in first.PixelSpacing)
+    normal = np.cross(iop[:3], iop[3:])
+    along = [float(np.asarray([float(v) for v in ds.ImagePositionPatient]) @ normal) for ds in datasets]
+    step = float(np.median(np.diff(along))) if len(datasets) > 1 else float(getattr(first, "SliceThickness", 1) or 1)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = iop[:3] * dc, iop[3:] * dr, normal * step
+    lps[:3, 3] = [float(v) for v in first.ImagePositionPatient]
+    return (int(first.Columns), int(first.Rows), len(datasets)), _RAS_TO_LPS @ lps
+
+
+def read_dicom_seg(seg_path: str | os.PathLike, source: str | os.PathLike,
+                   channel_def: Mapping[str | int, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM SEG as a label map on the grid of its source series as the bundles load it (:func:`series_grid`).
+
+    Args:
+        seg_path: the SEG file.
+        source: the series folder it references.
+        channel_def: ``{label value: class name}``: each segment gets the value whose name is its Segment
+            Label; None: the segment numbers.
+
+    Returns:
+        ``(label (X, Y, Z) uint16, RAS affine)``.
+    """
+    import highdicom as hd
+
+    where = f"DICOM SEG '{os.fspath(seg_path)}'"
+    datasets = check_dicom_series(source)
+    seg = hd.seg.segread(os.fspath(seg_path))
+    series = {str(r.SeriesInstanceUID) for r in getattr(seg, "ReferencedSeriesSequence", [])}
+    if str(datasets[0].SeriesInstanceUID) not in series:
+        raise DataError(f"{where} does not reference the series in '{os.fspath(source)}' (references {sorted(series)}).")
+    lut = np.arange(len(seg.SegmentSequence) + 1, dtype=np.uint16)
+    if channel_def is not None:
+        value_of = {str(v): int(k) for k, v in channel_def.items()}
+        for item in seg.SegmentSequence:
+            if str(item.SegmentLabel) not in value_of:
+                raise DataError(f"{where}: segment label '{item.SegmentLabel}' is not in channel_def {dict(channel_def)}.")
+            lut[int(item.SegmentNumber)] = value_of[str(item.SegmentLabel)]
+    frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in datasets], combine_segments=True,
+                                               relabel=False)
+    shape, affine = series_grid(datasets)
+    return lut[np.asarray(frames, dtype=np.int64)].transpose(2, 1, 0).reshape(shape), affine
 
 
 def _stem(source: str) -> str:

@@ -18,6 +18,7 @@ from shared_nets.dicom import (
     SaveDicomSegd,
     check_dicom_series,
     nifti_to_dicom,
+    read_dicom_seg,
     segment_codes,
     write_dicom_seg,
     write_dicom_series,
@@ -281,6 +282,21 @@ def test_seg_references_the_series_and_reads_back_to_the_same_mask(small_series,
     np.testing.assert_allclose(back_aff, ref_aff, atol=1e-3)
     np.testing.assert_array_equal(back, ref)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_read_dicom_seg_gives_the_label_map_on_the_loaded_grid(small_series, tmp_path):
+    folder = small_series[0]
+    lab, affine = _label_on(folder)
+    lab[:, :, 2] = 0  # an empty slice: its frames are omitted from the SEG
+    out = write_dicom_seg(lab, affine, folder, tmp_path / "seg.dcm", CHANNEL_DEF)
+    back, back_affine = read_dicom_seg(out, folder, CHANNEL_DEF)
+    np.testing.assert_allclose(back_affine, affine, atol=1e-4)
+    np.testing.assert_array_equal(back, lab)
+    numbers, _ = read_dicom_seg(out, folder)
+    assert sorted(np.unique(numbers).tolist()) == [0, 1, 2, 4, 5]
+    write_dicom_series(np.zeros((20, 16, 8), np.int16), _oblique_affine(), tmp_path / "other")
+    with pytest.raises(DataError, match="does not reference the series in"):
+        read_dicom_seg(out, tmp_path / "other")
 
 
 def test_seg_rejects_values_missing_from_channel_def(small_series, tmp_path):
