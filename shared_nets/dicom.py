@@ -123,8 +123,9 @@ def check_dicom_series(folder: str | os.PathLike, rtol: float = 0.01, atol_mm: f
             raise DataError(f"{where}: file '{name}' is multi-frame; expected one slice per file.")
         for keyword in ("Rows", "Columns"):
             if getattr(ds, keyword, None) != getattr(first, keyword, None):
-                raise DataError(f"{where} has inconsistent slices: '{name}' has {keyword} {getattr(ds, keyword, None)}, "
-                                f"'{os.path.basename(first.filename)}' {getattr(first, keyword, None)}.")
+                raise DataError(f"{where} has inconsistent slices: '{name}' has {keyword} "
+                                f"{getattr(ds, keyword, None)}, '{os.path.basename(first.filename)}' "
+                                f"{getattr(first, keyword, None)}.")
     iop0 = _floats(first, "ImageOrientationPatient", 6, folder)
     ps0 = _floats(first, "PixelSpacing", 2, folder)
     for ds in datasets[1:]:
@@ -132,7 +133,8 @@ def check_dicom_series(folder: str | os.PathLike, rtol: float = 0.01, atol_mm: f
             value = _floats(ds, keyword, n, folder)
             if not np.allclose(value, ref, atol=tol, rtol=1e-4):
                 raise DataError(f"{where} has inconsistent slices: '{os.path.basename(ds.filename)}' has {keyword} "
-                                f"{value.round(5).tolist()}, '{os.path.basename(first.filename)}' {ref.round(5).tolist()}.")
+                                f"{value.round(5).tolist()}, '{os.path.basename(first.filename)}' "
+                                f"{ref.round(5).tolist()}.")
     normal = np.cross(iop0[:3], iop0[3:])
     positions = np.stack([_floats(ds, "ImagePositionPatient", 3, folder) for ds in datasets])
     along = positions @ normal
@@ -150,7 +152,8 @@ def check_dicom_series(folder: str | os.PathLike, rtol: float = 0.01, atol_mm: f
         if gaps.min() <= atol_mm:
             i = int(gaps.argmin())
             raise DataError(f"{where} has two slices at the same position {along[i]:.4g} mm "
-                            f"('{os.path.basename(datasets[i].filename)}', '{os.path.basename(datasets[i + 1].filename)}'); "
+                            f"('{os.path.basename(datasets[i].filename)}', "
+                            f"'{os.path.basename(datasets[i + 1].filename)}'); "
                             "expected one slice per position.")
         step = float(np.median(gaps))
         bad = np.abs(gaps - step) > atol_mm + rtol * step
@@ -530,13 +533,15 @@ def read_dicom_seg(seg_path: str | os.PathLike, source: str | os.PathLike,
     seg = hd.seg.segread(os.fspath(seg_path))
     series = {str(r.SeriesInstanceUID) for r in getattr(seg, "ReferencedSeriesSequence", [])}
     if str(datasets[0].SeriesInstanceUID) not in series:
-        raise DataError(f"{where} does not reference the series in '{os.fspath(source)}' (references {sorted(series)}).")
+        raise DataError(f"{where} does not reference the series in '{os.fspath(source)}' "
+                        f"(references {sorted(series)}).")
     lut = np.arange(len(seg.SegmentSequence) + 1, dtype=np.uint16)
     if channel_def is not None:
         value_of = {str(v): int(k) for k, v in channel_def.items()}
         for item in seg.SegmentSequence:
             if str(item.SegmentLabel) not in value_of:
-                raise DataError(f"{where}: segment label '{item.SegmentLabel}' is not in channel_def {dict(channel_def)}.")
+                raise DataError(f"{where}: segment label '{item.SegmentLabel}' is not in channel_def "
+                                f"{dict(channel_def)}.")
             lut[int(item.SegmentNumber)] = value_of[str(item.SegmentLabel)]
     frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in datasets], combine_segments=True,
                                                relabel=False)
@@ -573,7 +578,8 @@ class SaveDicomSegd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.output_dir = os.fspath(output_dir)
         self.channel_def = {str(k): str(v) for k, v in dict(channel_def).items()}
-        self.output_postfix, self.algorithm_name, self.algorithm_version = output_postfix, algorithm_name, algorithm_version
+        self.output_postfix = output_postfix
+        self.algorithm_name, self.algorithm_version = algorithm_name, algorithm_version
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)

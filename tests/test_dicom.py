@@ -77,12 +77,14 @@ def test_series_from_the_real_ct_loads_as_the_nifti(tmp_path):
     nii = nib.load(str(src))
     assert len(paths) == nii.shape[2] == len(os.listdir(out))
     datasets = check_dicom_series(out)
-    assert len({ds.SeriesInstanceUID for ds in datasets}) == 1 and len({ds.SOPInstanceUID for ds in datasets}) == len(paths)
+    assert len({ds.SeriesInstanceUID for ds in datasets}) == 1
+    assert len({ds.SOPInstanceUID for ds in datasets}) == len(paths)
     first, last = datasets[0], datasets[-1]
     np.testing.assert_allclose([float(v) for v in first.ImageOrientationPatient], [1, 0, 0, 0, 1, 0], atol=1e-6)
     np.testing.assert_allclose([float(v) for v in first.PixelSpacing], [3.0, 3.0])
     assert float(first.SliceThickness) == pytest.approx(3.0)
-    assert float(last.ImagePositionPatient[2]) - float(first.ImagePositionPatient[2]) == pytest.approx(3.0 * (len(paths) - 1))
+    extent = float(last.ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])
+    assert extent == pytest.approx(3.0 * (len(paths) - 1))
     # first voxel of the LPS series = the NIfTI voxel (X-1, Y-1, 0), in LPS coordinates
     corner = RAS_TO_LPS @ nii.affine @ np.array([nii.shape[0] - 1, nii.shape[1] - 1, 0, 1.0])
     np.testing.assert_allclose([float(v) for v in first.ImagePositionPatient], corner[:3], atol=1e-3)
@@ -173,7 +175,8 @@ def _duplicate(folder: Path, tmp_path: Path) -> None:
 def _shifted(folder: Path, tmp_path: Path) -> None:
     ds = pydicom.dcmread(str(folder / "slice_0007.dcm"))
     iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    ds.ImagePositionPatient = [float(v) for v in np.asarray([float(v) for v in ds.ImagePositionPatient]) + 4.0 * iop[:3]]
+    position = np.asarray([float(v) for v in ds.ImagePositionPatient]) + 4.0 * iop[:3]
+    ds.ImagePositionPatient = [float(v) for v in position]
     ds.save_as(str(folder / "slice_0007.dcm"))
 
 
@@ -319,7 +322,8 @@ def test_save_transform_needs_a_dicom_input(tmp_path):
     from monai.data import MetaTensor
 
     pred = MetaTensor(np.zeros((1, 4, 4, 2)), affine=np.eye(4), meta={"filename_or_obj": str(tmp_path / "ct.nii.gz")})
-    with pytest.raises(DataError, match=r"needs a DICOM series folder as input; image '.*ct.nii.gz' is not one") as info:
+    match = r"needs a DICOM series folder as input; image '.*ct.nii.gz' is not one"
+    with pytest.raises(DataError, match=match) as info:
         SaveDicomSegd("pred", tmp_path, CHANNEL_DEF)({"pred": pred})
     assert "\n" not in str(info.value)
 

@@ -121,7 +121,8 @@ def test_dicom_series_predicts_as_its_nifti_and_the_seg_reads_back(name, ct_pair
     # the series is LPS with ascending slices, so slice k's frame is the prediction's [:, :, k] transposed
     source = sorted((pydicom.dcmread(str(p), stop_before_pixels=True) for p in (ct_pair["dir"] / "ct_dicom").iterdir()),
                     key=lambda ds: float(ds.ImagePositionPatient[2]))
-    frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], combine_segments=True, relabel=False)
+    frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], combine_segments=True,
+                                               relabel=False)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
     numbers = np.zeros(max(values) + 1, np.uint8)
     numbers[values] = np.arange(1, len(values) + 1)
@@ -138,9 +139,11 @@ def test_nifti_input_with_dicom_seg_on_is_refused_naming_the_image(ct_pair, tmp_
     out = tmp_path / "out"
     _infer(root, ct_pair["dir"], [{"image": "ct.nii.gz"}, {"image": "ct_dicom"}], out, overrides, output_dicom_seg=True)
     skipped = json.loads((out / "skipped.json").read_text())["skipped"]
-    expected = f"output_dicom_seg needs a DICOM series folder as input; image '{ct_pair['dir'] / 'ct.nii.gz'}' is not one"
-    assert [s["image"] for s in skipped] == [str(ct_pair["dir"] / "ct.nii.gz")] and expected in skipped[0]["reason"]
-    assert sorted(p.name for p in out.iterdir() if p.name != "skipped.json") == ["ct_dicom_seg.dcm", "ct_dicom_seg.nii.gz"]
+    image = ct_pair["dir"] / "ct.nii.gz"
+    expected = f"output_dicom_seg needs a DICOM series folder as input; image '{image}' is not one"
+    assert [s["image"] for s in skipped] == [str(image)] and expected in skipped[0]["reason"]
+    written = sorted(p.name for p in out.iterdir() if p.name != "skipped.json")
+    assert written == ["ct_dicom_seg.dcm", "ct_dicom_seg.nii.gz"]
     with pytest.raises(Exception) as info:
         _infer(root, ct_pair["dir"], [{"image": "ct.nii.gz"}], tmp_path / "out2", overrides, output_dicom_seg=True)
     message = root_cause(info.value)
