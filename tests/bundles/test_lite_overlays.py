@@ -172,10 +172,15 @@ def test_lite_trains_one_step_and_infers_on_real_ct(bundle, real_ct, tmp_path):
     assert not any(n.startswith(("image_encoder.patch_embed", "sam.image_encoder.patch_embed")) for n in seen["trainable"])
 
     out_dir = tmp_path / "pred"
+    # one test volume (the datalist also holds an LPS copy, whose orientation the harness checks)
+    content = json.loads((real_ct / "datalist.json").read_text())
+    content["test"] = [{k: str(real_ct / v) for k, v in content["test"][0].items()}]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(content))
     infer = {k: v for k, v in over.items() if k not in ("max_epochs", "val_interval")}
+    infer["data_list_file_path"] = str(datalist)
     run_workflow(root, ["inference.json", "lite.json"], "infer", {**infer, "output_dir": str(out_dir)})
     preds = sorted(p for p in out_dir.rglob("*.nii.gz") if p.name.startswith("ct_") and not p.name.startswith("ct_lps"))
     assert preds, sorted(out_dir.rglob("*"))
     src = nib.load(str(real_ct / "ct.nii.gz"))
     assert nib.load(str(preds[0])).shape[:3] == src.shape
-    json.dumps(seen["loss"])  # a plain float
