@@ -80,7 +80,7 @@ def _encoder_output(bundle: str, net: torch.nn.Module, x: torch.Tensor) -> torch
     if bundle == "ma_sam":
         return net.encode(x)[0]  # through the 3D adapters (num_slices 2 = the two slices)
     if bundle == "med_sa":
-        return net.encode(x, 1)  # SD-Trans adds a depth branch only across slices
+        return net.encode(x, 2)  # SD-Trans across the two slices, through its zero-initialised depth adapter
     return net.sam.image_encoder(x)
 
 
