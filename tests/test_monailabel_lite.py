@@ -63,7 +63,8 @@ def lite_server(tmp_path_factory) -> Server:
     srv = Server(f"http://127.0.0.1:{port}", Path(built["app"]), studies, log)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     try:
         _wait_ready(srv, proc)
@@ -103,7 +104,8 @@ def test_box_on_the_liver_returns_the_liver(lite_server, tmp_path):
     ks = slice(k - 1, k + 2)
     i, j, _ = np.nonzero(liver[:, :, ks])
     roi = [int(i.min()), int(j.min()), k - 1, int(i.max()) + 1, int(j.max()) + 1, k + 2]  # exclusive end
-    mask = _mask(lite_server, lite_server.infer(MODEL, "ct", {"foreground": [], "background": [], "roi": roi}), tmp_path)
+    response = lite_server.infer(MODEL, "ct", {"foreground": [], "background": [], "roi": roi})
+    mask = _mask(lite_server, response, tmp_path)
     outside = np.ones(mask.shape, bool)
     outside[:, :, ks] = False
     assert not mask[outside].any(), "voxels segmented on slices the box does not span"

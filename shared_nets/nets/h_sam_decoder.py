@@ -429,7 +429,9 @@ class HSAMStage2Decoder(nn.Module):
         c = transformer_dim
         n_up = int(round(math.log2(patch_size / 4))) if patch_size >= 4 else -1
         if n_up < 0 or 4 * 2**n_up != patch_size:
-            raise ValueError(f"patch_size must be 4, 8, 16, 32, ... (4·2^n) for H-SAM's pixel decoders, got {patch_size}.")
+            raise ValueError(
+                f"patch_size must be 4, 8, 16, 32, ... (4·2^n) for H-SAM's pixel decoders, got {patch_size}."
+            )
         self.num_tokens = num_tokens
         self.grid = tuple(grid)
         self.mask_attention = mask_attention

@@ -225,7 +225,8 @@ class MedSA(nn.Module):
                 p.requires_grad_(True)
         else:
             # adapters of the ViT blocks, or of TinyViT's blocks inside its stages
-            patterns = ["image_encoder.layers.*adapter*" if v.encoder == "tiny_vit" else "image_encoder.blocks.*adapter*"]
+            blocks = "image_encoder.layers" if v.encoder == "tiny_vit" else "image_encoder.blocks"
+            patterns = [f"{blocks}.*adapter*"]
             if decoder_adapters:
                 patterns += ["mask_decoder.transformer.layers.*adapter*"]
                 if hyp_adapter:

@@ -169,7 +169,8 @@ def test_lite_trains_one_step_and_infers_on_real_ct(bundle, real_ct, tmp_path):
     # the method's own pieces get gradients (the rest of the trainable set may be unused by one batch)
     piece = {"h_sam": "lora_", "ma_sam": "fact_", "med_sa": "adapter", "s_sam": ".scale"}[bundle]
     assert any(piece in n for n in seen["with_grad"]), sorted(seen["with_grad"])[:10]
-    assert not any(n.startswith(("image_encoder.patch_embed", "sam.image_encoder.patch_embed")) for n in seen["trainable"])
+    frozen_stem = ("image_encoder.patch_embed", "sam.image_encoder.patch_embed")
+    assert not any(n.startswith(frozen_stem) for n in seen["trainable"])
 
     out_dir = tmp_path / "pred"
     # one test volume (the datalist also holds an LPS copy, whose orientation the harness checks)
