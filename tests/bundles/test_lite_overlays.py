@@ -185,3 +185,12 @@ def test_lite_trains_one_step_and_infers_on_real_ct(bundle, real_ct, tmp_path):
     assert preds, sorted(out_dir.rglob("*"))
     src = nib.load(str(real_ct / "ct.nii.gz"))
     assert nib.load(str(preds[0])).shape[:3] == src.shape
+
+
+def test_ma_sam_multiscale_decoder_is_refused_at_lite():
+    with pytest.raises(Exception) as info:
+        _parser("ma_sam", ["train.json", "lite.json"], decoder="multiscale").get_parsed_content("network_def")
+    err = info.value
+    while err is not None and not isinstance(err, ValueError):
+        err = err.__cause__ or err.__context__
+    assert err is not None and "decoder='multiscale' needs a plain ViT" in str(err)
