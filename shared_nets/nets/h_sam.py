@@ -51,7 +51,9 @@ class HSAM(nn.Module):
     hierarchical pixel decoder (Table 4), backbone and image size (Table 1), LoRA rank.
 
     Args:
-        variant: SAM backbone, ``vit_b`` | ``vit_l`` | ``vit_h`` | ``tiny``.
+        variant: SAM backbone, ``vit_b`` | ``vit_l`` | ``vit_h`` | ``lite`` | ``tiny``. At ``lite``
+            (LiteMedSAM's TinyViT, embedding stride 4) LoRA goes on q and v of all 10 attention blocks
+            (TinyViT's per-head qkv layout) and stage 1 already predicts at full resolution.
         checkpoint: official SAM ``.pth`` (loaded strictly before LoRA is injected), or None.
         img_size: in-plane input size (paper: 512 few-shot, 224 fully supervised); inputs must
             already have this size.
@@ -141,14 +143,15 @@ class HSAM(nn.Module):
                 f"patch_size must be a power of two >= 8 (stage 1 predicts at patch/4 of the input and stage 2 "
                 f"upsamples from there to full size), got {patch_size!r}."
             )
+        stride = v.embedding_stride if v.encoder == "tiny_vit" else patch_size  # lite: S/4 tokens whatever patch_size
 
         # sec. 3.1: SAM built and its checkpoint loaded first; SAMed-style one mask token per class
         sam = build_sam(v, checkpoint, img_size, patch_size, num_multimask_outputs=num_classes, pos_embed_mode=pos_embed_mode,
                         use_sdpa=use_sdpa)
         self.variant = v.name
-        self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
+        self.img_size, self.patch_size, self.in_channels = img_size, stride, in_channels
         self.num_classes, self.finetune = num_classes, finetune
-        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.grid = (img_size // stride, img_size // stride)
         self.use_stage2, self.ensemble = use_stage2, ensemble
         self.cross_first = released_attention_order
         self.embedding_noise = float(embedding_noise)
@@ -160,7 +163,7 @@ class HSAM(nn.Module):
                 transformer_dim=v.prompt_embed_dim,
                 num_tokens=num_classes + 1,
                 grid=self.grid,
-                patch_size=patch_size,
+                patch_size=stride,
                 depth=v.decoder_depth,
                 num_heads=v.decoder_num_heads,
                 mlp_dim=v.decoder_mlp_dim,

@@ -388,7 +388,9 @@ class HSAMStage2Decoder(nn.Module):
         transformer_dim: SAM's decoder width ``C`` (256; 32 for ``tiny``).
         num_tokens: classes ``T`` incl. background.
         grid: token grid ``(h, w)``.
-        patch_size: encoder patch size; the hierarchical decoder upsamples ``log2(patch/4)`` times.
+        patch_size: encoder patch size (embedding stride); the hierarchical decoder upsamples
+            ``log2(patch/4)`` times: none at LiteMedSAM's stride 4, where stage 1 already predicts at
+            full resolution and the skip connection is a concatenation alone.
         depth: transformer blocks.
         num_heads: transformer heads.
         mlp_dim: transformer MLP width.
@@ -425,9 +427,11 @@ class HSAMStage2Decoder(nn.Module):
     ) -> None:
         super().__init__()
         c = transformer_dim
-        n_up = int(round(math.log2(patch_size / 4))) if patch_size >= 8 else 0
-        if n_up < 1 or 4 * 2**n_up != patch_size:
-            raise ValueError(f"patch_size must be 8, 16, 32, ... (4·2^n) for H-SAM's pixel decoders, got {patch_size}.")
+        n_up = int(round(math.log2(patch_size / 4))) if patch_size >= 4 else -1
+        if n_up < 0 or 4 * 2**n_up != patch_size:
+            raise ValueError(
+                f"patch_size must be 4, 8, 16, 32, ... (4·2^n) for H-SAM's pixel decoders, got {patch_size}."
+            )
         self.num_tokens = num_tokens
         self.grid = tuple(grid)
         self.mask_attention = mask_attention

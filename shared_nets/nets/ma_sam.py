@@ -19,9 +19,11 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from shared_nets.nets.common import (
     ProgressiveUpsampling,
     attention_residual,
+    block_width,
     check_input,
     decode_masks,
     mlp_residual,
+    run_encoder,
     slices_to_volume,
     to_rgb,
     upsample_to,
@@ -29,7 +31,7 @@ from shared_nets.nets.common import (
 )
 from shared_nets.peft import Adapter3D, inject_fact
 from shared_nets.prompts import decode_boxes_2d
-from shared_nets.sam import build_sam
+from shared_nets.sam import build_sam, get_variant
 
 __all__ = ["MASAM", "MultiScaleFusion"]
 
@@ -100,7 +102,11 @@ class MASAM(nn.Module):
     SAM weights / full fine-tuning / FacT / 3D adapters (Table 9).
 
     Args:
-        variant: SAM backbone, ``vit_b`` / ``vit_l`` / ``vit_h`` / ``tiny``.
+        variant: SAM backbone, ``vit_b`` / ``vit_l`` / ``vit_h`` / ``lite`` / ``tiny``. At ``lite``
+            (LiteMedSAM's TinyViT) FacT goes on q/v of its 10 attention blocks (one shared U/V pair
+            per stage width), each block gets 3D adapters of its own width (before attention, and
+            after attention = before TinyViT's local convolution and MLP), and the progressive
+            decoder needs no extra up-sampling stage (embedding stride 4).
         checkpoint: official SAM checkpoint (None: random init, Table 9 row 1).
         img_size: in-plane input size (paper 512); inputs must already have this size.
         num_classes: foreground classes; outputs ``num_classes + 1`` channels (0 = background).
@@ -172,18 +178,28 @@ class MASAM(nn.Module):
         # official weights load strictly into plain SAM first; PEFT is injected after (sec. 3.2)
         self.sam = build_sam(variant, checkpoint, img_size=img_size, patch_size=patch_size, num_multimask_outputs=num_classes,
                              use_sdpa=use_sdpa)
+        v = get_variant(variant)
+        if v.encoder == "tiny_vit":
+            if decoder == "multiscale":
+                raise ValueError(
+                    "decoder='multiscale' needs a plain ViT (four equal stages of one width); variant 'lite' "
+                    "(TinyViT, stages of widths 128/160/320 on two grids) supports 'progressive' or 'sam'."
+                )
+            patch_size = v.embedding_stride  # LiteMedSAM: S/4 tokens whatever patch_size says
         encoder = self.sam.image_encoder
-        embed_dim = encoder.patch_embed.proj.out_channels
-        depth = len(encoder.blocks)
+        widths = [block_width(b) for b in encoder.blocks]
+        embed_dim = widths[-1]
         if finetune == "fact":
             inject_fact(encoder, rank=fact_rank, targets=("q", "v"), dropout=fact_dropout, scale=fact_scale)
 
-        # 3D adapters before and/or after attention in every block (sec. 3.3, Table 8)
-        width = adapter_dim or min(384, embed_dim // 2)
+        # 3D adapters before and/or after attention in every block (sec. 3.3, Table 8); at lite
+        # each TinyViT block gets adapters of its own stage's width
         def adapters(on: bool) -> nn.ModuleList | None:
             if not (use_3d_adapters and on):
                 return None
-            return nn.ModuleList(Adapter3D(embed_dim, width, kernel_size=tuple(adapter_kernel)) for _ in range(depth))
+            return nn.ModuleList(
+                Adapter3D(w, adapter_dim or min(384, w // 2), kernel_size=tuple(adapter_kernel)) for w in widths
+            )
         self.adapters_before = adapters(adapter_position in ("both", "before"))
         self.adapters_after = adapters(adapter_position in ("both", "after"))
 
@@ -200,7 +216,7 @@ class MASAM(nn.Module):
                 if patch_size != 16:
                     raise ValueError(f"decoder='multiscale' needs patch_size 16, got {patch_size}.")
                 self.upscaling = MultiScaleFusion(mask_decoder.output_upscaling, embed_dim, tdim)
-                q = depth // 4
+                q = len(widths) // 4
                 self.stage_blocks = (3 * q - 1, 2 * q - 1, q - 1)  # stages 3, 2, 1
             self.hypernetworks = _hypernetworks_with_width(mask_decoder, self.upscaling.out_channels)
             # these replace the SAM originals; drop the originals so they are not dead parameters
@@ -231,20 +247,19 @@ class MASAM(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image encoder over slices ``[B*N, 3, H, W]`` → embeddings ``[B*N, C, h, w]`` and stage features."""
-        enc = self.sam.image_encoder
-        t = enc.patch_embed(x)
-        if enc.pos_embed is not None:
-            t = t + enc.pos_embed
         stages: dict[int, torch.Tensor] = {}
-        for i in range(len(enc.blocks)):
+
+        def step(i: int, blk: nn.Module, t: torch.Tensor) -> torch.Tensor:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 t = grad_checkpoint(self._block, i, t, use_reentrant=False)
             else:
                 t = self._block(i, t)
             if i in self.stage_blocks:
                 stages[i] = t
-        feats = [stages[i] for i in self.stage_blocks]
-        return enc.neck(t.permute(0, 3, 1, 2)), feats
+            return t
+
+        embeddings = run_encoder(self.sam.image_encoder, x, step)
+        return embeddings, [stages[i] for i in self.stage_blocks]
 
     def _block(self, i: int, t: torch.Tensor) -> torch.Tensor:
         blk = self.sam.image_encoder.blocks[i]

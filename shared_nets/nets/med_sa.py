@@ -34,8 +34,23 @@ from shared_nets.prompts import decode_boxes_2d, decode_points, decode_points_2d
 from shared_nets.sam.checkpointing import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
 
-from .common import EmbeddingCache, decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
-from .med_sa_blocks import PROMPT_FUSIONS, MedSAEncoderBlock, MedSATwoWayTransformer, adapter_width
+from .common import (
+    EmbeddingCache,
+    block_width,
+    decode_masks,
+    run_encoder,
+    slices_to_volume,
+    to_rgb,
+    upsample_to,
+    volume_to_slices,
+)
+from .med_sa_blocks import (
+    PROMPT_FUSIONS,
+    MedSAEncoderBlock,
+    MedSATinyViTBlock,
+    MedSATwoWayTransformer,
+    adapter_width,
+)
 
 __all__ = ["MedSA", "MEDSA_OFFICIAL_CODE_SETTINGS", "PROMPT_SCOPES"]
 
@@ -75,7 +90,9 @@ class MedSA(nn.Module):
     "HyP-Adpt" (Eq. 1-2, Fig. 2), "Training Strategy" (click and box prompts).
 
     Args:
-        variant: SAM backbone ``vit_b`` / ``vit_l`` / ``vit_h`` (paper) / ``tiny``.
+        variant: SAM backbone ``vit_b`` / ``vit_l`` / ``vit_h`` (paper) / ``lite`` / ``tiny``. At
+            ``lite`` every TinyViT attention block gets the space and MLP adapters and the SD-Trans
+            depth branch (:class:`~shared_nets.nets.med_sa_blocks.MedSATinyViTBlock`), at its stage's width.
         checkpoint: official SAM ``.pth`` (loaded strictly, rel-pos tables included, before
             the adapters are injected) or None for random initialisation.
         img_size: SAM input side; slices are resized to it inside the network.
@@ -174,11 +191,20 @@ class MedSA(nn.Module):
         # Load SAM (official weights strictly, rel-pos tables included) before injecting adapters.
         sam = build_sam(v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size, use_sdpa=use_sdpa)
         self.image_encoder, self.prompt_encoder, self.mask_decoder = sam.image_encoder, sam.prompt_encoder, sam.mask_decoder
-        width = adapter_width(v.encoder_embed_dim, adapter_ratio)
-        self.image_encoder.blocks = nn.ModuleList(
-            MedSAEncoderBlock(blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter)
-            for blk in self.image_encoder.blocks
-        )
+        if v.encoder == "tiny_vit":
+            # LiteMedSAM: each TinyViT block of every stage, adapters of that stage's width
+            for layer in self.image_encoder.layers[1:]:
+                for j, blk in enumerate(layer.blocks):
+                    width = adapter_width(block_width(blk), adapter_ratio)
+                    layer.blocks[j] = MedSATinyViTBlock(
+                        blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter
+                    )
+        else:
+            width = adapter_width(v.encoder_embed_dim, adapter_ratio)
+            self.image_encoder.blocks = nn.ModuleList(
+                MedSAEncoderBlock(blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter)
+                for blk in self.image_encoder.blocks
+            )
         if decoder_adapters:
             dim = v.prompt_embed_dim
             self.mask_decoder.transformer = MedSATwoWayTransformer(
@@ -198,7 +224,9 @@ class MedSA(nn.Module):
             for p in self.parameters():
                 p.requires_grad_(True)
         else:
-            patterns = ["image_encoder.blocks.*adapter*"]
+            # adapters of the ViT blocks, or of TinyViT's blocks inside its stages
+            blocks = "image_encoder.layers" if v.encoder == "tiny_vit" else "image_encoder.blocks"
+            patterns = [f"{blocks}.*adapter*"]
             if decoder_adapters:
                 patterns += ["mask_decoder.transformer.layers.*adapter*"]
                 if hyp_adapter:
@@ -221,13 +249,7 @@ class MedSA(nn.Module):
         Returns:
             ``[B*D, C', img_size/p, img_size/p]`` (``C'`` the neck width).
         """
-        enc = self.image_encoder
-        x = enc.patch_embed(images)
-        if enc.pos_embed is not None:
-            x = x + enc.pos_embed
-        for blk in enc.blocks:
-            x = blk(x, num_slices)
-        return enc.neck(x.permute(0, 3, 1, 2))
+        return run_encoder(self.image_encoder, images, lambda i, blk, x: blk(x, num_slices))
 
     @property
     def cache_hits(self) -> int:

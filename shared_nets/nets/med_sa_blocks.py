@@ -15,12 +15,15 @@ from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTr
 from torch import nn
 
 from shared_nets.peft import BottleneckAdapter
+from shared_nets.sam.tiny_vit import TinyViTBlock, WindowAttention
 
 __all__ = [
     "PROMPT_FUSIONS",
     "adapter_width",
     "HyPAdapter",
     "MedSAEncoderBlock",
+    "MedSATinyViTBlock",
+    "depth_attention",
     "MedSADecoderBlock",
     "MedSATwoWayTransformer",
 ]
@@ -228,6 +231,95 @@ class MedSAEncoderBlock(nn.Module):
         x = shortcut + a
         xn = self.norm2(x)
         return x + self.mlp(xn) + self.mlp_adapter(xn)  # Fig. 1b: scaled parallel MLP adapter
+
+
+def depth_attention(attn: WindowAttention, x: torch.Tensor) -> torch.Tensor:
+    """A TinyViT :class:`~shared_nets.sam.tiny_vit.WindowAttention` run along a line of ``D`` tokens.
+
+    Its LayerNorm, qkv, heads and projection as they are; the learned bias of the pair at slice
+    distance ``d`` is the window's bias of offset ``(d, 0)`` (a ``D x 1`` column, as SAM's ViT
+    gets its depth positions from its relative-position table), ``d`` clamped to the window.
+
+    Args:
+        attn: the block's attention.
+        x: ``[M, D, C]`` un-normalised tokens (M = positions × samples).
+
+    Returns:
+        ``[M, D, C]``.
+    """
+    m, d, _ = x.shape
+    qkv = attn.qkv(attn.norm(x)).view(m, d, attn.num_heads, 3, attn.head_dim)
+    q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
+    pos = torch.arange(d, device=x.device)
+    offset = (pos[:, None] - pos[None, :]).abs().clamp(max=attn.window_size - 1) * attn.window_size
+    bias = attn.attention_biases[:, offset].to(q.dtype)  # [heads, D, D]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return attn.proj(out.transpose(1, 2).reshape(m, d, -1))
+
+
+class MedSATinyViTBlock(nn.Module):
+    """Med-SA's adapters and SD-Trans on a LiteMedSAM TinyViT block (the ``lite`` variant).
+
+    The same three pieces as :class:`MedSAEncoderBlock`, placed at the same points of TinyViT's
+    block (window attention + residual, 3×3 depth-wise ``local_conv``, MLP + residual): the space
+    adapter on the attention output before the residual, the depth branch (:func:`depth_attention`
+    with the block's own attention weights) added to it, and the scaled MLP adapter in parallel to
+    the MLP on the MLP's normalised input. TinyViT normalises inside its attention and MLP, so the
+    depth branch gets the raw tokens and normalises with the attention's own LayerNorm.
+    Sub-modules keep TinyViT's names (``attn``, ``local_conv``, ``mlp``), so checkpoint keys do not move.
+
+    Args:
+        block: the TinyViT block to adopt.
+        hidden_dim: adapter bottleneck width.
+        act, scale, zero_init, sd_trans, depth_adapter: as :class:`MedSAEncoderBlock`.
+    """
+
+    def __init__(
+        self,
+        block: TinyViTBlock,
+        hidden_dim: int,
+        act: str = "relu",
+        scale: float = 0.5,
+        zero_init: bool = True,
+        sd_trans: bool = True,
+        depth_adapter: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_act(act)
+        if not isinstance(block, TinyViTBlock):
+            raise ValueError(f"block must be a TinyViTBlock, got {type(block).__name__}.")
+        dim = block.attn.norm.normalized_shape[0]
+        self.attn, self.local_conv, self.mlp = block.attn, block.local_conv, block.mlp
+        self.window_size = block.window_size
+        self.sd_trans = bool(sd_trans)
+        self.space_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=True, zero_init=zero_init)
+        self.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, scale=scale, zero_init=zero_init)
+        self.depth_adapter = (
+            BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init) if depth_adapter else None
+        )
+
+    window_attention = TinyViTBlock.window_attention
+
+    def depth_branch(self, x: torch.Tensor, num_slices: int) -> torch.Tensor:
+        """SD-Trans depth branch on raw tokens ``[B*D, h, w, C]`` → ``[B*D, h, w, C]``."""
+        bd, h, w, c = x.shape
+        b = bd // num_slices
+        xd = x.reshape(b, num_slices, h, w, c).permute(0, 2, 3, 1, 4).reshape(b * h * w, num_slices, c)
+        xd = depth_attention(self.attn, xd)
+        if self.depth_adapter is not None:
+            xd = self.depth_adapter(xd)
+        return xd.reshape(b, h, w, num_slices, c).permute(0, 3, 1, 2, 4).reshape(bd, h, w, c)
+
+    def forward(self, x: torch.Tensor, num_slices: int = 1) -> torch.Tensor:
+        """Tokens ``[B*D, h, w, C]`` (``D = num_slices`` consecutive slices per sample) → same shape."""
+        if x.shape[0] % num_slices:
+            raise ValueError(f"batch of {x.shape[0]} slice embeddings is not a multiple of num_slices={num_slices}.")
+        a = self.space_adapter(self.window_attention(x))  # Fig. 1b: adapter after attention, with skip
+        if self.sd_trans and num_slices > 1:
+            a = a + self.depth_branch(x, num_slices)  # Fig. 1c
+        x = x + a
+        x = self.local_conv(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+        return x + self.mlp(x) + self.mlp_adapter(self.mlp.norm(x))  # Fig. 1b: scaled parallel MLP adapter
 
 
 class MedSADecoderBlock(nn.Module):

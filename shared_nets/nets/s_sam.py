@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from shared_nets.nets.common import decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from shared_nets.nets.common import block_norms, decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from shared_nets.peft import inject_svd
 from shared_nets.sam.checkpointing import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
@@ -68,6 +68,8 @@ TAL_TYPES = ("linear", "linear_relu_bn")
 
 # Encoder layers S-SAM re-parameterises (paper section 3, "SVD-based Tuning"; neck convs: code).
 _SVD_TARGETS = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "neck")
+# The same layers in LiteMedSAM's TinyViT blocks (its MLP's linears are fc1/fc2; the neck has two convs too)
+_SVD_TARGETS_TINY_VIT = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "neck")
 
 
 class TextAffineLayer(nn.Module):
@@ -113,7 +115,12 @@ class SSAM(nn.Module):
     logit of ``class_names[i - 1]``.
 
     Args:
-        variant: SAM backbone, ``vit_b`` (paper), ``vit_l``, ``vit_h`` or ``tiny``.
+        variant: SAM backbone, ``vit_b`` (paper), ``vit_l``, ``vit_h``, ``lite`` or ``tiny``. At
+            ``lite`` (LiteMedSAM's TinyViT) the singular values of every attention block's qkv, proj,
+            fc1 and fc2 and of the neck's two convolutions are tuned; TinyViT has no position
+            embedding or relative-position tables (``train_pos_embed``/``use_rel_pos`` do nothing)
+            and keeps its windowed attention (``global_attention`` does nothing: its learned biases
+            are per window offset).
         checkpoint: official SAM ``.pth`` (loaded first, strictly, position embedding
             average-pooled to the token grid), or None for random initialisation.
         img_size: in-plane input size (256 in the official code); divisible by ``patch_size``.
@@ -211,7 +218,7 @@ class SSAM(nn.Module):
             raise ValueError(f"text_dim must be a positive integer, got {text_dim!r}.")
 
         v = get_variant(variant)
-        if global_attention:
+        if global_attention and v.encoder != "tiny_vit":
             # Code: every block attends globally (window_size 0 everywhere); the paper is silent.
             v = dataclasses.replace(v, global_attn_indexes=tuple(range(v.encoder_depth)))
         sam: Sam = build_sam(
@@ -219,7 +226,7 @@ class SSAM(nn.Module):
             use_sdpa=use_sdpa,
         )
         self.sam = sam
-        if not use_rel_pos:
+        if not use_rel_pos and v.encoder != "tiny_vit":
             # Official-code behaviour (JayParanjape/SVDSAM model.py builds ImageEncoderViT with
             # use_rel_pos=False): the blocks have no relative-position tables at all.
             for blk in sam.image_encoder.blocks:
@@ -252,7 +259,8 @@ class SSAM(nn.Module):
         # Singular-value re-parameterisation (eq. 2), injected after the checkpoint is loaded.
         self.svd_layers: list[nn.Module] = []
         if not full_finetune and (svd_scale or svd_shift):
-            self.svd_layers = list(inject_svd(sam.image_encoder, include=_SVD_TARGETS))
+            targets = _SVD_TARGETS_TINY_VIT if v.encoder == "tiny_vit" else _SVD_TARGETS
+            self.svd_layers = list(inject_svd(sam.image_encoder, include=targets))
         self._set_trainable(svd_scale, svd_shift, train_pos_embed, train_norms, train_decoder_norms)
         if not isinstance(gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}.")
@@ -280,14 +288,14 @@ class SSAM(nn.Module):
             layer.scale.requires_grad_(svd_scale)
             layer.shift.requires_grad_(svd_shift)
         enc = self.sam.image_encoder
-        if train_pos_embed and enc.pos_embed is not None:
+        if train_pos_embed and getattr(enc, "pos_embed", None) is not None:
             enc.pos_embed.requires_grad_(True)
         if train_norms:
             # The blocks' LayerNorms only: the neck's LayerNorm2d stay frozen, as in the official
             # code and in the paper's trainable count.
             for blk in enc.blocks:
-                blk.norm1.requires_grad_(True)
-                blk.norm2.requires_grad_(True)
+                for norm in block_norms(blk):
+                    norm.requires_grad_(True)
         if train_decoder_norms:
             for m in self.sam.mask_decoder.transformer.modules():
                 if isinstance(m, nn.LayerNorm):
@@ -299,7 +307,7 @@ class SSAM(nn.Module):
         """Trainable parameters per S-SAM component (and ``total``), for reports and tests."""
         groups = {
             "pos_embed": ["sam.image_encoder.pos_embed"],
-            "svd_blocks": ["sam.image_encoder.blocks."],
+            "svd_blocks": ["sam.image_encoder.blocks.", "sam.image_encoder.layers."],  # ViT / TinyViT
             "svd_neck": ["sam.image_encoder.neck."],
             "encoder_norms": [],
             "tal": ["tal."],
@@ -307,7 +315,7 @@ class SSAM(nn.Module):
             "other": [],
         }
         counts = dict.fromkeys(groups, 0)
-        norm_params = {id(p) for blk in self.sam.image_encoder.blocks for n in (blk.norm1, blk.norm2) for p in n.parameters()}
+        norm_params = {id(p) for blk in self.sam.image_encoder.blocks for n in block_norms(blk) for p in n.parameters()}
         dec_norm_params = {
             id(p) for m in self.sam.mask_decoder.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()
         }

@@ -88,7 +88,8 @@ class SAM3DAdapter(nn.Module):
     (the official loop hard-codes 12 blocks), shifted-window masks not stored in checkpoints.
 
     Args:
-        variant: SAM backbone ``vit_b`` (the paper), ``vit_l``, ``vit_h`` or ``tiny``.
+        variant: SAM backbone ``vit_b`` (the paper), ``vit_l``, ``vit_h`` or ``tiny`` (``lite``, LiteMedSAM's
+            TinyViT, has no plain-ViT patch embedding or blocks to make 3D: ``ValueError``).
         checkpoint: official SAM ``.pth`` (loaded strictly before the 3D parts are added), or None.
         img_size: input patch ``H = W = D`` (int) or ``[H, W, D]`` with ``H == W``; the
             tokeniser needs each side times ``sam_input_size / H`` to be a multiple of
@@ -171,6 +172,17 @@ class SAM3DAdapter(nn.Module):
     ) -> None:
         super().__init__()
         v = get_variant(variant)
+        if v.encoder != "vit":
+            # The method turns a plain ViT into a 3D one: its patch embedding tokenises 16^3 cubes, every
+            # block runs 3D window attention with a learned depth position table, and four necks tap
+            # blocks of one width. LiteMedSAM's TinyViT has none of that to adapt: convolutional stages
+            # at full resolution, windows with per-offset 2D biases, three stage widths on two grids.
+            raise ValueError(
+                f"variant {v.name!r} is not supported by SAM3DAdapter: 3DSAM-adapter adapts a plain ViT's patch "
+                "embedding and blocks to 3D (cube tokens, 3D window attention, depth positions); LiteMedSAM's "
+                "TinyViT has convolutional stages and 2D per-window biases instead. Use vit_b/vit_l/vit_h/tiny, "
+                "or a 2D method at lite (ma_sam, med_sa, s_sam, h_sam)."
+            )
         self.patch_size = _as_patch_size(img_size)
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")

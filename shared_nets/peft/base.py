@@ -16,6 +16,8 @@ __all__ = [
     "check_targets",
     "get_encoder",
     "get_qkv",
+    "qkv_rows",
+    "QKVRowsMixin",
 ]
 
 #: Order of the three projections inside SAM's fused ``Attention.qkv`` output ([q | k | v] along the last axis).
@@ -60,14 +62,21 @@ def check_base_layer(base_layer: object, types: type | tuple[type, ...], expecte
 
 
 def get_encoder(module: nn.Module, name: str = "encoder") -> nn.Module:
-    """The SAM ``ImageEncoderViT`` in ``module``: ``module`` itself, or its ``image_encoder``.
+    """The SAM image encoder in ``module``: ``module`` itself, or its ``image_encoder``.
+
+    An encoder is a module with non-empty ``blocks``: SAM's ``ImageEncoderViT`` (an
+    ``nn.ModuleList``) or LiteMedSAM's ``TinyViTEncoder`` (a list of its attention blocks over
+    all stages, whose widths differ per stage).
 
     Raises:
-        ValueError: if neither has a non-empty ``blocks`` ``nn.ModuleList``.
+        ValueError: if neither has non-empty ``blocks``.
     """
     for candidate in (module, getattr(module, "image_encoder", None)):
         blocks = getattr(candidate, "blocks", None)
-        if isinstance(candidate, nn.Module) and isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+        if (
+            isinstance(candidate, nn.Module) and isinstance(blocks, (nn.ModuleList, list, tuple)) and len(blocks) > 0
+            and all(isinstance(b, nn.Module) for b in blocks)
+        ):
             return candidate
     raise ValueError(
         f"{name} must be a SAM ImageEncoderViT (with a non-empty `blocks` ModuleList) or a model with one as "
@@ -83,6 +92,57 @@ def get_qkv(block: nn.Module, index: int) -> nn.Linear:
     if not isinstance(qkv, nn.Linear) or qkv.out_features != 3 * qkv.in_features:
         raise ValueError(f"blocks[{index}].attn.qkv must be SAM's fused nn.Linear(dim, 3*dim), got {qkv!r}.")
     return qkv
+
+
+def qkv_rows(block: nn.Module, targets: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """Output rows of ``block.attn.qkv`` per target when they are not SAM's ``[q | k | v]`` thirds.
+
+    LiteMedSAM's TinyViT attention lays its fused output out per head (``[q_h, k_h, v_h]`` for each
+    head ``h``) and says where each part lies through ``attn.qkv_slices(part)``; SAM's ViT has no
+    such method and uses contiguous thirds (returned as None).
+    """
+    slices = getattr(getattr(block, "attn", None), "qkv_slices", None)
+    if slices is None:
+        return None
+    return {t: slices(t) for t in targets}
+
+
+class QKVRowsMixin:
+    """Where each target's ``dim`` outputs lie in a fused ``qkv``: SAM's thirds, or given row indices.
+
+    Subclasses call :meth:`_init_rows` after ``nn.Module.__init__`` and use :meth:`_add_to_target`
+    in the forward pass and :meth:`_target_rows` to fill a weight delta.
+    """
+
+    def _init_rows(self, rows: dict[str, torch.Tensor] | None, targets: tuple[str, ...], dim: int) -> None:
+        self.custom_rows = rows is not None
+        if rows is None:
+            return
+        for t in targets:
+            idx = rows.get(t) if isinstance(rows, dict) else None
+            if not isinstance(idx, torch.Tensor) or idx.ndim != 1 or idx.numel() != dim or idx.dtype != torch.long:
+                raise ValueError(f"rows[{t!r}] must be a 1D long tensor of {dim} output rows of qkv, got {idx!r}.")
+            if int(idx.min()) < 0 or int(idx.max()) >= 3 * dim:
+                raise ValueError(f"rows[{t!r}] must index qkv's {3 * dim} output rows.")
+            self.register_buffer(f"rows_{t}", idx.clone(), persistent=False)
+
+    def _target_rows(self, t: str, dim: int) -> slice | torch.Tensor:
+        if self.custom_rows:
+            return getattr(self, f"rows_{t}")
+        i = QKV_TARGETS.index(t)
+        return slice(i * dim, (i + 1) * dim)
+
+    def _add_to_targets(self, out: torch.Tensor, deltas: dict[str, torch.Tensor], dim: int) -> torch.Tensor:
+        """``out`` ``[..., 3*dim]`` plus each target's ``[..., dim]`` delta on that target's rows."""
+        if self.custom_rows:
+            for t, d in deltas.items():
+                out = out.index_add(-1, getattr(self, f"rows_{t}"), d.to(out.dtype))
+            return out
+        parts = list(out.split(dim, dim=-1))
+        for t, d in deltas.items():
+            i = QKV_TARGETS.index(t)
+            parts[i] = parts[i] + d
+        return torch.cat(parts, dim=-1)
 
 
 class PeftLayer(nn.Module):

@@ -10,13 +10,14 @@ from torch import nn
 
 from .base import (
     PeftLayer,
-    QKV_TARGETS,
+    QKVRowsMixin,
     check_base_layer,
     check_dropout,
     check_positive_int,
     check_targets,
     get_encoder,
     get_qkv,
+    qkv_rows,
 )
 
 __all__ = ["FacTFactors", "FacTQKV", "inject_fact"]
@@ -52,7 +53,7 @@ class FacTFactors(nn.Module):
         return f"dim={self.dim}, rank={self.rank}"
 
 
-class FacTQKV(PeftLayer):
+class FacTQKV(QKVRowsMixin, PeftLayer):
     """FacT-TT update of SAM's fused ``qkv``: per target ``t``, ``ΔW_t = s · U Σ_t V`` (MA-SAM sec. 3.2, eq. 2).
 
     ``U``/``V`` come from a :class:`FacTFactors` shared by all blocks; each block owns one
@@ -71,6 +72,8 @@ class FacTQKV(PeftLayer):
         targets: any of ``"q"``, ``"k"``, ``"v"`` (MA-SAM: q and v).
         dropout: dropout probability in the FacT branch (official code 0.1).
         scale: the scaling ``s`` (MA-SAM 1.0).
+        rows: per target, the ``dim`` output rows of ``base_layer`` it owns (LiteMedSAM's per-head
+            layout, see :func:`~shared_nets.peft.base.qkv_rows`); None: SAM's ``[q | k | v]`` thirds.
 
     Shapes:
         ``x [..., dim] -> [..., 3 * dim]``.
@@ -84,6 +87,7 @@ class FacTQKV(PeftLayer):
         targets: Sequence[str] = ("q", "v"),
         dropout: float = 0.1,
         scale: float = 1.0,
+        rows: dict[str, torch.Tensor] | None = None,
     ) -> None:
         check_base_layer(base_layer, nn.Linear, "a fused qkv nn.Linear(dim, 3*dim)")
         if base_layer.out_features != 3 * base_layer.in_features:
@@ -112,6 +116,7 @@ class FacTQKV(PeftLayer):
             {t: nn.Parameter(torch.empty(rank, rank, device=w.device, dtype=w.dtype)) for t in self.targets}
         )
         self.reset_parameters()
+        self._init_rows(rows, self.targets, self.dim)
 
     @property
     def factors(self) -> FacTFactors:
@@ -130,19 +135,16 @@ class FacTQKV(PeftLayer):
         weight = self.base_layer.weight
         delta = torch.zeros(weight.shape, device=weight.device, dtype=u.dtype)
         for t in self.targets:
-            i = QKV_TARGETS.index(t)
-            delta[i * self.dim : (i + 1) * self.dim] = (self.scale * (u @ self.fact_cores[t] @ v)).T
+            delta[self._target_rows(t, self.dim)] = (self.scale * (u @ self.fact_cores[t] @ v)).T
         return delta
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         u, v = self.factors.U, self.factors.V
-        parts = list(self.base_layer(x).split(self.dim, dim=-1))
+        out = self.base_layer(x)
         xu = x @ u  # [..., r], shared by the targets
-        for t in self.targets:
-            i = QKV_TARGETS.index(t)
-            # Dropout after the core, before V: where the official MA-SAM code places it.
-            parts[i] = parts[i] + (self.fact_dropout(xu @ self.fact_cores[t]) @ v) * self.scale
-        return torch.cat(parts, dim=-1)
+        # Dropout after the core, before V: where the official MA-SAM code places it.
+        deltas = {t: (self.fact_dropout(xu @ self.fact_cores[t]) @ v) * self.scale for t in self.targets}
+        return self._add_to_targets(out, deltas, self.dim)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, targets={self.targets}, scale={self.scale:g}, merged={self.merged}"
@@ -159,27 +161,37 @@ def inject_fact(
 
     The shared factors are registered once as ``encoder.fact_factors`` (parameter names
     ``fact_factors.U`` / ``fact_factors.V``); the per-block cores are
-    ``blocks.{i}.attn.qkv.fact_cores.{q,v}``.
+    ``blocks.{i}.attn.qkv.fact_cores.{q,v}``. An encoder whose blocks have several widths
+    (LiteMedSAM's TinyViT: 128, 160, 320) gets one shared pair per width, in an
+    ``nn.ModuleDict`` ``fact_factors`` keyed by the width (``fact_factors.160.U`` ...): FacT's
+    factors span one weight space, and blocks of different widths have different ones.
 
     Args:
-        encoder: a SAM ``ImageEncoderViT`` after its (pretrained) weights are loaded.
+        encoder: a SAM ``ImageEncoderViT`` or LiteMedSAM ``TinyViTEncoder`` (per-head qkv
+            layout followed) after its (pretrained) weights are loaded.
         rank: FacT rank (MA-SAM default 32; tiny SAM uses ``min(32, E/2)``).
         targets: projections to adapt.
         dropout: FacT branch dropout.
         scale: the scaling ``s``.
 
     Returns:
-        The shared :class:`FacTFactors`.
+        The shared :class:`FacTFactors` (an ``nn.ModuleDict`` of them by width for several widths).
     """
     encoder = get_encoder(encoder)
     blocks = encoder.blocks
     if hasattr(encoder, "fact_factors"):
         raise ValueError("encoder already has `fact_factors`; inject_fact must be called once per encoder.")
     qkvs = [get_qkv(block, i) for i, block in enumerate(blocks)]  # validate all before changing anything
-    dim = qkvs[0].in_features
-    factors = FacTFactors(dim, rank).to(qkvs[0].weight)
+    widths = list(dict.fromkeys(qkv.in_features for qkv in qkvs))
+    per_width = {w: FacTFactors(w, rank).to(next(q for q in qkvs if q.in_features == w).weight) for w in widths}
+    targets = check_targets(targets)
     # New layers follow the train/eval mode of the layers they replace.
-    layers = [FacTQKV(qkv, factors, rank, targets, dropout, scale).train(qkv.training) for qkv in qkvs]
+    layers = [
+        FacTQKV(qkv, per_width[qkv.in_features], rank, targets, dropout, scale, rows=qkv_rows(block, targets))
+        .train(qkv.training)
+        for block, qkv in zip(blocks, qkvs)
+    ]
+    factors = per_width[widths[0]] if len(widths) == 1 else nn.ModuleDict({str(w): f for w, f in per_width.items()})
     encoder.fact_factors = factors
     for block, layer in zip(blocks, layers):
         block.attn.qkv = layer

@@ -10,13 +10,14 @@ from torch import nn
 
 from .base import (
     PeftLayer,
-    QKV_TARGETS,
+    QKVRowsMixin,
     check_base_layer,
     check_dropout,
     check_positive_int,
     check_targets,
     get_encoder,
     get_qkv,
+    qkv_rows,
 )
 
 __all__ = ["LoRALinear", "LoRAQKV", "inject_lora"]
@@ -73,7 +74,7 @@ class LoRALinear(PeftLayer):
         return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
 
 
-class LoRAQKV(PeftLayer):
+class LoRAQKV(QKVRowsMixin, PeftLayer):
     """LoRA on selected q/k/v slices of SAM's fused ``Attention.qkv`` (SAMed sec. 3.2: q and v).
 
     Each target gets its own ``A [r, dim]`` / ``B [dim, r]`` pair (B zero-initialised) in
@@ -86,6 +87,9 @@ class LoRAQKV(PeftLayer):
         targets: any of ``"q"``, ``"k"``, ``"v"``.
         alpha: scaling numerator; ``None`` means ``alpha = r``.
         dropout: dropout probability on the LoRA branch input.
+        rows: per target, the ``dim`` output rows of ``base_layer`` it owns, for fused layouts other
+            than SAM's ``[q | k | v]`` (LiteMedSAM's per-head layout, see
+            :func:`~shared_nets.peft.base.qkv_rows`); None: SAM's thirds.
 
     Shapes:
         ``x [..., dim] -> [..., 3 * dim]``.
@@ -98,6 +102,7 @@ class LoRAQKV(PeftLayer):
         targets: Sequence[str] = ("q", "v"),
         alpha: float | None = None,
         dropout: float = 0.0,
+        rows: dict[str, torch.Tensor] | None = None,
     ) -> None:
         check_base_layer(base_layer, nn.Linear, "a fused qkv nn.Linear(dim, 3*dim)")
         if base_layer.out_features != 3 * base_layer.in_features:
@@ -114,22 +119,19 @@ class LoRAQKV(PeftLayer):
         self.lora_B = nn.ModuleDict()
         for t in self.targets:
             self.lora_A[t], self.lora_B[t] = _lora_pair(self.dim, self.dim, r, base_layer.weight)
+        self._init_rows(rows, self.targets, self.dim)
 
     def get_delta_weight(self) -> torch.Tensor:
         """Zero except the target rows, shape ``[3 * dim, dim]``."""
         weight = self.base_layer.weight
         delta = torch.zeros(weight.shape, device=weight.device, dtype=self.lora_A[self.targets[0]].weight.dtype)
         for t in self.targets:
-            i = QKV_TARGETS.index(t)
-            delta[i * self.dim : (i + 1) * self.dim] = (self.lora_B[t].weight @ self.lora_A[t].weight) * self.scaling
+            delta[self._target_rows(t, self.dim)] = (self.lora_B[t].weight @ self.lora_A[t].weight) * self.scaling
         return delta
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = list(self.base_layer(x).split(self.dim, dim=-1))
-        for t in self.targets:
-            i = QKV_TARGETS.index(t)
-            parts[i] = parts[i] + self.lora_B[t](self.lora_A[t](self.lora_dropout(x))) * self.scaling
-        return torch.cat(parts, dim=-1)
+        deltas = {t: self.lora_B[t](self.lora_A[t](self.lora_dropout(x))) * self.scaling for t in self.targets}
+        return self._add_to_targets(self.base_layer(x), deltas, self.dim)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, targets={self.targets}, alpha={self.alpha:g}, merged={self.merged}"
@@ -149,7 +151,8 @@ def inject_lora(
     :func:`shared_nets.peft.freeze_except`.
 
     Args:
-        encoder: a SAM ``ImageEncoderViT``, after its (pretrained) weights are loaded.
+        encoder: a SAM ``ImageEncoderViT`` or LiteMedSAM ``TinyViTEncoder`` (its per-head qkv
+            layout is followed), after its (pretrained) weights are loaded.
         r: LoRA rank (H-SAM paper 4, its code and SAMed 4/5).
         targets: projections to adapt.
         alpha: scaling numerator; ``None`` means ``alpha = r``.
@@ -175,7 +178,8 @@ def inject_lora(
     qkvs = [get_qkv(all_blocks[i], i) for i in indices]  # validate all before changing anything
     layers = []
     for i, qkv in zip(indices, qkvs):
-        layer = LoRAQKV(qkv, r=r, targets=targets, alpha=alpha, dropout=dropout).train(qkv.training)
+        rows = qkv_rows(all_blocks[i], check_targets(targets))
+        layer = LoRAQKV(qkv, r=r, targets=targets, alpha=alpha, dropout=dropout, rows=rows).train(qkv.training)
         all_blocks[i].attn.qkv = layer
         layers.append(layer)
     return layers

@@ -148,3 +148,34 @@ def test_double_injection_and_wrong_layers(tiny_sam):
         LoRAQKV(nn.Linear(4, 8), r=2)
     with pytest.raises(ValueError, match="nn.Linear"):
         LoRALinear(nn.Conv2d(2, 2, 1), r=2)
+
+
+@pytest.mark.parametrize("inject", ["lora", "fact"])
+def test_tinyvit_per_head_qkv_rows(inject):
+    """LiteMedSAM's TinyViT lays qkv out per head: LoRA/FacT on q, v touch exactly those rows, and the
+    merged weight computes what the adapted forward does."""
+    from shared_nets.peft import inject_fact
+    from shared_nets.sam.tiny_vit import TinyViTEncoder
+
+    torch.manual_seed(0)
+    enc = TinyViTEncoder(img_size=32, embed_dims=(8, 16, 20, 40), num_heads=(1, 2, 2, 4), out_chans=16).eval()
+    if inject == "lora":
+        layers = inject_lora(enc, r=2)
+    else:
+        inject_fact(enc, rank=2, dropout=0.0)
+        layers = [b.attn.qkv for b in enc.blocks]
+    assert len(layers) == len(enc.blocks) == 10
+    with torch.no_grad():
+        for p in (p for n, p in enc.named_parameters() if "lora_B" in n or n.endswith(".V")):
+            p.normal_()  # the zero-initialised factors
+    block = enc.blocks[2]  # second stage, 20 wide, 2 heads of 10
+    delta = block.attn.qkv.get_delta_weight()
+    rows = delta.abs().sum(1).nonzero().flatten()
+    expected = torch.cat([block.attn.qkv_slices("q"), block.attn.qkv_slices("v")]).sort().values
+    assert torch.equal(rows, expected)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        adapted = enc(x)
+        merge_peft(enc)
+        merged = enc(x)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)

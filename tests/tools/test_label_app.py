@@ -162,6 +162,8 @@ def test_bad_arguments(tmp_path, sample_app, app):
     assert not (tmp_path / "model" / "h_sam").exists() and not (tmp_path / "model" / ".h_sam.tmp").exists()
     with pytest.raises(FileNotFoundError, match="not found"):
         assemble_bundle("h_sam", tmp_path / "model", variant="paper", sam_dir=tmp_path)
+    with pytest.raises(ValueError, match="'sam3d_adapter_deepgrow' has no lite variant"):
+        assemble_bundle("sam3d_adapter_deepgrow", tmp_path / "model", variant="lite")
 
 
 def test_cli_writes_app_and_prints_command(tmp_path, sample_app):
