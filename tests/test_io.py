@@ -54,7 +54,6 @@ def test_nifti_writer_keeps_singleton_spatial_axes(tmp_path, shape):
 
 def test_nifti_writer_keeps_channels_of_multichannel_output(tmp_path):
     import nibabel as nib
-    import numpy as np
     import torch
     from monai.data import MetaTensor
     from monai.transforms import SaveImaged
