@@ -336,11 +336,17 @@ class CaseRunner:
         image_key: datalist key of the input image (names the case).
         case_keys: extra datalist keys that tell items of one volume apart (e.g. ``["object_id"]``).
         retry_skipped: run again cases a previous run skipped as bad input (the file may have been fixed).
+        case_extras: for evaluation, ``{name: obj}`` of per-case results beyond the metrics that the single-process
+            run collects with its own handlers (e.g. Med-SA's refinement curve): ``obj.case_record(engine)`` is
+            called after each case's iteration and its JSON value goes into the case's manifest line under
+            ``extras``; at the end rank 0 calls ``obj.write_merged(values)`` with all cases' values in datalist
+            order (it writes that handler's report, as the handler would have at the end of a single run).
     """
 
     def __init__(self, output_dir: str | os.PathLike, output_check: NiftiOutputCheck | None = None,
                  metrics: Mapping[str, Any] | None = None, metrics_saver: Any = None, metrics_summary: Any = None,
-                 image_key: str = "image", case_keys: Sequence[str] = (), retry_skipped: bool = True) -> None:
+                 image_key: str = "image", case_keys: Sequence[str] = (), retry_skipped: bool = True,
+                 case_extras: Mapping[str, Any] | None = None) -> None:
         if (output_check is None) == (metrics is None):
             raise ValueError("CaseRunner: give output_check (inference) or metrics (evaluation), exactly one.")
         self.output_dir = os.fspath(output_dir)
@@ -348,6 +354,10 @@ class CaseRunner:
         self.metrics = dict(metrics) if metrics is not None else None
         self.metrics_saver, self.metrics_summary = metrics_saver, metrics_summary
         self.image_key, self.case_keys, self.retry_skipped = image_key, list(case_keys), retry_skipped
+        self.case_extras = dict(case_extras or {})
+        if self.case_extras and self.metrics is None:
+            raise ValueError("CaseRunner: case_extras are per-case evaluation results; give metrics too.")
+        self.reports: dict[str, Any] = {}  # rank 0, after finish(): the reduced metrics and per-case details
         self.items: list[dict] = []
         self.names: list[str] = []
         self.shard_items: list[dict] = []
@@ -358,7 +368,8 @@ class CaseRunner:
     def _done(self, name: str, item: Mapping[str, Any], record: Mapping[str, Any] | None) -> tuple[bool, dict | None]:
         """(done?, a record to add for an output found whole without one)."""
         if self.metrics is not None:
-            return bool(record and record.get("status") == "done" and "metrics" in record), None
+            whole = bool(record and record.get("status") == "done" and "metrics" in record)
+            return whole and all(k in (record.get("extras") or {}) for k in self.case_extras), None
         if record is not None and record.get("status") == "skipped" and not self.retry_skipped:
             return True, None
         checked = record if record is not None and record.get("status") == "done" and record.get("sha256") else None
@@ -422,20 +433,26 @@ class CaseRunner:
         return CaseTracker(self)
 
     def record(self, index: int, status: str, seconds: float | None, error: str | None = None,
-               output: Any = None) -> dict:
-        """Append the manifest line of shard item ``index`` (``output``: the iteration's output, for metrics)."""
+               output: Any = None, engine: Any = None) -> dict:
+        """Append the manifest line of shard item ``index`` (``output``: the iteration's output, for metrics;
+        ``engine``: the evaluator, for ``case_extras``)."""
         rec: dict[str, Any] = {"case": self.shard_names[index], "status": status,
                                "seconds": None if seconds is None else round(seconds, 3), "error": error}
         if status == "done":
             if self.output_check is not None:
                 rec.update(self.output_check.record(self.shard_items[index]))
             else:
-                rec.update(self._case_metrics(output))
+                rec.update(self._case_metrics(output, engine))
+                if self.case_extras:
+                    rec["extras"] = {name: obj.case_record(engine) for name, obj in self.case_extras.items()}
         assert self._writer is not None
         return self._writer.append(rec)
 
-    def _case_metrics(self, output: Any) -> dict:
-        """Per-case metric rows (and, for the reports, the file names and object ids) of one iteration."""
+    def _case_metrics(self, output: Any, engine: Any = None) -> dict:
+        """Per-case metric rows (and, for the reports, the file names and object ids) of one iteration.
+
+        File names and object ids come from the engine's batch (decollated), where ``MetricsSaver`` and
+        ``MetricsSummary`` read them in a single-process run; without an engine, from ``output``."""
         out: dict[str, Any] = {"metrics": {}, "dtypes": {}}
         for name, handler in (self.metrics or {}).items():
             fn = handler.metric_fn
@@ -445,9 +462,14 @@ class CaseRunner:
             values = torch.as_tensor(values).detach().cpu()
             out["metrics"][name] = [[_json_float(float(v)) for v in row] for row in values.reshape(values.shape[0], -1)]
             out["dtypes"][name] = str(values.dtype).replace("torch.", "")
-        items = output if isinstance(output, list) else [output]
+        from monai.data import decollate_batch
+
+        batch = getattr(getattr(engine, "state", None), "batch", None)
+        if batch is None:
+            items = output if isinstance(output, list) else [output]
+        else:
+            items = decollate_batch(batch) if isinstance(batch, dict) else list(batch)
         if self.metrics_saver is not None:
-            from monai.data import decollate_batch
             from monai.utils import ImageMetaKey
 
             meta = self.metrics_saver.batch_transform(items)
@@ -490,6 +512,7 @@ class CaseRunner:
         from monai.metrics.utils import do_metric_reduction
 
         cases = [latest[n] for n in self.names if latest.get(n, {}).get("status") == "done"]
+        self.reports = {}
         if not cases:
             return
         details: dict[str, torch.Tensor] = {}
@@ -504,9 +527,12 @@ class CaseRunner:
         if self.metrics_saver is not None:
             filenames = [f for c in cases for f in c.get("filenames", [])]
             self.metrics_saver.write_reports(values, details, filenames)
+        objects = [o for c in cases for o in c.get("objects", [])]
         if self.metrics_summary is not None:
-            objects = [o for c in cases for o in c.get("objects", [])]
             self.metrics_summary.write(details, objects)
+        self.reports = {"values": values, "details": details, "objects": objects, "extras": {}}
+        for name, obj in self.case_extras.items():
+            self.reports["extras"][name] = obj.write_merged([c["extras"][name] for c in cases])
 
 
 class CaseTracker:
@@ -545,5 +571,5 @@ class CaseTracker:
         except BaseException as e:
             self.runner.record(index, "failed", time.perf_counter() - start, root_cause(e))
             raise
-        self.runner.record(index, "done", time.perf_counter() - start, output=output)
+        self.runner.record(index, "done", time.perf_counter() - start, output=output, engine=engine)
         return output

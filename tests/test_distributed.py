@@ -31,7 +31,7 @@ BUNDLES = {
     "s_sam": ({"img_size": 64, "sw_batch_size": 24, "val_sw_batch_size": 24}, "label"),
     "h_sam": ({}, "label"),
 }
-EVALUATE_BUNDLES = ["ma_sam", "sam3d_adapter", "s_sam", "h_sam"]  # Med-SA: see its README
+EVALUATE_BUNDLES = ["ma_sam", "med_sa", "sam3d_adapter", "s_sam", "h_sam"]
 NUM_CASES = 3  # odd: the two ranks get 2 and 1 cases (no padding)
 
 
@@ -212,11 +212,29 @@ def test_two_rank_inference_and_evaluation_equal_a_single_process_run(name, demo
                         {**over, "output_dir": str(single_ev)})
     _torchrun(root, ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"],
               {**over, "output_dir": str(sharded_ev)})
-    reports = sorted(p.name for p in single_ev.iterdir() if p.suffix in (".csv", ".md"))
-    assert "metrics.md" in reports and "metrics.csv" in reports and "val_mean_dice_raw.csv" in reports
+    reports = _reports(single_ev)
+    # Med-SA: one evaluation per prompt setting in its own folder, plus the settings summary
+    folders = sorted(p.parent.relative_to(single_ev) for p in single_ev.rglob("metrics.csv"))
+    assert folders and all(f"{f}/{r}" in reports for f in folders for r in ("metrics.md", "val_mean_dice_raw.csv"))
+    assert _reports(sharded_ev) == reports
     for report in reports:
         assert (sharded_ev / report).read_text() == (single_ev / report).read_text(), f"{name}: {report} differs"
-    assert set(_done_counts(sharded_ev).values()) == {1} and len(_done_counts(sharded_ev)) == NUM_CASES
+    for folder in folders:
+        counts = _done_counts(sharded_ev / folder)
+        assert counts and set(counts.values()) == {1}, counts
+        assert {r["rank"] for r in D.read_manifest(sharded_ev / folder)} == {0, 1}
+        assert not list((sharded_ev / folder).glob("manifest.rank*.jsonl"))
+    if name == "med_sa":  # items are (volume, class present) pairs; every pair once
+        assert all(len(_done_counts(sharded_ev / f)) > NUM_CASES for f in folders)
+        assert {"prompt_settings.md", "prompt_settings_summary.csv", "1-point/refinement_curve.csv"} <= set(reports)
+    else:
+        assert len(_done_counts(sharded_ev)) == NUM_CASES
+
+
+def _reports(folder: Path) -> list[str]:
+    """The report files (CSV, markdown, JSON summaries) under ``folder``, relative, without the manifest."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.suffix in (".csv", ".md", ".json") and p.name != "manifest.jsonl" and not p.name.startswith("."))
 
 
 def _kill_after_first_case(root, configs, over, out):
