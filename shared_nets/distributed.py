@@ -54,6 +54,11 @@ __all__ = [
     "NiftiOutputCheck",
     "CaseRunner",
     "CaseTracker",
+    "wrap_for_training",
+    "FullyShardedModel",
+    "FullOptimizerState",
+    "optimizer_state",
+    "attach_state_gathering",
 ]
 
 logger = logging.getLogger(__name__)
@@ -573,3 +578,191 @@ class CaseTracker:
             raise
         self.runner.record(index, "done", time.perf_counter() - start, output=output, engine=engine)
         return output
+
+
+# -- training: DDP or FSDP -----------------------------------------------------------------------------
+def wrap_for_training(module: torch.nn.Module, device: torch.device, use_fsdp: bool = False,
+                      find_unused_parameters: bool = False) -> torch.nn.Module:
+    """The network of ``multi_gpu_train.json``: ``DistributedDataParallel`` (every GPU holds all weights), or
+    with ``use_fsdp`` a :class:`FullyShardedModel` (weights, gradients and optimizer state split over the GPUs).
+    Call after the process group is up."""
+    module = module.to(device)
+    if use_fsdp:
+        return FullyShardedModel(module, device)
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters)
+
+
+def _fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules sharded as their own FSDP units: the attention and the MLP of every block of every SAM
+    image encoder (ViT) inside. Not the blocks themselves: the networks run a block's parts one by one (adapters
+    go between them, ``shared_nets.nets.common.attention_residual``), so a block's ``forward`` (where FSDP
+    gathers a unit's weights) is never called; its attention's and MLP's are. Norms stay in the root unit."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    units: list[torch.nn.Module] = []
+    for m in module.modules():
+        if isinstance(m, ImageEncoderViT):
+            for blk in m.blocks:
+                units += [blk.attn, blk.mlp]
+    return units
+
+
+class FullyShardedModel(torch.nn.Module):
+    """A network trained with FSDP (``torch.distributed.fsdp.fully_shard``, FSDP2) for ``multi_gpu_train.json``.
+
+    The attention and the MLP of each image-encoder block are FSDP units of their own (:func:`_fsdp_units`) and
+    the rest of the network is the root unit: between uses a GPU holds 1/world of every parameter (frozen SAM
+    weights included) and of the trainable parameters' gradients and optimizer state; a unit's weights are
+    all-gathered just before it runs (forward and backward) and freed after. FSDP2 shards each parameter separately, so frozen SAM weights and trainable
+    PEFT parameters can share a block (no ``use_orig_params`` flattening; frozen ones get no gradient).
+
+    Checkpoints hold the ordinary full state dict (the keys of the unwrapped network, as the DDP runs write):
+    :func:`attach_state_gathering` gathers it on every rank at the end of each epoch (a collective) into a
+    CPU copy on rank 0, which :meth:`state_dict` hands to rank 0's savers (their writes are atomic).
+    :meth:`load_state_dict` takes a full state dict on every rank (resume) and keeps each rank's shard.
+
+    Validation (different numbers of sliding windows per rank) would deadlock on per-forward all-gathers, so
+    :meth:`full_weights` gathers the whole network once on every rank and no collective runs until it is
+    resharded: :func:`attach_state_gathering` wraps the trainer's validation in it.
+
+    Args:
+        module: the network (already on ``device``).
+        device: this rank's device (its type picks the device mesh: ``cuda`` or ``cpu`` with gloo).
+        reshard_after_forward: free each unit's gathered weights after its forward (least memory).
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, reshard_after_forward: bool = True) -> None:
+        super().__init__()
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        _, world = rank_and_world()
+        mesh = init_device_mesh(device.type, (world,))
+        self.units = _fsdp_units(module)
+        for unit in self.units:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        self.module = module
+        self.reshard_after_forward = reshard_after_forward
+        self._full_state: dict[str, torch.Tensor] | None = None
+        self._full_optim: dict[str, Any] | None = None
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # network attributes the configs and handlers read (max_points, prompt_scope...)
+            return getattr(self._modules["module"], name)
+
+    def gather(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Every rank: gather the full model (and optimizer) state into rank 0's CPU memory for the savers."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self._full_state = get_model_state_dict(self.module, options=opts)
+        if optimizer is not None:
+            self._full_optim = get_optimizer_state_dict(self.module, optimizer, options=opts)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The last gathered full state dict (rank 0; empty on the other ranks)."""
+        if self._full_state is None:
+            raise RuntimeError("FullyShardedModel.state_dict: nothing gathered yet; every rank must call gather() "
+                               "first (attach_state_gathering does it at the end of each epoch).")
+        return dict(self._full_state)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load a full state dict (the same on every rank); each rank keeps its shard."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        return set_model_state_dict(self.module, dict(state_dict), options=StateDictOptions(full_state_dict=True,
+                                                                                            strict=strict))
+
+    def full_weights(self):
+        """Context manager: all weights gathered on every rank (a collective on entry and exit), no collective
+        inside, so ranks may run different numbers of forward passes (validation)."""
+        import contextlib
+
+        from torch.distributed.fsdp import FSDPModule
+
+        @contextlib.contextmanager
+        def ctx():
+            units = [*self.units, self.module]
+            for u in units:
+                u.set_reshard_after_forward(False, recurse=False)
+                u.unshard()
+            try:
+                yield self
+            finally:
+                for u in units:
+                    u.reshard()
+                    u.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
+
+        assert all(isinstance(u, FSDPModule) for u in [*self.units, self.module])
+        return ctx()
+
+
+class FullOptimizerState:
+    """The optimizer entry of a checkpoint of a :class:`FullyShardedModel` run: the full (unsharded) optimizer
+    state that :meth:`FullyShardedModel.gather` collected on rank 0, and on load each rank's shard of it.
+
+    Args:
+        model: the sharded model.
+        optimizer: its optimizer.
+    """
+
+    def __init__(self, model: FullyShardedModel, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.model._full_optim is None:
+            raise RuntimeError("FullOptimizerState.state_dict: nothing gathered yet (see FullyShardedModel.gather).")
+        return self.model._full_optim
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(self.model.module, self.optimizer, dict(state_dict),
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """What a checkpoint saves for the optimizer: ``optimizer`` itself, or for a :class:`FullyShardedModel`
+    its :class:`FullOptimizerState`."""
+    return FullOptimizerState(model, optimizer) if isinstance(model, FullyShardedModel) else optimizer
+
+
+def attach_state_gathering(trainer: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                           validator: Any = None) -> Any:
+    """For a :class:`FullyShardedModel` (no-op otherwise): gather the full state on every rank after each
+    epoch's last iteration (before the epoch-end validation and checkpoint savers read it on rank 0), and run
+    ``validator`` (the validation evaluator) with the weights gathered on every rank. Returns ``trainer``."""
+    if not isinstance(model, FullyShardedModel):
+        return trainer
+    from ignite.engine import Events
+
+    def epoch_end(engine, iteration: int) -> bool:
+        return iteration % max(1, int(engine.state.epoch_length or 1)) == 0
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=epoch_end), lambda _: model.gather(optimizer))
+    if validator is not None:
+        run = validator.run
+
+        def run_with_full_weights(*args, **kwargs):
+            with model.full_weights():
+                return run(*args, **kwargs)
+
+        validator.run = run_with_full_weights
+    return trainer

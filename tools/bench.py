@@ -587,10 +587,29 @@ def train_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, A
         return {"network": name, "error": "no img_size/num_slices in train.json"}
     size, depth = int(parser.get_parsed_content("img_size")), int(parser.get_parsed_content("num_slices"))
     out["config"] = f"{_value(parser, 'variant')}@{size}, {depth} slices, batch 1"
+    channels = 1
+    if name == "MedSA":
+        # Med-SA reads its prompts from 3 guidance channels after the image, with data-dependent ops that fake
+        # tensors cannot run: decode one centre click per slice from real channels once, and reuse the result
+        channels = int(net.in_channels) + 3
+        guidance = torch.zeros(1, 3, size, size, depth)
+        guidance[:, 0, size // 2, size // 2, :] = 1
+        # (the prompt encoder's few kept activations are left out)
+        decoded = net.prompts(guidance)
+        with torch.no_grad():
+            embedded = net.embed_prompts(*decoded)
+        net.prompts = lambda g: decoded
+        net.embed_prompts = lambda *a: embedded
+        net.automatic = True  # skips the checks that read prompt values (every slice is prompted here anyway)
     for label, ckpt, amp in (("none", False, False), ("grad-ckpt", True, False), ("AMP", False, True), ("both", True, True)):
-        net.gradient_checkpointing = ckpt
+        if name == "MedSA":  # switched on its encoder blocks (a per-block class swap), not by an attribute
+            from shared_nets.sam.checkpointing import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(net.image_encoder.blocks, ckpt)
+        else:
+            net.gradient_checkpointing = ckpt
         with FakeTensorMode(allow_non_fake_inputs=True):
-            x = torch.randn(1, 1, size, size, depth)
+            x = torch.zeros(1, channels, size, size, depth)
 
             def fwd() -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
