@@ -581,11 +581,16 @@ class CaseTracker:
 
 
 # -- training: DDP or FSDP -----------------------------------------------------------------------------
-def wrap_for_training(module: torch.nn.Module, device: torch.device, use_fsdp: bool = False,
+def wrap_for_training(module: torch.nn.Module, device: torch.device, use_fsdp: bool | str = False,
                       find_unused_parameters: bool = False) -> torch.nn.Module:
     """The network of ``multi_gpu_train.json``: ``DistributedDataParallel`` (every GPU holds all weights), or
     with ``use_fsdp`` a :class:`FullyShardedModel` (weights, gradients and optimizer state split over the GPUs).
-    Call after the process group is up."""
+    Call after the process group is up. ``use_fsdp`` may be the string ``"true"``/``"false"`` (a command-line
+    ``--use_fsdp false`` reaches the config as a string, which would otherwise count as true)."""
+    if isinstance(use_fsdp, str):
+        if use_fsdp.strip().lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"use_fsdp must be true or false, got {use_fsdp!r}.")
+        use_fsdp = use_fsdp.strip().lower() in ("true", "1")
     module = module.to(device)
     if use_fsdp:
         return FullyShardedModel(module, device)

@@ -22,7 +22,6 @@ import torch
 
 from tests.bundle_harness import REPO
 
-pytestmark = pytest.mark.slow
 BUNDLES = {"ma_sam": {"img_size": 64, "sw_batch_size": 8, "val_sw_batch_size": 8}, "med_sa": {}}
 
 
@@ -45,6 +44,7 @@ def _train(root: Path, data: Path, overrides: dict, use_fsdp: bool) -> tuple[lis
     return losses, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BUNDLES))
 def test_fsdp_training_step_equals_ddp_and_saves_full_weights(name, demo_data, tmp_path):
     from monai.bundle import ConfigParser
@@ -80,3 +80,21 @@ def test_fsdp_training_step_equals_ddp_and_saves_full_weights(name, demo_data, t
     trainable = {k for k, p in net.named_parameters() if p.requires_grad}
     assert set(optim["state"]) <= trainable and len(optim["state"]) > 0
     assert all(type(s["exp_avg"]) is torch.Tensor for s in optim["state"].values())
+
+
+def test_use_fsdp_from_the_command_line_is_read_as_a_boolean():
+    """``--use_fsdp false`` reaches the config as the string "false", which must not switch FSDP on."""
+    import torch.distributed as dist
+
+    from shared_nets.distributed import FullyShardedModel, wrap_for_training
+
+    with pytest.raises(ValueError, match="use_fsdp must be true or false"):
+        wrap_for_training(torch.nn.Linear(2, 2), torch.device("cpu"), use_fsdp="maybe")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = wrap_for_training(torch.nn.Linear(2, 2), torch.device("cpu"), use_fsdp="false")
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        fsdp = wrap_for_training(torch.nn.Linear(2, 2), torch.device("cpu"), use_fsdp="true")
+        assert isinstance(fsdp, FullyShardedModel)
+    finally:
+        dist.destroy_process_group()
