@@ -364,3 +364,31 @@ def test_seeded_datasets_draw_the_same_for_a_case_at_any_position():
     plain.transform.set_random_state(seed=0)
     first = np.asarray(plain[0]["x"])
     assert not np.array_equal(first, np.asarray(plain[0]["x"]))
+
+
+@pytest.mark.slow
+def test_med_sa_evaluation_resumes_per_prompt_setting(demo_data, tmp_path):
+    """Med-SA's sharded evaluation as a world of one: a run cut short in one prompt setting (its last records
+    lost, its reports not yet written) reruns only those items there, none of the finished settings', and
+    ends with the same reports."""
+    from shared_nets.engine import run_bundle_workflow
+
+    overrides, label_key = BUNDLES["med_sa"]
+    data = _data(demo_data, tmp_path / "data", label_key)
+    root = _bundle(tmp_path, "med_sa", overrides, data)
+    out = tmp_path / "out"
+    configs = ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"]
+    over = {"dataset_dir": str(data), "output_dir": str(out), "prompt_settings": ["1-point", "bbox0.75"], **overrides}
+    run_bundle_workflow(root, configs, "infer", over)
+    first = {name: (out / name).read_text() for name in _reports(out)}
+    cut = out / "bbox0.75"
+    lines = (cut / "manifest.jsonl").read_text().splitlines(keepends=True)
+    lost = {json.loads(line)["case"] for line in lines[-2:]}
+    (cut / "manifest.jsonl").write_text("".join(lines[:-2]))
+    for report in cut.glob("*.csv"):
+        report.unlink()
+    run_bundle_workflow(root, configs, "infer", over)
+    rerun = [r for r in D.read_manifest(cut) if r["status"] == "done"][len(lines) - 2:]
+    assert {r["case"] for r in rerun} == lost and len(rerun) == 2
+    assert len(D.read_manifest(out / "1-point")) == len(lines)  # nothing rerun in the finished setting
+    assert {name: (out / name).read_text() for name in _reports(out)} == first
