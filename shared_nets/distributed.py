@@ -660,7 +660,10 @@ class FullyShardedModel(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:  # network attributes the configs and handlers read (max_points, prompt_scope...)
-            return getattr(self._modules["module"], name)
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None:
+                raise
+            return getattr(inner, name)
 
     def gather(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Every rank: gather the full model (and optimizer) state into rank 0's CPU memory for the savers."""
