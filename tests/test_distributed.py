@@ -215,7 +215,7 @@ def test_two_rank_inference_and_evaluation_equal_a_single_process_run(name, demo
     reports = _reports(single_ev)
     # Med-SA: one evaluation per prompt setting in its own folder, plus the settings summary
     folders = sorted(p.parent.relative_to(single_ev) for p in single_ev.rglob("metrics.csv"))
-    assert folders and all(f"{f}/{r}" in reports for f in folders for r in ("metrics.md", "val_mean_dice_raw.csv"))
+    assert folders and all(str(f / r) in reports for f in folders for r in ("metrics.md", "val_mean_dice_raw.csv"))
     assert _reports(sharded_ev) == reports
     for report in reports:
         assert (sharded_ev / report).read_text() == (single_ev / report).read_text(), f"{name}: {report} differs"
