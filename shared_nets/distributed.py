@@ -54,6 +54,11 @@ __all__ = [
     "NiftiOutputCheck",
     "CaseRunner",
     "CaseTracker",
+    "wrap_for_training",
+    "FullyShardedModel",
+    "FullOptimizerState",
+    "optimizer_state",
+    "attach_state_gathering",
 ]
 
 logger = logging.getLogger(__name__)
@@ -336,11 +341,17 @@ class CaseRunner:
         image_key: datalist key of the input image (names the case).
         case_keys: extra datalist keys that tell items of one volume apart (e.g. ``["object_id"]``).
         retry_skipped: run again cases a previous run skipped as bad input (the file may have been fixed).
+        case_extras: for evaluation, ``{name: obj}`` of per-case results beyond the metrics that the single-process
+            run collects with its own handlers (e.g. Med-SA's refinement curve): ``obj.case_record(engine)`` is
+            called after each case's iteration and its JSON value goes into the case's manifest line under
+            ``extras``; at the end rank 0 calls ``obj.write_merged(values)`` with all cases' values in datalist
+            order (it writes that handler's report, as the handler would have at the end of a single run).
     """
 
     def __init__(self, output_dir: str | os.PathLike, output_check: NiftiOutputCheck | None = None,
                  metrics: Mapping[str, Any] | None = None, metrics_saver: Any = None, metrics_summary: Any = None,
-                 image_key: str = "image", case_keys: Sequence[str] = (), retry_skipped: bool = True) -> None:
+                 image_key: str = "image", case_keys: Sequence[str] = (), retry_skipped: bool = True,
+                 case_extras: Mapping[str, Any] | None = None) -> None:
         if (output_check is None) == (metrics is None):
             raise ValueError("CaseRunner: give output_check (inference) or metrics (evaluation), exactly one.")
         self.output_dir = os.fspath(output_dir)
@@ -348,6 +359,10 @@ class CaseRunner:
         self.metrics = dict(metrics) if metrics is not None else None
         self.metrics_saver, self.metrics_summary = metrics_saver, metrics_summary
         self.image_key, self.case_keys, self.retry_skipped = image_key, list(case_keys), retry_skipped
+        self.case_extras = dict(case_extras or {})
+        if self.case_extras and self.metrics is None:
+            raise ValueError("CaseRunner: case_extras are per-case evaluation results; give metrics too.")
+        self.reports: dict[str, Any] = {}  # rank 0, after finish(): the reduced metrics and per-case details
         self.items: list[dict] = []
         self.names: list[str] = []
         self.shard_items: list[dict] = []
@@ -358,7 +373,8 @@ class CaseRunner:
     def _done(self, name: str, item: Mapping[str, Any], record: Mapping[str, Any] | None) -> tuple[bool, dict | None]:
         """(done?, a record to add for an output found whole without one)."""
         if self.metrics is not None:
-            return bool(record and record.get("status") == "done" and "metrics" in record), None
+            whole = bool(record and record.get("status") == "done" and "metrics" in record)
+            return whole and all(k in (record.get("extras") or {}) for k in self.case_extras), None
         if record is not None and record.get("status") == "skipped" and not self.retry_skipped:
             return True, None
         checked = record if record is not None and record.get("status") == "done" and record.get("sha256") else None
@@ -422,20 +438,26 @@ class CaseRunner:
         return CaseTracker(self)
 
     def record(self, index: int, status: str, seconds: float | None, error: str | None = None,
-               output: Any = None) -> dict:
-        """Append the manifest line of shard item ``index`` (``output``: the iteration's output, for metrics)."""
+               output: Any = None, engine: Any = None) -> dict:
+        """Append the manifest line of shard item ``index`` (``output``: the iteration's output, for metrics;
+        ``engine``: the evaluator, for ``case_extras``)."""
         rec: dict[str, Any] = {"case": self.shard_names[index], "status": status,
                                "seconds": None if seconds is None else round(seconds, 3), "error": error}
         if status == "done":
             if self.output_check is not None:
                 rec.update(self.output_check.record(self.shard_items[index]))
             else:
-                rec.update(self._case_metrics(output))
+                rec.update(self._case_metrics(output, engine))
+                if self.case_extras:
+                    rec["extras"] = {name: obj.case_record(engine) for name, obj in self.case_extras.items()}
         assert self._writer is not None
         return self._writer.append(rec)
 
-    def _case_metrics(self, output: Any) -> dict:
-        """Per-case metric rows (and, for the reports, the file names and object ids) of one iteration."""
+    def _case_metrics(self, output: Any, engine: Any = None) -> dict:
+        """Per-case metric rows (and, for the reports, the file names and object ids) of one iteration.
+
+        File names and object ids come from the engine's batch (decollated), where ``MetricsSaver`` and
+        ``MetricsSummary`` read them in a single-process run; without an engine, from ``output``."""
         out: dict[str, Any] = {"metrics": {}, "dtypes": {}}
         for name, handler in (self.metrics or {}).items():
             fn = handler.metric_fn
@@ -445,9 +467,14 @@ class CaseRunner:
             values = torch.as_tensor(values).detach().cpu()
             out["metrics"][name] = [[_json_float(float(v)) for v in row] for row in values.reshape(values.shape[0], -1)]
             out["dtypes"][name] = str(values.dtype).replace("torch.", "")
-        items = output if isinstance(output, list) else [output]
+        from monai.data import decollate_batch
+
+        batch = getattr(getattr(engine, "state", None), "batch", None)
+        if batch is None:
+            items = output if isinstance(output, list) else [output]
+        else:
+            items = decollate_batch(batch) if isinstance(batch, dict) else list(batch)
         if self.metrics_saver is not None:
-            from monai.data import decollate_batch
             from monai.utils import ImageMetaKey
 
             meta = self.metrics_saver.batch_transform(items)
@@ -490,6 +517,7 @@ class CaseRunner:
         from monai.metrics.utils import do_metric_reduction
 
         cases = [latest[n] for n in self.names if latest.get(n, {}).get("status") == "done"]
+        self.reports = {}
         if not cases:
             return
         details: dict[str, torch.Tensor] = {}
@@ -504,9 +532,12 @@ class CaseRunner:
         if self.metrics_saver is not None:
             filenames = [f for c in cases for f in c.get("filenames", [])]
             self.metrics_saver.write_reports(values, details, filenames)
+        objects = [o for c in cases for o in c.get("objects", [])]
         if self.metrics_summary is not None:
-            objects = [o for c in cases for o in c.get("objects", [])]
             self.metrics_summary.write(details, objects)
+        self.reports = {"values": values, "details": details, "objects": objects, "extras": {}}
+        for name, obj in self.case_extras.items():
+            self.reports["extras"][name] = obj.write_merged([c["extras"][name] for c in cases])
 
 
 class CaseTracker:
@@ -545,5 +576,201 @@ class CaseTracker:
         except BaseException as e:
             self.runner.record(index, "failed", time.perf_counter() - start, root_cause(e))
             raise
-        self.runner.record(index, "done", time.perf_counter() - start, output=output)
+        self.runner.record(index, "done", time.perf_counter() - start, output=output, engine=engine)
         return output
+
+
+# -- training: DDP or FSDP -----------------------------------------------------------------------------
+def wrap_for_training(module: torch.nn.Module, device: torch.device, use_fsdp: bool | str = False,
+                      find_unused_parameters: bool = False) -> torch.nn.Module:
+    """The network of ``multi_gpu_train.json``: ``DistributedDataParallel`` (every GPU holds all weights), or
+    with ``use_fsdp`` a :class:`FullyShardedModel` (weights, gradients and optimizer state split over the GPUs).
+    Call after the process group is up. ``use_fsdp`` may be the string ``"true"``/``"false"`` (a command-line
+    ``--use_fsdp false`` reaches the config as a string, which would otherwise count as true)."""
+    if isinstance(use_fsdp, str):
+        if use_fsdp.strip().lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"use_fsdp must be true or false, got {use_fsdp!r}.")
+        use_fsdp = use_fsdp.strip().lower() in ("true", "1")
+    module = module.to(device)
+    if use_fsdp:
+        return FullyShardedModel(module, device)
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters)
+
+
+def _fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules sharded as their own FSDP units: the attention and the MLP of every block of every SAM
+    image encoder (ViT) inside. Not the blocks themselves: the networks run a block's parts one by one (adapters
+    go between them, ``shared_nets.nets.common.attention_residual``), so a block's ``forward`` (where FSDP
+    gathers a unit's weights) is never called; its attention's and MLP's are. Norms stay in the root unit."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    units: list[torch.nn.Module] = []
+    for m in module.modules():
+        if isinstance(m, ImageEncoderViT):
+            for blk in m.blocks:
+                units += [blk.attn, blk.mlp]
+    return units
+
+
+class FullyShardedModel(torch.nn.Module):
+    """A network trained with FSDP (``torch.distributed.fsdp.fully_shard``, FSDP2) for ``multi_gpu_train.json``.
+
+    The attention and the MLP of each image-encoder block are FSDP units of their own (:func:`_fsdp_units`) and
+    the rest of the network is the root unit: between uses a GPU holds 1/world of every parameter (frozen SAM
+    weights included) and of the trainable parameters' gradients and optimizer state; a unit's weights are
+    all-gathered just before it runs (forward and backward) and freed after. FSDP2 shards each parameter separately, so frozen SAM weights and trainable
+    PEFT parameters can share a block (no ``use_orig_params`` flattening; frozen ones get no gradient).
+
+    Checkpoints hold the ordinary full state dict (the keys of the unwrapped network, as the DDP runs write):
+    :func:`attach_state_gathering` gathers it on every rank at the end of each epoch (a collective) into a
+    CPU copy on rank 0, which :meth:`state_dict` hands to rank 0's savers (their writes are atomic).
+    :meth:`load_state_dict` takes a full state dict on every rank (resume) and keeps each rank's shard.
+
+    Validation (different numbers of sliding windows per rank) would deadlock on per-forward all-gathers, so
+    :meth:`full_weights` gathers the whole network once on every rank and no collective runs until it is
+    resharded: :func:`attach_state_gathering` wraps the trainer's validation in it.
+
+    Args:
+        module: the network (already on ``device``).
+        device: this rank's device (its type picks the device mesh: ``cuda`` or ``cpu`` with gloo).
+        reshard_after_forward: free each unit's gathered weights after its forward (least memory).
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, reshard_after_forward: bool = True) -> None:
+        super().__init__()
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        _, world = rank_and_world()
+        mesh = init_device_mesh(device.type, (world,))
+        self.units = _fsdp_units(module)
+        for unit in self.units:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        self.module = module
+        self.reshard_after_forward = reshard_after_forward
+        self._full_state: dict[str, torch.Tensor] | None = None
+        self._full_optim: dict[str, Any] | None = None
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # network attributes the configs and handlers read (max_points, prompt_scope...)
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def gather(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Every rank: gather the full model (and optimizer) state into rank 0's CPU memory for the savers."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self._full_state = get_model_state_dict(self.module, options=opts)
+        if optimizer is not None:
+            self._full_optim = get_optimizer_state_dict(self.module, optimizer, options=opts)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The last gathered full state dict (rank 0; empty on the other ranks)."""
+        if self._full_state is None:
+            raise RuntimeError("FullyShardedModel.state_dict: nothing gathered yet; every rank must call gather() "
+                               "first (attach_state_gathering does it at the end of each epoch).")
+        return dict(self._full_state)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load a full state dict (the same on every rank); each rank keeps its shard."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        return set_model_state_dict(self.module, dict(state_dict), options=StateDictOptions(full_state_dict=True,
+                                                                                            strict=strict))
+
+    def full_weights(self):
+        """Context manager: all weights gathered on every rank (a collective on entry and exit), no collective
+        inside, so ranks may run different numbers of forward passes (validation)."""
+        import contextlib
+
+        from torch.distributed.fsdp import FSDPModule
+
+        @contextlib.contextmanager
+        def ctx():
+            units = [*self.units, self.module]
+            for u in units:
+                u.set_reshard_after_forward(False, recurse=False)
+                u.unshard()
+            try:
+                yield self
+            finally:
+                for u in units:
+                    u.reshard()
+                    u.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
+
+        assert all(isinstance(u, FSDPModule) for u in [*self.units, self.module])
+        return ctx()
+
+
+class FullOptimizerState:
+    """The optimizer entry of a checkpoint of a :class:`FullyShardedModel` run: the full (unsharded) optimizer
+    state that :meth:`FullyShardedModel.gather` collected on rank 0, and on load each rank's shard of it.
+
+    Args:
+        model: the sharded model.
+        optimizer: its optimizer.
+    """
+
+    def __init__(self, model: FullyShardedModel, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.model._full_optim is None:
+            raise RuntimeError("FullOptimizerState.state_dict: nothing gathered yet (see FullyShardedModel.gather).")
+        return self.model._full_optim
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(self.model.module, self.optimizer, dict(state_dict),
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """What a checkpoint saves for the optimizer: ``optimizer`` itself, or for a :class:`FullyShardedModel`
+    its :class:`FullOptimizerState`."""
+    return FullOptimizerState(model, optimizer) if isinstance(model, FullyShardedModel) else optimizer
+
+
+def attach_state_gathering(trainer: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                           validator: Any = None) -> Any:
+    """For a :class:`FullyShardedModel` (no-op otherwise): gather the full state on every rank after each
+    epoch's last iteration (before the epoch-end validation and checkpoint savers read it on rank 0), and run
+    ``validator`` (the validation evaluator) with the weights gathered on every rank. Returns ``trainer``."""
+    if not isinstance(model, FullyShardedModel):
+        return trainer
+    from ignite.engine import Events
+
+    def epoch_end(engine, iteration: int) -> bool:
+        return iteration % max(1, int(engine.state.epoch_length or 1)) == 0
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=epoch_end), lambda _: model.gather(optimizer))
+    if validator is not None:
+        run = validator.run
+
+        def run_with_full_weights(*args, **kwargs):
+            with model.full_weights():
+                return run(*args, **kwargs)
+
+        validator.run = run_with_full_weights
+    return trainer

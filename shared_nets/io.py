@@ -102,7 +102,25 @@ def _monai_classes() -> dict[str, type]:
 
         ``SaveImaged`` writes straight to the output name; a job killed mid-write would leave a
         truncated ``*_seg.nii.gz`` that looks like a finished prediction.
+
+        The written array has the spatial axes of the data it is given, no more and no fewer:
+        ``squeeze_end_dims`` drops a single channel only. MONAI's writer squeezes every trailing
+        singleton axis after moving the channel last, so a ``(1, H, W, 1)`` prediction of a 1-slice
+        volume would be written as ``(H, W)``, not in the input's ``(H, W, 1)`` shape; and it pads
+        to 3 spatial axes (``spatial_ndim=3``), which here is off unless asked for.
         """
+
+        def set_data_array(self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs):
+            from monai.utils import ensure_tuple
+
+            kwargs.setdefault("spatial_ndim", None)
+            super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=False, **kwargs)
+            # channel-last now: the channel axes (or the one axis added when there is none) are the last ones
+            n_chn_axes = 1 if channel_dim is None else len(ensure_tuple(channel_dim))
+            if channel_dim is None or squeeze_end_dims:
+                while n_chn_axes and self.data_obj.ndim > 1 and self.data_obj.shape[-1] == 1:
+                    self.data_obj = self.data_obj[..., 0]
+                    n_chn_axes -= 1
 
         def write(self, filename, verbose: bool = False, **obj_kwargs):
             with atomic_path(filename) as tmp:

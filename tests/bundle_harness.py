@@ -206,6 +206,33 @@ class BundleHarness:
             values = np.unique(np.asarray(pred.dataobj))
             assert values.min() >= 0 and values.max() < max(n_out, 2)
 
+    def test_one_slice_input_keeps_its_shape_and_affine(self, trained, bundle_copy, data_dir, tmp_path):
+        """A 1-slice volume (``H x W x 1``) is predicted as ``H x W x 1`` with the input's affine (the writer
+        used to drop the trailing singleton axis and write ``H x W``)."""
+        item = json.loads((data_dir / "datalist.json").read_text())["test"][0]
+        label = np.asarray(nib.load(str(data_dir / item["label"])).dataobj)
+        z = int(np.argmax((label > 0).reshape(-1, label.shape[2]).sum(0)))  # the slice with most foreground
+        one = tmp_path / "one_slice"
+        one.mkdir()
+        entry = {}
+        for key, rel in item.items():
+            if not (isinstance(rel, str) and rel.endswith(".nii.gz")):
+                entry[key] = rel
+                continue
+            src = nib.load(str(data_dir / rel))
+            affine = src.affine.copy()
+            affine[:3, 3] = src.affine[:3, :3] @ np.array([0, 0, z]) + src.affine[:3, 3]
+            nib.save(nib.Nifti1Image(np.asarray(src.dataobj)[:, :, z : z + 1], affine), str(one / f"{key}.nii.gz"))
+            entry[key] = f"{key}.nii.gz"
+        (one / "datalist.json").write_text(json.dumps({"training": [entry], "validation": [entry], "test": [entry]}))
+        out_dir = tmp_path / "pred"
+        run_workflow(bundle_copy, self._configs(self.infer_configs), "infer", self._overrides(one, output_dir=str(out_dir)))
+        outputs = sorted(out_dir.rglob("*.nii.gz"))
+        assert len(outputs) == 1, outputs
+        src, pred = nib.load(str(one / "image.nii.gz")), nib.load(str(outputs[0]))
+        assert src.shape[2] == 1 and pred.shape == src.shape, (pred.shape, src.shape)
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+
     def test_evaluate_writes_metrics(self, trained, bundle_copy, data_dir):
         out_dir = bundle_copy / "eval" / "evaluate"
         run_workflow(bundle_copy, self._configs(self.evaluate_configs), "infer",

@@ -79,7 +79,7 @@ SETTINGS: dict[str, PaperSetting] = {
         "128 x 128 x 128 at 1 mm, SAM at 512", 30, crop_xy=(60, 102, 19, 61), infer_overrides={"prompt_source": "label"},
         ci_overrides={"sam_input_size": 256},
     ),
-    # 2 slices: a 1-slice prediction is written without its trailing singleton axis (known, not yet fixed)
+    # 2D methods: 2 slices, so inference also stitches slices back in order (the README rows were taken on 1)
     "s_sam": PaperSetting("256 x 256, 2D", 2),
     "h_sam": PaperSetting("512 x 512, 2D", 2),
 }

@@ -31,7 +31,7 @@ BUNDLES = {
     "s_sam": ({"img_size": 64, "sw_batch_size": 24, "val_sw_batch_size": 24}, "label"),
     "h_sam": ({}, "label"),
 }
-EVALUATE_BUNDLES = ["ma_sam", "sam3d_adapter", "s_sam", "h_sam"]  # Med-SA: see its README
+EVALUATE_BUNDLES = ["ma_sam", "med_sa", "sam3d_adapter", "s_sam", "h_sam"]
 NUM_CASES = 3  # odd: the two ranks get 2 and 1 cases (no padding)
 
 
@@ -212,11 +212,29 @@ def test_two_rank_inference_and_evaluation_equal_a_single_process_run(name, demo
                         {**over, "output_dir": str(single_ev)})
     _torchrun(root, ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"],
               {**over, "output_dir": str(sharded_ev)})
-    reports = sorted(p.name for p in single_ev.iterdir() if p.suffix in (".csv", ".md"))
-    assert "metrics.md" in reports and "metrics.csv" in reports and "val_mean_dice_raw.csv" in reports
+    reports = _reports(single_ev)
+    # Med-SA: one evaluation per prompt setting in its own folder, plus the settings summary
+    folders = sorted(p.parent.relative_to(single_ev) for p in single_ev.rglob("metrics.csv"))
+    assert folders and all(str(f / r) in reports for f in folders for r in ("metrics.md", "val_mean_dice_raw.csv"))
+    assert _reports(sharded_ev) == reports
     for report in reports:
         assert (sharded_ev / report).read_text() == (single_ev / report).read_text(), f"{name}: {report} differs"
-    assert set(_done_counts(sharded_ev).values()) == {1} and len(_done_counts(sharded_ev)) == NUM_CASES
+    for folder in folders:
+        counts = _done_counts(sharded_ev / folder)
+        assert counts and set(counts.values()) == {1}, counts
+        assert {r["rank"] for r in D.read_manifest(sharded_ev / folder)} == {0, 1}
+        assert not list((sharded_ev / folder).glob("manifest.rank*.jsonl"))
+    if name == "med_sa":  # items are (volume, class present) pairs; every pair once
+        assert all(len(_done_counts(sharded_ev / f)) > NUM_CASES for f in folders)
+        assert {"prompt_settings.md", "prompt_settings_summary.csv", "1-point/refinement_curve.csv"} <= set(reports)
+    else:
+        assert len(_done_counts(sharded_ev)) == NUM_CASES
+
+
+def _reports(folder: Path) -> list[str]:
+    """The report files (CSV, markdown, JSON summaries) under ``folder``, relative, without the manifest."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.suffix in (".csv", ".md", ".json") and p.name != "manifest.jsonl" and not p.name.startswith("."))
 
 
 def _kill_after_first_case(root, configs, over, out):
@@ -346,3 +364,31 @@ def test_seeded_datasets_draw_the_same_for_a_case_at_any_position():
     plain.transform.set_random_state(seed=0)
     first = np.asarray(plain[0]["x"])
     assert not np.array_equal(first, np.asarray(plain[0]["x"]))
+
+
+@pytest.mark.slow
+def test_med_sa_evaluation_resumes_per_prompt_setting(demo_data, tmp_path):
+    """Med-SA's sharded evaluation as a world of one: a run cut short in one prompt setting (its last records
+    lost, its reports not yet written) reruns only those items there, none of the finished settings', and
+    ends with the same reports."""
+    from shared_nets.engine import run_bundle_workflow
+
+    overrides, label_key = BUNDLES["med_sa"]
+    data = _data(demo_data, tmp_path / "data", label_key)
+    root = _bundle(tmp_path, "med_sa", overrides, data)
+    out = tmp_path / "out"
+    configs = ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"]
+    over = {"dataset_dir": str(data), "output_dir": str(out), "prompt_settings": ["1-point", "bbox0.75"], **overrides}
+    run_bundle_workflow(root, configs, "infer", over)
+    first = {name: (out / name).read_text() for name in _reports(out)}
+    cut = out / "bbox0.75"
+    lines = (cut / "manifest.jsonl").read_text().splitlines(keepends=True)
+    lost = {json.loads(line)["case"] for line in lines[-2:]}
+    (cut / "manifest.jsonl").write_text("".join(lines[:-2]))
+    for report in cut.glob("*.csv"):
+        report.unlink()
+    run_bundle_workflow(root, configs, "infer", over)
+    rerun = [r for r in D.read_manifest(cut) if r["status"] == "done"][len(lines) - 2:]
+    assert {r["case"] for r in rerun} == lost and len(rerun) == 2
+    assert len(D.read_manifest(out / "1-point")) == len(lines)  # nothing rerun in the finished setting
+    assert {name: (out / name).read_text() for name in _reports(out)} == first

@@ -574,6 +574,11 @@ def train_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, A
     trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
     state = params + 3 * trainable  # weights, gradients, AdamW moments
     out: dict[str, Any] = {"network": name, "state_gb": state / 2**30}
+    from shared_nets.distributed import _fsdp_units
+
+    units = [sum(p.numel() * p.element_size() for p in u.parameters()) for u in _fsdp_units(net)]
+    if units:  # FSDP (use_fsdp): the largest unit gathered at a time, and the root unit (gathered throughout)
+        out["fsdp_unit_gb"], out["fsdp_root_gb"] = max(units) / 2**30, (params - sum(units)) / 2**30
     if name == "SAM3DAdapter":
         from shared_nets.nets.sam3d_adapter_bench import training_step_memory
 
@@ -587,10 +592,29 @@ def train_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, A
         return {"network": name, "error": "no img_size/num_slices in train.json"}
     size, depth = int(parser.get_parsed_content("img_size")), int(parser.get_parsed_content("num_slices"))
     out["config"] = f"{_value(parser, 'variant')}@{size}, {depth} slices, batch 1"
+    channels = 1
+    if name == "MedSA":
+        # Med-SA reads its prompts from 3 guidance channels after the image, with data-dependent ops that fake
+        # tensors cannot run: decode one centre click per slice from real channels once, and reuse the result
+        channels = int(net.in_channels) + 3
+        guidance = torch.zeros(1, 3, size, size, depth)
+        guidance[:, 0, size // 2, size // 2, :] = 1
+        # (the prompt encoder's few kept activations are left out)
+        decoded = net.prompts(guidance)
+        with torch.no_grad():
+            embedded = net.embed_prompts(*decoded)
+        net.prompts = lambda g: decoded
+        net.embed_prompts = lambda *a: embedded
+        net.automatic = True  # skips the checks that read prompt values (every slice is prompted here anyway)
     for label, ckpt, amp in (("none", False, False), ("grad-ckpt", True, False), ("AMP", False, True), ("both", True, True)):
-        net.gradient_checkpointing = ckpt
+        if name == "MedSA":  # switched on its encoder blocks (a per-block class swap), not by an attribute
+            from shared_nets.sam.checkpointing import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(net.image_encoder.blocks, ckpt)
+        else:
+            net.gradient_checkpointing = ckpt
         with FakeTensorMode(allow_non_fake_inputs=True):
-            x = torch.randn(1, 1, size, size, depth)
+            x = torch.zeros(1, channels, size, size, depth)
 
             def fwd() -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -598,6 +622,29 @@ def train_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, A
 
             act = _kept_activation_bytes(fwd)
         out[label] = {"activations_gb": act / 2**30, "total_gb": (act + state) / 2**30}
+    return out
+
+
+def fsdp_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                         gpus: Sequence[int] = (1, 2, 4, 8)) -> dict[str, Any]:
+    """Per-GPU training memory (GB, batch 1 per GPU) of ``multi_gpu_train.json`` with DDP and with ``use_fsdp``,
+    for each GPU count, from :func:`train_memory_estimate`.
+
+    Data parallel either way: every GPU keeps its own batch's activations. DDP keeps the whole state
+    (weights, gradients, AdamW moments) on every GPU; FSDP keeps 1/N of it, plus the root unit's weights
+    (gathered for the whole step) and two attention/MLP units (the one running and the one prefetched).
+    Communication buffers and the allocator's slack come on top.
+
+    Returns:
+        ``{"config", "<switch>": {"ddp": gb, "fsdp": {N: gb}}}`` for switch in none / grad-ckpt / AMP / both.
+    """
+    est = train_memory_estimate(bundle_root, overrides)
+    out: dict[str, Any] = {"config": est.get("config"), "network": est.get("network")}
+    state, root, unit = est["state_gb"], est.get("fsdp_root_gb", 0.0), est.get("fsdp_unit_gb", 0.0)
+    for label in ("none", "grad-ckpt", "AMP", "both"):
+        act = est[label]["activations_gb"]
+        out[label] = {"ddp": act + state,
+                      "fsdp": {n: act + state / n + (root + 2 * unit if n > 1 else 0.0) for n in gpus}}
     return out
 
 

@@ -216,6 +216,27 @@ class InteractiveRefinementCurve:
         self.rows, self.names = [], []
 
     def iteration_completed(self, engine: Any) -> None:
+        names, curves = self._curves(engine)
+        self.names.extend(names)
+        self.rows.extend(curves)
+
+    def case_record(self, engine: Any) -> dict[str, list]:
+        """The current batch's item names and curves, for a sharded run's manifest
+        (:class:`shared_nets.distributed.CaseRunner` ``case_extras``); nothing is accumulated."""
+        names, curves = self._curves(engine)
+        return {"names": names, "rows": curves}
+
+    def write_merged(self, records: Sequence[dict[str, list]]) -> list[float]:
+        """Write ``refinement_curve.csv`` from :meth:`case_record` values (all cases, datalist order), as
+        :meth:`epoch_completed` does after a single-process run; returns the mean curve."""
+        self.reset()
+        for rec in records:
+            self.names.extend(str(n) for n in rec["names"])
+            self.rows.extend([float(v) for v in row] for row in rec["rows"])
+        self._write_csv()
+        return self.curve()
+
+    def _curves(self, engine: Any) -> tuple[list[str], list[list[float]]]:
         batch = _batch(engine)
         net = engine.network
         core = _unwrap(net)
@@ -236,12 +257,13 @@ class InteractiveRefinementCurve:
         if names is None and isinstance(img, MetaTensor):
             names = img.meta.get("filename_or_obj")
         objects = batch.get("object_id") if isinstance(batch, dict) else None
-        for b, curve in enumerate(curves):
-            name = str(names[b]) if isinstance(names, (list, tuple)) and b < len(names) else str(len(self.rows))
+        out_names = []
+        for b in range(len(curves)):
+            name = str(names[b]) if isinstance(names, (list, tuple)) and b < len(names) else str(len(self.rows) + b)
             if objects is not None:
                 name += f"#{int(torch.as_tensor(objects).reshape(-1)[b])}"
-            self.names.append(name)
-            self.rows.append(curve)
+            out_names.append(name)
+        return out_names, curves
 
     def curve(self) -> list[float]:
         """Mean Dice after 0, 1, ..., N clicks over the items seen so far."""
@@ -252,6 +274,10 @@ class InteractiveRefinementCurve:
         for n, value in enumerate(mean):
             engine.state.metrics[f"refine_dice_{n}"] = value
         logger.info("interactive refinement: mean Dice after 0..%d clicks: %s", self.num_clicks, ", ".join(f"{v:.4f}" for v in mean))
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        mean = self.curve()
         if self.output_dir and self.rows:
             os.makedirs(self.output_dir, exist_ok=True)
             path = os.path.join(self.output_dir, "refinement_curve.csv")
@@ -294,8 +320,13 @@ class PerObjectMetrics:
         self.objects.extend(int(v) for v in torch.as_tensor(batch[self.object_key]).reshape(-1).tolist())
 
     def epoch_completed(self, engine: Any) -> None:
-        details = getattr(engine.state, "metric_details", {}) or {}
-        ids = np.asarray(self.objects)
+        engine.state.metrics.update(self.means(getattr(engine.state, "metric_details", {}) or {}, self.objects))
+
+    def means(self, details: dict[str, Any], objects: Sequence[int]) -> dict[str, float]:
+        """``{"<metric>_<class name>": mean}`` from per-item metric rows and the items' class ids (a sharded
+        evaluation calls this with the merged rows)."""
+        ids = np.asarray([int(o) for o in objects])
+        out: dict[str, float] = {}
         for name in self.metric_names:
             if name not in details:
                 continue
@@ -304,7 +335,8 @@ class PerObjectMetrics:
                 v = vals[ids == cid]
                 v = v[np.isfinite(v)]
                 label = self.class_names.get(cid, str(cid)).replace(" ", "_")
-                engine.state.metrics[f"{name}_{label}"] = float(v.mean()) if v.size else float("nan")
+                out[f"{name}_{label}"] = float(v.mean()) if v.size else float("nan")
+        return out
 
 
 class PromptSettingsRunner:
@@ -317,34 +349,84 @@ class PromptSettingsRunner:
     ``prompt_settings_summary.csv`` and ``prompt_settings.md`` (rows = metrics, columns =
     settings) and ``prompt_settings.json``, each written atomically.
 
+    Sharded (``configs/multi_gpu_evaluate.json`` under ``torchrun``): with ``cases`` (a
+    :class:`shared_nets.distributed.CaseRunner` in evaluation mode) each setting is its own sharded run:
+    the cases not yet done in ``<output_dir>/<setting>`` (its ``manifest.jsonl``) are split over the ranks
+    and set as the evaluator's dataset ``data``; rank 0 writes the setting's reports from the merged
+    per-case records and takes that setting's summary row from them (reduced metrics, ``per_object``'s
+    per-class means and the refinement curve in ``cases``' ``case_extras["refinement"]``), so every file
+    equals a single-process run's when the prompts are seeded per case (``CaseSeededDataset``).
+
     Args:
         evaluator: a MONAI evaluator.
         prompt_transform: the :class:`~shared_nets.nets.med_sa_prompts.SimulatePromptSettingd` in its pre-processing.
         settings: setting names to run.
         output_dir: summary folder.
         per_setting_outputs: objects whose output folder follows the setting.
+        cases: sharded runs only: the ``CaseRunner``.
+        datalist: sharded runs only: all evaluation items (the shards are taken from it per setting).
+        per_object: sharded runs only: the :class:`PerObjectMetrics` of the single-process config.
     """
 
-    def __init__(self, evaluator: Any, prompt_transform: Any, settings: Sequence[str], output_dir: str, per_setting_outputs: Sequence[Any] = ()):
+    def __init__(self, evaluator: Any, prompt_transform: Any, settings: Sequence[str], output_dir: str,
+                 per_setting_outputs: Sequence[Any] = (), cases: Any = None, datalist: Sequence[dict] | None = None,
+                 per_object: PerObjectMetrics | None = None):
         if isinstance(settings, str) or not settings:
             raise ValueError(f"settings must be a non-empty list of prompt settings, e.g. ['1-point', 'bbox0.75'], got {settings!r}.")
         self.evaluator, self.prompt_transform = evaluator, prompt_transform
         self.settings, self.output_dir, self.per_setting_outputs = list(settings), output_dir, list(per_setting_outputs)
         for s in self.settings:
             prompt_transform.setting = s  # validates the names before anything runs
+        if cases is not None and datalist is None:
+            raise ValueError("PromptSettingsRunner: a sharded run (cases) needs the datalist to shard.")
+        self.cases, self.datalist, self.per_object = cases, datalist, per_object
         self.results: dict[str, dict[str, float]] = {}
 
     def run(self) -> dict[str, dict[str, float]]:
+        if self.cases is not None:
+            return self._run_sharded()
         for s in self.settings:
             self.prompt_transform.setting = s
             for obj in self.per_setting_outputs:
                 for attr in ("save_dir", "output_dir"):
                     if hasattr(obj, attr):
                         setattr(obj, attr, os.path.join(self.output_dir, s))
+            # a run keeps the previous run's state.metrics: without this the setting's metrics.csv (written before
+            # the per-class means and the refinement curve are computed) listed the previous setting's values
+            self.evaluator.state.metrics = {}
             self.evaluator.run()
             self.results[s] = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
             logger.info("prompt setting %s: %s", s, self.results[s])
         self._write()
+        return self.results
+
+    def _run_sharded(self) -> dict[str, dict[str, float]]:
+        from shared_nets.distributed import rank_and_world
+
+        for s in self.settings:
+            self.prompt_transform.setting = s
+            folder = os.path.join(self.output_dir, s)
+            for obj in self.per_setting_outputs:
+                for attr in ("save_dir", "output_dir"):
+                    if hasattr(obj, attr):
+                        setattr(obj, attr, folder)
+            self.cases.output_dir = folder
+            dataset = self.evaluator.data_loader.dataset
+            dataset.data = self.cases.shard(self.datalist)
+            self.evaluator.state.epoch_length = len(self.evaluator.data_loader)
+            self.cases.run(self.evaluator)
+            self.cases.finish()
+            if rank_and_world()[0] == 0 and self.cases.reports:
+                rep = self.cases.reports
+                result = {k: float(v) for k, v in rep["values"].items() if isinstance(v, (int, float))}
+                if self.per_object is not None:
+                    result.update(self.per_object.means(rep["details"], rep["objects"]))
+                for n, value in enumerate(rep["extras"].get("refinement") or []):
+                    result[f"refine_dice_{n}"] = float(value)
+                self.results[s] = result
+                logger.info("prompt setting %s: %s", s, result)
+        if rank_and_world()[0] == 0:
+            self._write()
         return self.results
 
     def _atomic(self, name: str, text: str) -> None:
