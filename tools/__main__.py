@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "label_app": "tools.label_app:main",
     "prepare": "tools.prepare:main",
     "weights": "tools.weights:main",
+    "zero_shot": "tools.zero_shot:main",
 }
 
 
