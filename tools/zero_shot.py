@@ -43,18 +43,18 @@ from shared_nets.io import atomic_write_json
 __all__ = [
     "MODALITIES",
     "PROMPT_MODES",
-    "Predictor",
     "LiteSamPredictor",
-    "load_lps",
-    "display_slice",
-    "normalise",
-    "tight_box",
+    "Predictor",
     "click_point",
-    "resize_longest",
+    "display_slice",
+    "load_lps",
     "logits_to_mask",
-    "zero_shot",
-    "read_names",
     "main",
+    "normalise",
+    "read_names",
+    "resize_longest",
+    "tight_box",
+    "zero_shot",
 ]
 
 MODALITIES = ("ct", "mr")
@@ -180,7 +180,7 @@ def click_point(mask: np.ndarray) -> tuple[float, float]:
     comp = lab == (int(np.argmax(sizes)) + 1)
     rows, cols = np.nonzero(comp)
     cy, cx = rows.mean(), cols.mean()
-    iy, ix = int(round(cy)), int(round(cx))
+    iy, ix = round(float(cy)), round(float(cx))
     if comp[iy, ix]:
         return float(cx), float(cy)
     j = int(np.argmin((rows - cy) ** 2 + (cols - cx) ** 2))
@@ -195,7 +195,7 @@ def resize_longest(image: np.ndarray, size: int) -> tuple[torch.Tensor, float, t
     """
     h, w = image.shape
     scale = size / max(h, w)
-    nh, nw = int(round(h * scale)), int(round(w * scale))
+    nh, nw = round(h * scale), round(w * scale)
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
     x = F.pad(x, (0, size - nw, 0, size - nh))
