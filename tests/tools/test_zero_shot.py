@@ -130,7 +130,9 @@ def test_protocol_scores_a_rectangle_by_its_box_exactly():
 
 
 def test_lite_predictor_batches_prompts_like_one_at_a_time():
-    sam = __import__("shared_nets.sam", fromlist=["build_sam"]).build_sam("lite", None, img_size=64)
+    from shared_nets.sam import build_sam
+
+    sam = build_sam("lite", None, img_size=64)
     pred = LiteSamPredictor(sam)
     assert pred.image_size == 64
     torch.manual_seed(0)
