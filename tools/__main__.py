@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "nifti_to_dicom": "tools.nifti_to_dicom:main",
     "prepare": "tools.prepare:main",
     "weights": "tools.weights:main",
+    "zero_shot": "tools.zero_shot:main",
 }
 
 

