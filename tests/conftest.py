@@ -47,7 +47,10 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
-REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "totalsegmentator_example"
+# The real CT example ships in the repository (data/); ../shared beside the checkout holds the same files.
+_REPO_CT = Path(__file__).resolve().parents[1] / "data" / "totalsegmentator_example"
+_SHARED_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "totalsegmentator_example"
+REAL_CT = _REPO_CT if (_REPO_CT / "ct.nii.gz").is_file() else _SHARED_CT
 # TotalSegmentator v2 "total" ids -> BTCV ids (organs both label; everything else -> background)
 TOTALSEG_TO_BTCV = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 7, 7: 11, 8: 12, 9: 13, 52: 8, 63: 9, 64: 10}
 

@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_CT = REPO.parent / "shared" / "data" / "totalsegmentator_example"
+# shipped in the repository (data/); ../shared beside the checkout holds the same files
+REAL_CT = REPO / "data" / "totalsegmentator_example"
+if not (REAL_CT / "ct.nii.gz").is_file():
+    REAL_CT = REPO.parent / "shared" / "data" / "totalsegmentator_example"
 # TotalSegmentator v2 "total" ids -> BTCV ids (organs both label; everything else -> background)
 TOTALSEG_TO_BTCV = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 7, 7: 11, 8: 12, 9: 13, 52: 8, 63: 9, 64: 10}
 MIB = 1024 * 1024
