@@ -252,7 +252,8 @@ class CheckChannelsd(MapTransform):
 DEFAULT_MAX_VOXELS = 512 * 512 * 2048
 """Default voxel limit of :class:`CheckVolumeSized` (a whole-body CT at 512 x 512 in-plane has ~1000-2000 slices)."""
 DEFAULT_MAX_BYTES = 4 * 1024**3
-"""Default limit of :class:`CheckVolumeSized` on a volume's uncompressed size: 4 GiB (float32 at the voxel limit is 2 GiB)."""
+"""Default limit of :class:`CheckVolumeSized` on a volume's uncompressed size: 4 GiB (float32 at the voxel limit
+is 2 GiB)."""
 _GZIP_SLACK = 1 << 16  # bytes a gzip stream may hold beyond what the NIfTI header implies
 _CHUNK = 1 << 20
 

@@ -64,8 +64,8 @@ class Server:
     log: Path
 
     def request(
-        self, method: str, path: str, params: dict | None = None, file: Path | bytes | None = None, body: dict | None = None,
-        filename: str = "volume.nii.gz",
+        self, method: str, path: str, params: dict | None = None, file: Path | bytes | None = None,
+        body: dict | None = None, filename: str = "volume.nii.gz",
     ) -> Response:
         """One HTTP request; ``params`` / ``file`` go as multipart form fields (what MONAI Label's infer takes)."""
         headers: dict[str, str] = {}
@@ -305,7 +305,8 @@ def test_oversized_upload_is_refused_with_the_reason(server, tmp_path, kind):
     from tests.reliability.hostile_files import gzip_bomb, huge_header_nifti
 
     if kind == "huge_header":
-        path, expected = huge_header_nifti(tmp_path / "huge.nii"), "is too large: its header gives shape (4096, 4096, 4096)"
+        path = huge_header_nifti(tmp_path / "huge.nii")
+        expected = "is too large: its header gives shape (4096, 4096, 4096)"
     else:
         path, expected = gzip_bomb(tmp_path / "bomb.nii.gz", zeros_gib=8), "decompresses to more than its header's"
     response = server.infer("ma_sam", file=path, filename=path.name)

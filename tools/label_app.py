@@ -461,8 +461,8 @@ bad input and 500 otherwise; the server keeps serving. Use it with
 
 It also keeps requests inside the datastore (answer 400 before MONAI Label sees them). MONAI Label
 joins request values to folders as they come: ``PUT /datastore/?image=../../x`` writes the upload
-outside the studies folder, ``PUT /datastore/label?tag=../..`` the label, ``DELETE /session/..`` removes
-the sessions folder's parent, and a studies entry that is a symlink is served from wherever it points.
+outside the studies folder, ``PUT /datastore/label?tag=../..`` the label, ``/session/<id>`` is joined to
+the sessions folder, and a studies entry that is a symlink is served from wherever it points.
 Refused here: an ``image``/``id``/``label``/``tag``/``session_id`` value that is not a plain name (path
 separator, ``.``/``..``, NUL), a URL path with a ``..`` segment, an ``image`` or ``label`` whose file
 resolves outside the studies folder, and ``uncompress`` of uploaded session archives.

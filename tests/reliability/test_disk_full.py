@@ -115,9 +115,10 @@ def test_metrics_full_keeps_the_previous_reports(tmp_path, monkeypatch):
 
 # -- monai.bundle run in a child process ------------------------------------------------------------------
 def _bundle_run(bundle: Path, pattern: str, allowed: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(WORKER), pattern, str(allowed), "run", *args, "--bundle_root", str(bundle)],
-                          cwd=bundle, capture_output=True, text=True, timeout=900, env=env, check=False)
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [sys.executable, str(WORKER), pattern, str(allowed), "run", *args, "--bundle_root", str(bundle)]
+    return subprocess.run(command, cwd=bundle, capture_output=True, text=True, timeout=900, env=env, check=False)
 
 
 def _assert_stopped_with_one_line(proc: subprocess.CompletedProcess, name: str) -> str:
@@ -178,8 +179,8 @@ def test_save_imaged_flattening_still_gives_the_one_line(tmp_path, monkeypatch):
 
     from shared_nets.io import _disk_full_line
 
-    save = SaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg", writer="shared_nets.io.AtomicNibabelWriter",
-                      separate_folder=False, print_log=False)
+    save = SaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg",
+                      writer="shared_nets.io.AtomicNibabelWriter", separate_folder=False, print_log=False)
     img = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "case.nii.gz", "affine": torch.eye(4)})
     monkeypatch.setattr(nib, "save", _enospc)
     with pytest.raises(RuntimeError) as err:

@@ -192,7 +192,8 @@ def _guard():
     from tools.label_app import ERRORS_SOURCE
 
     tree = ast.parse(ERRORS_SOURCE)
-    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("unsafe_name", "_inside", "_outside_datastore")
+    names = ("unsafe_name", "_inside", "_outside_datastore")
+    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names
             or isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "NAME_PARAMS" for t in n.targets)]
     namespace = {"os": os, "settings": types.SimpleNamespace(MONAI_LABEL_STUDIES="")}
     exec(compile(ast.Module(body=keep, type_ignores=[]), "sam_bundles_errors", "exec"), namespace)  # noqa: S102
