@@ -97,7 +97,7 @@ class Server:
 
     def infer(self, model: str, image: str | None = None, params: dict | None = None, file: Path | bytes | None = None,
               filename: str = "volume.nii.gz") -> Response:
-        query = f"?output=image" + (f"&image={urllib.parse.quote(image, safe='')}" if image else "")
+        query = "?output=image" + (f"&image={urllib.parse.quote(image, safe='')}" if image else "")
         return self.request("POST", f"/infer/{model}{query}", params=params if params is not None else {}, file=file,
                             filename=filename)
 
