@@ -25,6 +25,10 @@ __all__ = [
     "CheckLabelRanged",
     "CheckFinited",
     "CheckChannelsd",
+    "CheckVolumeSized",
+    "volume_size",
+    "DEFAULT_MAX_VOXELS",
+    "DEFAULT_MAX_BYTES",
     "source_name",
     "SkippingDataset",
     "CaseSeededDataset",
@@ -241,6 +245,139 @@ class CheckChannelsd(MapTransform):
             if shape[0] != n:
                 raise DataError(f"image '{source_name(img)}' ({key}) has {shape[0]} channels (shape {shape}, "
                                 f"channel first); expected {want}.")
+        return d
+
+
+# -- size limits before loading -----------------------------------------------------------------------
+DEFAULT_MAX_VOXELS = 512 * 512 * 2048
+"""Default voxel limit of :class:`CheckVolumeSized` (a whole-body CT at 512 x 512 in-plane has ~1000-2000 slices)."""
+DEFAULT_MAX_BYTES = 4 * 1024**3
+"""Default limit of :class:`CheckVolumeSized` on a volume's uncompressed size: 4 GiB (float32 at the voxel limit
+is 2 GiB)."""
+_GZIP_SLACK = 1 << 16  # bytes a gzip stream may hold beyond what the NIfTI header implies
+_CHUNK = 1 << 20
+
+
+def _gzip_length(fn: str, stop_after: int) -> int:
+    """Decompressed length of the gzip file ``fn``, counted in bounded chunks (never more than ~1 MiB in
+    memory, whatever the compression ratio) and given up once it passes ``stop_after`` (returns a value
+    above it). Multi-member files are followed; a corrupt stream raises ``zlib.error`` / ``EOFError``."""
+    import zlib
+
+    total = 0
+    with open(fn, "rb") as f:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while True:
+            data = f.read(_CHUNK)
+            if not data:
+                return total
+            while data:
+                out = inflater.decompress(data, _CHUNK)
+                total += len(out)
+                if total > stop_after:
+                    return total
+                if inflater.unconsumed_tail:
+                    data = inflater.unconsumed_tail
+                elif inflater.eof and inflater.unused_data:  # the next gzip member
+                    data = inflater.unused_data
+                    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                else:
+                    data = b""
+
+
+def volume_size(path: str | os.PathLike) -> tuple[tuple[int, ...], int, int] | None:
+    """``(shape, voxels, bytes)`` a volume file or DICOM folder will take once loaded, from headers only.
+
+    NIfTI (``.nii``, ``.nii.gz``): the header's shape and data type (bytes include the header, as the
+    uncompressed file). A DICOM folder: Rows x Columns x frames of its first DICOM file times the number
+    of files in the folder (an upper bound; the series check rejects slices of other sizes). None for
+    other formats and for files whose header cannot be read (the loader then reports them).
+    """
+    fn = os.fspath(path)
+    if os.path.isdir(fn):
+        import pydicom
+
+        files = sorted(n for n in os.listdir(fn) if not n.startswith(".") and os.path.isfile(os.path.join(fn, n)))
+        for name in files:
+            try:
+                ds = pydicom.dcmread(os.path.join(fn, name), stop_before_pixels=True)
+                rows, cols = int(ds.Rows), int(ds.Columns)
+            except Exception:  # not a DICOM image file (DICOMDIR, notes...): try the next one
+                continue
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1) * int(getattr(ds, "SamplesPerPixel", 1) or 1)
+            shape = (cols, rows, frames * len(files))
+            voxels = int(np.prod(shape, dtype=np.int64))
+            return shape, voxels, voxels * max(int(getattr(ds, "BitsAllocated", 16) or 16) // 8, 1)
+        return None
+    if not fn.endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel as nib
+
+    try:
+        img = nib.load(fn)  # reads the header only, also through gzip
+        shape = tuple(int(s) for s in img.header.get_data_shape())
+        itemsize = int(np.dtype(img.header.get_data_dtype()).itemsize)
+        offset = int(getattr(img.dataobj, "offset", 0))  # the image's header copy has vox_offset reset to 0
+    except Exception:  # an unreadable header is LoadImaged's to report
+        return None
+    voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    return shape, voxels, offset + voxels * itemsize
+
+
+class CheckVolumeSized(MapTransform):
+    """Refuse a volume that is too large to load, from its header, before ``LoadImaged`` allocates it.
+
+    Put it right before ``LoadImaged``. For each key naming a file or DICOM folder (in-memory data and
+    other formats pass), :func:`volume_size` gives the voxel count and uncompressed size from the
+    headers; either above its limit raises :class:`DataError` naming the file, its shape and the limit. A
+    ``.nii.gz`` is also streamed through the decompressor in bounded chunks, counting bytes without
+    keeping them, and refused when it holds more than its header implies (a gzip bomb behind a small
+    header). A truncated or corrupt file is left to ``LoadImaged``, which names it.
+
+    Args:
+        keys: image (and label) keys.
+        max_voxels: largest voxel count accepted (all channels).
+        max_bytes: largest uncompressed size accepted, header included.
+        check_stream: count a ``.nii.gz`` file's decompressed bytes (costs one decompression pass).
+        allow_missing_keys: as in ``MapTransform``.
+    """
+
+    def __init__(self, keys: KeysCollection, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 max_bytes: int = DEFAULT_MAX_BYTES, check_stream: bool = True,
+                 allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        for name, value in (("max_voxels", max_voxels), ("max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        self.max_voxels, self.max_bytes, self.check_stream = int(max_voxels), int(max_bytes), bool(check_stream)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            if not isinstance(value, (str, os.PathLike)) or not os.path.exists(value):
+                continue  # in-memory data; a missing file is LoadImaged's to report
+            fn = os.fspath(value)
+            size = volume_size(fn)
+            if size is None:
+                continue
+            shape, voxels, nbytes = size
+            where = f"image '{fn}' ({key})"
+            if voxels > self.max_voxels:
+                raise DataError(f"{where} is too large: its header gives shape {shape}, {voxels:,} voxels; "
+                                f"the limit is {self.max_voxels:,} (max_voxels).")
+            if nbytes > self.max_bytes:
+                raise DataError(f"{where} is too large: its header gives shape {shape}, {nbytes:,} bytes "
+                                f"uncompressed; the limit is {self.max_bytes:,} (max_bytes).")
+            if self.check_stream and fn.endswith(".gz"):
+                try:
+                    length = _gzip_length(fn, stop_after=nbytes + _GZIP_SLACK)
+                except Exception:  # corrupt or truncated: LoadImaged reports it with the file name
+                    continue
+                if length > nbytes + _GZIP_SLACK:
+                    raise DataError(f"{where} decompresses to more than its header's {nbytes:,} bytes (shape "
+                                    f"{shape}; stopped counting at {length:,}); refused as a malformed or "
+                                    "hostile file.")
         return d
 
 

@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary file in the target folder, then ``os.replace``.
 
 A killed or failing writer never leaves a truncated file under the real name, and the
-temporary file is removed on failure. Everything a bundle writes goes through here:
+temporary file is removed on failure; a full disk raises :class:`DiskFullError`, one line naming the file.
+Everything a bundle writes goes through here:
 checkpoints (:func:`atomic_torch_save`), predictions (:class:`AtomicNibabelWriter`),
 metric reports (:class:`AtomicMetricsSaver`), datalists and JSON/text files.
 """
@@ -9,16 +10,19 @@ metric reports (:class:`AtomicMetricsSaver`), datalists and JSON/text files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
+    "DiskFullError",
     "atomic_path",
     "atomic_write_text",
     "atomic_write_json",
@@ -35,6 +39,48 @@ def _suffix(path: str) -> str:
         if name.endswith(multi):
             return multi
     return os.path.splitext(name)[1]
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write that found no space left on the device (or the quota spent); the message is one line naming the
+    file and saying that the previous version was kept. A process that dies of it prints that line alone."""
+
+
+def _disk_full(e: OSError, path: str) -> DiskFullError:
+    return DiskFullError(e.errno, f"no space left on device writing '{path}' ({os.strerror(e.errno)}); the "
+                                  "previous file was kept and no temporary file is left. Free space, then run again.")
+
+
+def _disk_full_line(value: BaseException) -> str | None:
+    """The message of a :class:`DiskFullError` behind ``value``: in its chain of causes, or in its text (MONAI's
+    ``SaveImage`` turns a writer's error into the text of a new ``RuntimeError``, without the chain)."""
+    import re
+
+    seen, e = set(), value
+    while e is not None and id(e) not in seen:
+        if isinstance(e, DiskFullError):
+            return e.strerror
+        found = re.search(r"DiskFullError: \[Errno \d+\] ([^\n]*)", str(e))
+        if found:
+            return found.group(1)
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _excepthook(kind, value, tb, _previous=sys.excepthook) -> None:
+    """Print a :class:`DiskFullError` (also when MONAI wrapped it) as its one line, not a traceback."""
+    line = _disk_full_line(value)
+    if line is None:
+        _previous(kind, value, tb)
+    else:
+        print(f"error: {line}", file=sys.stderr)
+
+
+sys.excepthook = _excepthook
 
 
 @contextlib.contextmanager
@@ -63,9 +109,11 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp, stat.S_IMODE(0o666 & ~umask))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _FULL and not isinstance(e, DiskFullError):
+            raise _disk_full(e, path) from e
         raise
 
 
@@ -139,6 +187,10 @@ def _monai_classes() -> dict[str, type]:
                 super().__call__(engine)
                 for name in sorted(os.listdir(tmp_dir)):
                     os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))
+            except OSError as e:
+                if e.errno in _FULL and not isinstance(e, DiskFullError):
+                    raise _disk_full(e, os.path.join(final_dir, "*.csv")) from e
+                raise
             finally:
                 self.save_dir = final_dir
                 shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ class Server:
     log: Path
 
     def request(
-        self, method: str, path: str, params: dict | None = None, file: Path | bytes | None = None, body: dict | None = None
+        self, method: str, path: str, params: dict | None = None, file: Path | bytes | None = None,
+        body: dict | None = None, filename: str = "volume.nii.gz",
     ) -> Response:
         """One HTTP request; ``params`` / ``file`` go as multipart form fields (what MONAI Label's infer takes)."""
         headers: dict[str, str] = {}
@@ -78,7 +80,7 @@ class Server:
             if file is not None:
                 content = file if isinstance(file, bytes) else Path(file).read_bytes()
                 parts.append(
-                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="volume.nii.gz"\r\n'
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
                     "Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n"
                 )
             data = b"".join(parts) + f"--{boundary}--\r\n".encode()
@@ -93,9 +95,11 @@ class Server:
         except urllib.error.HTTPError as e:
             return Response(e.code, e.read())
 
-    def infer(self, model: str, image: str | None = None, params: dict | None = None, file: Path | bytes | None = None) -> Response:
-        query = f"?output=image" + (f"&image={image}" if image else "")
-        return self.request("POST", f"/infer/{model}{query}", params=params if params is not None else {}, file=file)
+    def infer(self, model: str, image: str | None = None, params: dict | None = None, file: Path | bytes | None = None,
+              filename: str = "volume.nii.gz") -> Response:
+        query = "?output=image" + (f"&image={urllib.parse.quote(image, safe='')}" if image else "")
+        return self.request("POST", f"/infer/{model}{query}", params=params if params is not None else {}, file=file,
+                            filename=filename)
 
     def log_tail(self, n: int = 60) -> str:
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
@@ -289,3 +293,80 @@ def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(server, mod
     assert expected in detail, f"error message {detail!r} does not say {expected!r}"
     assert "\n" not in detail.strip()
     assert server.request("GET", "/info/").status == 200
+
+
+# ------------------------------------------------------------------------------------------
+# hostile requests: oversized uploads, paths out of the datastore
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["huge_header", "gzip_bomb"])
+def test_oversized_upload_is_refused_with_the_reason(server, tmp_path, kind):
+    """A 352-byte NIfTI claiming 4096^3 voxels, and 8 MB of .nii.gz inflating to 8 GiB: 400 with the reason, from
+    the headers (the bundle's ``CheckVolumeSized``), and the server answers normally afterwards."""
+    from tests.reliability.hostile_files import gzip_bomb, huge_header_nifti
+
+    if kind == "huge_header":
+        path = huge_header_nifti(tmp_path / "huge.nii")
+        expected = "is too large: its header gives shape (4096, 4096, 4096)"
+    else:
+        path, expected = gzip_bomb(tmp_path / "bomb.nii.gz", zeros_gib=8), "decompresses to more than its header's"
+    response = server.infer("ma_sam", file=path, filename=path.name)
+    assert response.status == 400, f"HTTP {response.status}: {response.body[:300]!r}\n{server.log_tail()}"
+    detail = response.json()["detail"]
+    assert expected in detail and "\n" not in detail.strip(), detail
+    assert server.request("GET", "/info/").status == 200
+
+
+def _tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "method, path, upload",
+    [
+        ("PUT", "/datastore/?image=..%2F..%2Fescaped", True),
+        ("PUT", "/datastore/?image=%2Ftmp%2Fescaped_{uid}", True),
+        ("PUT", "/datastore/?image=..", True),
+        ("PUT", "/datastore/label?image=phantom_000&tag=..%2F..%2Fescaped", True),
+        ("GET", "/datastore/image?image=..%2Fstart_server.sh", False),
+        ("GET", "/datastore/label?label=phantom_000&tag=..%2F..", False),
+        ("POST", "/infer/ma_sam?output=image&image=..%2F..%2Fphantom_000", False),
+        ("DELETE", "/session/..", False),
+        ("PUT", "/session/?uncompress=true", True),
+    ],
+    ids=["upload-id-dotdot", "upload-id-absolute", "upload-id-parent", "label-tag-dotdot", "download-dotdot",
+         "label-download-dotdot", "infer-dotdot", "session-delete-parent", "session-uncompress"],
+)
+def test_requests_that_leave_the_datastore_are_refused(server, method, path, upload):
+    """MONAI Label joins these values to its folders as they come; the app answers 400 and touches nothing."""
+    uid = uuid.uuid4().hex[:8]
+    root = server.app.parent
+    before = _tree(root)
+    file = (server.studies / "phantom_001.nii.gz") if upload else None
+    response = server.request(method, path.format(uid=uid), params={} if upload else None, file=file,
+                              filename="volume.nii.gz")
+    assert response.status == 400, f"HTTP {response.status}: {response.body[:300]!r}\n{server.log_tail()}"
+    assert response.json()["detail"].startswith("InvalidPath: "), response.body[:300]
+    assert not Path(f"/tmp/escaped_{uid}.nii.gz").exists()
+    assert {p for p in _tree(root) - before if not p.startswith(("app/logs", "server.log"))} == set()
+    assert server.request("GET", "/info/").status == 200
+
+
+def test_a_symlink_out_of_the_datastore_is_not_served(server, tmp_path):
+    """A studies entry that is a symlink to a file elsewhere: MONAI Label follows it (``realpath``); refused."""
+    secret = tmp_path / "outside.nii.gz"
+    secret.write_bytes((server.studies / "phantom_002.nii.gz").read_bytes())
+    link = server.studies / "linked_outside.nii.gz"
+    link.symlink_to(secret)
+    try:
+        deadline = time.monotonic() + 60
+        while "linked_outside" not in server.request("GET", "/datastore/?output=all").body.decode():
+            if time.monotonic() > deadline:
+                pytest.skip("the datastore did not list the new symlink within 60 s (no auto reload)")
+            time.sleep(2)
+        for response in (server.request("GET", "/datastore/image?image=linked_outside"),
+                         server.infer("ma_sam", image="linked_outside")):
+            assert response.status == 400, f"HTTP {response.status}: {response.body[:300]!r}"
+            assert "resolves outside the datastore" in response.json()["detail"]
+        assert server.request("GET", "/datastore/image?image=phantom_002").status == 200  # a plain entry still is
+    finally:
+        link.unlink()

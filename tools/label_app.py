@@ -469,11 +469,22 @@ prompts) with a bare "500 Internal Server Error". This module adds one exception
 Label's own FastAPI app, so the client gets ``{"detail": "<Error>: <message>"}`` with status 400 for
 bad input and 500 otherwise; the server keeps serving. Use it with
 ``monailabel start_server ... --uvicorn_app sam_bundles_errors:app`` (this folder on ``PYTHONPATH``).
+
+It also keeps requests inside the datastore (answer 400 before MONAI Label sees them). MONAI Label
+joins request values to folders as they come: ``PUT /datastore/?image=../../x`` writes the upload
+outside the studies folder, ``PUT /datastore/label?tag=../..`` the label, ``/session/<id>`` is joined to
+the sessions folder, and a studies entry that is a symlink is served from wherever it points.
+Refused here: an ``image``/``id``/``label``/``tag``/``session_id`` value that is not a plain name (path
+separator, ``.``/``..``, NUL), a URL path with a ``..`` segment, an ``image`` or ``label`` whose file
+resolves outside the studies folder, and ``uncompress`` of uploaded session archives.
 """
+
+import os
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from monailabel.app import app
+from monailabel.config import settings
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 try:
@@ -511,6 +522,61 @@ def status_and_message(exc):
 async def error_message(request: Request, exc: Exception) -> JSONResponse:
     status, message = status_and_message(exc)
     return JSONResponse(status_code=status, content={"detail": message})
+
+
+NAME_PARAMS = ("image", "id", "label", "tag", "session_id")
+
+
+def unsafe_name(value):
+    """Why a request value that names a datastore entry could leave its folder, or None."""
+    if "\\x00" in value:
+        return "contains a NUL character"
+    if value in (".", ".."):
+        return "is a relative folder name"
+    if "/" in value or "\\\\" in value or os.path.isabs(value):
+        return "contains a path separator"
+    return None
+
+
+def _inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _outside_datastore(request):
+    """Why the request would read or write outside the datastore, or None."""
+    if ".." in request.url.path.split("/"):
+        return f"path {request.url.path!r} has a '..' segment"
+    params = request.query_params
+    for key, value in params.multi_items():
+        why = unsafe_name(value) if key in NAME_PARAMS else None
+        if why:
+            return f"{key} {value!r} {why}; expected a datastore id"
+    if params.get("uncompress", "").lower() in ("1", "true", "yes"):
+        return "uncompress is switched off on this server (archive members could name paths outside)"
+    studies = settings.MONAI_LABEL_STUDIES
+    if not studies or not os.path.isdir(studies) or not (params.get("image") or params.get("label")):
+        return None
+    from monailabel.interfaces.utils.app import app_instance
+
+    datastore = app_instance().datastore()
+    uris = []
+    if params.get("image"):
+        uris.append(("image", params["image"], datastore.get_image_uri(params["image"])))
+    if params.get("label") and params.get("tag"):
+        uris.append(("label", params["label"], datastore.get_label_uri(params["label"], params["tag"])))
+    for key, value, uri in uris:
+        if uri and not _inside(uri, studies):
+            return f"{key} {value!r} resolves outside the datastore (a symlink?); refused"
+    return None
+
+
+@app.middleware("http")
+async def keep_inside_the_datastore(request: Request, call_next):
+    why = _outside_datastore(request)
+    if why:
+        return JSONResponse(status_code=400, content={"detail": f"InvalidPath: {why}"})
+    return await call_next(request)
 '''
 
 def _names(models: str | Sequence[str] | None) -> list[str]:

@@ -289,6 +289,20 @@ def dicom_seg_for_a_nifti_input(tmp):
     CheckDicomSeriesd("image", require_series=True)({"image": _nii(tmp / "ct.nii.gz", np.zeros(SHAPE, np.float32))})
 
 
+def image_too_large(tmp):
+    from shared_nets.data import CheckVolumeSized
+    from tests.reliability.hostile_files import huge_header_nifti
+
+    CheckVolumeSized("image")({"image": str(huge_header_nifti(tmp / "huge.nii"))})
+
+
+def image_gzip_bomb(tmp):
+    from shared_nets.data import CheckVolumeSized
+    from tests.reliability.hostile_files import gzip_bomb
+
+    CheckVolumeSized("image")({"image": str(gzip_bomb(tmp / "bomb.nii.gz", zeros_gib=1))})
+
+
 CASES = [
     ("datalist_missing", datalist_missing, ["nope.json", "does not exist"]),
     ("datalist_not_json", datalist_not_json, ["bad.json", "not readable JSON"]),
@@ -320,6 +334,8 @@ CASES = [
     ("dicom_series_missing_slice", dicom_series_missing_slice, ["DICOM series folder '", "series'", "gap of 4 mm"]),
     ("dicom_series_inconsistent", dicom_series_inconsistent, ["series'", "inconsistent slices", "PixelSpacing"]),
     ("dicom_series_mixed", dicom_series_mixed, ["series'", "mixes 2 series"]),
+    ("image_too_large", image_too_large, ["huge.nii", "is too large", "(4096, 4096, 4096)", "(max_voxels)"]),
+    ("image_gzip_bomb", image_gzip_bomb, ["bomb.nii.gz", "decompresses to more than its header's"]),
     ("dicom_seg_for_a_nifti_input", dicom_seg_for_a_nifti_input, ["output_dicom_seg", "ct.nii.gz", "is not one"]),
 ]
 

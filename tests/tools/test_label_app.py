@@ -181,3 +181,61 @@ def test_write_studies_layout(tmp_path):
     for image in images:
         assert (tmp_path / "studies" / "labels" / "final" / image.name).is_file()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+# -- the datastore guard of the served app, without MONAI Label (the server test sends the real requests) -----
+def _guard():
+    """``unsafe_name``, ``_inside`` and ``_outside_datastore`` of the generated error module, run with stand-ins for
+    MONAI Label's settings and app (the server test in ``tests/test_monailabel_server.py`` covers the real ones)."""
+    import ast
+    import os
+    import types
+
+    from tools.label_app import ERRORS_SOURCE
+
+    tree = ast.parse(ERRORS_SOURCE)
+    names = ("unsafe_name", "_inside", "_outside_datastore")
+    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names
+            or isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "NAME_PARAMS" for t in n.targets)]
+    namespace = {"os": os, "settings": types.SimpleNamespace(MONAI_LABEL_STUDIES="")}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "sam_bundles_errors", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+class _Params(dict):
+    def multi_items(self):
+        return list(self.items())
+
+
+def _request(path: str, **params):
+    import types
+
+    return types.SimpleNamespace(url=types.SimpleNamespace(path=path), query_params=_Params(params))
+
+
+@pytest.mark.parametrize("value", ["../../x", "/etc/passwd", "..", ".", "a/b", "a\\b", "x\x00y"])
+def test_guard_refuses_names_that_leave_the_datastore(value):
+    guard = _guard()
+    assert guard["unsafe_name"](value)
+    for key in ("image", "id", "label", "tag", "session_id"):
+        assert "expected a datastore id" in guard["_outside_datastore"](_request("/datastore/", **{key: value}))
+
+
+@pytest.mark.parametrize("value", ["phantom_000", "case.1", "..hidden", "spleen_10"])
+def test_guard_passes_plain_ids(value):
+    guard = _guard()
+    assert guard["unsafe_name"](value) is None
+    assert guard["_outside_datastore"](_request("/infer/ma_sam", image=value, output="image")) is None
+
+
+def test_guard_refuses_dotdot_paths_and_archive_uncompress(tmp_path):
+    guard = _guard()
+    assert "'..' segment" in guard["_outside_datastore"](_request("/session/.."))
+    assert "uncompress" in guard["_outside_datastore"](_request("/session/", uncompress="true"))
+    assert guard["_outside_datastore"](_request("/session/", uncompress="false")) is None
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "outside.nii.gz").write_bytes(b"")
+    (tmp_path / "studies" / "link.nii.gz").symlink_to(tmp_path / "outside.nii.gz")
+    assert not guard["_inside"](str(tmp_path / "studies" / "link.nii.gz"), str(tmp_path / "studies"))
+    assert guard["_inside"](str(tmp_path / "studies" / "x.nii.gz"), str(tmp_path / "studies"))
+    assert not guard["_inside"](str(tmp_path / "studies_other" / "x.nii.gz"), str(tmp_path / "studies"))
