@@ -243,6 +243,19 @@ def _metadata(spec: AppModel, source: Path, infer: Mapping[str, Any]) -> dict[st
     return meta
 
 
+def _seg_names_from_served_metadata(config: dict[str, Any]) -> None:
+    """Point every ``SaveDicomSegd``'s ``channel_def`` at the served metadata's output channels.
+
+    The served metadata already names the ids as written (see :func:`_metadata`); a bundle expression that
+    maps network channels to written ids itself (H-SAM's ``output_btcv_ids``) would map them twice.
+    """
+    post = config.get("postprocessing")
+    transforms = post.get("transforms", []) if isinstance(post, Mapping) else []
+    for t in transforms if isinstance(transforms, list) else []:
+        if isinstance(t, dict) and str(t.get("_target_", "")).rsplit(".", 1)[-1] == "SaveDicomSegd":
+            t["channel_def"] = "@_meta_#network_data_format#outputs#pred#channel_def"
+
+
 def _wrap_inferer(config: dict[str, Any], activation: str | None) -> None:
     """Make ``inferer`` apply ``activation`` to each window, as the bundle's ``network`` does."""
     if activation is None:
@@ -397,6 +410,7 @@ def assemble_bundle(
         _wrap_inferer(infer, spec.activation)
         _serve_preprocessing(infer)
         infer["_meta_"] = meta  # s_sam reads channel_def from @_meta_; MONAI Label reads only this file
+        _seg_names_from_served_metadata(infer)
         # tiny: random init; lite: the config's packaged LiteMedSAM weights; paper: the official file
         sam_file = None if variant in ("tiny", "lite") else _sam_checkpoint(infer, sam_dir, name)
         atomic_write_json(infer, tmp / "configs" / "inference.json")
