@@ -19,8 +19,8 @@ per-head offset biases as additive mask.
 
 Inference path (same outputs up to float rounding; modules, parameter names and state-dict keys
 unchanged): activations stay channels-last, so the ``[B, H, W, C]`` ⇄ ``[B, C, H, W]`` permutations
-around the convolutions cost no copy; in eval mode each ``ConvBN`` runs as one convolution with its
-BatchNorm folded in; without autograd (``torch.no_grad`` / ``torch.inference_mode``) GELU runs in
+around the convolutions cost no copy; in eval mode each ``ConvBN`` runs as one convolution (a matmul
+for the 1×1 ones) with its BatchNorm folded in; without autograd (``torch.no_grad`` / ``torch.inference_mode``) GELU runs in
 place on intermediates; the attention mask is 4-D so that torch's fused CPU SDPA kernel runs.
 """
 
@@ -66,6 +66,8 @@ class ConvBN(nn.Sequential):
         Folding uses the running statistics, exactly what eval-mode BatchNorm applies, so the result is the
         same up to float rounding; it is recomputed from the current parameters on every call (a few small
         tensors), so loading weights or fine-tuning needs no refresh step and gradients reach both children.
+        A 1×1 stride-1 convolution of a channels-last map runs as a matmul (``F.linear``), which MKL does
+        faster than oneDNN's convolution on 2 threads (measured).
         """
         conv, bn = self.c, self.bn
         if self.training or not bn.track_running_stats or bn.running_var is None:
@@ -73,6 +75,10 @@ class ConvBN(nn.Sequential):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
         bias = bn.bias - bn.running_mean * scale
+        if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            # a 1×1 convolution of a channels-last map is a matmul over [B, H, W, C] (a free permutation)
+            return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
