@@ -20,8 +20,9 @@ per-head offset biases as additive mask.
 Inference path (same outputs up to float rounding; modules, parameter names and state-dict keys
 unchanged): activations stay channels-last, so the ``[B, H, W, C]`` ⇄ ``[B, C, H, W]`` permutations
 around the convolutions cost no copy; in eval mode each ``ConvBN`` runs as one convolution (a matmul
-for the 1×1 ones) with its BatchNorm folded in; without autograd (``torch.no_grad`` / ``torch.inference_mode``) GELU runs in
-place on intermediates; the attention mask is 4-D so that torch's fused CPU SDPA kernel runs.
+for the 1×1 ones) with its BatchNorm folded in; without autograd (``torch.no_grad`` /
+``torch.inference_mode``) GELU runs in place on intermediates; the attention mask is 4-D so that
+torch's fused CPU SDPA kernel runs.
 """
 
 from __future__ import annotations

@@ -214,4 +214,5 @@ def test_lite_row_on_a_tiny_case():
     assert "| " + " | ".join(bench.LITE_COLUMNS) + " |" in md and "\n| 1 | " in md
     assert "package model not timed: not requested" in md
     assert tools_main.resolve("bench_lite") is bench.lite_main
+    assert bench.render_lite({"error": "SamCheckpointError: x"})[-1] == "Skipped: SamCheckpointError: x"
     assert bench._thread_counts(2) == [2] and bench._thread_counts("2,1") == bench._thread_counts((2, 1)) == [2, 1]
