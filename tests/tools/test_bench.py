@@ -56,7 +56,7 @@ def result(tmp_path_factory):
             bundles="dummy,broken,ma_sam", bundles_dir=bundles, img_size=32, batch_size=1,
             volume_shape=(32, 32, 8), peers=("sam", "dynunet"), peer_roi=(32, 32, 8), peer_batch=1,
             sdpa_block_size=32, warmup=0, repeat=1, min_time=0.0, threads=1, out=out,
-            data_num=3, data_shape=(32, 32, 8), data_epochs=2, memory_estimates=False,
+            data_num=3, data_shape=(32, 32, 8), data_epochs=2, memory_estimates=False, lite=False,
         )
     finally:
         torch.set_num_threads(threads)
@@ -183,3 +183,36 @@ def test_switch_and_data_loading_rows(result):
     assert "gradient_checkpointing" in dummy["switches"]["note"] and "error" in dummy["data_loading"]
     md = out.with_suffix(".md").read_text()
     assert "## Training memory switches" in md and "## Data loading" in md
+
+
+def test_lite_row_on_a_tiny_case():
+    """LiteMedSAM encoder row at 32² with random weights: counted FLOPs, rates and the rendered table."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from shared_nets.sam import build_sam
+
+    threads = torch.get_num_threads()
+    res = bench.lite_encoder_bench(threads=[1], img_size=32, weights=None, reference=False, warmup=0, repeat=2,
+                                   matmul_size=64)
+    assert torch.get_num_threads() == threads
+    enc = build_sam("lite", None, img_size=32).image_encoder.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        enc(torch.rand(1, 3, 32, 32))
+    # the fused CPU SDPA kernel has no FLOP formula: the row counts attention on the math kernel, so more
+    assert res["flops"] > counter.get_total_flops() > 0
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        enc(torch.rand(1, 3, 32, 32))
+    assert res["flops"] == counter.get_total_flops()
+    assert res["package_error"] == "not requested" and "max_abs_diff" not in res
+    (row,) = res["rows"]
+    assert row["threads"] == 1 and row["ours"]["runs"] == row["matmul"]["runs"] == 2 and "package" not in row
+    assert row["matmul_gflops"] == pytest.approx(2 * 64**3 / row["matmul"]["time_s"] / 1e9)
+    assert row["ours_gflops"] == pytest.approx(res["flops"] / row["ours"]["time_s"] / 1e9)
+    assert row["fraction_of_matmul"] == pytest.approx(row["ours_gflops"] / row["matmul_gflops"], rel=1e-2)
+    md = "\n".join(bench.render_lite(res))
+    assert "| " + " | ".join(bench.LITE_COLUMNS) + " |" in md and "\n| 1 | " in md
+    assert "package model not timed: not requested" in md
+    assert tools_main.resolve("bench_lite") is bench.lite_main
+    assert bench.render_lite({"error": "SamCheckpointError: x"})[-1] == "Skipped: SamCheckpointError: x"
+    assert bench._thread_counts(2) == [2] and bench._thread_counts("2,1") == bench._thread_counts((2, 1)) == [2, 1]
