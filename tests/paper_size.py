@@ -5,7 +5,8 @@ Each run uses the bundle's own ``configs/train.json`` / ``configs/inference.json
 random weights (``sam_checkpoint: null``), ``variant: vit_b``, batch size 1, one sample per volume,
 one epoch and no validation, on a real abdominal CT cropped to a few slices (the bundles' own
 transforms resize it in-plane to the paper's size). Training and inference each run in their own
-child process, so the peak RSS read from ``os.wait4`` is that run's alone; the training child
+child process, so the peak RSS read from ``os.wait4`` (through a small launcher,
+``tests/peak_rss.py``) is that run's alone; the training child
 saves the trained network as ``models/model.pt`` and the inference child loads it from there.
 
 Used by ``tests/test_paper_size.py`` (CI) and, as a script, to take the numbers written in the
@@ -22,13 +23,13 @@ import json
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.peak_rss import run_with_peak_rss
 
 REPO = Path(__file__).resolve().parents[1]
 # shipped in the repository (data/); ../shared beside the checkout holds the same files
@@ -172,20 +173,12 @@ def child_main(argv: list[str]) -> int:
 
 
 def run_measured(cmd: list[str], log: Path, env: dict[str, str], timeout: float) -> tuple[int, int, float]:
-    """Run ``cmd``; returns ``(exit status, peak RSS in bytes of that child, wall seconds)``."""
+    """Run ``cmd``; returns ``(exit status, peak RSS in bytes of that run alone, wall seconds)`` (-9 on timeout)."""
     start = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_maxrss * 1024, time.monotonic() - start  # Linux: KiB
-        if time.monotonic() - start > timeout:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return -9, 0, time.monotonic() - start
-        time.sleep(0.2)
+    try:
+        return run_with_peak_rss(cmd, log, env, timeout, cwd=REPO)
+    except TimeoutError:
+        return -9, 0, time.monotonic() - start
 
 
 def run_bundle(

@@ -1,9 +1,9 @@
-"""Bounded memory on a large CT (issue 11): MA-SAM inference of a 512 x 512 x 600 volume.
+"""Bounded memory on a large CT: MA-SAM inference of a 512 x 512 x 600 volume.
 
 The bundle runs the way users run it, ``python -m monai.bundle run`` with
 ``configs/inference.json`` + ``configs/demo.json`` (tiny SAM, CPU, in-plane ``img_size`` 64), in a
-child process whose peak RSS is read from ``os.wait4`` (that child's own ``ru_maxrss``, not the
-maximum over every child this pytest session ever started).
+child process whose peak RSS is read from ``os.wait4`` through a small launcher (``tests/peak_rss.py``: that
+run's own ``ru_maxrss``, not this pytest process's, which a direct child inherits).
 
 The bound (arithmetic in :func:`memory_bound`; V = one float32 copy of the input volume,
 512 * 512 * 600 * 4 B = 600 MiB):
@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+from tests.peak_rss import run_with_peak_rss
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ma_sam"
@@ -112,20 +111,12 @@ def write_tiny_model(path: Path) -> None:
 
 
 def run_measured(cmd: list[str], log: Path, env: dict[str, str], timeout: float) -> tuple[int, int]:
-    """Run ``cmd`` and return ``(exit status, peak RSS in bytes)`` of that child (``os.wait4``)."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen consistent
-            return proc.returncode, usage.ru_maxrss * 1024  # Linux reports KiB
-        if time.monotonic() > deadline:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"inference did not finish within {timeout} s; log: {log}")
-        time.sleep(0.2)
+    """Run ``cmd`` and return ``(exit status, peak RSS in bytes)`` of that run alone."""
+    try:
+        status, peak, _ = run_with_peak_rss(cmd, log, env, timeout, cwd=REPO)
+    except TimeoutError as e:
+        pytest.fail(str(e))
+    return status, peak
 
 
 @pytest.fixture()
