@@ -8,6 +8,8 @@ so parameter names stay SAM's (``blocks.0.attn.qkv.weight`` ...) and only the ad
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
@@ -141,6 +143,34 @@ class HyPAdapter(nn.Module):
         return x + out if self.skip else out
 
 
+def _add_encoder_adapters(
+    block: nn.Module, dim: int, hidden_dim: int, act: str, scale: float, zero_init: bool, depth_adapter: bool
+) -> None:
+    """Give an encoder block Med-SA's space adapter (skip), scaled MLP adapter and optional depth adapter."""
+    block.space_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=True, zero_init=zero_init)
+    block.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, scale=scale, zero_init=zero_init)
+    block.depth_adapter = (
+        BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init) if depth_adapter else None
+    )
+
+
+def _along_slices(
+    x: torch.Tensor, num_slices: int, attend: Callable[[torch.Tensor], torch.Tensor], adapter: nn.Module | None
+) -> torch.Tensor:
+    """SD-Trans (Fig. 1c): ``attend`` over the slice axis of tokens ``[B*D, h, w, C]`` (slices of one sample
+    contiguous), then the optional depth adapter; ``attend`` maps ``[B*h*w, D, C]`` to ``D * C`` values per row.
+
+    Returns:
+        ``[B*D, h, w, C]``.
+    """
+    bd, h, w, c = x.shape
+    b = bd // num_slices
+    xd = attend(x.reshape(b, num_slices, h, w, c).permute(0, 2, 3, 1, 4).reshape(b * h * w, num_slices, c))
+    if adapter is not None:
+        xd = adapter(xd)
+    return xd.reshape(b, h, w, num_slices, c).permute(0, 3, 1, 2, 4).reshape(bd, h, w, c)
+
+
 class MedSAEncoderBlock(nn.Module):
     """A SAM ViT block with Med-SA's two adapters and the SD-Trans depth branch.
 
@@ -183,11 +213,7 @@ class MedSAEncoderBlock(nn.Module):
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
         self.window_size = block.window_size
         self.sd_trans = bool(sd_trans)
-        self.space_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=True, zero_init=zero_init)
-        self.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, scale=scale, zero_init=zero_init)
-        self.depth_adapter = (
-            BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init) if depth_adapter else None
-        )
+        _add_encoder_adapters(self, dim, hidden_dim, act, scale, zero_init, depth_adapter)
 
     def depth_branch(self, xn: torch.Tensor, num_slices: int) -> torch.Tensor:
         """SD-Trans depth branch: attention over the slice axis.
@@ -199,13 +225,8 @@ class MedSAEncoderBlock(nn.Module):
         Returns:
             ``[B*D, h, w, C]``.
         """
-        bd, h, w, c = xn.shape
-        b = bd // num_slices
-        xd = xn.reshape(b, num_slices, h, w, c).permute(0, 2, 3, 1, 4).reshape(b * h * w, num_slices, 1, c)
-        xd = self.attn(xd)
-        if self.depth_adapter is not None:
-            xd = self.depth_adapter(xd)
-        return xd.reshape(b, h, w, num_slices, c).permute(0, 3, 1, 2, 4).reshape(bd, h, w, c)
+        # SAM's attention takes a [M, D, 1, C] grid: the slice line as a D x 1 image
+        return _along_slices(xn, num_slices, lambda xd: self.attn(xd[:, :, None]), self.depth_adapter)
 
     def forward(self, x: torch.Tensor, num_slices: int = 1) -> torch.Tensor:
         """Args:
@@ -292,23 +313,13 @@ class MedSATinyViTBlock(nn.Module):
         self.attn, self.local_conv, self.mlp = block.attn, block.local_conv, block.mlp
         self.window_size = block.window_size
         self.sd_trans = bool(sd_trans)
-        self.space_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=True, zero_init=zero_init)
-        self.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, scale=scale, zero_init=zero_init)
-        self.depth_adapter = (
-            BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init) if depth_adapter else None
-        )
+        _add_encoder_adapters(self, dim, hidden_dim, act, scale, zero_init, depth_adapter)
 
     window_attention = TinyViTBlock.window_attention
 
     def depth_branch(self, x: torch.Tensor, num_slices: int) -> torch.Tensor:
         """SD-Trans depth branch on raw tokens ``[B*D, h, w, C]`` → ``[B*D, h, w, C]``."""
-        bd, h, w, c = x.shape
-        b = bd // num_slices
-        xd = x.reshape(b, num_slices, h, w, c).permute(0, 2, 3, 1, 4).reshape(b * h * w, num_slices, c)
-        xd = depth_attention(self.attn, xd)
-        if self.depth_adapter is not None:
-            xd = self.depth_adapter(xd)
-        return xd.reshape(b, h, w, num_slices, c).permute(0, 3, 1, 2, 4).reshape(bd, h, w, c)
+        return _along_slices(x, num_slices, lambda xd: depth_attention(self.attn, xd), self.depth_adapter)
 
     def forward(self, x: torch.Tensor, num_slices: int = 1) -> torch.Tensor:
         """Tokens ``[B*D, h, w, C]`` (``D = num_slices`` consecutive slices per sample) → same shape."""
