@@ -38,6 +38,20 @@ SHARED = REPO.parent / "shared"
 SCHEMA = SHARED / "data" / "monai_schema" / "meta_schema_20240725.json"
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 
+def write_initial_model(bundle_root: Path, configs: tuple[str, ...] = ("inference.json", "demo.json")) -> Path:
+    """Save the freshly built (untrained) ``network_def`` of ``configs`` as ``<bundle_root>/models/model.pt``."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([bundle_root / "configs" / c for c in configs])
+    parser["bundle_root"] = str(bundle_root)
+    path = bundle_root / "models" / "model.pt"
+    path.parent.mkdir(exist_ok=True)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    return path
+
+
 def run_workflow(bundle_root: Path, configs: list[str], workflow_type: str, overrides: dict[str, Any],
                  collect_losses: bool = False) -> list[float]:
     """Run a bundle workflow in-process (``shared_nets.engine.run_bundle_workflow``); returns train losses."""

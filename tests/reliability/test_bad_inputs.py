@@ -361,7 +361,7 @@ def test_the_docs_table_lists_every_case():
 def test_batch_inference_skips_and_reports_a_bad_volume(demo_data, tmp_path):
     import shutil
 
-    from tests.bundle_harness import run_workflow
+    from tests.bundle_harness import run_workflow, write_initial_model
 
     bundle = tmp_path / "ma_sam"
     shutil.copytree(REPO / "bundles" / "ma_sam", bundle, ignore=shutil.ignore_patterns("models", "eval"))
@@ -373,13 +373,7 @@ def test_batch_inference_skips_and_reports_a_bad_volume(demo_data, tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"test": [{"image": good[0]}, {"image": str(broken)},
                                              {"image": str(tmp_path / "missing.nii.gz")}, {"image": good[1]}]}))
-    (bundle / "models").mkdir()
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([bundle / "configs" / "inference.json", bundle / "configs" / "demo.json"])
-    parser["bundle_root"] = str(bundle)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+    write_initial_model(bundle)
 
     out = tmp_path / "out"
     run_workflow(bundle, ["inference.json", "demo.json"], "infer",

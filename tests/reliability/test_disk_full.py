@@ -148,15 +148,11 @@ def test_training_stops_with_one_line_when_a_checkpoint_hits_a_full_disk(demo_da
 
 @pytest.mark.slow
 def test_inference_stops_with_one_line_when_a_prediction_hits_a_full_disk(demo_data, tmp_path):
-    from monai.bundle import ConfigParser
+    from tests.bundle_harness import write_initial_model
 
     bundle = tmp_path / "ma_sam"
     shutil.copytree(REPO / "bundles" / "ma_sam", bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
-    (bundle / "models").mkdir()
-    parser = ConfigParser()
-    parser.read_config([bundle / "configs" / "inference.json", bundle / "configs" / "demo.json"])
-    parser["bundle_root"] = str(bundle)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+    write_initial_model(bundle)
     out = tmp_path / "out"
     args = ("--config_file", "['configs/inference.json','configs/demo.json']", "--dataset_dir", str(demo_data),
             "--output_dir", str(out))

@@ -182,10 +182,7 @@ def test_batch_inference_skips_a_huge_volume_and_writes_the_others(demo_data, ho
     good volumes are written."""
     import shutil
 
-    import torch
-    from monai.bundle import ConfigParser
-
-    from tests.bundle_harness import run_workflow
+    from tests.bundle_harness import run_workflow, write_initial_model
 
     bundle = tmp_path / "ma_sam"
     shutil.copytree(REPO / "bundles" / "ma_sam", bundle, ignore=shutil.ignore_patterns("models", "eval"))
@@ -193,11 +190,7 @@ def test_batch_inference_skips_a_huge_volume_and_writes_the_others(demo_data, ho
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"test": [{"image": str(hostile["huge"])}, {"image": str(hostile["bomb"])},
                                              {"image": good}]}))
-    (bundle / "models").mkdir()
-    parser = ConfigParser()
-    parser.read_config([bundle / "configs" / "inference.json", bundle / "configs" / "demo.json"])
-    parser["bundle_root"] = str(bundle)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+    write_initial_model(bundle)
     out = tmp_path / "out"
     run_workflow(bundle, ["inference.json", "demo.json"], "infer",
                  {"dataset_dir": str(demo_data), "data_list_file_path": str(datalist), "output_dir": str(out)})
