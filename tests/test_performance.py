@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from shared_nets.nets.common import EmbeddingCache
-from shared_nets.nets.med_sa import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
-from shared_nets.nets.sam3d_adapter import SAM3DAdapter
+from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
+from shared_nets.sam3d_adapter.network import SAM3DAdapter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,9 +136,9 @@ def test_real_size_reprompt_flops_meet_the_target(bundle, overrides):
 
 # ---------------------------------------------------------------------------- gradient checkpointing
 def _grad_ckpt_cases():
-    from shared_nets.nets.h_sam import HSAM
-    from shared_nets.nets.ma_sam import MASAM
-    from shared_nets.nets.s_sam import SSAM
+    from shared_nets.h_sam.network import HSAM
+    from shared_nets.ma_sam.network import MASAM
+    from shared_nets.s_sam.network import SSAM
     from shared_nets.sam import enable_gradient_checkpointing
 
     def toggle_blocks(blocks):

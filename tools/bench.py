@@ -137,7 +137,7 @@ DATASET_TYPES = ("Dataset", "CacheDataset", "PersistentDataset")
 def reprompt_settings(bundle: str) -> dict[str, dict[str, Any]]:
     """Further network settings (config overrides) whose re-prompt cost is measured beside the configured one."""
     if bundle == "med_sa":
-        from shared_nets.nets.med_sa import MEDSA_OFFICIAL_CODE_SETTINGS
+        from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS
 
         return {"official code": dict(MEDSA_OFFICIAL_CODE_SETTINGS)}  # its keys are the bundle's config keys
     return {}
@@ -479,7 +479,7 @@ def _sam3d_reprompt_flops(net: nn.Module) -> tuple[dict[str, int], tuple[int, ..
 
 def _prompt_encoder3d_flops(fake: nn.Module, feat_shape: tuple[int, ...], patch: tuple[int, ...]) -> int:
     """FLOPs of a real copy (random weights) of a fake ``PromptEncoder3D`` on one click."""
-    from shared_nets.nets.sam3d_adapter_heads import PromptEncoder3D
+    from shared_nets.sam3d_adapter.heads import PromptEncoder3D
 
     blk = fake.layers[0]
     real = PromptEncoder3D(
@@ -585,7 +585,7 @@ def train_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, A
     if units:  # FSDP (use_fsdp): the largest unit gathered at a time, and the root unit (gathered throughout)
         out["fsdp_unit_gb"], out["fsdp_root_gb"] = max(units) / 2**30, (params - sum(units)) / 2**30
     if name == "SAM3DAdapter":
-        from shared_nets.nets.sam3d_adapter_bench import training_step_memory
+        from shared_nets.sam3d_adapter.bench import training_step_memory
 
         out["config"] = f"{net.variant}, {list(net.patch_size)} patch, batch 1"
         kwargs = {k: parser.get_parsed_content(k) for k in ("variant", "img_size") if k in parser}
@@ -613,7 +613,7 @@ def train_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, A
         net.automatic = True  # skips the checks that read prompt values (every slice is prompted here anyway)
     for label, ckpt, amp in (("none", False, False), ("grad-ckpt", True, False), ("AMP", False, True), ("both", True, True)):
         if name == "MedSA":  # switched on its encoder blocks (a per-block class swap), not by an attribute
-            from shared_nets.sam.checkpointing import enable_gradient_checkpointing
+            from shared_nets.sam import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(net.image_encoder.blocks, ckpt)
         else:

@@ -1,12 +1,95 @@
-"""Method networks, one public model per module (see docs/architecture.md).
+"""Old import paths of the method networks, kept so that existing configs still resolve.
 
-Each maps ``[B, C, H, W, D]`` to ``[B, K, H, W, D]`` logits at the input's size.
+The methods now live in one package each (``shared_nets.ma_sam``, ``shared_nets.med_sa``,
+``shared_nets.sam3d_adapter``, ``shared_nets.s_sam``, ``shared_nets.h_sam``; see
+docs/architecture.md). Configs written before that move, e.g. the ``inference.json`` copied into a
+MONAI Label app, name targets such as ``shared_nets.nets.ma_sam.MASAM``; an import hook serves each
+old module name from the new module, on first use, so nothing is imported until it is asked for.
+New code should import the new paths.
 """
 
-from .h_sam import HSAM
-from .ma_sam import MASAM
-from .med_sa import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
-from .s_sam import SSAM, TextAffineLayer
-from .sam3d_adapter import SAM3DAdapter
+from __future__ import annotations
 
-__all__ = ["HSAM", "MASAM", "MEDSA_OFFICIAL_CODE_SETTINGS", "MedSA", "SAM3DAdapter", "SSAM", "TextAffineLayer"]
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import types
+
+#: old module (under ``shared_nets.nets``) -> the module that now holds its names.
+MOVED_MODULES: dict[str, str] = {
+    "ma_sam": "shared_nets.ma_sam.network",
+    "med_sa": "shared_nets.med_sa.network",
+    "med_sa_blocks": "shared_nets.med_sa.blocks",
+    "med_sa_interactive": "shared_nets.med_sa.interactive",
+    "med_sa_prompts": "shared_nets.med_sa.transforms",
+    "sam3d_adapter": "shared_nets.sam3d_adapter.network",
+    "sam3d_adapter_encoder": "shared_nets.sam3d_adapter.encoder",
+    "sam3d_adapter_heads": "shared_nets.sam3d_adapter.heads",
+    "sam3d_adapter_data": "shared_nets.sam3d_adapter.data",
+    "sam3d_adapter_bench": "shared_nets.sam3d_adapter.bench",
+    "s_sam": "shared_nets.s_sam.network",
+    "s_sam_text": "shared_nets.s_sam.text",
+    "h_sam": "shared_nets.h_sam.network",
+    "h_sam_decoder": "shared_nets.h_sam.decoder",
+    "h_sam_loss": "shared_nets.h_sam.loss",
+    "h_sam_data": "shared_nets.h_sam.data",
+}
+
+#: old modules whose names were split over several new modules: old -> {name: new module}.
+SPLIT_MODULES: dict[str, dict[str, str]] = {}
+
+#: the names this package itself exported before the move.
+_PACKAGE_NAMES = {
+    "HSAM": "shared_nets.h_sam",
+    "MASAM": "shared_nets.ma_sam",
+    "MEDSA_OFFICIAL_CODE_SETTINGS": "shared_nets.med_sa",
+    "MedSA": "shared_nets.med_sa",
+    "SAM3DAdapter": "shared_nets.sam3d_adapter",
+    "SSAM": "shared_nets.s_sam",
+    "TextAffineLayer": "shared_nets.s_sam",
+}
+
+
+def _collect(old: str) -> types.ModuleType:
+    """A module object holding the names of a split old module, each taken from its new home."""
+    module = types.ModuleType(f"{__name__}.{old}", f"Names of the former ``{__name__}.{old}``, now split.")
+    for name, home in SPLIT_MODULES[old].items():
+        setattr(module, name, getattr(importlib.import_module(home), name))
+    return module
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves ``shared_nets.nets.<old>`` with the module that replaced it."""
+
+    prefix = f"{__name__}."
+
+    def find_spec(self, fullname, path=None, target=None):  # noqa: D102 (importlib protocol)
+        old = fullname[len(self.prefix) :] if fullname.startswith(self.prefix) else None
+        if old in MOVED_MODULES or old in SPLIT_MODULES:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):  # noqa: D102
+        old = spec.name[len(self.prefix) :]
+        if old in SPLIT_MODULES:
+            return _collect(old)
+        module = importlib.import_module(MOVED_MODULES[old])
+        self._own_spec = module.__spec__  # importlib overwrites __spec__; exec_module puts it back
+        return module
+
+    def exec_module(self, module):  # noqa: D102
+        own = getattr(self, "_own_spec", None)
+        if own is not None and own.name == module.__name__:
+            module.__spec__ = own
+        self._own_spec = None
+
+
+if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModuleFinder())
+
+
+def __getattr__(name: str):
+    if name in _PACKAGE_NAMES:
+        return getattr(importlib.import_module(_PACKAGE_NAMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,9 @@
 """SAM backbone: named variants, builders at any input size, official-checkpoint loading."""
 
 from .attention import REL_POS_MODES, SdpaAttention, decomposed_rel_pos_bias, enable_sdpa, is_sdpa_enabled
-from .checkpointing import enable_gradient_checkpointing, is_gradient_checkpointed
+from .grad_checkpoint import enable_gradient_checkpointing, is_gradient_checkpointed
 from .builder import build_image_encoder, build_sam, check_img_size, expand_mask_tokens
-from .checkpoint import (
+from .weights import (
     SamCheckpointError,
     fit_state_dict_to_model,
     infer_variant,

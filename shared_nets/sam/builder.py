@@ -11,7 +11,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from .attention import enable_sdpa
-from .checkpoint import load_sam_state_dict
+from .weights import load_sam_state_dict
 from .tiny_vit import TinyViTEncoder
 from .variants import SamVariant, get_variant
 

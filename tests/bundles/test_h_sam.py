@@ -91,7 +91,7 @@ def test_missing_sam_checkpoint_names_the_file(demo_data, tmp_path):
 
 
 def test_few_shot_datalists_and_slice_selection(demo_data, tmp_path):
-    from shared_nets.nets.h_sam_data import SelectSlicesd, label_frequencies, write_few_shot_datalist
+    from shared_nets.h_sam.data import SelectSlicesd, label_frequencies, write_few_shot_datalist
 
     src = demo_data / "datalist.json"
     out = tmp_path / "few_shot_10pct.json"  # elsewhere: the writer makes the paths absolute

@@ -96,7 +96,7 @@ def test_network_at_initialisation_is_litemedsam(bundle, reference, slices):
     if bundle == "h_sam":
         import copy
 
-        from shared_nets.nets.h_sam_decoder import decode_stage1
+        from shared_nets.h_sam.decoder import decode_stage1
         from shared_nets.sam import expand_mask_tokens
 
         # stage 1 is LiteMedSAM's decoder with one mask token per class (SAMed-style copies of its tokens)

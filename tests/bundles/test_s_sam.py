@@ -52,7 +52,7 @@ class TestSSAMBundle(BundleHarness):
         assert "['gallblader'] are not in channel_def" in msg
 
     def test_class_without_stored_embedding_is_a_clear_error(self, bundle_copy, data_dir, tmp_path):
-        from shared_nets.nets.s_sam_text import add_text_embeddings
+        from shared_nets.s_sam.text import add_text_embeddings
 
         partial = tmp_path / "partial.json"
         add_text_embeddings(str(partial), ["liver"], encoder="hash")
@@ -60,7 +60,7 @@ class TestSSAMBundle(BundleHarness):
         assert f"['spleen'] have no embedding in '{partial}'" in msg
 
     def test_embedding_file_of_the_wrong_width_is_a_clear_error(self, bundle_copy, data_dir, tmp_path):
-        from shared_nets.nets.s_sam_text import add_text_embeddings
+        from shared_nets.s_sam.text import add_text_embeddings
 
         narrow = tmp_path / "narrow.json"
         add_text_embeddings(str(narrow), ["liver"], encoder="hash", dim=128)
@@ -68,7 +68,7 @@ class TestSSAMBundle(BundleHarness):
         assert "holds 128-d vectors, the network expects text_dim=512" in msg
 
     def test_shipped_embeddings_cover_channel_def(self, bundle_copy):
-        from shared_nets.nets.s_sam_text import foreground_names, load_class_embeddings
+        from shared_nets.s_sam.text import foreground_names, load_class_embeddings
 
         meta = json.loads((bundle_copy / "configs" / "metadata.json").read_text())
         names = foreground_names(meta["network_data_format"]["outputs"]["pred"]["channel_def"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
-from shared_nets.nets.sam3d_adapter_data import RECIPES, check_target_class
+from shared_nets.sam3d_adapter.data import RECIPES, check_target_class
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "sam3d_adapter"
 

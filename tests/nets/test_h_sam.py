@@ -1,4 +1,4 @@
-"""shared_nets.nets.h_sam: H-SAM network (shapes, stage coupling, CMAttn, LoRA identity, parameter counts, errors)."""
+"""shared_nets.h_sam.network: H-SAM network (shapes, stage coupling, CMAttn, LoRA identity, parameter counts, errors)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from segment_anything.modeling.transformer import Attention, TwoWayTransformer
 
-from shared_nets.nets.h_sam import HSAM
-from shared_nets.nets.h_sam_decoder import (
+from shared_nets.h_sam.network import HSAM
+from shared_nets.h_sam.decoder import (
     CMAttn,
     MaskGuidedAttention,
     class_balanced_noise_var,
     run_two_way_transformer,
 )
-from shared_nets.nets.h_sam_loss import HSAMStageWeights, stage_loss, stage_weights
+from shared_nets.h_sam.loss import HSAMStageWeights, stage_loss, stage_weights
 from shared_nets.peft import LoRAQKV, trainable_parameter_report
 from shared_nets.sam import SamCheckpointError, build_sam
 

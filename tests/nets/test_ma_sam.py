@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared_nets.nets.ma_sam import MASAM
+from shared_nets.ma_sam.network import MASAM
 from shared_nets.peft import trainable_parameter_report
 from shared_nets.sam import build_sam
 

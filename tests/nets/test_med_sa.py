@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared_nets.nets.med_sa import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
-from shared_nets.nets.med_sa_blocks import HyPAdapter
+from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
+from shared_nets.med_sa.blocks import HyPAdapter
 from shared_nets.peft import trainable_parameter_report
 from shared_nets.sam import build_sam
 
@@ -266,13 +266,13 @@ def test_bad_arguments(kw, match):
 
 
 # ---------------------------------------------------------------- prompts, interaction, evaluation helpers
-from shared_nets.nets.med_sa_interactive import (  # noqa: E402
+from shared_nets.med_sa.interactive import (  # noqa: E402
     InteractiveRefinementCurve,
     MedSAClickInteraction,
     add_corrective_clicks,
     corrective_click,
 )
-from shared_nets.nets.med_sa_prompts import CheckPromptsd, ObjectLabeld, SimulatePromptSettingd  # noqa: E402
+from shared_nets.med_sa.transforms import CheckPromptsd, ObjectLabeld, SimulatePromptSettingd  # noqa: E402
 
 
 def test_corrective_click_goes_to_the_largest_error_region():

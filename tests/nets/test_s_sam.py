@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared_nets.nets.s_sam import SSAM, TextAffineLayer
-from shared_nets.nets.s_sam_text import (
+from shared_nets.s_sam.network import SSAM, TextAffineLayer
+from shared_nets.s_sam.text import (
     ClipTextEncoder,
     HashTextEncoder,
     add_text_embeddings,

@@ -1,4 +1,4 @@
-"""shared_nets.nets.sam3d_adapter: shapes, the published trainable-parameter counts, parity with SAM's
+"""shared_nets.sam3d_adapter.network: shapes, the published trainable-parameter counts, parity with SAM's
 attention, identity at init, gradients, prompts and the errors for bad input."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 
-from shared_nets.nets.sam3d_adapter import SAM3DAdapter
-from shared_nets.nets.sam3d_adapter_encoder import (
+from shared_nets.sam3d_adapter.network import SAM3DAdapter
+from shared_nets.sam3d_adapter.encoder import (
     SpatialAdapter3D,
     WindowAttention3D,
     shifted_window_regions,
@@ -340,7 +340,7 @@ def _touch(path):
 
 
 def test_find_cases_for_each_dataset_layout(tmp_path):
-    from shared_nets.nets.sam3d_adapter_data import find_cases
+    from shared_nets.sam3d_adapter.data import find_cases
 
     for i in range(3):
         _touch(tmp_path / "kits" / f"case_{i:05d}" / "imaging.nii.gz")
@@ -368,7 +368,7 @@ def test_find_cases_for_each_dataset_layout(tmp_path):
 def test_random_split_is_seeded_70_10_20(tmp_path):
     import json
 
-    from shared_nets.nets.sam3d_adapter_data import random_split, write_datalist
+    from shared_nets.sam3d_adapter.data import random_split, write_datalist
 
     items = [{"image": f"img_{i:03d}", "label": f"lab_{i:03d}"} for i in range(50)]
     a, b = random_split(items, seed=3), random_split(list(reversed(items)), seed=3)
@@ -387,7 +387,7 @@ def test_random_split_is_seeded_70_10_20(tmp_path):
 
 
 def test_require_positive_clicks():
-    from shared_nets.nets.sam3d_adapter_data import RequirePositiveClicksd
+    from shared_nets.sam3d_adapter.data import RequirePositiveClicksd
 
     t = RequirePositiveClicksd()
     assert t({"foreground": [[1, 2, 3]], "background": []})["foreground"] == [[1, 2, 3]]
@@ -410,7 +410,7 @@ def test_negative_only_patch_runs_when_asked():
 
 
 def test_memory_estimate_shows_what_checkpointing_saves():
-    from shared_nets.nets.sam3d_adapter_bench import training_step_memory
+    from shared_nets.sam3d_adapter.bench import training_step_memory
 
     kw = dict(variant="tiny", img_size=S, sam_input_size=64, window_size=2, amp=False, device="cpu")
     plain = training_step_memory(use_checkpoint=False, **kw)

@@ -17,10 +17,10 @@ import torch
 from monai.bundle import ConfigParser
 from segment_anything.modeling.image_encoder import Attention
 
-from shared_nets.nets.h_sam import HSAM
-from shared_nets.nets.ma_sam import MASAM
-from shared_nets.nets.med_sa import MedSA
-from shared_nets.nets.s_sam import SSAM
+from shared_nets.h_sam.network import HSAM
+from shared_nets.ma_sam.network import MASAM
+from shared_nets.med_sa.network import MedSA
+from shared_nets.s_sam.network import SSAM
 from shared_nets.sam import SdpaAttention, is_sdpa_enabled
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"

@@ -176,7 +176,7 @@ def _load_into_masam(tmp, path):
     from ignite.engine import Engine
 
     from shared_nets.engine import CheckpointLoader
-    from shared_nets.nets import MASAM
+    from shared_nets.ma_sam import MASAM
 
     net = MASAM(variant="tiny", checkpoint=None, img_size=64, num_classes=3, patch_size=8)
     engine = Engine(lambda e, b: None)
@@ -185,14 +185,14 @@ def _load_into_masam(tmp, path):
 
 
 def model_checkpoint_of_another_method(tmp):
-    from shared_nets.nets import HSAM
+    from shared_nets.h_sam import HSAM
 
     torch.save(HSAM(variant="tiny", checkpoint=None, img_size=64, num_classes=3).state_dict(), tmp / "model.pt")
     _load_into_masam(tmp, tmp / "model.pt")
 
 
 def model_checkpoint_other_num_classes(tmp):
-    from shared_nets.nets import MASAM
+    from shared_nets.ma_sam import MASAM
 
     other = MASAM(variant="tiny", checkpoint=None, img_size=64, num_classes=5, patch_size=8)
     torch.save(other.state_dict(), tmp / "model.pt")
@@ -227,13 +227,13 @@ def prompt_outside_the_image(tmp):
 
 
 def override_wrong_type(tmp):
-    from shared_nets.nets import MASAM
+    from shared_nets.ma_sam import MASAM
 
     MASAM(variant="tiny", checkpoint=None, img_size="512px", num_classes=3)  # `--img_size 512px`
 
 
 def override_unknown_variant(tmp):
-    from shared_nets.nets import HSAM
+    from shared_nets.h_sam import HSAM
 
     HSAM(variant="vit_xl", checkpoint=None, img_size=64, num_classes=3)  # `--variant vit_xl`
 

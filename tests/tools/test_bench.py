@@ -47,7 +47,7 @@ def result(tmp_path_factory):
     """One minimal run: a Conv3d 'bundle', a bundle whose network module is missing, MA-SAM (tiny, 32²)."""
     bundles = tmp_path_factory.mktemp("bundles")
     _dummy_bundle(bundles / "dummy", "torch.nn.Conv3d")
-    _dummy_bundle(bundles / "broken", "shared_nets.nets.does_not_exist.Net")
+    _dummy_bundle(bundles / "broken", "shared_nets.does_not_exist.Net")
     shutil.copytree(REPO / "bundles" / "ma_sam" / "configs", bundles / "ma_sam" / "configs")
     out = tmp_path_factory.mktemp("out") / "bench"
     threads = torch.get_num_threads()

@@ -102,7 +102,7 @@ def test_btcv_merge_adrenals_writes_mapped_labels(btcv, tmp_path):
 
 
 def test_synapse_split_and_label_ids(btcv, tmp_path):
-    from shared_nets.nets.h_sam_data import BTCV_TO_SYNAPSE
+    from shared_nets.h_sam.data import BTCV_TO_SYNAPSE
 
     out = tmp_path / "synapse"
     prepare("synapse", btcv, out, label_ids="synapse", progress=False)
@@ -235,7 +235,7 @@ def tumour_sets(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("dataset", ["msd_pancreas", "msd_colon", "kits21", "lits17"])
 def test_tumour_sets_match_3dsam_adapter_split(tumour_sets, tmp_path, dataset):
-    from shared_nets.nets.sam3d_adapter_data import TUMOUR_DATASETS, write_datalist
+    from shared_nets.sam3d_adapter.data import TUMOUR_DATASETS, write_datalist
 
     src = tumour_sets[dataset]
     prepare(dataset, src, tmp_path / "a", seed=3, progress=False)

@@ -208,11 +208,11 @@ def prepare_btcv(src: Path, out: Path, *, seed: int = 0, num_val: int = 0, merge
 def synapse_labels() -> tuple[np.ndarray, dict[int, str]]:
     """BTCV -> Synapse 8-organ look-up table and the Synapse label names.
 
-    The ids are SAMed's/H-SAM's (``shared_nets.nets.h_sam_data.BTCV_TO_SYNAPSE``): 1 spleen,
+    The ids are SAMed's/H-SAM's (``shared_nets.h_sam.data.BTCV_TO_SYNAPSE``): 1 spleen,
     2 right kidney, 3 left kidney, 4 gallbladder, 5 liver, 6 stomach, 7 aorta, 8 pancreas;
     esophagus, IVC, portal/splenic veins and adrenal glands become background.
     """
-    from shared_nets.nets.h_sam_data import BTCV_TO_SYNAPSE
+    from shared_nets.h_sam.data import BTCV_TO_SYNAPSE
 
     lut = np.asarray(BTCV_TO_SYNAPSE, dtype=np.uint8)
     names = {0: "background"}

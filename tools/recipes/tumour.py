@@ -1,6 +1,6 @@
 """The 3DSAM-adapter tumour datasets (MSD Task07 pancreas, MSD Task10 colon, KiTS21, LiTS17), seeded 70/10/20.
 
-Case discovery and the split are ``shared_nets.nets.sam3d_adapter_data.find_cases`` /
+Case discovery and the split are ``shared_nets.sam3d_adapter.data.find_cases`` /
 ``random_split`` (the poster: "randomly split into 70%, 10%, and 20%"), so a datalist written here
 has exactly the cases of ``sam3d_adapter_data.write_datalist`` for the same seed; this recipe adds
 the decathlon fields and paths relative to ``--out``. Labels stay as distributed (every file is
@@ -110,7 +110,7 @@ def prepare_tumour(dataset: str, src: Path, out: Path, *, seed: int = 0, progres
         The datalist content, with the official-code intensity statistics of the dataset
         (``target_class``, ``intensity_range``, ``mean``, ``std``) as extra keys.
     """
-    from shared_nets.nets.sam3d_adapter_data import TUMOUR_DATASETS, find_cases, random_split
+    from shared_nets.sam3d_adapter.data import TUMOUR_DATASETS, find_cases, random_split
 
     info = TUMOUR_INFO[dataset]
     root = _root(dataset, src)
@@ -136,7 +136,7 @@ def prepare_tumour(dataset: str, src: Path, out: Path, *, seed: int = 0, progres
         "numTraining": len(lists["training"]),
         "numTest": len(lists["test"]),
         "split": {"kind": "seeded", "seed": seed, "fractions": [0.7, 0.1, 0.2],
-                  "source": "3DSAM-adapter poster, Experiments (random 70/10/20); shared_nets.nets.sam3d_adapter_data.random_split"},
+                  "source": "3DSAM-adapter poster, Experiments (random 70/10/20); shared_nets.sam3d_adapter.data.random_split"},
         "label_ids": dataset,
         **TUMOUR_DATASETS[dataset],
         **lists,

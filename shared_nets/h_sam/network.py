@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared_nets.peft import freeze_except, inject_lora
-from shared_nets.sam.checkpointing import enable_gradient_checkpointing
+from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
 
-from .common import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
-from .h_sam_decoder import MASK_ATTENTION_MODES, HSAMStage2Decoder, decode_stage1
+from shared_nets.nets.common import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from .decoder import MASK_ATTENTION_MODES, HSAMStage2Decoder, decode_stage1
 
 __all__ = ["HSAM", "ENSEMBLE_MODES", "FINETUNE_MODES"]
 
@@ -78,7 +78,7 @@ class HSAM(nn.Module):
             not in the paper, default 0).
         decoder2_dropout: dropout on stage 2's token→image attention output (released 0.2).
         cmattn_noise_var: per-class CMAttn noise variances (``num_classes + 1`` values, computed
-            offline, e.g. by :func:`shared_nets.nets.h_sam_decoder.class_balanced_noise_var`);
+            offline, e.g. by :func:`shared_nets.h_sam.decoder.class_balanced_noise_var`);
             None estimates them per batch from the label.
         cmattn_noise_max_var: variance of the rarest class for the per-batch estimate.
         cmattn_num_heads: CMAttn heads; None: the largest divisor of ``h*w`` up to 8 (as released).

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .sam3d_adapter import SAM3DAdapter
+from .network import SAM3DAdapter
 
 __all__ = ["training_step_memory"]
 

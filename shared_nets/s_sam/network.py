@@ -56,10 +56,10 @@ from torch import nn
 
 from shared_nets.nets.common import block_norms, decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from shared_nets.peft import inject_svd
-from shared_nets.sam.checkpointing import enable_gradient_checkpointing
+from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
 
-from .s_sam_text import TEXT_EMBEDDING_DIM, HashTextEncoder, load_class_embeddings
+from .text import TEXT_EMBEDDING_DIM, HashTextEncoder, load_class_embeddings
 
 __all__ = ["SSAM", "TextAffineLayer", "S_SAM_MODES", "TAL_TYPES"]
 
@@ -127,7 +127,7 @@ class SSAM(nn.Module):
         class_names: label names to segment, in output-channel order (from the bundle's
             ``channel_def``, background excluded). A subset predicts only those classes.
         text_embeddings: JSON file with the stored label-name embeddings (see
-            :mod:`shared_nets.nets.s_sam_text`), or None to use deterministic hash vectors
+            :mod:`shared_nets.s_sam.text`), or None to use deterministic hash vectors
             (tests; carries no semantics).
         text_dim: text embedding width (512 for CLIP ViT-B/32).
         mode: ``paper`` or ``official``; sets the defaults of ``tal``, ``train_decoder_norms``

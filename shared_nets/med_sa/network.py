@@ -31,10 +31,10 @@ from torch import nn
 
 from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_boxes_2d, decode_points, decode_points_2d, scale_coords
-from shared_nets.sam.checkpointing import enable_gradient_checkpointing
+from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
 
-from .common import (
+from shared_nets.nets.common import (
     EmbeddingCache,
     block_width,
     decode_masks,
@@ -44,7 +44,7 @@ from .common import (
     upsample_to,
     volume_to_slices,
 )
-from .med_sa_blocks import (
+from .blocks import (
     PROMPT_FUSIONS,
     MedSAEncoderBlock,
     MedSATinyViTBlock,
@@ -92,7 +92,7 @@ class MedSA(nn.Module):
     Args:
         variant: SAM backbone ``vit_b`` / ``vit_l`` / ``vit_h`` (paper) / ``lite`` / ``tiny``. At
             ``lite`` every TinyViT attention block gets the space and MLP adapters and the SD-Trans
-            depth branch (:class:`~shared_nets.nets.med_sa_blocks.MedSATinyViTBlock`), at its stage's width.
+            depth branch (:class:`~shared_nets.med_sa.blocks.MedSATinyViTBlock`), at its stage's width.
         checkpoint: official SAM ``.pth`` (loaded strictly, rel-pos tables included, before
             the adapters are injected) or None for random initialisation.
         img_size: SAM input side; slices are resized to it inside the network.

@@ -20,9 +20,9 @@ This module writes and validates that file and provides two encoders with one in
 
 Command line (adds or updates names in a file, other names are kept)::
 
-    python -m shared_nets.nets.s_sam_text add bundles/s_sam/configs/text_embeddings.json \\
+    python -m shared_nets.s_sam.text add bundles/s_sam/configs/text_embeddings.json \\
         "['liver', 'spleen']" --encoder clip
-    python -m shared_nets.nets.s_sam_text show bundles/s_sam/configs/text_embeddings.json
+    python -m shared_nets.s_sam.text show bundles/s_sam/configs/text_embeddings.json
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def read_text_embeddings(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     if not os.path.isfile(path):
         raise ValueError(
             f"text embedding file '{path}' does not exist; create it with "
-            "`python -m shared_nets.nets.s_sam_text add <file> \"['class name', ...]\"`."
+            "`python -m shared_nets.s_sam.text add <file> \"['class name', ...]\"`."
         )
     try:
         with open(path, encoding="utf-8") as f:
@@ -248,7 +248,7 @@ def load_class_embeddings(
     if missing:
         raise ValueError(
             f"class name(s) {missing} have no embedding in '{os.fspath(path)}' (stored: {info['names']}); "
-            f"add them with `python -m shared_nets.nets.s_sam_text add {os.fspath(path)} \"{list(missing)}\"`."
+            f"add them with `python -m shared_nets.s_sam.text add {os.fspath(path)} \"{list(missing)}\"`."
         )
     return torch.stack([table[normalize_name(n)] for n in class_names]) if class_names else torch.zeros(0, dim)
 

@@ -160,7 +160,7 @@ class SimulatePromptSettingd(Randomizable, MapTransform):
     Per axial slice containing the object: ``1-point`` / ``3-points`` draw uniformly random
     positive clicks (the paper: "a random 1 positive point"); ``bbox0.5`` / ``bbox0.75`` a box of
     the tight box's size shifted to IoU 0.5 / 0.75 with it. ``setting`` may be changed between
-    evaluation runs (see :class:`~shared_nets.nets.med_sa_interactive.PromptSettingsRunner`).
+    evaluation runs (see :class:`~shared_nets.med_sa.interactive.PromptSettingsRunner`).
 
     Args:
         label_key: binary label ``[1, H, W, D]``.

@@ -9,9 +9,9 @@ lists are copied unchanged.
 
 Command line (from the checkout)::
 
-    python -m shared_nets.nets.h_sam_data few_shot --datalist D.json --out D_10pct.json --fraction 0.1 --seed 0
-    python -m shared_nets.nets.h_sam_data few_shot --datalist D.json --out D_4cases.json --num_cases 4 --seed 0
-    python -m shared_nets.nets.h_sam_data noise_var --datalist D.json --num_classes 8 --label_map btcv_to_synapse
+    python -m shared_nets.h_sam.data few_shot --datalist D.json --out D_10pct.json --fraction 0.1 --seed 0
+    python -m shared_nets.h_sam.data few_shot --datalist D.json --out D_4cases.json --num_cases 4 --seed 0
+    python -m shared_nets.h_sam.data noise_var --datalist D.json --num_classes 8 --label_map btcv_to_synapse
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from monai.config import KeysCollection
 from shared_nets.io import atomic_write_json
 from monai.transforms import MapTransform
 
-from .h_sam_decoder import class_balanced_noise_var
+from .decoder import class_balanced_noise_var
 
 __all__ = [
     "BTCV_TO_SYNAPSE",

@@ -16,9 +16,9 @@ from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_points
 from shared_nets.sam import build_sam, get_variant
 
-from .common import EmbeddingCache
-from .sam3d_adapter_encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer, run_blocks
-from .sam3d_adapter_heads import PROMPT_ENCODINGS, PROMPT_LAYERS, MultiLevelDecoder3D, PromptEncoder3D
+from shared_nets.nets.common import EmbeddingCache
+from .encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer, run_blocks
+from .heads import PROMPT_ENCODINGS, PROMPT_LAYERS, MultiLevelDecoder3D, PromptEncoder3D
 
 __all__ = ["SAM3DAdapter", "PROMPT_ENCODER_MODES", "NO_POSITIVE_MODES", "SAM3D_TRAINABLE_PATTERNS"]
 

@@ -359,7 +359,7 @@ class PromptSettingsRunner:
 
     Args:
         evaluator: a MONAI evaluator.
-        prompt_transform: the :class:`~shared_nets.nets.med_sa_prompts.SimulatePromptSettingd` in its pre-processing.
+        prompt_transform: the :class:`~shared_nets.med_sa.transforms.SimulatePromptSettingd` in its pre-processing.
         settings: setting names to run.
         output_dir: summary folder.
         per_setting_outputs: objects whose output folder follows the setting.

@@ -1,0 +1,10 @@
+"""H-SAM: hierarchical SAM decoding for few-shot medical segmentation (Cheng et al., CVPR 2024).
+
+LoRA-tuned SAM encoder, SAM's decoder as stage 1 and a mask-guided hierarchical stage-2 decoder,
+with the two-stage loss. See ``bundles/h_sam``.
+"""
+
+from . import data, decoder, loss, network
+from .network import ENSEMBLE_MODES, FINETUNE_MODES, HSAM
+
+__all__ = ["ENSEMBLE_MODES", "FINETUNE_MODES", "HSAM", "data", "decoder", "loss", "network"]

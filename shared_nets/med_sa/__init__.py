@@ -1,0 +1,10 @@
+"""Med-SA: Medical SAM Adapter (Wu et al., 2023).
+
+Adapters in a frozen SAM (SD-Trans depth branch, HyP-Adpt prompt-conditioned decoder adapters),
+prompt settings and click interaction. See ``bundles/med_sa``.
+"""
+
+from . import blocks, interactive, network, transforms
+from .network import MEDSA_OFFICIAL_CODE_SETTINGS, PROMPT_SCOPES, MedSA
+
+__all__ = ["MEDSA_OFFICIAL_CODE_SETTINGS", "PROMPT_SCOPES", "MedSA", "blocks", "interactive", "network", "transforms"]

@@ -1,0 +1,10 @@
+"""S-SAM: SVD-based fine-tuning of SAM with text prompts (Paranjape et al., 2024).
+
+Singular-value tuning of a frozen SAM and a Text-Affine Layer (TAL) that turns class-name
+embeddings into prompt tokens. See ``bundles/s_sam``.
+"""
+
+from . import network, text
+from .network import S_SAM_MODES, SSAM, TAL_TYPES, TextAffineLayer
+
+__all__ = ["S_SAM_MODES", "SSAM", "TAL_TYPES", "TextAffineLayer", "network", "text"]
