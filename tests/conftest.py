@@ -40,7 +40,7 @@ DEMO_NUM = 6
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A phantom dataset written once per test session; returns the folder holding ``datalist.json``."""
-    from tools.demo_data import write_demo_dataset
+    from shared_nets.phantom import write_demo_dataset
 
     out = tmp_path_factory.mktemp("demo_data")
     write_demo_dataset(out, num=DEMO_NUM, seed=0, shape=DEMO_SHAPE, progress=False)
