@@ -95,7 +95,8 @@ def test_log_trainable_parameters_on_rank_zero_only(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="sam3d_adapter"):
         report = log_trainable_parameters(net, "sam3d_adapter")
     # the text the bundle's JSON logged: 'trainable parameters:\n' + str(report)
-    assert [r.getMessage() for r in caplog.records] == ["trainable parameters:\n" + str(trainable_parameter_report(net))]
+    expected = "trainable parameters:\n" + str(trainable_parameter_report(net))
+    assert [r.getMessage() for r in caplog.records] == [expected]
     assert report.trainable == 3 + 3 + 1
     caplog.clear()
     with caplog.at_level(logging.INFO):

@@ -155,7 +155,8 @@ def test_checkpoint_loader_loads_a_fitting_checkpoint(tmp_path):
     (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)), "(mis-shaped tensors)"),
     (torch.nn.Sequential(torch.nn.Linear(4, 8)), "(missing keys)"),
     (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2)), "(unexpected keys)"),
-    (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3, bias=False)), "(missing keys, mis-shaped tensors)"),
+    (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3, bias=False)),
+     "(missing keys, mis-shaped tensors)"),
 ])
 def test_checkpoint_loader_names_what_does_not_fit(tmp_path, other, hints):
     torch.save({"model": other.state_dict()}, tmp_path / "model.pt")
