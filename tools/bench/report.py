@@ -213,8 +213,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += ["", "## Real-size training memory, estimated (GB; target ≤ 24 GB at batch 1)", ""]
         lines += _table(ESTIMATE_COLUMNS, rows)
         lines += ["", "Activations kept for the backward pass / total with weights, gradients and AdamW state; the "
-                  "networks of `train.json` at each method's `memory_target` sizes, traced on fake tensors (`train_memory_estimate`), "
-                  "AMP as bf16 autocast. An estimate of what a GPU run measures (the backward's transient buffers "
+                  "networks of `train.json` at each method's `memory_target` sizes, traced on fake tensors "
+                  "(`train_memory_estimate`), AMP as bf16 autocast. An estimate of what a GPU run measures (the backward's transient buffers "
                   "come on top, one block's activations when checkpointing): the measured CUDA peaks are pending."]
     rows = []
     for r in result["bundles"]:
