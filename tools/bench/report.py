@@ -215,7 +215,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += ["", "Activations kept for the backward pass / total with weights, gradients and AdamW state; the "
                   "networks of `train.json` at each method's `memory_target` sizes, traced on fake tensors "
                   "(`train_memory_estimate`), AMP as bf16 autocast. An estimate of what a GPU run measures (the "
-                  "backward's transient buffers come on top, one block's activations when checkpointing): the measured CUDA peaks are pending."]
+                  "backward's transient buffers come on top, one block's activations when checkpointing): the "
+                  "measured CUDA peaks are pending."]
     rows = []
     for r in result["bundles"]:
         dl = r.get("data_loading")
