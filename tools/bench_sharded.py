@@ -83,7 +83,7 @@ def main(bundle: str = "ma_sam", nproc: str | int = "1,2", cases: int = 12, demo
         A markdown table (printed by the command line).
     """
     from tools.demo_data import write_demo_dataset
-    from tools.init_model import write_initial_model
+    from tools.init_model import merged_config, write_initial_model
 
     counts = _ints(nproc, "nproc")
     size = _ints(shape, "shape")
@@ -101,9 +101,12 @@ def main(bundle: str = "ma_sam", nproc: str | int = "1,2", cases: int = 12, demo
         content = json.loads((data / "datalist.json").read_text())
         content["test"] = content["training"] + content["validation"] + content["test"]
         (data / "datalist.json").write_text(json.dumps(content))
-        if bundle == "sam3d_adapter":  # its label is the tumour mask
+        # the phantoms' label as demo.json names it (e.g. a tumour mask, not the organs), with or without --demo
+        phantom_cfgs = [c for c in ("inference.json", "demo.json") if (src / "configs" / c).is_file()]
+        label_key = merged_config(src, phantom_cfgs).get("label_key", "label")
+        if label_key != "label":
             for item in content["test"]:
-                item["label"] = item["tumour"]
+                item["label"] = item[label_key]
             (data / "datalist.json").write_text(json.dumps(content))
         root = work / bundle
         shutil.copytree(src, root, ignore=shutil.ignore_patterns("models", "eval", "runs"), dirs_exist_ok=True)

@@ -4,6 +4,7 @@ LoRA-tuned SAM encoder, SAM's decoder as stage 1 and a mask-guided hierarchical 
 with the two-stage loss. See ``bundles/h_sam``.
 """
 
+from . import bench  # BENCH_CASE: how the tools measure this method
 from . import data, decoder, loss, network
 from .network import ENSEMBLE_MODES, FINETUNE_MODES, HSAM
 

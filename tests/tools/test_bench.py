@@ -177,7 +177,7 @@ def test_switch_and_data_loading_rows(result):
     assert sw["none"]["time_s"] > 0 and sw["grad-ckpt"]["time_s"] > 0
     assert sw["AMP"]["error"].startswith("n/a")  # CPU: MONAI autocasts on CUDA only
     dl = row["data_loading"]
-    assert {k: dl[k]["batches"] for k in bench.DATASET_TYPES} == {k: dl["Dataset"]["batches"] for k in bench.DATASET_TYPES}
+    assert {dl[k]["batches"] for k in bench.DATASET_TYPES} == {dl["Dataset"]["batches"]}
     assert all(dl[k]["batch_s"] > 0 for k in bench.DATASET_TYPES)
     dummy = next(r for r in res["bundles"] if r["bundle"] == "dummy")
     assert "gradient_checkpointing" in dummy["switches"]["note"] and "error" in dummy["data_loading"]
@@ -216,3 +216,185 @@ def test_lite_row_on_a_tiny_case():
     assert tools_main.resolve("bench_lite") is bench.lite_main
     assert bench.render_lite({"error": "SamCheckpointError: x"})[-1] == "Skipped: SamCheckpointError: x"
     assert bench._thread_counts(2) == [2] and bench._thread_counts("2,1") == bench._thread_counts((2, 1)) == [2, 1]
+
+
+# ---------------------------------------------------------------------------- a method the bench does not know
+_FAKE_NETWORK = '''
+import torch
+from torch import nn
+
+try:
+    from shared_nets.sam.cache import EmbeddingCache
+except ImportError:
+    from shared_nets.nets.common import EmbeddingCache
+
+
+class Net(nn.Module):
+    """Image channel 0 encoded (and cached without autograd), prompt channels joined before the decoder."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 2, width: int = 4) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.encoder = nn.Conv3d(1, width, 3, padding=1)
+        self.decoder = nn.Conv3d(width + in_channels - 1, out_channels, 3, padding=1)
+        self._embeddings = EmbeddingCache(16, self.encoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image = x[:, :1]
+        entry = self._embeddings.lookup(image, None, lambda: self.encoder(image))
+        feats = self.encoder(image) if entry is None else entry["value"]
+        return self.decoder(torch.cat([feats, x[:, 1:]], 1))
+'''
+
+_FAKE_BENCH = '''
+import torch
+
+from shared_nets.interface import BenchCase, RepromptParts, count_flops
+
+
+class Case(BenchCase):
+    slice_based = False
+    prompted = True
+    memory_target = {"img_size": 16, "num_slices": 2}
+    report_note = "the fake method caches its encoder"
+
+    def __init__(self):
+        self.calls = {"train_forward": 0, "memory_input": 0, "checkpointing": []}
+
+    def prompt_channels(self, net):
+        return ("foreground", "background")
+
+    def train_forward(self, net, core, x, y):
+        self.calls["train_forward"] += 1
+        return net(x)
+
+    def set_gradient_checkpointing(self, net, on):
+        self.calls["checkpointing"].append(on)
+
+    def memory_estimate_input(self, net, size, depth):
+        self.calls["memory_input"] += 1
+        return torch.zeros(1, net.in_channels, size, size, depth)
+
+    def reprompt_parts(self, net, parser):
+        image = torch.randn(1, 1, 32, 32, 4)
+        enc, feats = count_flops(lambda: net.encoder(image))
+        dec, _ = count_flops(lambda: net.decoder(torch.randn(1, feats.shape[1] + 2, 32, 32, 4)))
+        return RepromptParts(enc, 0, dec, "@32", real_extra=lambda: 7)
+
+
+BENCH_CASE = Case()
+'''
+
+
+@pytest.fixture()
+def fake_method(tmp_path, monkeypatch):
+    """A method package ``benchfake_method`` (network + ``bench.BENCH_CASE``) importable for one test."""
+    pkg = tmp_path / "src" / "benchfake_method"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from . import bench, network\n")
+    (pkg / "network.py").write_text(_FAKE_NETWORK)
+    (pkg / "bench.py").write_text(_FAKE_BENCH)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    yield "benchfake_method"
+    for name in [m for m in sys.modules if m.split(".")[0] == "benchfake_method"]:
+        del sys.modules[name]
+
+
+def test_a_new_method_needs_no_edit_to_the_bench(fake_method, tmp_path):
+    """run_bench measures an unknown method through its BENCH_CASE alone: its prompt channels, 3D input,
+    binary target, training forward, re-prompt FLOP split and memory-estimate hooks are all used."""
+    bundles = tmp_path / "bundles"
+    common = {
+        "device": "$torch.device('cpu')", "variant": "tiny", "img_size": 32, "num_slices": 2, "batch_size": 1,
+        "network_def": {"_target_": f"{fake_method}.network.Net", "in_channels": 3, "out_channels": 2},
+        "network": "$@network_def.to(@device)",
+    }
+    _write(bundles / "fake" / "configs" / "train.json", {
+        **common,
+        "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
+        "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 1e-3},
+    })
+    _write(bundles / "fake" / "configs" / "inference.json", {
+        **common, "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 4], "sw_batch_size": 2},
+    })
+    res = run_bench(bundles="fake", bundles_dir=bundles, img_size=64, batch_size=1, volume_shape=(32, 32, 8),
+                    peers=(), sdpa_block_size=0, warmup=0, repeat=1, min_time=0.0, out=tmp_path / "out" / "bench",
+                    data_loading=False, lite=False)
+    (row,) = res["bundles"]
+    case = sys.modules[f"{fake_method}.bench"].BENCH_CASE
+    assert row["status"] == "ok" and row["network"] == "Net", row.get("error")
+    # 3D input (img_size 64 not applied, volume not resized), image + 2 guidance channels
+    assert row["img_size"] == 32 and row["input_channels"] == 3 and row["train_input"] == [1, 3, 32, 32, 4]
+    assert row["volume"] == [1, 3, 32, 32, 8] and case.calls["train_forward"] >= 2  # warm-up-free: step + switches
+    # interactive: the cache is found, the re-prompt reuses it and gives the uncached answer
+    (rp,) = row["reprompt"]
+    assert rp["setting"] == "default" and rp["encoder_runs"] == 0 and rp["max_abs_diff_vs_uncached"] < 1e-6
+    from shared_nets.interface import count_flops
+
+    net = sys.modules[f"{fake_method}.network"].Net()
+    enc = count_flops(lambda: net.encoder(torch.zeros(1, 1, 32, 32, 4)))[0]
+    dec = count_flops(lambda: net.decoder(torch.zeros(1, 6, 32, 32, 4)))[0]
+    fl = rp["flops"]
+    assert (fl["network"], fl["config"], fl["encoder"], fl["prompt_path"]) == ("Net", "tiny@32", enc, dec + 7)
+    assert fl["ratio"] == round((dec + 7) / (enc + dec + 7), 4)
+    # real-size memory at the case's target, through its input and checkpointing hooks
+    (est,) = res["memory_estimates"]
+    assert est["bundle"] == "fake" and est["config"] == "tiny@16, 2 slices, batch 1" and est["none"]["total_gb"] > 0
+    assert case.calls["memory_input"] == 1 and case.calls["checkpointing"] == [False, True, False, True]
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert "| fake | default |" in md and "the fake method caches its encoder." in md
+
+
+def test_unknown_targets_get_the_default_case():
+    from shared_nets.interface import BenchCase, bench_case
+
+    for target in (None, "torch.nn.Conv3d", "shared_nets.does_not_exist.Net", "$torch.nn.Identity()"):
+        case = bench_case(target)
+        assert type(case) is BenchCase and case.prompt_channels(torch.nn.Identity()) == ()
+        assert case.slice_based and not case.prompted and case.memory_target is None
+
+
+def test_the_bench_names_no_method():
+    """tools/bench and the interface ask the methods; no method package or class name appears in them."""
+    import re
+
+    import shared_nets
+
+    root = Path(shared_nets.__file__).parent
+    packages = sorted(p.parent.name for p in root.glob("*/bench.py"))
+    names = set(packages)
+    for pkg in packages:
+        module = __import__(f"shared_nets.{pkg}", fromlist=["__all__"])
+        names |= {n for n in getattr(module, "__all__", []) if isinstance(getattr(module, n, None), type)
+                  and issubclass(getattr(module, n), torch.nn.Module)}
+    assert {"ma_sam", "med_sa", "sam3d_adapter", "MASAM", "MedSA", "SAM3DAdapter", "HSAM", "SSAM"} <= names
+    names |= {"MA-SAM", "Med-SA", "3DSAM-adapter", "S-SAM", "H-SAM"}  # as the papers write them
+    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names))) + r")\b")
+    files = sorted((REPO / "tools" / "bench").glob("*.py")) + [root / "interface.py"]
+    hits = [f"{f.name}:{i}: {m.group(0)}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1)
+            for m in [pattern.search(line)] if m]
+    assert not hits, hits
+
+
+# ---------------------------------------------------------------------------- real-size estimates (fake tensors)
+@pytest.mark.parametrize("bundle, official", [("sam3d_adapter", False), ("med_sa", False), ("med_sa", True)])
+def test_real_size_reprompt_flops_meet_the_target(bundle, official):
+    """Counted with fake tensors at the bundles' train.json sizes (ViT-B 128^3, ViT-H 1024^2 x 16)."""
+    from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS
+
+    out = bench.reprompt_flops(REPO / "bundles" / bundle, dict(MEDSA_OFFICIAL_CODE_SETTINGS) if official else {})
+    assert out["encoder"] > 10 * out["prompt_path"] > 0
+    assert out["ratio"] <= 0.05
+
+
+def test_reprompt_flops_of_a_network_without_cache(tmp_path):
+    _dummy_bundle(tmp_path / "dummy", "torch.nn.Conv3d")  # no BENCH_CASE: the default case has no re-prompt split
+    assert bench.reprompt_flops(tmp_path / "dummy") == {"network": "Conv3d", "error": "no cached image embedding"}
+
+
+def test_train_memory_estimate_orders_the_switches():
+    """The fake-tensor estimate behind the benchmark's real-size memory table (tiny here)."""
+    est = bench.train_memory_estimate(REPO / "bundles" / "ma_sam", {"variant": "tiny", "img_size": 64, "num_slices": 2})
+    act = {k: est[k]["activations_gb"] for k in ("none", "grad-ckpt", "AMP", "both")}
+    assert act["grad-ckpt"] < act["none"] / 2 and act["AMP"] < act["none"] and act["both"] < act["grad-ckpt"]
+    assert est["none"]["total_gb"] == pytest.approx(act["none"] + est["state_gb"])
