@@ -45,6 +45,7 @@ import torch
 
 __all__ = [
     "rank_and_world",
+    "fsdp_units",
     "local_device",
     "init_distributed",
     "finalize_distributed",
@@ -603,7 +604,7 @@ def wrap_for_training(module: torch.nn.Module, device: torch.device, use_fsdp: b
         module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters)
 
 
-def _fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules sharded as their own FSDP units: the attention and the MLP of every block of every SAM
     image encoder (ViT) inside. Not the blocks themselves: the networks run a block's parts one by one (adapters
     go between them, ``shared_nets.nets.common.attention_residual``), so a block's ``forward`` (where FSDP
@@ -621,7 +622,7 @@ def _fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
 class FullyShardedModel(torch.nn.Module):
     """A network trained with FSDP (``torch.distributed.fsdp.fully_shard``, FSDP2) for ``multi_gpu_train.json``.
 
-    The attention and the MLP of each image-encoder block are FSDP units of their own (:func:`_fsdp_units`) and
+    The attention and the MLP of each image-encoder block are FSDP units of their own (:func:`fsdp_units`) and
     the rest of the network is the root unit: between uses a GPU holds 1/world of every parameter (frozen SAM
     weights included) and of the trainable parameters' gradients and optimizer state; a unit's weights are
     all-gathered just before it runs (forward and backward) and freed after. FSDP2 shards each parameter separately, so frozen SAM weights and trainable
@@ -649,7 +650,7 @@ class FullyShardedModel(torch.nn.Module):
 
         _, world = rank_and_world()
         mesh = init_device_mesh(device.type, (world,))
-        self.units = _fsdp_units(module)
+        self.units = fsdp_units(module)
         for unit in self.units:
             fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)

@@ -13,10 +13,7 @@ from torch import nn
 
 from .inputs import _value, bundle_parser, network_case
 
-try:
-    from shared_nets.distributed import fsdp_units
-except ImportError:  # the private name before it was made public
-    from shared_nets.distributed import _fsdp_units as fsdp_units
+from shared_nets.distributed import fsdp_units
 
 
 def _kept_activation_bytes(fn: Callable[[], Any]) -> int:
