@@ -12,26 +12,17 @@ import copy
 import os
 
 import torch
-from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from shared_nets.nets.common import (
-    ProgressiveUpsampling,
-    attention_residual,
-    block_width,
-    check_input,
-    decode_masks,
-    mlp_residual,
-    run_encoder,
-    slices_to_volume,
-    to_rgb,
-    upsample_to,
-    volume_to_slices,
-)
 from shared_nets.peft import Adapter3D, inject_fact
 from shared_nets.prompts import decode_boxes_2d
 from shared_nets.sam import build_sam, get_variant
+from shared_nets.sam.decoding import decode_masks
+from shared_nets.sam.encoder_blocks import block_width, run_encoder
+from shared_nets.sam.slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+
+from .blocks import MultiScaleFusion, ProgressiveUpsampling, attention_residual, mlp_residual
 
 __all__ = ["MASAM", "MultiScaleFusion"]
 
@@ -49,49 +40,6 @@ def _hypernetworks_with_width(decoder: nn.Module, out_dim: int) -> nn.ModuleList
         new.layers[-1] = nn.Linear(last.in_features, out_dim).to(last.weight)
         mlps.append(new)
     return mlps
-
-
-class MultiScaleFusion(nn.Module):
-    """Table 6's "multi-scale fusion" decoder: U-shaped skips from four encoder stages (sec. 3.4).
-
-    The encoder is divided uniformly into four stages; the features after stages 1-3 are
-    projected, up-sampled and convolved, and added to the decoder's up-sampling path at H/4,
-    H/2 and H (stage 3 joins earliest, stage 1 at full resolution).
-
-    Args:
-        sam_upscaling: the pretrained ``output_upscaling`` (H/16 → H/4).
-        embed_dim: encoder token width E.
-        transformer_dim: decoder width C.
-    """
-
-    def __init__(self, sam_upscaling: nn.Module, embed_dim: int, transformer_dim: int) -> None:
-        super().__init__()
-        self.progressive = ProgressiveUpsampling(sam_upscaling, transformer_dim)
-        c2 = transformer_dim // 8  # output width of SAM's own two stages
-        c3, c4 = max(transformer_dim // 16, 8), max(transformer_dim // 32, 8)
-        self.out_channels = c4
-        # (channels, up-sampling factor from H/16) for the skips joining at H/4, H/2, H
-        self.skips = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(embed_dim, c, kernel_size=1, bias=False),
-                nn.Upsample(scale_factor=f, mode="bilinear", align_corners=False),
-                nn.Conv2d(c, c, kernel_size=3, padding=1),
-                LayerNorm2d(c),
-                nn.GELU(),
-            )
-            for c, f in ((c2, 4), (c3, 8), (c4, 16))
-        )
-        self.features: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: decoder map ``[N, C, h, w]``; ``self.features``: stage 3, 2, 1 tokens ``[N, h, w, E]``."""
-        if len(self.features) != 3:
-            raise RuntimeError("MultiScaleFusion needs the three encoder stage features set before decoding.")
-        feats = [f.permute(0, 3, 1, 2) for f in self.features]
-        p = self.progressive
-        x = p.sam_upscaling(x) + self.skips[0](feats[0])
-        x = p.extra[2](p.extra[1](p.extra[0](x))) + self.skips[1](feats[1])
-        return p.extra[4](p.extra[3](x)) + self.skips[2](feats[2])
 
 
 class MASAM(nn.Module):

@@ -37,7 +37,23 @@ MOVED_MODULES: dict[str, str] = {
 }
 
 #: old modules whose names were split over several new modules: old -> {name: new module}.
-SPLIT_MODULES: dict[str, dict[str, str]] = {}
+SPLIT_MODULES: dict[str, dict[str, str]] = {
+    "common": {
+        "attention_residual": "shared_nets.ma_sam.blocks",
+        "mlp_residual": "shared_nets.ma_sam.blocks",
+        "ProgressiveUpsampling": "shared_nets.ma_sam.blocks",
+        "block_width": "shared_nets.sam.encoder_blocks",
+        "run_encoder": "shared_nets.sam.encoder_blocks",
+        "block_norms": "shared_nets.s_sam.network",
+        "to_rgb": "shared_nets.sam.slices",
+        "volume_to_slices": "shared_nets.sam.slices",
+        "slices_to_volume": "shared_nets.sam.slices",
+        "check_input": "shared_nets.sam.slices",
+        "upsample_to": "shared_nets.sam.slices",
+        "decode_masks": "shared_nets.sam.decoding",
+        "EmbeddingCache": "shared_nets.sam.cache",
+    },
+}
 
 #: the names this package itself exported before the move.
 _PACKAGE_NAMES = {
@@ -56,6 +72,7 @@ def _collect(old: str) -> types.ModuleType:
     module = types.ModuleType(f"{__name__}.{old}", f"Names of the former ``{__name__}.{old}``, now split.")
     for name, home in SPLIT_MODULES[old].items():
         setattr(module, name, getattr(importlib.import_module(home), name))
+    module.__all__ = list(SPLIT_MODULES[old])
     return module
 
 

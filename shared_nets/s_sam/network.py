@@ -54,10 +54,12 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from shared_nets.nets.common import block_norms, decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from shared_nets.peft import inject_svd
 from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
+from shared_nets.sam.decoding import decode_masks
+from shared_nets.sam.slices import slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from shared_nets.sam.tiny_vit import TinyViTBlock
 
 from .text import TEXT_EMBEDDING_DIM, HashTextEncoder, load_class_embeddings
 
@@ -70,6 +72,13 @@ TAL_TYPES = ("linear", "linear_relu_bn")
 _SVD_TARGETS = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "neck")
 # The same layers in LiteMedSAM's TinyViT blocks (its MLP's linears are fc1/fc2; the neck has two convs too)
 _SVD_TARGETS_TINY_VIT = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "neck")
+
+
+def block_norms(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The two LayerNorms of an encoder block: ViT ``norm1``/``norm2``; TinyViT ``attn.norm``/``mlp.norm``."""
+    if isinstance(block, TinyViTBlock):
+        return block.attn.norm, block.mlp.norm
+    return block.norm1, block.norm2
 
 
 class TextAffineLayer(nn.Module):

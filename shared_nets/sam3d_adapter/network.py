@@ -16,7 +16,7 @@ from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_points
 from shared_nets.sam import build_sam, get_variant
 
-from shared_nets.nets.common import EmbeddingCache
+from shared_nets.sam.cache import EmbeddingCache
 from .encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer, run_blocks
 from .heads import PROMPT_ENCODINGS, PROMPT_LAYERS, MultiLevelDecoder3D, PromptEncoder3D
 

@@ -176,7 +176,7 @@ def test_ensemble_modes():
         prob = net(x)
         net.ensemble = "logit"
         logit = net(x)
-    from shared_nets.nets.common import slices_to_volume
+    from shared_nets.sam.slices import slices_to_volume
 
     mean_p = slices_to_volume((up1.softmax(1) + l2.softmax(1)) / 2, 2)
     assert torch.allclose(prob.softmax(1), mean_p, atol=1e-5)  # softmax of the output = mean probability
