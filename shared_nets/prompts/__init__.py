@@ -6,6 +6,7 @@ input channels".
 
 from __future__ import annotations
 
+from .check import CheckPromptsd
 from .guidance import (
     AddGuidanceChannelsd,
     decode_box_3d,
@@ -20,6 +21,7 @@ from .simulate import SelectObjectd, SimulateBoxd, SimulateClicksd, box_iou
 
 __all__ = [
     "AddGuidanceChannelsd",
+    "CheckPromptsd",
     "PointsToGridd",
     "PromptRegionInferer",
     "SelectObjectd",

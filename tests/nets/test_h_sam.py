@@ -357,3 +357,15 @@ def test_bad_inputs():
         net(x, label=torch.full((1, 1, S, S, 1), 5.0))
     with pytest.raises(ValueError, match="label must be"):
         net(x, label=torch.zeros(1, 1, S, S, 2))
+
+
+def test_select_slices_keeps_the_listed_slices_and_names_bad_indices():
+    from shared_nets.h_sam.transforms import SelectSlicesd
+
+    sel = SelectSlicesd(keys="image")
+    image = torch.arange(4.0).expand(1, 4, 4, 4)
+    kept = sel({"image": image, "slices": [3, 1]})
+    assert kept["image"][0, 0, 0].tolist() == [3.0, 1.0] and "slices" not in kept
+    with pytest.raises(ValueError, match=r"slices.*\[0, 3\]"):
+        sel({"image": torch.zeros(1, 4, 4, 4), "slices": [2, 7]})
+    assert sel({"image": torch.zeros(1, 4, 4, 4)})["image"].shape == (1, 4, 4, 4)

@@ -272,7 +272,8 @@ from shared_nets.med_sa.interactive import (  # noqa: E402
     add_corrective_clicks,
     corrective_click,
 )
-from shared_nets.med_sa.transforms import CheckPromptsd, ObjectLabeld, SimulatePromptSettingd  # noqa: E402
+from shared_nets.med_sa.transforms import ObjectLabeld, SimulatePromptSettingd  # noqa: E402
+from shared_nets.prompts import CheckPromptsd  # noqa: E402
 
 
 def test_corrective_click_goes_to_the_largest_error_region():
