@@ -12,7 +12,7 @@ What the network does (paper section 3, Fig. 1):
   exactly at SAM (``shared_nets.peft.inject_svd``).
 * The absolute position embedding average-pooled from SAM's 64x64 to the input's token grid
   and trainable; the block LayerNorms trainable.
-* The class name, encoded once by CLIP (stored vectors, see :mod:`.s_sam_text`), mapped by
+* The class name, encoded once by CLIP (stored vectors, see :mod:`shared_nets.s_sam.text`), mapped by
   the Text-Affine Layer (TAL) into one sparse prompt token for SAM's frozen mask decoder.
 * One decoder pass per (image, class); each class gives a sigmoid logit map. The output
   stacks a constant 0 logit for background in front of the class logits, so ``argmax``

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,8 +166,23 @@ def few_shot(
     seed: int = 0,
     key: str = "training",
 ) -> str:
-    """CLI: write a few-shot datalist (``--fraction 0.1`` of slices or ``--num_cases 4``); prints a summary."""
-    summary = write_few_shot_datalist(datalist, out, fraction=fraction, num_cases=num_cases, seed=seed, key=key)
+    """``python -m tools few_shot``: write a few-shot datalist (``--fraction 0.1`` of slices or ``--num_cases 4``).
+
+    Args:
+        datalist: the full decathlon datalist.
+        out: the few-shot datalist to write (next to ``datalist`` keeps relative paths relative).
+        fraction: share of all axial slices of ``key``'s cases.
+        num_cases: number of whole cases instead.
+        seed: draw seed.
+        key: the list to subsample.
+
+    Returns:
+        A one-line JSON summary. Bad arguments print one ``error:`` line and exit with status 1.
+    """
+    try:
+        summary = write_few_shot_datalist(datalist, out, fraction=fraction, num_cases=num_cases, seed=seed, key=key)
+    except ValueError as e:
+        _exit(e)
     return json.dumps({"out": out, **summary})
 
 
@@ -177,6 +193,25 @@ def noise_var(
     label_map: str | None = "btcv_to_synapse",
     key: str = "training",
 ) -> str:
-    """CLI: print the ``cmattn_noise_var`` list (∝ 1 / class frequency) for a training datalist."""
-    frequencies = label_frequencies(datalist, num_classes, key, label_map=label_map)
-    return json.dumps(class_balanced_noise_var(frequencies, max_var))
+    """``python -m tools noise_var``: the ``cmattn_noise_var`` list (∝ 1 / class frequency) of a training datalist.
+
+    Args:
+        datalist: decathlon datalist (``slices`` lists of a few-shot datalist are honoured).
+        num_classes: foreground classes after ``label_map``.
+        max_var: variance of the rarest class.
+        label_map: ``"btcv_to_synapse"``, a lookup list, or None.
+        key: the list to count.
+
+    Returns:
+        The variances as JSON. Bad arguments print one ``error:`` line and exit with status 1.
+    """
+    try:
+        frequencies = label_frequencies(datalist, num_classes, key, label_map=label_map)
+        return json.dumps(class_balanced_noise_var(frequencies, max_var))
+    except ValueError as e:
+        _exit(e)
+
+
+def _exit(error: ValueError) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
