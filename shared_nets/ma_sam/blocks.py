@@ -4,6 +4,7 @@ up-sampling decoders of Table 6 (progressive up-sampling, multi-scale fusion).""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from segment_anything.modeling.common import LayerNorm2d
@@ -65,7 +66,9 @@ class ProgressiveUpsampling(nn.Module):
     patch 8. Widths have a floor of 8 so narrow test models keep usable feature maps.
 
     Layout: ``sam_upscaling`` = ``[ConvT, LN, GELU, ConvT, LN (new), GELU]`` (same indices as the
-    official ``output_upscaling[0:6]``); ``extra`` = the remaining stages.
+    official ``output_upscaling[0:6]``); ``extra`` = the remaining stages, one flat ``Sequential``
+    (so the state-dict keys stay ``extra.0.*``, ``extra.1.*``, ...), each stage ×2:
+    ``[ConvT, LN, GELU]``, the last ``[ConvT, GELU]``. :meth:`run_stage` runs one of them.
 
     Args:
         sam_upscaling: the pretrained ``MaskDecoder.output_upscaling`` (H/p → 4H/p), SAM's layout
@@ -90,14 +93,32 @@ class ProgressiveUpsampling(nn.Module):
         norm = LayerNorm2d(second.out_channels).to(device=second.weight.device, dtype=second.weight.dtype)
         widths = [transformer_dim // 8] + [max(transformer_dim // 2 ** (4 + i), 8) for i in range(stages)]
         layers: list[nn.Module] = []
+        bounds: list[tuple[int, int]] = []
         for i in range(stages):
+            start = len(layers)
             layers.append(nn.ConvTranspose2d(widths[i], widths[i + 1], kernel_size=2, stride=2))
             if i < stages - 1:
                 layers.append(LayerNorm2d(widths[i + 1]))
             layers.append(nn.GELU())
+            bounds.append((start, len(layers)))
         self.sam_upscaling = nn.Sequential(*sam_layers[:4], norm, sam_layers[4])
         self.extra = nn.Sequential(*layers)
+        self.stage_bounds: tuple[tuple[int, int], ...] = tuple(bounds)  # [start, end) of each stage in ``extra``
         self.out_channels = widths[-1]
+
+    @property
+    def num_stages(self) -> int:
+        """Stages after SAM's own two (×2 each)."""
+        return len(self.stage_bounds)
+
+    def run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``i`` of the new up-sampling stages (``0 <= i < num_stages``): ×2 resolution."""
+        if not 0 <= i < self.num_stages:
+            raise ValueError(f"stage must be in [0, {self.num_stages - 1}], got {i}.")
+        start, end = self.stage_bounds[i]
+        for layer in self.extra[start:end]:
+            x = layer(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.extra(self.sam_upscaling(x))
@@ -133,14 +154,23 @@ class MultiScaleFusion(nn.Module):
             )
             for c, f in ((c2, 4), (c3, 8), (c4, 16))
         )
-        self.features: list[torch.Tensor] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: decoder map ``[N, C, h, w]``; ``self.features``: stage 3, 2, 1 tokens ``[N, h, w, E]``."""
-        if len(self.features) != 3:
-            raise RuntimeError("MultiScaleFusion needs the three encoder stage features set before decoding.")
-        feats = [f.permute(0, 3, 1, 2) for f in self.features]
+    def forward(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Up-sample the decoder map with the encoder skips.
+
+        Args:
+            x: decoder map ``[N, C, h, w]`` (``h = H/16``).
+            features: the tokens ``[N, h, w, E]`` after encoder stages 3, 2 and 1, in that order.
+
+        Returns:
+            ``[N, out_channels, 16h, 16w]``.
+        """
+        if len(features) != 3:
+            raise ValueError(
+                f"MultiScaleFusion needs the tokens after encoder stages 3, 2 and 1, got {len(features)} feature maps."
+            )
+        feats = [f.permute(0, 3, 1, 2) for f in features]
         p = self.progressive
         x = p.sam_upscaling(x) + self.skips[0](feats[0])
-        x = p.extra[2](p.extra[1](p.extra[0](x))) + self.skips[1](feats[1])
-        return p.extra[4](p.extra[3](x)) + self.skips[2](feats[2])
+        x = p.run_stage(0, x) + self.skips[1](feats[1])
+        return p.run_stage(1, x) + self.skips[2](feats[2])

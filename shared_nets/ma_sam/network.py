@@ -9,6 +9,7 @@ are predicted.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import torch
@@ -225,7 +226,9 @@ class MASAM(nn.Module):
         if box is None:
             return sparse, dense
         boxes, valid = decode_boxes_2d(box)  # [B*N, 4] in the input frame (= SAM's frame)
-        tokens = pe._embed_boxes(boxes.to(dense.dtype))  # [B*N, 2, C]
+        # SAM's public forward with boxes only: the box-corner tokens [B*N, 2, C] (its dense output is the same
+        # no-mask embedding as above)
+        tokens = pe(points=None, boxes=boxes.to(dense.dtype), masks=None)[0]
         empty = pe.not_a_point_embed.weight.expand(2, -1)  # slices the box does not cross
         tokens = torch.where(valid[:, None, None], tokens, empty)
         return tokens, dense
@@ -244,13 +247,12 @@ class MASAM(nn.Module):
 
         embeddings, feats = self.encode(image)
         sparse, dense = self.prompt_embeddings(box, embeddings.shape[0])
-        if isinstance(self.upscaling, MultiScaleFusion):
-            self.upscaling.features = feats
+        upscaling = self.upscaling
+        if isinstance(upscaling, MultiScaleFusion):
+            upscaling = functools.partial(upscaling, features=feats)
         masks, _ = decode_masks(
             self.sam.mask_decoder, embeddings, self.sam.prompt_encoder.get_dense_pe(), sparse, dense,
-            upscaling=self.upscaling, hypernetworks=self.hypernetworks,
+            upscaling=upscaling, hypernetworks=self.hypernetworks,
         )
-        if isinstance(self.upscaling, MultiScaleFusion):
-            self.upscaling.features = []
         masks = upsample_to(masks, (self.img_size, self.img_size))
         return slices_to_volume(masks, self.num_slices)
