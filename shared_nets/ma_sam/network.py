@@ -1,4 +1,8 @@
-"""MA-SAM: modality-agnostic SAM adaptation for volumetric data (Chen et al., ../papers/ma_sam.txt).
+"""MA-SAM: modality-agnostic SAM adaptation for volumetric data.
+
+Paper: Chen et al., "MA-SAM: Modality-agnostic SAM Adaptation for 3D Medical Image Segmentation"
+(arXiv 2309.08842); official code cchen-cc/MA-SAM.
+
 
 SAM's image encoder with FacT weight increments on q and v (sec. 3.2) and two 3D adapters per
 block (sec. 3.3), a SAMed-style multi-class mask decoder with progressive up-sampling to full

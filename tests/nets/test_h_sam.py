@@ -238,7 +238,8 @@ def test_checkpoint_loads_strictly_before_lora(tmp_path):
 
 
 # ViT-B built on the meta device (no memory, no init cost). Paper Table 6 totals: H-SAM 112.3M,
-# SAMed 108.8M; released code (DESIGN.md): H-SAM 111.3M at 512, 99.1M at 224, SAMed 92.2M.
+# SAMed 108.8M; the released code (LoRA r=5; the parameter table in bundles/h_sam/docs/README.md):
+# H-SAM 111.3M at 512, 99.1M at 224, SAMed 92.2M.
 @pytest.mark.parametrize(
     "img_size, kw, trainable, total",
     [

@@ -93,7 +93,7 @@ def test_gradients_only_where_expected(finetune, frozen_encoder_weight_trains):
     assert has_fact == (finetune == "fact")
 
 
-def test_vit_b_trainable_counts_match_the_design():
+def test_vit_b_trainable_counts_match_the_formulas():
     model = MASAM(variant="vit_b", img_size=64, num_classes=13)
     named = dict(model.named_parameters())
     fact = sum(p.numel() for n, p in named.items() if "fact_" in n)

@@ -146,7 +146,8 @@ def test_gradients_only_in_adapters():
 
 
 def test_parameter_counts_vs_paper():
-    """Paper: ~13M trainable on ViT-H (2 %); official code's settings: 82.9M (DESIGN.md, measured)."""
+    """Paper: ~13M trainable on ViT-H (2 %); the official code's settings train 82.9M (docs/deviations.md,
+    "adapter width")."""
     with torch.device("meta"):
         paper = MedSA("vit_h")
         official = MedSA("vit_h", **MEDSA_OFFICIAL_CODE_SETTINGS)
