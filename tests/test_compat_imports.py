@@ -113,9 +113,8 @@ def test_old_name_resolves_in_a_monai_config(dotted):
 
 
 def test_package_names():
-    from shared_nets.nets import MASAM  # noqa: F401
-
     import shared_nets.nets as nets
+    from shared_nets.nets import MASAM  # noqa: F401
 
     for name in PACKAGE_NAMES:
         assert getattr(nets, name) is _new_home(f"shared_nets.nets.{name}")
