@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared_nets.nets.common import EmbeddingCache
+from shared_nets.sam.cache import EmbeddingCache
 from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
 from shared_nets.sam3d_adapter.network import SAM3DAdapter
 

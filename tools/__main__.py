@@ -2,7 +2,7 @@
 
 Each command is a ``"module:function"`` string imported only when that command runs, so a light
 command never imports the heavy dependencies of another. Adding a command is one line in
-``COMMANDS``.
+``COMMANDS``; the target may also be a dict of sub-commands (``text_embeddings add|show``).
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ COMMANDS: dict[str, str] = {
     "bench_sharded": "tools.bench_sharded:main",
     "demo": "tools.demo:main",
     "demo_data": "tools.demo_data:main",
+    "few_shot": "tools.recipes.few_shot:few_shot",
     "init_model": "tools.init_model:main",
     "label_app": "tools.label_app:main",
     "nifti_to_dicom": "tools.nifti_to_dicom:main",
+    "noise_var": "tools.recipes.few_shot:noise_var",
     "prepare": "tools.prepare:main",
+    "text_embeddings": "shared_nets.s_sam.text:cli",
     "weights": "tools.weights:main",
     "zero_shot": "tools.zero_shot:main",
 }
 
 
-def resolve(command: str) -> Callable:
-    """Import and return the callable registered for ``command``.
+def resolve(command: str) -> Callable | dict[str, Callable]:
+    """Import and return the callable (or dict of sub-command callables) registered for ``command``.
 
     Args:
         command: a key of ``COMMANDS``.

@@ -4,8 +4,7 @@ LoRA-tuned SAM encoder, SAM's decoder as stage 1 and a mask-guided hierarchical 
 with the two-stage loss. See ``bundles/h_sam``.
 """
 
-from . import bench  # BENCH_CASE: how the tools measure this method
-from . import data, decoder, loss, network
+from . import bench, data, decoder, loss, network, transforms
 from .network import ENSEMBLE_MODES, FINETUNE_MODES, HSAM
 
-__all__ = ["ENSEMBLE_MODES", "FINETUNE_MODES", "HSAM", "data", "decoder", "loss", "network"]
+__all__ = ["ENSEMBLE_MODES", "FINETUNE_MODES", "HSAM", "data", "decoder", "loss", "network", "transforms"]

@@ -20,7 +20,7 @@ from shared_nets.peft import freeze_except, inject_lora
 from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
 
-from shared_nets.nets.common import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from shared_nets.sam.slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from .decoder import MASK_ATTENTION_MODES, HSAMStage2Decoder, decode_stage1
 
 __all__ = ["HSAM", "ENSEMBLE_MODES", "FINETUNE_MODES"]

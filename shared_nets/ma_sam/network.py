@@ -1,4 +1,8 @@
-"""MA-SAM: modality-agnostic SAM adaptation for volumetric data (Chen et al., ../papers/ma_sam.txt).
+"""MA-SAM: modality-agnostic SAM adaptation for volumetric data.
+
+Paper: Chen et al., "MA-SAM: Modality-agnostic SAM Adaptation for 3D Medical Image Segmentation"
+(arXiv 2309.08842); official code cchen-cc/MA-SAM.
+
 
 SAM's image encoder with FacT weight increments on q and v (sec. 3.2) and two 3D adapters per
 block (sec. 3.3), a SAMed-style multi-class mask decoder with progressive up-sampling to full
@@ -9,29 +13,21 @@ are predicted.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import torch
-from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from shared_nets.nets.common import (
-    ProgressiveUpsampling,
-    attention_residual,
-    block_width,
-    check_input,
-    decode_masks,
-    mlp_residual,
-    run_encoder,
-    slices_to_volume,
-    to_rgb,
-    upsample_to,
-    volume_to_slices,
-)
 from shared_nets.peft import Adapter3D, inject_fact
 from shared_nets.prompts import decode_boxes_2d
 from shared_nets.sam import build_sam, get_variant
+from shared_nets.sam.decoding import decode_masks
+from shared_nets.sam.encoder_blocks import block_width, run_encoder
+from shared_nets.sam.slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+
+from .blocks import MultiScaleFusion, ProgressiveUpsampling, attention_residual, mlp_residual
 
 __all__ = ["MASAM", "MultiScaleFusion"]
 
@@ -49,49 +45,6 @@ def _hypernetworks_with_width(decoder: nn.Module, out_dim: int) -> nn.ModuleList
         new.layers[-1] = nn.Linear(last.in_features, out_dim).to(last.weight)
         mlps.append(new)
     return mlps
-
-
-class MultiScaleFusion(nn.Module):
-    """Table 6's "multi-scale fusion" decoder: U-shaped skips from four encoder stages (sec. 3.4).
-
-    The encoder is divided uniformly into four stages; the features after stages 1-3 are
-    projected, up-sampled and convolved, and added to the decoder's up-sampling path at H/4,
-    H/2 and H (stage 3 joins earliest, stage 1 at full resolution).
-
-    Args:
-        sam_upscaling: the pretrained ``output_upscaling`` (H/16 → H/4).
-        embed_dim: encoder token width E.
-        transformer_dim: decoder width C.
-    """
-
-    def __init__(self, sam_upscaling: nn.Module, embed_dim: int, transformer_dim: int) -> None:
-        super().__init__()
-        self.progressive = ProgressiveUpsampling(sam_upscaling, transformer_dim)
-        c2 = transformer_dim // 8  # output width of SAM's own two stages
-        c3, c4 = max(transformer_dim // 16, 8), max(transformer_dim // 32, 8)
-        self.out_channels = c4
-        # (channels, up-sampling factor from H/16) for the skips joining at H/4, H/2, H
-        self.skips = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(embed_dim, c, kernel_size=1, bias=False),
-                nn.Upsample(scale_factor=f, mode="bilinear", align_corners=False),
-                nn.Conv2d(c, c, kernel_size=3, padding=1),
-                LayerNorm2d(c),
-                nn.GELU(),
-            )
-            for c, f in ((c2, 4), (c3, 8), (c4, 16))
-        )
-        self.features: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: decoder map ``[N, C, h, w]``; ``self.features``: stage 3, 2, 1 tokens ``[N, h, w, E]``."""
-        if len(self.features) != 3:
-            raise RuntimeError("MultiScaleFusion needs the three encoder stage features set before decoding.")
-        feats = [f.permute(0, 3, 1, 2) for f in self.features]
-        p = self.progressive
-        x = p.sam_upscaling(x) + self.skips[0](feats[0])
-        x = p.extra[2](p.extra[1](p.extra[0](x))) + self.skips[1](feats[1])
-        return p.extra[4](p.extra[3](x)) + self.skips[2](feats[2])
 
 
 class MASAM(nn.Module):
@@ -277,7 +230,9 @@ class MASAM(nn.Module):
         if box is None:
             return sparse, dense
         boxes, valid = decode_boxes_2d(box)  # [B*N, 4] in the input frame (= SAM's frame)
-        tokens = pe._embed_boxes(boxes.to(dense.dtype))  # [B*N, 2, C]
+        # SAM's public forward with boxes only: the box-corner tokens [B*N, 2, C] (its dense output is the same
+        # no-mask embedding as above)
+        tokens = pe(points=None, boxes=boxes.to(dense.dtype), masks=None)[0]
         empty = pe.not_a_point_embed.weight.expand(2, -1)  # slices the box does not cross
         tokens = torch.where(valid[:, None, None], tokens, empty)
         return tokens, dense
@@ -296,13 +251,12 @@ class MASAM(nn.Module):
 
         embeddings, feats = self.encode(image)
         sparse, dense = self.prompt_embeddings(box, embeddings.shape[0])
-        if isinstance(self.upscaling, MultiScaleFusion):
-            self.upscaling.features = feats
+        upscaling = self.upscaling
+        if isinstance(upscaling, MultiScaleFusion):
+            upscaling = functools.partial(upscaling, features=feats)
         masks, _ = decode_masks(
             self.sam.mask_decoder, embeddings, self.sam.prompt_encoder.get_dense_pe(), sparse, dense,
-            upscaling=self.upscaling, hypernetworks=self.hypernetworks,
+            upscaling=upscaling, hypernetworks=self.hypernetworks,
         )
-        if isinstance(self.upscaling, MultiScaleFusion):
-            self.upscaling.features = []
         masks = upsample_to(masks, (self.img_size, self.img_size))
         return slices_to_volume(masks, self.num_slices)

@@ -4,8 +4,16 @@ Adapters in a frozen SAM (SD-Trans depth branch, HyP-Adpt prompt-conditioned dec
 prompt settings and click interaction. See ``bundles/med_sa``.
 """
 
-from . import bench  # BENCH_CASE: how the tools measure this method
-from . import blocks, interactive, network, transforms
+from . import bench, blocks, data, interactive, network, transforms
 from .network import MEDSA_OFFICIAL_CODE_SETTINGS, PROMPT_SCOPES, MedSA
 
-__all__ = ["MEDSA_OFFICIAL_CODE_SETTINGS", "PROMPT_SCOPES", "MedSA", "blocks", "interactive", "network", "transforms"]
+__all__ = [
+    "MEDSA_OFFICIAL_CODE_SETTINGS",
+    "PROMPT_SCOPES",
+    "MedSA",
+    "blocks",
+    "data",
+    "interactive",
+    "network",
+    "transforms",
+]

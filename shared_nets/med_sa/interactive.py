@@ -26,6 +26,7 @@ from monai.data import MetaTensor, list_data_collate
 from monai.utils import min_version, optional_import
 from scipy import ndimage
 from shared_nets.io import atomic_path, atomic_write_text
+from shared_nets.engine import run_default_iteration
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -165,7 +166,7 @@ class MedSAClickInteraction:
                     )
                     self.clicks_added += sum(c is not None for c in added)
             net.train(was_training)
-        return engine._iteration(engine, batchdata)
+        return run_default_iteration(engine, batchdata)
 
 
 def _batch(engine: Any) -> Any:

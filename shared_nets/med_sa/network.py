@@ -34,16 +34,11 @@ from shared_nets.prompts import decode_boxes_2d, decode_points, decode_points_2d
 from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
 
-from shared_nets.nets.common import (
-    EmbeddingCache,
-    block_width,
-    decode_masks,
-    run_encoder,
-    slices_to_volume,
-    to_rgb,
-    upsample_to,
-    volume_to_slices,
-)
+from shared_nets.sam.cache import EmbeddingCache
+from shared_nets.sam.decoding import decode_masks
+from shared_nets.sam.encoder_blocks import block_width, run_encoder
+from shared_nets.sam.slices import slices_to_volume, to_rgb, upsample_to, volume_to_slices
+
 from .blocks import (
     PROMPT_FUSIONS,
     MedSAEncoderBlock,

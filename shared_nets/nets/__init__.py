@@ -22,22 +22,67 @@ MOVED_MODULES: dict[str, str] = {
     "med_sa": "shared_nets.med_sa.network",
     "med_sa_blocks": "shared_nets.med_sa.blocks",
     "med_sa_interactive": "shared_nets.med_sa.interactive",
-    "med_sa_prompts": "shared_nets.med_sa.transforms",
     "sam3d_adapter": "shared_nets.sam3d_adapter.network",
     "sam3d_adapter_encoder": "shared_nets.sam3d_adapter.encoder",
     "sam3d_adapter_heads": "shared_nets.sam3d_adapter.heads",
-    "sam3d_adapter_data": "shared_nets.sam3d_adapter.data",
     "sam3d_adapter_bench": "shared_nets.sam3d_adapter.bench",
     "s_sam": "shared_nets.s_sam.network",
     "s_sam_text": "shared_nets.s_sam.text",
     "h_sam": "shared_nets.h_sam.network",
     "h_sam_decoder": "shared_nets.h_sam.decoder",
     "h_sam_loss": "shared_nets.h_sam.loss",
-    "h_sam_data": "shared_nets.h_sam.data",
 }
 
 #: old modules whose names were split over several new modules: old -> {name: new module}.
-SPLIT_MODULES: dict[str, dict[str, str]] = {}
+SPLIT_MODULES: dict[str, dict[str, str]] = {
+    "common": {
+        "attention_residual": "shared_nets.ma_sam.blocks",
+        "mlp_residual": "shared_nets.ma_sam.blocks",
+        "ProgressiveUpsampling": "shared_nets.ma_sam.blocks",
+        "block_width": "shared_nets.sam.encoder_blocks",
+        "run_encoder": "shared_nets.sam.encoder_blocks",
+        "block_norms": "shared_nets.s_sam.network",
+        "to_rgb": "shared_nets.sam.slices",
+        "volume_to_slices": "shared_nets.sam.slices",
+        "slices_to_volume": "shared_nets.sam.slices",
+        "check_input": "shared_nets.sam.slices",
+        "upsample_to": "shared_nets.sam.slices",
+        "decode_masks": "shared_nets.sam.decoding",
+        "EmbeddingCache": "shared_nets.sam.cache",
+    },
+    "med_sa_prompts": {
+        "PROMPT_SETTINGS": "shared_nets.med_sa.transforms",
+        "ObjectLabeld": "shared_nets.med_sa.transforms",
+        "SimulatePromptSettingd": "shared_nets.med_sa.transforms",
+        "CheckPromptsd": "shared_nets.prompts.check",
+        "_spatial_shape": "shared_nets.prompts.check",
+        "object_datalist": "shared_nets.med_sa.data",
+    },
+    "h_sam_data": {
+        "BTCV_TO_SYNAPSE": "shared_nets.h_sam.data",
+        "SelectSlicesd": "shared_nets.h_sam.transforms",
+        # dataset preparation moved to the command line tools (a checkout's tools/, not the installed package)
+        "axial_depth": "tools.recipes.few_shot",
+        "write_few_shot_datalist": "tools.recipes.few_shot",
+        "label_frequencies": "tools.recipes.few_shot",
+        "few_shot": "tools.recipes.few_shot",
+        "noise_var": "tools.recipes.few_shot",
+    },
+    "sam3d_adapter_data": {
+        "TUMOUR_DATASETS": "shared_nets.sam3d_adapter.data",
+        "RECIPES": "shared_nets.sam3d_adapter.data",
+        "check_target_class": "shared_nets.sam3d_adapter.data",
+        "check_isotropic": "shared_nets.sam3d_adapter.data",
+        "RequirePositiveClicksd": "shared_nets.sam3d_adapter.transforms",
+        "_NIFTI": "tools.recipes.tumour",
+        "_is_nifti": "tools.recipes.tumour",
+        "_stem": "tools.recipes.tumour",
+        "_case_number": "tools.recipes.tumour",
+        "find_cases": "tools.recipes.tumour",
+        "random_split": "tools.recipes.tumour",
+        "write_datalist": "tools.recipes.tumour",
+    },
+}
 
 #: the names this package itself exported before the move.
 _PACKAGE_NAMES = {
@@ -52,10 +97,23 @@ _PACKAGE_NAMES = {
 
 
 def _collect(old: str) -> types.ModuleType:
-    """A module object holding the names of a split old module, each taken from its new home."""
+    """A module object serving the names of a split old module, each imported from its new home on first use.
+
+    Lazily, so a name whose home is missing (``tools`` outside a checkout) fails alone, with the new home named.
+    """
+    homes = SPLIT_MODULES[old]
     module = types.ModuleType(f"{__name__}.{old}", f"Names of the former ``{__name__}.{old}``, now split.")
-    for name, home in SPLIT_MODULES[old].items():
-        setattr(module, name, getattr(importlib.import_module(home), name))
+
+    def __getattr__(name: str):
+        if name not in homes:
+            raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(homes[name]), name)
+        setattr(module, name, value)
+        return value
+
+    module.__getattr__ = __getattr__
+    module.__dir__ = lambda: sorted(homes)
+    module.__all__ = [name for name in homes if not name.startswith("_")]
     return module
 
 

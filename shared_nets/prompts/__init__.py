@@ -7,6 +7,7 @@ negative clicks, box]``, as MONAI's DeepGrow/DeepEdit guidance does; see docs/ar
 
 from __future__ import annotations
 
+from .check import CheckPromptsd
 from .guidance import (
     AddGuidanceChannelsd,
     decode_box_3d,
@@ -21,6 +22,7 @@ from .simulate import SelectObjectd, SimulateBoxd, SimulateClicksd, box_iou
 
 __all__ = [
     "AddGuidanceChannelsd",
+    "CheckPromptsd",
     "PointsToGridd",
     "PromptRegionInferer",
     "SelectObjectd",

@@ -12,7 +12,7 @@ What the network does (paper section 3, Fig. 1):
   exactly at SAM (``shared_nets.peft.inject_svd``).
 * The absolute position embedding average-pooled from SAM's 64x64 to the input's token grid
   and trainable; the block LayerNorms trainable.
-* The class name, encoded once by CLIP (stored vectors, see :mod:`.s_sam_text`), mapped by
+* The class name, encoded once by CLIP (stored vectors, see :mod:`shared_nets.s_sam.text`), mapped by
   the Text-Affine Layer (TAL) into one sparse prompt token for SAM's frozen mask decoder.
 * One decoder pass per (image, class); each class gives a sigmoid logit map. The output
   stacks a constant 0 logit for background in front of the class logits, so ``argmax``
@@ -54,10 +54,12 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from shared_nets.nets.common import block_norms, decode_masks, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from shared_nets.peft import inject_svd
 from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam import build_sam, get_variant
+from shared_nets.sam.decoding import decode_masks
+from shared_nets.sam.slices import slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from shared_nets.sam.tiny_vit import TinyViTBlock
 
 from .text import TEXT_EMBEDDING_DIM, HashTextEncoder, load_class_embeddings
 
@@ -70,6 +72,13 @@ TAL_TYPES = ("linear", "linear_relu_bn")
 _SVD_TARGETS = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "neck")
 # The same layers in LiteMedSAM's TinyViT blocks (its MLP's linears are fc1/fc2; the neck has two convs too)
 _SVD_TARGETS_TINY_VIT = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "neck")
+
+
+def block_norms(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The two LayerNorms of an encoder block: ViT ``norm1``/``norm2``; TinyViT ``attn.norm``/``mlp.norm``."""
+    if isinstance(block, TinyViTBlock):
+        return block.attn.norm, block.mlp.norm
+    return block.norm1, block.norm2
 
 
 class TextAffineLayer(nn.Module):

@@ -18,11 +18,11 @@ This module writes and validates that file and provides two encoders with one in
   reproducible vectors; it carries no semantics, so a model trained with it only knows
   the names it was trained on.
 
-Command line (adds or updates names in a file, other names are kept)::
+Command line, from the checkout (adds or updates names in a file, other names are kept)::
 
-    python -m shared_nets.s_sam.text add bundles/s_sam/configs/text_embeddings.json \\
+    python -m tools text_embeddings add bundles/s_sam/resources/text_embeddings.json \\
         "['liver', 'spleen']" --encoder clip
-    python -m shared_nets.s_sam.text show bundles/s_sam/configs/text_embeddings.json
+    python -m tools text_embeddings show bundles/s_sam/resources/text_embeddings.json
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def read_text_embeddings(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     if not os.path.isfile(path):
         raise ValueError(
             f"text embedding file '{path}' does not exist; create it with "
-            "`python -m shared_nets.s_sam.text add <file> \"['class name', ...]\"`."
+            "`python -m tools text_embeddings add <file> \"['class name', ...]\"`."
         )
     try:
         with open(path, encoding="utf-8") as f:
@@ -248,7 +248,7 @@ def load_class_embeddings(
     if missing:
         raise ValueError(
             f"class name(s) {missing} have no embedding in '{os.fspath(path)}' (stored: {info['names']}); "
-            f"add them with `python -m shared_nets.s_sam.text add {os.fspath(path)} \"{list(missing)}\"`."
+            f"add them with `python -m tools text_embeddings add {os.fspath(path)} \"{list(missing)}\"`."
         )
     return torch.stack([table[normalize_name(n)] for n in class_names]) if class_names else torch.zeros(0, dim)
 
@@ -359,7 +359,5 @@ def _show(path: str) -> dict:
     return info
 
 
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"add": add_text_embeddings, "show": _show})
+#: ``python -m tools text_embeddings add|show`` (see the module docstring).
+cli: dict = {"add": add_text_embeddings, "show": _show}

@@ -1,8 +1,12 @@
-"""SAM backbone: named variants, builders at any input size, official-checkpoint loading."""
+"""SAM backbone: named variants, builders at any input size, official-checkpoint loading, and the pieces
+the method networks share (slice stacking, block-by-block encoder runs, per-image mask decoding, embedding cache)."""
 
 from .attention import REL_POS_MODES, SdpaAttention, decomposed_rel_pos_bias, enable_sdpa, is_sdpa_enabled
 from .grad_checkpoint import enable_gradient_checkpointing, is_gradient_checkpointed
 from .builder import build_image_encoder, build_sam, check_img_size, expand_mask_tokens
+from .cache import EmbeddingCache
+from .decoding import decode_masks
+from .encoder_blocks import block_width, run_encoder
 from .weights import (
     SamCheckpointError,
     fit_state_dict_to_model,
@@ -12,17 +16,22 @@ from .weights import (
     resize_pos_embed,
     resize_rel_pos,
 )
+from .slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from .variants import SAM_VARIANTS, SamVariant, get_variant
 
 __all__ = [
+    "EmbeddingCache",
     "REL_POS_MODES",
     "SAM_VARIANTS",
     "SamCheckpointError",
     "SamVariant",
     "SdpaAttention",
+    "block_width",
     "build_image_encoder",
     "build_sam",
     "check_img_size",
+    "check_input",
+    "decode_masks",
     "decomposed_rel_pos_bias",
     "enable_gradient_checkpointing",
     "enable_sdpa",
@@ -36,4 +45,9 @@ __all__ = [
     "read_sam_state_dict",
     "resize_pos_embed",
     "resize_rel_pos",
+    "run_encoder",
+    "slices_to_volume",
+    "to_rgb",
+    "upsample_to",
+    "volume_to_slices",
 ]

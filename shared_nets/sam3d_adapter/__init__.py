@@ -4,7 +4,7 @@ SAM's ViT run on 3D patches with spatial adapters, a 3D prompt encoder and a mul
 See ``bundles/sam3d_adapter``.
 """
 
-from . import bench, data, encoder, heads, network
+from . import bench, data, encoder, heads, network, transforms
 from .network import NO_POSITIVE_MODES, PROMPT_ENCODER_MODES, SAM3D_TRAINABLE_PATTERNS, SAM3DAdapter
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "encoder",
     "heads",
     "network",
+    "transforms",
 ]

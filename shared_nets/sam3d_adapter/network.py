@@ -1,8 +1,8 @@
 """3DSAM-adapter: SAM turned fully volumetric for point-prompted (or automatic) 3D segmentation.
 
-Paper: "3DSAM-adapter: Holistic adaptation of SAM from 2D to 3D for promptable tumor
-segmentation" (poster in ``papers/sam3d_adapter.txt``); official code med-air/3DSAM-adapter,
-read for facts only (see DESIGN.md "Method notes" and "Measured from the official code").
+Paper: Gong et al., "3DSAM-adapter: Holistic adaptation of SAM from 2D to 3D for promptable tumor
+segmentation" (arXiv 2306.13465); official code med-air/3DSAM-adapter, read for facts only. Where this
+implementation follows the code rather than the paper, docs/deviations.md says so.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_points
 from shared_nets.sam import build_sam, get_variant
 
-from shared_nets.nets.common import EmbeddingCache
+from shared_nets.sam.cache import EmbeddingCache
 from .encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer, run_blocks
 from .heads import PROMPT_ENCODINGS, PROMPT_LAYERS, MultiLevelDecoder3D, PromptEncoder3D
 

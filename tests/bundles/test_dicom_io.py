@@ -1,4 +1,4 @@
-"""Every bundle's inference.json on a DICOM series written from the real CT example (../shared).
+"""Every bundle's inference.json on a DICOM series written from the real CT example (data/totalsegmentator_example).
 
 A series folder in the datalist gives the same prediction as the NIfTI it was written from (same voxels once
 both are re-oriented to RAS); with ``output_dicom_seg`` the DICOM SEG written beside the NIfTI reads back
@@ -44,7 +44,7 @@ BUNDLES: dict[str, tuple[dict[str, Any], bool]] = {
 def ct_pair(tmp_path_factory) -> dict[str, Any]:
     """The real CT as NIfTI and as an LPS DICOM series folder, with a liver click in each one's voxels."""
     if not (REAL_CT / "ct.nii.gz").is_file():
-        pytest.skip(f"real CT example not found at {REAL_CT} (../shared is not beside this checkout)")
+        pytest.skip(f"real CT example not found at {REAL_CT} (data/totalsegmentator_example is not in this checkout)")
     from shared_nets.data import LoadImaged
 
     out = tmp_path_factory.mktemp("ct_pair")

@@ -1,4 +1,4 @@
-"""H-SAM bundle on phantoms through the shared harness (tiny SAM, CPU), plus its bad-input errors and few-shot data."""
+"""H-SAM bundle on phantoms through the shared harness (tiny SAM, CPU), plus its bad-input errors and few-shot slices."""
 
 from __future__ import annotations
 
@@ -90,43 +90,16 @@ def test_missing_sam_checkpoint_names_the_file(demo_data, tmp_path):
     assert err is not None and str(missing) in str(err) and "does not exist" in str(err)
 
 
-def test_few_shot_datalists_and_slice_selection(demo_data, tmp_path):
-    from shared_nets.h_sam.data import SelectSlicesd, label_frequencies, write_few_shot_datalist
-
-    src = demo_data / "datalist.json"
-    out = tmp_path / "few_shot_10pct.json"  # elsewhere: the writer makes the paths absolute
-    summary = write_few_shot_datalist(src, out, fraction=0.1, seed=3)
-    content = json.loads(out.read_text())
-    original = json.loads(src.read_text())
-    depth = 24  # tests/conftest.py DEMO_SHAPE
-    assert summary["total_slices"] == depth * len(original["training"])
-    assert sum(len(e["slices"]) for e in content["training"]) == summary["slices"] == round(0.1 * summary["total_slices"])
-    assert [Path(e["image"]).name for e in content["validation"]] == [Path(e["image"]).name for e in original["validation"]]
-    assert all(Path(e["image"]).is_file() and Path(e["label"]).is_file() for e in content["training"])
-    again = tmp_path / "again.json"
-    write_few_shot_datalist(src, again, fraction=0.1, seed=3)
-    assert [e["slices"] for e in json.loads(again.read_text())["training"]] == [e["slices"] for e in content["training"]]
-
-    # the train pipeline keeps exactly the listed slices
-    parser = _parser(demo_data, "train.json", data_list_file_path=str(out))
-    item = parser.get_parsed_content("train#datalist")[0]
+def test_train_pipeline_keeps_the_few_shot_slices(demo_data, tmp_path):
+    """train.json's SelectSlicesd keeps exactly the slices a ``python -m tools few_shot`` datalist lists."""
     from monai.transforms import Compose
 
+    from tools.recipes.few_shot import write_few_shot_datalist
+
+    out = tmp_path / "few_shot_10pct.json"
+    write_few_shot_datalist(demo_data / "datalist.json", out, fraction=0.1, seed=3)
+    content = json.loads(out.read_text())
+    parser = _parser(demo_data, "train.json", data_list_file_path=str(out))
+    item = parser.get_parsed_content("train#datalist")[0]
     d = Compose(parser.get_parsed_content("train#deterministic_transforms"))(item)
     assert d["image"].shape[-1] == len(content["training"][0]["slices"]) and "slices" not in d
-
-    freqs = label_frequencies(out, num_classes=8, label_map="btcv_to_synapse")
-    assert len(freqs) == 9 and freqs[4] == 0.0 and freqs[8] == 0.0 and sum(freqs) == pytest.approx(1.0)
-
-    cases = tmp_path / "cases.json"
-    write_few_shot_datalist(src, cases, num_cases=2, seed=0)
-    chosen = json.loads(cases.read_text())["training"]
-    assert len(chosen) == 2 and all(Path(e["image"]).is_file() for e in chosen)  # made absolute elsewhere
-    with pytest.raises(ValueError, match="exactly one"):
-        write_few_shot_datalist(src, cases, fraction=0.1, num_cases=2)
-    with pytest.raises(ValueError, match="num_cases must be"):
-        write_few_shot_datalist(src, cases, num_cases=99)
-    sel = SelectSlicesd(keys="image")
-    with pytest.raises(ValueError, match=r"slices.*\[0, 3\]"):
-        sel({"image": torch.zeros(1, 4, 4, 4), "slices": [2, 7]})
-    assert sel({"image": torch.zeros(1, 4, 4, 4)})["image"].shape == (1, 4, 4, 4)

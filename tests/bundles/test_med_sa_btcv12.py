@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigParser
 
-from shared_nets.med_sa.transforms import object_datalist
+from shared_nets.med_sa.data import object_datalist
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "med_sa" / "configs"
 

@@ -176,7 +176,7 @@ def test_ensemble_modes():
         prob = net(x)
         net.ensemble = "logit"
         logit = net(x)
-    from shared_nets.nets.common import slices_to_volume
+    from shared_nets.sam.slices import slices_to_volume
 
     mean_p = slices_to_volume((up1.softmax(1) + l2.softmax(1)) / 2, 2)
     assert torch.allclose(prob.softmax(1), mean_p, atol=1e-5)  # softmax of the output = mean probability
@@ -238,7 +238,8 @@ def test_checkpoint_loads_strictly_before_lora(tmp_path):
 
 
 # ViT-B built on the meta device (no memory, no init cost). Paper Table 6 totals: H-SAM 112.3M,
-# SAMed 108.8M; released code (DESIGN.md): H-SAM 111.3M at 512, 99.1M at 224, SAMed 92.2M.
+# SAMed 108.8M; the released code (LoRA r=5; the parameter table in bundles/h_sam/docs/README.md):
+# H-SAM 111.3M at 512, 99.1M at 224, SAMed 92.2M.
 @pytest.mark.parametrize(
     "img_size, kw, trainable, total",
     [
@@ -357,3 +358,15 @@ def test_bad_inputs():
         net(x, label=torch.full((1, 1, S, S, 1), 5.0))
     with pytest.raises(ValueError, match="label must be"):
         net(x, label=torch.zeros(1, 1, S, S, 2))
+
+
+def test_select_slices_keeps_the_listed_slices_and_names_bad_indices():
+    from shared_nets.h_sam.transforms import SelectSlicesd
+
+    sel = SelectSlicesd(keys="image")
+    image = torch.arange(4.0).expand(1, 4, 4, 4)
+    kept = sel({"image": image, "slices": [3, 1]})
+    assert kept["image"][0, 0, 0].tolist() == [3.0, 1.0] and "slices" not in kept
+    with pytest.raises(ValueError, match=r"slices.*\[0, 3\]"):
+        sel({"image": torch.zeros(1, 4, 4, 4), "slices": [2, 7]})
+    assert sel({"image": torch.zeros(1, 4, 4, 4)})["image"].shape == (1, 4, 4, 4)

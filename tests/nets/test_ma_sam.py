@@ -93,7 +93,7 @@ def test_gradients_only_where_expected(finetune, frozen_encoder_weight_trains):
     assert has_fact == (finetune == "fact")
 
 
-def test_vit_b_trainable_counts_match_the_design():
+def test_vit_b_trainable_counts_match_the_formulas():
     model = MASAM(variant="vit_b", img_size=64, num_classes=13)
     named = dict(model.named_parameters())
     fact = sum(p.numel() for n, p in named.items() if "fact_" in n)
@@ -201,3 +201,60 @@ def test_progressive_upsampling_keeps_sams_pretrained_convs():
         for pa, pb in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(pa, pb)
     assert len(ref) == 6  # SAM's own upscaling: two convs and one LN, no second LN
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_box_tokens_equal_the_prompt_encoders_own_box_embedding(autocast):
+    """The box tokens come from SAM's public ``PromptEncoder.forward(boxes=...)``; they equal its private
+    ``_embed_boxes`` (what the official code calls). Under autocast ``_embed_boxes`` is low precision
+    (its Fourier features are an autocast matmul) while the public forward concatenates onto a float32
+    tensor; the tokens that reach the decoder are float32 either way, with the same values."""
+    from shared_nets.prompts import decode_boxes_2d
+
+    torch.manual_seed(0)
+    model = MASAM(**TINY, use_box_prompt=True).eval()
+    box = torch.zeros(1, 1, 64, 64, 5)
+    box[:, 0, 10:30, 20:40, 1:4] = 1
+    pe = model.sam.prompt_encoder
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        tokens, dense = model.prompt_embeddings(box, 5)
+        boxes, valid = decode_boxes_2d(box)
+        private = pe._embed_boxes(boxes)
+    assert private.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert tokens.dtype == dense.dtype == torch.float32 and tokens.shape == (5, 2, pe.embed_dim)
+    assert valid.tolist() == [False, True, True, True, False]
+    torch.testing.assert_close(tokens[valid], private[valid].float(), rtol=0, atol=0)
+    empty = pe.not_a_point_embed.weight.expand(2, -1)
+    torch.testing.assert_close(tokens[~valid], empty.expand(2, -1, -1), rtol=0, atol=0)
+
+
+def test_progressive_upsampling_stages_compose_to_the_forward():
+    from shared_nets.ma_sam.blocks import ProgressiveUpsampling
+
+    model = MASAM(**TINY)
+    up = model.upscaling
+    assert isinstance(up, ProgressiveUpsampling) and up.num_stages == 2 and up.stage_bounds == ((0, 3), (3, 5))
+    assert set(up.extra.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"}
+    x = torch.randn(2, up.sam_upscaling[0].in_channels, 4, 4)
+    with torch.no_grad():
+        staged = up.run_stage(1, up.run_stage(0, up.sam_upscaling(x)))
+        torch.testing.assert_close(staged, up(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"stage must be in \[0, 1\]"):
+        up.run_stage(2, x)
+
+
+def test_multiscale_fusion_gets_the_encoder_features_as_an_argument():
+    """No side channel: the module keeps no features between calls; decoding gets them explicitly."""
+    torch.manual_seed(0)
+    model = MASAM(**TINY, decoder="multiscale").eval()
+    a, b = torch.randn(1, 1, 64, 64, 5), torch.randn(1, 1, 64, 64, 5)
+    with torch.no_grad():
+        ya = model(a)
+        model(b)
+        torch.testing.assert_close(model(a), ya, rtol=0, atol=0)
+        x = torch.randn(5, 32, 4, 4)
+        with pytest.raises(TypeError):
+            model.upscaling(x)
+        with pytest.raises(ValueError, match="stages 3, 2 and 1"):
+            model.upscaling(x, features=[])
+    assert not hasattr(model.upscaling, "features")

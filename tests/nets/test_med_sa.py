@@ -146,7 +146,8 @@ def test_gradients_only_in_adapters():
 
 
 def test_parameter_counts_vs_paper():
-    """Paper: ~13M trainable on ViT-H (2 %); official code's settings: 82.9M (DESIGN.md, measured)."""
+    """Paper: ~13M trainable on ViT-H (2 %); the official code's settings train 82.9M (docs/deviations.md,
+    "adapter width")."""
     with torch.device("meta"):
         paper = MedSA("vit_h")
         official = MedSA("vit_h", **MEDSA_OFFICIAL_CODE_SETTINGS)
@@ -272,7 +273,8 @@ from shared_nets.med_sa.interactive import (  # noqa: E402
     add_corrective_clicks,
     corrective_click,
 )
-from shared_nets.med_sa.transforms import CheckPromptsd, ObjectLabeld, SimulatePromptSettingd  # noqa: E402
+from shared_nets.med_sa.transforms import ObjectLabeld, SimulatePromptSettingd  # noqa: E402
+from shared_nets.prompts import CheckPromptsd  # noqa: E402
 
 
 def test_corrective_click_goes_to_the_largest_error_region():

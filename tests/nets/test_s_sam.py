@@ -53,7 +53,7 @@ def test_output_contract_and_background_channel():
 @pytest.mark.parametrize(
     "mode, expected",
     [
-        # DESIGN.md / issue 7: ViT-B at 256, trainable set of the paper vs. the official code
+        # ViT-B at 256, trainable set of the paper vs. the official code (bundles/s_sam/docs/README.md table)
         ("paper", dict(pos_embed=196_608, svd_blocks=73_728, svd_neck=1_024, encoder_norms=36_864, tal=131_328, decoder_norms=0, total=439_552)),
         ("official", dict(pos_embed=196_608, svd_blocks=73_728, svd_neck=1_024, encoder_norms=36_864, tal=131_840, decoder_norms=4_608, total=444_672)),
     ],

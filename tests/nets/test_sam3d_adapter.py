@@ -334,60 +334,8 @@ def test_negative_only_window_is_background_when_asked():
 # ---------------------------------------------------------------------------- data recipes
 
 
-def _touch(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
-
-
-def test_find_cases_for_each_dataset_layout(tmp_path):
-    from shared_nets.sam3d_adapter.data import find_cases
-
-    for i in range(3):
-        _touch(tmp_path / "kits" / f"case_{i:05d}" / "imaging.nii.gz")
-        _touch(tmp_path / "kits" / f"case_{i:05d}" / "aggregated_MAJ_seg.nii.gz")
-        _touch(tmp_path / "msd" / "imagesTr" / f"colon_{i:03d}.nii.gz")
-        _touch(tmp_path / "msd" / "labelsTr" / f"colon_{i:03d}.nii.gz")
-        _touch(tmp_path / "lits" / "batch" / f"volume-{10 - i}.nii")
-        _touch(tmp_path / "lits" / "batch" / f"segmentation-{10 - i}.nii")
-    _touch(tmp_path / "msd" / "imagesTr" / "._colon_000.nii.gz")  # macOS resource fork: ignored
-    kits = find_cases("kits21", tmp_path / "kits")
-    assert len(kits) == 3 and kits[0]["label"].endswith("case_00000/aggregated_MAJ_seg.nii.gz")
-    assert len(find_cases("msd_colon", tmp_path / "msd")) == 3
-    lits = find_cases("lits17", tmp_path / "lits")
-    assert [c["image"].rsplit("-", 1)[1] for c in lits] == ["8.nii", "9.nii", "10.nii"]
-    assert lits[0]["label"].endswith("segmentation-8.nii")
-    _touch(tmp_path / "msd" / "imagesTr" / "colon_999.nii.gz")
-    with pytest.raises(ValueError, match="has no label"):
-        find_cases("msd_colon", tmp_path / "msd")
-    with pytest.raises(ValueError, match="dataset must be one of"):
-        find_cases("brats", tmp_path)
-    with pytest.raises(ValueError, match="no lits17 cases"):
-        find_cases("lits17", tmp_path / "kits")
-
-
-def test_random_split_is_seeded_70_10_20(tmp_path):
-    import json
-
-    from shared_nets.sam3d_adapter.data import random_split, write_datalist
-
-    items = [{"image": f"img_{i:03d}", "label": f"lab_{i:03d}"} for i in range(50)]
-    a, b = random_split(items, seed=3), random_split(list(reversed(items)), seed=3)
-    assert a == b
-    assert [len(a[k]) for k in ("training", "validation", "test")] == [35, 5, 10]
-    names = [i["image"] for k in a for i in a[k]]
-    assert sorted(names) == sorted(i["image"] for i in items)
-    assert random_split(items, seed=4) != a
-    with pytest.raises(ValueError, match="fractions"):
-        random_split(items, fractions=(0.5, 0.5, 0.5))
-    for i in range(10):
-        _touch(tmp_path / "imagesTr" / f"p_{i}.nii.gz")
-        _touch(tmp_path / "labelsTr" / f"p_{i}.nii.gz")
-    out = json.loads(open(write_datalist("msd_pancreas", tmp_path)).read())
-    assert out["target_class"] == 2 and len(out["training"]) == 7 and len(out["test"]) == 2
-
-
 def test_require_positive_clicks():
-    from shared_nets.sam3d_adapter.data import RequirePositiveClicksd
+    from shared_nets.sam3d_adapter.transforms import RequirePositiveClicksd
 
     t = RequirePositiveClicksd()
     assert t({"foreground": [[1, 2, 3]], "background": []})["foreground"] == [[1, 2, 3]]

@@ -223,10 +223,7 @@ _FAKE_NETWORK = '''
 import torch
 from torch import nn
 
-try:
-    from shared_nets.sam.cache import EmbeddingCache
-except ImportError:
-    from shared_nets.nets.common import EmbeddingCache
+from shared_nets.sam import EmbeddingCache
 
 
 class Net(nn.Module):

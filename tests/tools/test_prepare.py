@@ -14,8 +14,10 @@ from shared_nets.data import DataError, load_datalist
 from tools.prepare import RECIPES, main, prepare, recipe_options
 from tools.recipes.abdomen import BTCV_ORGANS, BTCV_TEST_CASES, BTCV_TRAIN_CASES, SYNAPSE_TEST_CASES
 from tools.recipes.common import DatasetLayoutError
+from tools.recipes.few_shot import label_frequencies, write_few_shot_datalist
 from tools.recipes.heart import LA_TEST_CASES
 from tools.recipes.prostate import MA_SAM_PROSTATE_TEST
+from tools.recipes.tumour import find_cases, random_split, write_datalist
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (8, 8, 4)
@@ -235,7 +237,7 @@ def tumour_sets(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("dataset", ["msd_pancreas", "msd_colon", "kits21", "lits17"])
 def test_tumour_sets_match_3dsam_adapter_split(tumour_sets, tmp_path, dataset):
-    from shared_nets.sam3d_adapter.data import TUMOUR_DATASETS, write_datalist
+    from shared_nets.sam3d_adapter.data import TUMOUR_DATASETS
 
     src = tumour_sets[dataset]
     prepare(dataset, src, tmp_path / "a", seed=3, progress=False)
@@ -458,3 +460,80 @@ def test_amos22_mri_shots_and_merged_adrenals(amos, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetLayoutError, match="AMOS 22"):
         prepare("amos22", tmp_path / "empty", tmp_path / "bad3", progress=False)
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def test_tumour_find_cases_for_each_dataset_layout(tmp_path):
+    for i in range(3):
+        _touch(tmp_path / "kits" / f"case_{i:05d}" / "imaging.nii.gz")
+        _touch(tmp_path / "kits" / f"case_{i:05d}" / "aggregated_MAJ_seg.nii.gz")
+        _touch(tmp_path / "msd" / "imagesTr" / f"colon_{i:03d}.nii.gz")
+        _touch(tmp_path / "msd" / "labelsTr" / f"colon_{i:03d}.nii.gz")
+        _touch(tmp_path / "lits" / "batch" / f"volume-{10 - i}.nii")
+        _touch(tmp_path / "lits" / "batch" / f"segmentation-{10 - i}.nii")
+    _touch(tmp_path / "msd" / "imagesTr" / "._colon_000.nii.gz")  # macOS resource fork: ignored
+    kits = find_cases("kits21", tmp_path / "kits")
+    assert len(kits) == 3 and kits[0]["label"].endswith("case_00000/aggregated_MAJ_seg.nii.gz")
+    assert len(find_cases("msd_colon", tmp_path / "msd")) == 3
+    lits = find_cases("lits17", tmp_path / "lits")
+    assert [c["image"].rsplit("-", 1)[1] for c in lits] == ["8.nii", "9.nii", "10.nii"]
+    assert lits[0]["label"].endswith("segmentation-8.nii")
+    _touch(tmp_path / "msd" / "imagesTr" / "colon_999.nii.gz")
+    with pytest.raises(ValueError, match="has no label"):
+        find_cases("msd_colon", tmp_path / "msd")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        find_cases("brats", tmp_path)
+    with pytest.raises(ValueError, match="no lits17 cases"):
+        find_cases("lits17", tmp_path / "kits")
+
+
+def test_tumour_random_split_is_seeded_70_10_20(tmp_path):
+    items = [{"image": f"img_{i:03d}", "label": f"lab_{i:03d}"} for i in range(50)]
+    a, b = random_split(items, seed=3), random_split(list(reversed(items)), seed=3)
+    assert a == b
+    assert [len(a[k]) for k in ("training", "validation", "test")] == [35, 5, 10]
+    names = [i["image"] for k in a for i in a[k]]
+    assert sorted(names) == sorted(i["image"] for i in items)
+    assert random_split(items, seed=4) != a
+    with pytest.raises(ValueError, match="fractions"):
+        random_split(items, fractions=(0.5, 0.5, 0.5))
+    for i in range(10):
+        _touch(tmp_path / "imagesTr" / f"p_{i}.nii.gz")
+        _touch(tmp_path / "labelsTr" / f"p_{i}.nii.gz")
+    out = json.loads(open(write_datalist("msd_pancreas", tmp_path)).read())
+    assert out["target_class"] == 2 and len(out["training"]) == 7 and len(out["test"]) == 2
+
+
+def test_few_shot_datalists(demo_data, tmp_path):
+    src = demo_data / "datalist.json"
+    out = tmp_path / "few_shot_10pct.json"  # elsewhere: the writer makes the paths absolute
+    summary = write_few_shot_datalist(src, out, fraction=0.1, seed=3)
+    content = json.loads(out.read_text())
+    original = json.loads(src.read_text())
+    depth = 24  # tests/conftest.py DEMO_SHAPE
+    assert summary["total_slices"] == depth * len(original["training"])
+    kept = sum(len(e["slices"]) for e in content["training"])
+    assert kept == summary["slices"] == round(0.1 * summary["total_slices"])
+    names = [Path(e["image"]).name for e in content["validation"]]
+    assert names == [Path(e["image"]).name for e in original["validation"]]
+    assert all(Path(e["image"]).is_file() and Path(e["label"]).is_file() for e in content["training"])
+    again = tmp_path / "again.json"
+    write_few_shot_datalist(src, again, fraction=0.1, seed=3)
+    repeated = json.loads(again.read_text())["training"]
+    assert [e["slices"] for e in repeated] == [e["slices"] for e in content["training"]]
+
+    freqs = label_frequencies(out, num_classes=8, label_map="btcv_to_synapse")
+    assert len(freqs) == 9 and freqs[4] == 0.0 and freqs[8] == 0.0 and sum(freqs) == pytest.approx(1.0)
+
+    cases = tmp_path / "cases.json"
+    write_few_shot_datalist(src, cases, num_cases=2, seed=0)
+    chosen = json.loads(cases.read_text())["training"]
+    assert len(chosen) == 2 and all(Path(e["image"]).is_file() for e in chosen)  # made absolute elsewhere
+    with pytest.raises(ValueError, match="exactly one"):
+        write_few_shot_datalist(src, cases, fraction=0.1, num_cases=2)
+    with pytest.raises(ValueError, match="num_cases must be"):
+        write_few_shot_datalist(src, cases, num_cases=99)

@@ -14,10 +14,7 @@ from torch import nn
 from .inputs import Phantom, _value, _with_guidance, bundle_parser, network_case
 from .measure import _one_line, _ratio, _t
 
-try:  # the shared SAM building blocks' new home
-    from shared_nets.sam.cache import EmbeddingCache
-except ImportError:
-    from shared_nets.nets.common import EmbeddingCache
+from shared_nets.sam import EmbeddingCache
 
 
 def _embedding_caches(net: nn.Module) -> list[EmbeddingCache]:

@@ -109,7 +109,7 @@ def prepare_promise12(src: Path, out: Path, *, seed: int = 0, num_test: int = 10
     """PROMISE12, 40 training / 10 test cases (H-SAM sec. 4.1, following MLB-Seg), converted to NIfTI.
 
     MLB-Seg does not publish its case lists, so the split is seeded (ours). The 3-labelled-case
-    few-shot subset comes after: ``python -m shared_nets.h_sam.data few_shot --num_cases 3``.
+    few-shot subset comes after: ``python -m tools few_shot --num_cases 3``.
 
     Args:
         src: the PROMISE12 training data (see module docstring).
