@@ -35,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 from shared_nets.io import atomic_path, atomic_write_text
+from shared_nets.labels import BTCV_LABELS
 
 __all__ = [
     "BTCV_LABELS",
@@ -46,23 +47,7 @@ __all__ = [
     "main",
 ]
 
-# BTCV (Synapse multi-organ) label ids; the phantoms use the subset in PHANTOM_LABELS.
-BTCV_LABELS: dict[int, str] = {
-    0: "background",
-    1: "spleen",
-    2: "right kidney",
-    3: "left kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "inferior vena cava",
-    10: "portal and splenic veins",
-    11: "pancreas",
-    12: "right adrenal gland",
-    13: "left adrenal gland",
-}
+# The phantoms use the BTCV ids in PHANTOM_LABELS.
 PHANTOM_LABELS: dict[int, str] = {i: BTCV_LABELS[i] for i in (0, 1, 2, 3, 6, 7, 8)}
 
 _MIN_SHAPE = (32, 32, 8)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from shared_nets.labels import ADRENAL_MERGE, BTCV_LABELS, BTCV_TO_SYNAPSE
+
 from .common import (
     DatasetLayoutError,
     find_folder,
@@ -44,22 +46,7 @@ __all__ = [
 ]
 
 #: BTCV label ids as distributed; names as in the bundles' ``channel_def`` (MA-SAM, S-SAM).
-BTCV_ORGANS: dict[int, str] = {
-    0: "background",
-    1: "spleen",
-    2: "right kidney",
-    3: "left kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "inferior vena cava",
-    10: "portal vein and splenic vein",
-    11: "pancreas",
-    12: "right adrenal gland",
-    13: "left adrenal gland",
-}
+BTCV_ORGANS: dict[int, str] = BTCV_LABELS
 
 # MA-SAM sec. 4.1: "the same data split as (Tang et al., 2022a), 24 cases for training and 6 for
 # testing". The split is SwinUNETR/UNETR's BTCV datalist (MONAI's dataset_0.json: training
@@ -72,10 +59,6 @@ BTCV_TEST_CASES: tuple[int, ...] = tuple(range(35, 41))
 # the test ids are TransUNet's lists_Synapse/test_vol.txt (SAMed's preprocessing uses the same).
 SYNAPSE_TEST_CASES: tuple[int, ...] = (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38)
 SYNAPSE_TRAIN_CASES: tuple[int, ...] = tuple(i for i in (*range(1, 11), *range(21, 41)) if i not in SYNAPSE_TEST_CASES)
-
-#: MA-SAM's official code trains 12 classes: the left adrenal gland (13) is relabelled as the
-#: right one (12), "adrenal gland" (paper Table 1 has 12 organ columns).
-ADRENAL_MERGE: dict[int, int] = {**{i: i for i in range(13)}, 13: 12}
 
 _LAYOUT = (
     "expected the BTCV abdomen training set as published on Synapse (syn3193805, RawData.zip): "
@@ -208,12 +191,10 @@ def prepare_btcv(src: Path, out: Path, *, seed: int = 0, num_val: int = 0, merge
 def synapse_labels() -> tuple[np.ndarray, dict[int, str]]:
     """BTCV -> Synapse 8-organ look-up table and the Synapse label names.
 
-    The ids are SAMed's/H-SAM's (``shared_nets.h_sam.data.BTCV_TO_SYNAPSE``): 1 spleen,
+    The ids are SAMed's/H-SAM's (``shared_nets.labels.BTCV_TO_SYNAPSE``): 1 spleen,
     2 right kidney, 3 left kidney, 4 gallbladder, 5 liver, 6 stomach, 7 aorta, 8 pancreas;
     esophagus, IVC, portal/splenic veins and adrenal glands become background.
     """
-    from shared_nets.h_sam.data import BTCV_TO_SYNAPSE
-
     lut = np.asarray(BTCV_TO_SYNAPSE, dtype=np.uint8)
     names = {0: "background"}
     for btcv_id, syn_id in enumerate(BTCV_TO_SYNAPSE):
