@@ -59,6 +59,10 @@ __all__ = [
     "FullOptimizerState",
     "optimizer_state",
     "attach_state_gathering",
+    "init_process_group",
+    "quiet_other_ranks",
+    "shutdown",
+    "main_process_handlers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -555,6 +559,7 @@ class CaseTracker:
 
     def __call__(self, engine, batch):
         from shared_nets.data import SKIPPED_KEY, root_cause
+        from shared_nets.engine import run_default_iteration
 
         index = engine.state.iteration - 1
         if index >= len(self.runner.shard_names):
@@ -567,7 +572,7 @@ class CaseTracker:
             self.runner.record(index, "skipped", 0.0, str(reason))
             return None
         try:
-            output = engine._iteration(engine, batch)
+            output = run_default_iteration(engine, batch)
         except ValueError as e:  # input-dependent: report this case, go on with the next
             reason = root_cause(e)
             logger.error("skipping '%s': %s", self.runner.shard_names[index], reason)
@@ -774,3 +779,52 @@ def attach_state_gathering(trainer: Any, model: torch.nn.Module, optimizer: torc
 
         validator.run = run_with_full_weights
     return trainer
+
+
+# -- multi_gpu_train.json: process group, logging and handlers per rank ------------------------------------
+def init_process_group(device: torch.device | None = None) -> None:
+    """``initialize`` of ``multi_gpu_train.json``: join the process group ``torchrun`` describes unless it is
+    already up (``nccl`` when CUDA is available, else ``gloo``), then, with CUDA, make ``device`` (default
+    :func:`local_device`) this process's current GPU.
+
+    Unlike :func:`init_distributed` it always initialises the group, as training under ``torchrun`` needs.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device if device is not None else local_device())
+
+
+def quiet_other_ranks(*engines: Any) -> None:
+    """Log at INFO level from rank 0 and at WARNING level from the other ranks, so a multi-GPU run prints
+    each epoch's losses and metrics once. ``engines``: ignite engines (their ``logger``)."""
+    level = logging.WARNING if rank_and_world()[0] > 0 else logging.INFO
+    for engine in engines:
+        engine.logger.setLevel(level)
+
+
+def shutdown() -> None:
+    """``finalize`` of ``multi_gpu_train.json``: wait for every rank, then leave the process group (no-op
+    without one)."""
+    finalize_distributed()
+
+
+def _console_handler_types() -> tuple[type, ...]:
+    from ignite.handlers import ProgressBar
+    from monai.handlers import StatsHandler, TensorBoardStatsHandler
+
+    return ProgressBar, StatsHandler, TensorBoardStatsHandler
+
+
+def main_process_handlers(handlers: Sequence[Any]) -> list[Any]:
+    """The training handlers a rank attaches: all of them on rank 0 (or without a process group); on the
+    other ranks all but the progress bar, console and TensorBoard output (``ProgressBar``, ``StatsHandler``,
+    ``TensorBoardStatsHandler``), which rank 0 writes once. Handlers that change training (learning-rate
+    schedule, validation, a ``CheckpointLoader`` a fine-tuning overlay appends) run on every rank."""
+    handlers = list(handlers)
+    if rank_and_world()[0] == 0:
+        return handlers
+    console = _console_handler_types()
+    return [h for h in handlers if not isinstance(h, console)]

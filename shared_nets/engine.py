@@ -7,7 +7,10 @@ import glob
 import logging
 import math
 import os
+import pickle
 import random
+import zipfile
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -28,6 +31,8 @@ __all__ = [
     "RNGState",
     "TrainingDiverged",
     "SkipBadInputs",
+    "ClipGradients",
+    "run_default_iteration",
     "run_bundle_workflow",
 ]
 
@@ -57,31 +62,102 @@ def _is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+#: What ``torch.load`` raises for a file that is not a (complete) PyTorch checkpoint: a truncated zip archive
+#: (RuntimeError), an empty file (EOFError), random bytes or a pickle with disallowed globals (UnpicklingError).
+_UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def _expected_entries(module: torch.nn.Module) -> dict[str, tuple[int, ...] | None]:
+    """The keys (and tensor shapes) of ``module.state_dict()``, read from the module tree without calling
+    ``state_dict()`` (so no ``_save_to_state_dict`` hook runs, e.g. an SVD layer's decomposition).
+
+    Mirrors ``nn.Module._save_to_state_dict``: parameters and persistent buffers that are not None, plus
+    ``_extra_state`` where ``get_extra_state`` is overridden (shape None: not a tensor to compare).
+    """
+    entries: dict[str, tuple[int, ...] | None] = {}
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        prefix = f"{prefix}." if prefix else ""
+        for name, p in m._parameters.items():
+            if p is not None:
+                entries[prefix + name] = tuple(p.shape)
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                entries[prefix + name] = tuple(b.shape)
+        if type(m).get_extra_state is not torch.nn.Module.get_extra_state:
+            entries[prefix + "_extra_state"] = None
+    return entries
+
+
+def _state_dict_problems(module: torch.nn.Module, state: Any, strict: bool) -> list[str]:
+    """What keeps ``state`` from loading into ``module`` (``load_state_dict(strict=strict)``), in the order
+    missing keys, unexpected keys, mis-shaped tensors; empty when it fits."""
+    if not isinstance(state, Mapping):
+        return [f"a {type(state).__name__}, not a state dict"]
+    expected = _expected_entries(module)
+    problems = []
+    if strict and any(k not in state for k in expected):
+        problems.append("missing keys")
+    if strict and any(k not in expected for k in state):
+        problems.append("unexpected keys")
+    if any(shape is not None and isinstance(state.get(k), torch.Tensor) and tuple(state[k].shape) != shape
+           for k, shape in expected.items()):
+        problems.append("mis-shaped tensors")
+    return problems
+
+
+def _checks_keys(obj: Any) -> bool:
+    """Whether ``obj`` loads with ``nn.Module``'s own ``load_state_dict`` (key for key, shape for shape)."""
+    return isinstance(obj, torch.nn.Module) and type(obj).load_state_dict is torch.nn.Module.load_state_dict \
+        and type(obj).state_dict is torch.nn.Module.state_dict
+
+
 class CheckpointLoader(_MonaiCheckpointLoader):
     """MONAI's ``CheckpointLoader`` with one-line errors that name the file: a missing or unreadable file, or
     a checkpoint of another method/variant/size (missing/unexpected/mis-shaped keys) instead of torch's
-    multi-line ``load_state_dict`` report. Same arguments as ``monai.handlers.CheckpointLoader``."""
+    multi-line ``load_state_dict`` report. Same arguments as ``monai.handlers.CheckpointLoader``.
+
+    Before MONAI loads it, the file is opened once (memory-mapped) and each network in ``load_dict`` is
+    compared with it key for key and shape for shape (``strict``/``strict_shape`` as MONAI applies them).
+    """
 
     def __call__(self, engine) -> None:
         path = os.fspath(self.load_path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint '{path}' does not exist; train the bundle first or write an initial "
                                     "model.pt (`python -m tools init_model`).")
-        try:
-            super().__call__(engine)
-        except Exception as e:
+        try:  # mmap needs the zip format torch has written since 1.6; older files are read whole
+            checkpoint = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+        except _UNREADABLE as e:
             text = " ".join(str(e).split())
-            if "Error(s) in loading state_dict" in text or isinstance(e, KeyError):
-                hint = [what for what, label in (("missing keys", "Missing key(s)"), ("unexpected keys", "Unexpected key(s)"),
-                                                 ("mis-shaped tensors", "size mismatch")) if label in text]
-                raise ValueError(
-                    f"checkpoint '{path}' does not fit this network ({', '.join(hint) or type(e).__name__}); expected a "
-                    "model.pt written by this bundle with the same variant, img_size and number of classes."
-                ) from None
-            if isinstance(e, (RuntimeError, EOFError, OSError)) or "pickl" in text.lower():  # truncated zip, bad pickle...
-                raise ValueError(f"checkpoint '{path}' is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                                 f"{text[:160]}).") from None
-            raise
+            raise ValueError(f"checkpoint '{path}' is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                             f"{text[:160]}).") from None
+        problems = self._problems(checkpoint)
+        del checkpoint
+        if problems:
+            raise ValueError(
+                f"checkpoint '{path}' does not fit this network ({', '.join(problems)}); expected a "
+                "model.pt written by this bundle with the same variant, img_size and number of classes."
+            )
+        super().__call__(engine)
+
+    def _problems(self, checkpoint: Any) -> list[str]:
+        if not self.strict_shape:  # MONAI loads only the matching keys and shapes
+            return []
+        first = next(iter(self.load_dict))
+        if len(self.load_dict) == 1 and not (isinstance(checkpoint, Mapping) and first in checkpoint):
+            checkpoint = {first: checkpoint}  # a bare state dict, as MONAI accepts it
+        if not isinstance(checkpoint, Mapping):
+            return [f"a {type(checkpoint).__name__}, not a dict of state dicts"]
+        problems: list[str] = []
+        for key, obj in self.load_dict.items():
+            if key not in checkpoint:
+                problems.append(f"no '{key}' entry")
+                continue
+            if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+                obj = obj.module  # as ignite's Checkpoint.load_objects loads it
+            if _checks_keys(obj):
+                problems += [p for p in _state_dict_problems(obj, checkpoint[key], self.strict) if p not in problems]
+        return problems
 
 
 class TrainingDiverged(RuntimeError):
@@ -128,12 +204,20 @@ def _random_states(*roots: Any) -> list:
     return found
 
 
+def _legacy_state(s: tuple) -> dict:
+    """A ``RandomState.get_state()`` / ``np.random.get_state()`` tuple as tensors, numbers and strings."""
+    return {"kind": "RandomState", "name": s[0], "keys": torch.from_numpy(s[1].astype(np.int64)), "pos": int(s[2]),
+            "has_gauss": int(s[3]), "cached_gaussian": float(s[4])}
+
+
+def _legacy_tuple(s: dict) -> tuple:
+    return s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"]
+
+
 def _get_state(g: Any) -> dict:
     """A generator's state as tensors, numbers and strings (``torch.load(weights_only=True)`` accepts them)."""
     if isinstance(g, np.random.RandomState):
-        s = g.get_state()
-        return {"kind": "RandomState", "name": s[0], "keys": torch.from_numpy(s[1].astype(np.int64)), "pos": int(s[2]),
-                "has_gauss": int(s[3]), "cached_gaussian": float(s[4])}
+        return _legacy_state(g.get_state())
     if isinstance(g, np.random.Generator):
         return {"kind": "Generator", "state": g.bit_generator.state}
     return {"kind": "torch", "state": g.get_state()}
@@ -141,7 +225,7 @@ def _get_state(g: Any) -> dict:
 
 def _set_state(g: Any, s: dict) -> None:
     if isinstance(g, np.random.RandomState) and s["kind"] == "RandomState":
-        g.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"]))
+        g.set_state(_legacy_tuple(s))
     elif isinstance(g, np.random.Generator) and s["kind"] == "Generator":
         g.bit_generator.state = s["state"]
     elif isinstance(g, torch.Generator) and s["kind"] == "torch":
@@ -153,7 +237,7 @@ def _set_state(g: Any, s: dict) -> None:
 class RNGState:
     """Checkpointable random state: Python, NumPy and torch (CPU and CUDA) global generators plus the
     generators owned by the training transforms and iteration hooks, so a resumed run draws the same
-    crops, flips and simulated prompts as an uninterrupted one (DESIGN.md "Resume").
+    crops, flips and simulated prompts as an uninterrupted one (``docs/reliability.md``, "Kill and resume").
 
     Args:
         roots: objects holding random transforms/hooks, e.g. the training dataset and the trainer's
@@ -165,10 +249,9 @@ class RNGState:
 
     def state_dict(self) -> dict:
         py = random.getstate()
-        np_state = _get_state(np.random.mtrand._rand)
         state = {
             "python": [py[0], list(py[1]), py[2]],
-            "numpy": np_state,
+            "numpy": _legacy_state(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "owned": [_get_state(g) for g in _random_states(*self.roots)],
         }
@@ -179,7 +262,9 @@ class RNGState:
     def load_state_dict(self, state: dict) -> None:
         py = state["python"]
         random.setstate((py[0], tuple(py[1]), py[2]))
-        _set_state(np.random.mtrand._rand, state["numpy"])
+        if state["numpy"]["kind"] != "RandomState":
+            raise ValueError(f"checkpoint numpy random state of kind {state['numpy']['kind']!r} is not a RandomState.")
+        np.random.set_state(_legacy_tuple(state["numpy"]))
         torch.set_rng_state(state["torch"].cpu())
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -378,7 +463,7 @@ class SkipBadInputs:
             self._skip(batch[SKIPPED_KEY], batch["reason"])
             return None
         try:
-            output = engine._iteration(engine, batch)
+            output = run_default_iteration(engine, batch)
         except ValueError as e:  # input-dependent: report this volume, go on with the next
             from shared_nets.data import source_name
 
@@ -390,6 +475,47 @@ class SkipBadInputs:
             return None
         self.done += 1
         return output
+
+
+def run_default_iteration(engine, batch: Any) -> Any:
+    """Run the engine's own iteration (forward, loss, backward/step for a trainer) on ``batch``.
+
+    For ``iteration_update`` callables that wrap MONAI's ``SupervisedTrainer``/``SupervisedEvaluator`` step
+    rather than replace it. Those engines keep the step in the private ``_iteration`` method (the callable
+    MONAI hands to ignite's ``Engine``; an ``iteration_update`` argument replaces it), and this is the one
+    place that calls it, so a MONAI change shows up here and in its test.
+    """
+    return engine._iteration(engine, batch)
+
+
+class ClipGradients:
+    """Clip the gradient norm of the trainable parameters after every backward pass of a MONAI trainer.
+
+    Attached to ``IterationEvents.BACKWARD_COMPLETED``, i.e. between ``backward()`` and
+    ``optimizer.step()``. Under AMP the gradients are first unscaled with the trainer's ``GradScaler``
+    (``scaler.unscale_(optimizer)``), so the norm is the true one; ``scaler.step`` then does not unscale
+    again. The norm is over the parameters of ``engine.network`` that require grad
+    (``torch.nn.utils.clip_grad_norm_``, total 2-norm); frozen parameters are left alone.
+
+    Args:
+        max_norm: largest total gradient norm (3DSAM-adapter's ``grad_clip``, 1.0).
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = float(max_norm)
+        if not self.max_norm > 0:
+            raise ValueError(f"ClipGradients: max_norm must be a positive number, got {max_norm!r}.")
+
+    def attach(self, engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine) -> torch.Tensor:
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        params = [p for p in engine.network.parameters() if p.requires_grad]
+        return torch.nn.utils.clip_grad_norm_(params, self.max_norm)
 
 
 def run_bundle_workflow(

@@ -40,7 +40,7 @@ DEMO_NUM = 6
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A phantom dataset written once per test session; returns the folder holding ``datalist.json``."""
-    from tools.demo_data import write_demo_dataset
+    from shared_nets.phantom import write_demo_dataset
 
     out = tmp_path_factory.mktemp("demo_data")
     write_demo_dataset(out, num=DEMO_NUM, seed=0, shape=DEMO_SHAPE, progress=False)
@@ -57,7 +57,7 @@ TOTALSEG_TO_BTCV = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 7, 7: 11, 8: 12, 9: 13, 52:
 
 @pytest.fixture(scope="session")
 def real_ct(tmp_path_factory) -> Path:
-    """The small real abdominal CT from ../shared with BTCV-id labels, as a datalist.
+    """The small real abdominal CT (data/totalsegmentator_example) with BTCV-id labels, as a datalist.
 
     Training/validation use the file as stored (RAS); the test list has it twice, as stored and
     re-oriented to LPS, so inference must give back each input's own affine and orientation.
@@ -68,7 +68,7 @@ def real_ct(tmp_path_factory) -> Path:
     import numpy as np
 
     if not (REAL_CT / "ct.nii.gz").is_file():
-        pytest.skip(f"real CT example not found at {REAL_CT} (../shared is not beside this checkout)")
+        pytest.skip("real CT example absent: no data/totalsegmentator_example/ct.nii.gz (nor a ../shared copy)")
     out = tmp_path_factory.mktemp("real_ct")
     ct, seg = nib.load(str(REAL_CT / "ct.nii.gz")), nib.load(str(REAL_CT / "seg.nii.gz"))
     ts = np.asarray(seg.dataobj)

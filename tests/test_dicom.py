@@ -71,7 +71,7 @@ def test_series_from_the_real_ct_loads_as_the_nifti(tmp_path):
     MONAI (ITK) and re-oriented, it is the NIfTI voxel for voxel, on the same world grid."""
     src = REAL_CT / "ct.nii.gz"
     if not src.is_file():
-        pytest.skip(f"real CT example not found at {REAL_CT} (../shared is not beside this checkout)")
+        pytest.skip("real CT example absent: no data/totalsegmentator_example/ct.nii.gz (nor a ../shared copy)")
     out = tmp_path / "ct_dicom"
     paths = nifti_to_dicom(src, out)
     nii = nib.load(str(src))

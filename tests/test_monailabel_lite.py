@@ -38,7 +38,7 @@ def lite_server(tmp_path_factory) -> Server:
             pytest.fail(reason + "; CI must run the MONAI Label server tests.")
         pytest.skip(reason)
     if not (REAL_CT / "ct.nii.gz").is_file():
-        pytest.skip(f"real CT example not found at {REAL_CT} (../shared is not beside this checkout)")
+        pytest.skip("real CT example absent: no data/totalsegmentator_example/ct.nii.gz (nor a ../shared copy)")
     from tools.label_app import build_label_app, start_server_command
 
     root = tmp_path_factory.mktemp("monailabel_lite")

@@ -3,7 +3,7 @@ one inference on a real CT, through the bundle's own ``train.json`` / ``inferenc
 
 What each bundle runs (:data:`tests.paper_size.SETTINGS`): random weights (no checkpoint), batch
 size 1, one sample, one epoch without validation; the real abdominal CT example from
-``../shared`` cropped to a few slices, which the bundle's own transforms resize in-plane to the
+``data/totalsegmentator_example`` cropped to a few slices, which the bundle's own transforms resize in-plane to the
 paper's size (MA-SAM 512 px x 5 slices, Med-SA 1024 px, S-SAM 256 px, H-SAM 512 px, 3DSAM-adapter
 with SAM at 512 px). Cut for CI's budget (about 8 minutes and 24 GB on 2 cores for the five):
 Med-SA runs 2 slices instead of the paper's 16, with ``gradient_checkpointing`` on (2 slices
@@ -35,7 +35,7 @@ MIB_LIMIT = 20 * 1024  # each run must fit in CI's 24 GB with room to spare
 @pytest.mark.parametrize("bundle", list(SETTINGS))
 def test_paper_size_train_iteration_and_inference(bundle, tmp_path):
     if not (REAL_CT / "ct.nii.gz").is_file():
-        pytest.skip(f"real CT example not found at {REAL_CT} (../shared is not beside this checkout)")
+        pytest.skip("real CT example absent: no data/totalsegmentator_example/ct.nii.gz (nor a ../shared copy)")
     res = run_bundle(bundle, tmp_path, threads=2, timeout=600)
     for workflow in ("train", "infer"):
         run = res.get(workflow)

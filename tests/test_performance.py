@@ -1,4 +1,4 @@
-"""Performance switches change no result beyond numerical tolerance (issue 10).
+"""Performance switches change no result beyond numerical tolerance.
 
 Re-prompting with cached image embeddings (Med-SA, 3DSAM-adapter) gives the uncached answer and
 the cache follows the image; the real-size re-prompt FLOP ratio of the benchmark meets the target.

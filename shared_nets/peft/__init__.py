@@ -12,7 +12,7 @@ from __future__ import annotations
 from .adapters import Adapter3D, BottleneckAdapter
 from .base import PeftLayer
 from .fact import FacTFactors, FacTQKV, inject_fact
-from .freeze import ParameterReport, ParameterRow, freeze_except, trainable_parameter_report
+from .freeze import ParameterReport, ParameterRow, freeze_except, log_trainable_parameters, trainable_parameter_report
 from .lora import LoRALinear, LoRAQKV, inject_lora
 from .merge import export_merged_state_dict, find_unmergeable, merge_peft, unmerge_peft
 from .svd import SVDConv2d, SVDLinear, inject_svd
@@ -35,6 +35,7 @@ __all__ = [
     "inject_fact",
     "inject_lora",
     "inject_svd",
+    "log_trainable_parameters",
     "merge_peft",
     "trainable_parameter_report",
     "unmerge_peft",

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from torch import nn
 
-__all__ = ["freeze_except", "ParameterReport", "ParameterRow", "trainable_parameter_report"]
+__all__ = [
+    "freeze_except",
+    "ParameterReport",
+    "ParameterRow",
+    "trainable_parameter_report",
+    "log_trainable_parameters",
+]
 
 
 def freeze_except(model: nn.Module, patterns: str | Sequence[str]) -> int:
@@ -126,3 +133,23 @@ def trainable_parameter_report(model: nn.Module, total_reference: int | None = N
     denominator = total_reference if total_reference is not None else total
     percent = 100.0 * trainable / denominator if denominator else 0.0
     return ParameterReport(trainable=trainable, total=total, percent=percent, total_reference=total_reference, rows=rows)
+
+
+def log_trainable_parameters(model: nn.Module, logger: logging.Logger | str,
+                             title: str = "trainable parameters") -> ParameterReport | None:
+    """Log ``"<title>:"`` and the :func:`trainable_parameter_report` table at INFO level, on rank 0 only (in a
+    multi-GPU run every rank holds the same network). Returns the report, or None on the other ranks.
+
+    Args:
+        model: the network (before a ``DistributedDataParallel`` wrapper, so the rows are its modules).
+        logger: a logger or a logger name (e.g. the bundle's, ``"sam3d_adapter"``).
+        title: the line above the table.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
+        return None
+    report = trainable_parameter_report(model)
+    log = logging.getLogger(logger) if isinstance(logger, str) else logger
+    log.info("%s:\n%s", title, report)
+    return report

@@ -1,7 +1,8 @@
 """Prompts: simulation from labels, mapping to the current grid, guidance channels, prompted inference.
 
-See docs/architecture.md (``shared_nets.prompts``) and DESIGN.md "Prompts travel as extra
-input channels".
+Prompts travel as extra input channels after the image channels, ``[image..., positive clicks,
+negative clicks, box]``, as MONAI's DeepGrow/DeepEdit guidance does; see docs/architecture.md
+("Tensor contract" and ``shared_nets.prompts``).
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ __all__ = [
 ]
 
 
-# DESIGN "Prompts travel as extra input channels" (DeepGrow/DeepEdit-style guidance)
+# Prompts travel as extra input channels after the image channels, as MONAI's DeepGrow/DeepEdit guidance
+# does: [image..., positive clicks, negative clicks, box] (docs/architecture.md, "Tensor contract").
 class AddGuidanceChannelsd(MapTransform):
-    """Append one guidance channel per prompt name to the image (DESIGN "Prompts travel as extra input channels").
+    """Append one guidance channel per prompt name to the image (clicks: one voxel each; box: a filled cuboid).
 
     Each entry of ``channels`` names a data-dictionary key. Its value is parsed by
     :func:`~shared_nets.prompts.points.parse_prompt`: clicks ``[[i, j, k], ...]`` set one

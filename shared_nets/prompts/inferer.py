@@ -1,4 +1,6 @@
-"""Prompted inference restricted to the region around the prompts (DESIGN "Prompted inference")."""
+"""Prompted inference restricted to the region around the prompts: the union of the prompts plus a margin
+(or a fixed patch centred on the clicks) is evaluated, background is written elsewhere, and a window without
+a prompt never runs the decoder."""
 
 from __future__ import annotations
 
@@ -115,9 +117,10 @@ class _PromptedWindows:
         return pred
 
 
-# 3DSAM-adapter evaluation (patch centred on the clicks); DESIGN "Prompted inference evaluates only the region"
+# 3DSAM-adapter evaluation (patch centred on the clicks, as its official test does); every prompted bundle
+# evaluates only the region around its prompts
 class PromptRegionInferer(Inferer):
-    """Sliding-window inference only around the prompts (DESIGN "Prompted inference").
+    """Sliding-window inference only around the prompts.
 
     For each batch item the guidance channels (those after ``num_image_channels``) are
     scanned; the region around all prompt voxels (see :func:`prompt_region`) is evaluated with

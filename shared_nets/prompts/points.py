@@ -119,7 +119,8 @@ def map_boxes(boxes: np.ndarray, transform: torch.Tensor) -> np.ndarray:
     return np.concatenate([new_lo, new_hi], axis=1).astype(np.int64)
 
 
-# DESIGN "Prompts travel as extra input channels": clicks cross spatial transforms as coordinates
+# Prompts become guidance channels only at the end of pre-processing: until then clicks cross the spatial
+# transforms as coordinates, mapped through the image's affines, so resampling cannot blur a one-voxel click
 class PointsToGridd(MapTransform):
     """Map MONAI Label prompts from the image's original voxel grid to its current grid.
 

@@ -64,7 +64,7 @@ def box_iou(a: Sequence[int], b: Sequence[int]) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-# DESIGN "One object per forward for prompted bundles" (K = 2: background, object)
+# Prompted bundles segment one object per forward: K = 2 output channels (background, object).
 class SelectObjectd(Randomizable, MapTransform):
     """Pick one foreground class of a label map for one-object prompted training.
 

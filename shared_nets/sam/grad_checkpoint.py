@@ -1,4 +1,4 @@
-"""Gradient checkpointing of image-encoder blocks as a switch on built modules (issue 10).
+"""Gradient checkpointing of image-encoder blocks as a switch on built modules.
 
 :func:`enable_gradient_checkpointing` swaps each block's class for a subclass whose ``forward``
 runs the block under ``torch.utils.checkpoint.checkpoint`` (non-reentrant) while training with

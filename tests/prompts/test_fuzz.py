@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the prompt codec, the prompt grid mapping and the prompt simulators (issue 11).
+"""Property-based fuzzing of the prompt codec, the prompt grid mapping and the prompt simulators.
 
 * codec: random volumes, clicks (duplicates, points on the borders, the same voxel positive and
   negative) and boxes go through ``AddGuidanceChannelsd`` and come back from the ``decode_*``

@@ -130,7 +130,7 @@ def real_ct_file() -> Path:
     from tests.conftest import REAL_CT
 
     if not (REAL_CT / "ct.nii.gz").is_file():
-        pytest.skip(f"real CT example not found at {REAL_CT} (../shared is not beside this checkout)")
+        pytest.skip("real CT example absent: no data/totalsegmentator_example/ct.nii.gz (nor a ../shared copy)")
     return REAL_CT / "ct.nii.gz"
 
 

@@ -1,7 +1,8 @@
 """Kill-and-resume, determinism and training-health checks on the bundles' demo configs (tiny SAM, CPU).
 
 * SIGKILL a training process mid-epoch, resume with ``resume=true``: the final weights equal those of an
-  uninterrupted run with the same seed (DESIGN.md "Resume": bit-identical on CPU with ``num_workers=0``).
+  uninterrupted run with the same seed (bit-identical on CPU with ``num_workers=0``; docs/reliability.md,
+  "Kill and resume").
 * Same seed, same data: identical weights after a short run, for every bundle.
 * A NaN loss stops the run with :class:`TrainingDiverged` and keeps the last good checkpoint.
 """

@@ -47,7 +47,7 @@ def ct_slice() -> tuple[torch.Tensor, list[float]]:
     """A real abdominal CT slice as LiteMedSAM input [1, 3, 256, 256] and the liver's box in that frame."""
     nib = pytest.importorskip("nibabel")
     if not (REAL_CT / "ct.nii.gz").is_file():
-        pytest.skip(f"real CT example not found at {REAL_CT} (../shared is not beside this checkout)")
+        pytest.skip("real CT example absent: no data/totalsegmentator_example/ct.nii.gz (nor a ../shared copy)")
     ct = np.asarray(nib.load(str(REAL_CT / "ct.nii.gz")).dataobj, dtype=np.float32)
     seg = np.asarray(nib.load(str(REAL_CT / "seg.nii.gz")).dataobj)
     k = int(np.argmax((seg == 5).sum(axis=(0, 1))))  # slice with the most liver
