@@ -3,17 +3,12 @@ inline code."""
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
-import torch
-
 from shared_nets.data import load_datalist
-from shared_nets.distributed import rank_and_world
-from shared_nets.peft import trainable_parameter_report
 
-__all__ = ["inference_datalist", "log_trainable_parameters"]
+__all__ = ["inference_datalist"]
 
 
 def inference_datalist(path: str | os.PathLike, label_key: str, use_label_prompts: bool) -> list[dict[str, Any]]:
@@ -32,10 +27,3 @@ def inference_datalist(path: str | os.PathLike, label_key: str, use_label_prompt
     items = load_datalist(path, "test", check_files=False, keys=["image", label_key])
     return [dict(item, label=item[label_key]) for item in items]
 
-
-def log_trainable_parameters(network: torch.nn.Module) -> None:
-    """Log the trainable-parameter report of ``network`` (logger ``sam3d_adapter``, level INFO) once: in a
-    distributed run only rank 0 logs it."""
-    if rank_and_world()[0] > 0:
-        return
-    logging.getLogger("sam3d_adapter").info("trainable parameters:\n" + str(trainable_parameter_report(network)))
