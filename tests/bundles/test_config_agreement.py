@@ -68,7 +68,8 @@ def test_common_values_are_copied_verbatim(bundle):
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_train_and_inference_share_only_common_values(bundle):
     """(b) A key in both train.json and inference.json is either in common.json or allowed to differ."""
-    train, infer, common = _config(bundle, "train.json"), _config(bundle, "inference.json"), _config(bundle, "common.json")
+    train, infer = _config(bundle, "train.json"), _config(bundle, "inference.json")
+    common = _config(bundle, "common.json")
     shared = set(train) & set(infer)
     differ = sorted(k for k in shared - ALLOWED if train[k] != infer[k])
     assert not differ, f"{bundle}: train.json and inference.json disagree on {differ}"
