@@ -137,3 +137,22 @@ def test_h_sam_channel_def_is_the_synapse_mapping_of_the_label_table():
     channel_def = _config("h_sam", "metadata.json")["network_data_format"]["outputs"]["pred"]["channel_def"]
     expected = {"0": "background"} | {str(s): BTCV_LABELS[b] for b, s in enumerate(BTCV_TO_SYNAPSE) if s}
     assert channel_def == expected
+
+
+def test_configs_command_exits_nonzero_on_drift(tmp_path, capsys):
+    bundle = tmp_path / "m" / "configs"
+    bundle.mkdir(parents=True)
+    (bundle / "common.json").write_text(json.dumps({"img_size": 64}))
+    for name in ("train.json", "inference.json"):
+        (bundle / name).write_text(json.dumps({"img_size": 32 if name == "train.json" else 64}))
+    with pytest.raises(SystemExit) as exit_info:
+        configs.main("check", root=str(tmp_path))
+    assert exit_info.value.code == 1
+    assert "train.json: 'img_size' is 32; expected 64 as in configs/common.json." in capsys.readouterr().err
+    configs.main("sync", bundle="m", root=str(tmp_path))
+    configs.main("check", root=str(tmp_path))
+    assert "agree" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="action must be"):
+        configs.main("merge", root=str(tmp_path))
+    with pytest.raises(ValueError, match="bundle 'x'"):
+        configs.check(bundle="x", root=tmp_path)
