@@ -41,6 +41,8 @@ __all__ = [
     "lateral_pairs",
     "RandLateralFlipd",
     "Invertd",
+    "checked_datalist",
+    "demo_data_dir",
 ]
 
 
@@ -676,3 +678,34 @@ class Invertd(_MonaiInvertd):
                 if k in data:
                     out[k] = data[k]
         return out
+
+
+def checked_datalist(path: str | os.PathLike, split: str, label_key: str = "label", min_depth: int | None = None,
+                     num_classes: int | None = None, channels: int = 1) -> list[dict]:
+    """A bundle's labelled datalist: :func:`load_datalist` then :func:`check_volumes`, the list every
+    ``train#datalist`` / ``validate#datalist`` of the bundles reads.
+
+    Args:
+        path: the decathlon-style datalist JSON.
+        split: the list to read (``training``, ``validation``, ``test``).
+        label_key: the entry key holding the label file; when it is not ``label`` each entry gets a copy of
+            it under ``label`` (the key the bundles' transforms read), e.g. 3DSAM-adapter's tumour-only labels.
+        min_depth: passed to :func:`check_volumes` (at least this many slices).
+        num_classes: passed to :func:`check_volumes` (classes incl. background; reads every label).
+        channels: passed to :func:`check_volumes` (image channels).
+
+    Returns:
+        The checked entries, each with an ``image`` and a ``label`` file.
+    """
+    items = load_datalist(path, split, keys=["image", label_key])
+    if label_key != "label":
+        items = [dict(item, label=item[label_key]) for item in items]
+    return check_volumes(items, min_depth=min_depth, num_classes=num_classes, channels=channels)
+
+
+def demo_data_dir(bundle_root: str | os.PathLike) -> str:
+    """Where the demo overlays (``configs/demo.json``) read the phantom data: ``$SAM_BUNDLES_DEMO_DATA`` when
+    set, else ``<repo>/demo_output/data`` beside the ``bundles/`` folder that holds ``bundle_root``
+    (``python -m tools demo_data`` writes it there)."""
+    default = os.path.abspath(os.path.join(os.fspath(bundle_root), "..", "..", "demo_output", "data"))
+    return os.environ.get("SAM_BUNDLES_DEMO_DATA", default)

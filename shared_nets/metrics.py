@@ -47,6 +47,7 @@ __all__ = [
     "summarise",
     "markdown_summary",
     "MetricsSummary",
+    "image_meta",
 ]
 
 #: What a class absent from the label and/or the prediction scores.
@@ -409,3 +410,12 @@ class MetricsSummary:
                             groups=objects if self.object_key is not None else None, group_names=self.id_names)
         atomic_write_text(os.path.join(self.output_dir, "metrics.md"), markdown_summary(summary, self.title, self.notes))
         atomic_write_text(os.path.join(self.output_dir, "metrics_per_class.csv"), csv_summary(summary))
+
+
+def image_meta(batch: Sequence[Mapping[str, Any]], image_key: str = "image") -> list[dict]:
+    """The per-case metadata of a decollated batch: each item's image ``.meta`` (file name, affine...).
+
+    This is the ``batch_transform`` of the evaluation's ``MetricsSaver``: it names the rows of the
+    per-case metric tables after the images.
+    """
+    return [item[image_key].meta for item in batch]

@@ -32,7 +32,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-__all__ = ["LR_SCHEDULES", "build_lr_scheduler"]
+__all__ = ["LR_SCHEDULES", "build_lr_scheduler", "warmup_start_factor"]
 
 LR_SCHEDULES = ("exponential", "poly", "cosine", "step", "constant")
 
@@ -94,3 +94,17 @@ def build_lr_scheduler(
     if warmup is None:
         return main
     return SequentialLR(optimizer, schedulers=[warmup, main], milestones=[warmup_iters])
+
+
+def warmup_start_factor(schedule: str, warmup_iters: int, default: float = 0.01) -> float:
+    """The first warm-up factor of :func:`build_lr_scheduler` for a schedule.
+
+    ``poly`` follows cchen-cc/MA-SAM ``MA-SAM/trainer.py`` (``base_lr * (iter_num + 1) / warmup_period``):
+    the warm-up starts at ``1 / warmup_iters`` of the base rate. Other schedules start at ``default``.
+
+    Args:
+        schedule: one of :data:`LR_SCHEDULES`.
+        warmup_iters: linear warm-up iterations (0: none; the factor is then unused).
+        default: the factor of the other schedules.
+    """
+    return 1.0 / max(1, warmup_iters) if schedule == "poly" else default

@@ -166,7 +166,8 @@ class BundleHarness:
         assert not [k for k in meta.get("eval_metrics", {}) if "paper" in k], meta["eval_metrics"]
 
     def test_bundle_file_set_is_complete(self, bundle_copy):
-        for rel in ("configs/metadata.json", "configs/train.json", "configs/inference.json", "configs/evaluate.json",
+        for rel in ("configs/metadata.json", "configs/common.json", "configs/train.json", "configs/inference.json",
+                    "configs/evaluate.json",
                     "configs/multi_gpu_train.json", "configs/multi_gpu_inference.json", "configs/logging.conf", "configs/demo.json", "large_files.yml",
                     "docs/README.md", "docs/data_license.txt", "LICENSE"):
             assert (bundle_copy / rel).is_file(), f"bundle {self.bundle} lacks {rel}"

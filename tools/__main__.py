@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "bench": "tools.bench:main",
     "bench_lite": "tools.bench:lite_main",
     "bench_sharded": "tools.bench_sharded:main",
+    "configs": "tools.configs:main",
     "demo": "tools.demo:main",
     "demo_data": "tools.demo_data:main",
     "few_shot": "tools.recipes.few_shot:few_shot",
