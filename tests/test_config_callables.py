@@ -141,7 +141,7 @@ def test_med_sa_class_names_match_the_evaluate_table(merge):
 
 @pytest.mark.parametrize("merge", [False, True])
 def test_med_sa_object_datalist_matches_the_validate_expression(datalist, merge):
-    expr = ("$shared_nets.med_sa.transforms.object_datalist(shared_nets.data.check_volumes("
+    expr = ("$shared_nets.med_sa.data.object_datalist(shared_nets.data.check_volumes("
             "shared_nets.data.load_datalist(@data_list_file_path, 'test', keys=['image', 'label']), "
             "min_depth=@num_slices, channels=@in_channels), @class_ids, "
             "label_map={13: 12} if @merge_adrenals else None)")

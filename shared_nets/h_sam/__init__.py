@@ -4,7 +4,7 @@ LoRA-tuned SAM encoder, SAM's decoder as stage 1 and a mask-guided hierarchical 
 with the two-stage loss. See ``bundles/h_sam``.
 """
 
-from . import bench, data, decoder, loss, network, transforms
+from . import bench, config, decoder, loss, network, transforms
 from .network import ENSEMBLE_MODES, FINETUNE_MODES, HSAM
 
-__all__ = ["ENSEMBLE_MODES", "FINETUNE_MODES", "HSAM", "data", "decoder", "loss", "network", "transforms"]
+__all__ = ["ENSEMBLE_MODES", "FINETUNE_MODES", "HSAM", "bench", "config", "decoder", "loss", "network", "transforms"]

@@ -4,7 +4,17 @@ FacT-tuned SAM encoder with 3D adapters, a progressive-upsampling mask decoder, 
 one volume of logits out. See ``bundles/ma_sam``.
 """
 
-from . import bench, blocks, network
+from . import bench, blocks, config, network
 from .network import ADAPTER_POSITIONS, DECODERS, FINETUNE_MODES, MASAM, MultiScaleFusion
 
-__all__ = ["ADAPTER_POSITIONS", "DECODERS", "FINETUNE_MODES", "MASAM", "MultiScaleFusion", "blocks", "network"]
+__all__ = [
+    "ADAPTER_POSITIONS",
+    "DECODERS",
+    "FINETUNE_MODES",
+    "MASAM",
+    "MultiScaleFusion",
+    "bench",
+    "blocks",
+    "config",
+    "network",
+]

@@ -4,14 +4,16 @@ Adapters in a frozen SAM (SD-Trans depth branch, HyP-Adpt prompt-conditioned dec
 prompt settings and click interaction. See ``bundles/med_sa``.
 """
 
-from . import bench, blocks, data, interactive, network, transforms
+from . import bench, blocks, config, data, interactive, network, transforms
 from .network import MEDSA_OFFICIAL_CODE_SETTINGS, PROMPT_SCOPES, MedSA
 
 __all__ = [
     "MEDSA_OFFICIAL_CODE_SETTINGS",
-    "PROMPT_SCOPES",
     "MedSA",
+    "PROMPT_SCOPES",
+    "bench",
     "blocks",
+    "config",
     "data",
     "interactive",
     "network",

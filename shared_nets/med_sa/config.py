@@ -18,7 +18,7 @@ def object_datalist_from_file(path: str | os.PathLike, split: str, class_ids: Se
 
     The datalist is read and checked with :func:`shared_nets.data.checked_datalist` (``min_depth`` slices,
     ``channels`` image channels), then split per object with
-    :func:`shared_nets.med_sa.transforms.object_datalist`.
+    :func:`shared_nets.med_sa.data.object_datalist`.
 
     Args:
         path: the decathlon-style datalist JSON.
@@ -28,7 +28,7 @@ def object_datalist_from_file(path: str | os.PathLike, split: str, class_ids: Se
         channels: image channels.
         merge_adrenals: BTCV's left adrenal gland (13) counts as class 12, as the pre-processing relabels it.
     """
-    from shared_nets.med_sa.transforms import object_datalist
+    from shared_nets.med_sa.data import object_datalist
 
     items = checked_datalist(path, split, min_depth=min_depth, channels=channels)
     return object_datalist(items, class_ids, label_map={13: 12} if merge_adrenals else None)

@@ -17,12 +17,6 @@ import torch
 from monai.transforms import MapTransform, Randomizable
 
 from shared_nets.prompts import SimulateBoxd, SimulateClicksd
-from shared_nets.prompts.check import CheckPromptsd  # noqa: F401 (re-export, see below)
-
-from .data import object_datalist  # noqa: F401 (re-export)
-
-# CheckPromptsd (home: shared_nets.prompts.check) and object_datalist (home: shared_nets.med_sa.data) are
-# imported here because the bundle configs name them by this module's path.
 
 __all__ = ["PROMPT_SETTINGS", "ObjectLabeld", "SimulatePromptSettingd"]
 

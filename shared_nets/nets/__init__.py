@@ -59,7 +59,7 @@ SPLIT_MODULES: dict[str, dict[str, str]] = {
         "object_datalist": "shared_nets.med_sa.data",
     },
     "h_sam_data": {
-        "BTCV_TO_SYNAPSE": "shared_nets.h_sam.data",
+        "BTCV_TO_SYNAPSE": "shared_nets.labels",
         "SelectSlicesd": "shared_nets.h_sam.transforms",
         # dataset preparation moved to the command line tools (a checkout's tools/, not the installed package)
         "axial_depth": "tools.recipes.few_shot",

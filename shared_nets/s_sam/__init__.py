@@ -4,8 +4,7 @@ Singular-value tuning of a frozen SAM and a Text-Affine Layer (TAL) that turns c
 embeddings into prompt tokens. See ``bundles/s_sam``.
 """
 
-from . import bench  # BENCH_CASE: how the tools measure this method
-from . import network, text
+from . import bench, network, text
 from .network import S_SAM_MODES, SSAM, TAL_TYPES, TextAffineLayer
 
-__all__ = ["S_SAM_MODES", "SSAM", "TAL_TYPES", "TextAffineLayer", "network", "text"]
+__all__ = ["SSAM", "S_SAM_MODES", "TAL_TYPES", "TextAffineLayer", "bench", "network", "text"]

@@ -4,15 +4,16 @@ SAM's ViT run on 3D patches with spatial adapters, a 3D prompt encoder and a mul
 See ``bundles/sam3d_adapter``.
 """
 
-from . import bench, data, encoder, heads, network, transforms
+from . import bench, config, data, encoder, heads, network, transforms
 from .network import NO_POSITIVE_MODES, PROMPT_ENCODER_MODES, SAM3D_TRAINABLE_PATTERNS, SAM3DAdapter
 
 __all__ = [
     "NO_POSITIVE_MODES",
     "PROMPT_ENCODER_MODES",
-    "SAM3D_TRAINABLE_PATTERNS",
     "SAM3DAdapter",
+    "SAM3D_TRAINABLE_PATTERNS",
     "bench",
+    "config",
     "data",
     "encoder",
     "heads",

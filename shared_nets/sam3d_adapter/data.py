@@ -12,10 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# The bundle's inference.json names RequirePositiveClicksd by this module's path; its home is
-# shared_nets.sam3d_adapter.transforms.
-from .transforms import RequirePositiveClicksd  # noqa: F401
-
 __all__ = ["TUMOUR_DATASETS", "RECIPES", "check_target_class", "check_isotropic"]
 
 #: target label id, HU clip window and z-score statistics (official code) per dataset.

@@ -112,7 +112,7 @@ def test_dicom_series_predicts_as_its_nifti_and_the_seg_reads_back(name, ct_pair
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     if name == "h_sam":  # Synapse channels written as BTCV ids: the SEG's classes are keyed by the written ids
-        from shared_nets.h_sam.data import BTCV_TO_SYNAPSE
+        from shared_nets.labels import BTCV_TO_SYNAPSE
 
         channel_def = {str(b): channel_def[str(s)] for b, s in enumerate(BTCV_TO_SYNAPSE) if s}
     values = sorted(int(k) for k in channel_def if k != "0")

@@ -43,9 +43,9 @@ def test_old_module_clis_are_gone():
     """One CLI style: the modules no longer run as scripts; their commands are in tools/__main__.py."""
     from pathlib import Path
 
-    import shared_nets.h_sam.data
     import shared_nets.s_sam.text
+    import tools.recipes.few_shot
 
-    for module in (shared_nets.h_sam.data, shared_nets.s_sam.text):
+    for module in (tools.recipes.few_shot, shared_nets.s_sam.text):
         assert "__main__" not in Path(module.__file__).read_text()
     assert {"few_shot", "noise_var", "text_embeddings"} <= set(COMMANDS)

@@ -104,7 +104,7 @@ def test_btcv_merge_adrenals_writes_mapped_labels(btcv, tmp_path):
 
 
 def test_synapse_split_and_label_ids(btcv, tmp_path):
-    from shared_nets.h_sam.data import BTCV_TO_SYNAPSE
+    from shared_nets.labels import BTCV_TO_SYNAPSE
 
     out = tmp_path / "synapse"
     prepare("synapse", btcv, out, label_ids="synapse", progress=False)

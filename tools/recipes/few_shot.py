@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from shared_nets.h_sam.data import BTCV_TO_SYNAPSE
+from shared_nets.labels import BTCV_TO_SYNAPSE
 from shared_nets.h_sam.decoder import class_balanced_noise_var
 from shared_nets.io import atomic_write_json
 
