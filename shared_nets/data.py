@@ -50,8 +50,13 @@ class DataError(ValueError):
     """Input data that a bundle cannot use; the message names the file or key."""
 
 
-def load_datalist(path: str | os.PathLike, key: str = "training", base_dir: str | os.PathLike | None = None,
-                  keys: Sequence[str] = ("image",), check_files: bool = True) -> list[dict]:
+def load_datalist(
+    path: str | os.PathLike,
+    key: str = "training",
+    base_dir: str | os.PathLike | None = None,
+    keys: Sequence[str] = ("image",),
+    check_files: bool = True,
+) -> list[dict]:
     """Read a MONAI decathlon-style datalist and check that the files it names exist.
 
     Args:
@@ -67,7 +72,9 @@ def load_datalist(path: str | os.PathLike, key: str = "training", base_dir: str 
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DataError(f"datalist '{path}' does not exist; expected a decathlon-style JSON (see `python -m tools demo_data`).")
+        raise DataError(
+            f"datalist '{path}' does not exist; expected a decathlon-style JSON (see `python -m tools demo_data`)."
+        )
     try:
         with open(path) as f:
             content = json.load(f)
@@ -101,9 +108,16 @@ def _nifti_header(fn: str):
         raise DataError(f"'{fn}' is not a readable NIfTI file ({type(e).__name__}: {e}).") from None
 
 
-def check_volumes(items: Sequence[Mapping[str, Any]], image_key: str = "image", label_key: str | None = "label",
-                  min_depth: int | None = None, spatial_dims: int = 3, num_classes: int | None = None,
-                  channels: int = 1, affine_atol: float = 1e-3) -> list[Mapping[str, Any]]:
+def check_volumes(
+    items: Sequence[Mapping[str, Any]],
+    image_key: str = "image",
+    label_key: str | None = "label",
+    min_depth: int | None = None,
+    spatial_dims: int = 3,
+    num_classes: int | None = None,
+    channels: int = 1,
+    affine_atol: float = 1e-3,
+) -> list[Mapping[str, Any]]:
     """Check the NIfTI files of a datalist before any training starts.
 
     Checks (headers only) that images are ``spatial_dims``-D with ``channels`` channels (a trailing
@@ -122,19 +136,25 @@ def check_volumes(items: Sequence[Mapping[str, Any]], image_key: str = "image", 
         if len(spatial) < spatial_dims:
             raise DataError(f"image '{fn}' has shape {shape}; expected a {spatial_dims}D volume.")
         if int(np.prod(extra, dtype=np.int64)) != channels:
-            raise DataError(f"image '{fn}' has shape {shape} ({int(np.prod(extra))} channels); expected a {spatial_dims}D "
-                            f"volume with {channels} channel{'s' if channels > 1 else ''}.")
+            raise DataError(
+                f"image '{fn}' has shape {shape} ({int(np.prod(extra))} channels); expected a {spatial_dims}D "
+                f"volume with {channels} channel{'s' if channels > 1 else ''}."
+            )
         if min(spatial) == 0:
             raise DataError(f"image '{fn}' is empty (shape {shape}).")
         if min_depth is not None and spatial[-1] < min_depth:
-            raise DataError(f"image '{fn}' has {spatial[-1]} slices along the last axis; expected at least {min_depth}.")
+            raise DataError(
+                f"image '{fn}' has {spatial[-1]} slices along the last axis; expected at least {min_depth}."
+            )
         if label_key and isinstance(item.get(label_key), str):
             lheader = _nifti_header(item[label_key])
             if lheader is None:
                 continue
             lshape, laffine = lheader
             if tuple(lshape[:spatial_dims]) != tuple(spatial):
-                raise DataError(f"label '{item[label_key]}' has shape {lshape}; expected the image's {tuple(spatial)} ('{fn}').")
+                raise DataError(
+                    f"label '{item[label_key]}' has shape {lshape}; expected the image's {tuple(spatial)} ('{fn}')."
+                )
             if not np.allclose(laffine, affine, atol=affine_atol):
                 raise DataError(
                     f"label '{item[label_key]}' has another affine than its image '{fn}' (max difference "
@@ -163,7 +183,9 @@ class LoadImaged(_MonaiLoadImaged):
             raise
         except Exception as e:  # readers raise OSError, EOFError, zlib errors, ValueError...
             names = [str(data[k]) for k in self.key_iterator(dict(data))]
-            raise DataError(f"{', '.join(repr(n) for n in names)} could not be read as an image ({root_cause(e)}).") from None
+            raise DataError(
+                f"{', '.join(repr(n) for n in names)} could not be read as an image ({root_cause(e)})."
+            ) from None
 
 
 def source_name(x: Any) -> str:
@@ -227,8 +249,9 @@ class CheckChannelsd(MapTransform):
         spatial_dims: expected number of spatial dimensions.
     """
 
-    def __init__(self, keys: KeysCollection, channels: int = 1, spatial_dims: int = 3,
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, channels: int = 1, spatial_dims: int = 3, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive integer, got {channels!r}.")
@@ -242,11 +265,14 @@ class CheckChannelsd(MapTransform):
             n = self.channels
             want = f"a {self.spatial_dims}D volume with {n} channel{'s' if n > 1 else ''}"
             if len(shape) != self.spatial_dims + 1:
-                raise DataError(f"image '{source_name(img)}' ({key}) has shape {shape} after EnsureChannelFirstd; "
-                                f"expected {want}.")
+                raise DataError(
+                    f"image '{source_name(img)}' ({key}) has shape {shape} after EnsureChannelFirstd; expected {want}."
+                )
             if shape[0] != n:
-                raise DataError(f"image '{source_name(img)}' ({key}) has {shape[0]} channels (shape {shape}, "
-                                f"channel first); expected {want}.")
+                raise DataError(
+                    f"image '{source_name(img)}' ({key}) has {shape[0]} channels (shape {shape}, "
+                    f"channel first); expected {want}."
+                )
         return d
 
 
@@ -344,9 +370,14 @@ class CheckVolumeSized(MapTransform):
         allow_missing_keys: as in ``MapTransform``.
     """
 
-    def __init__(self, keys: KeysCollection, max_voxels: int = DEFAULT_MAX_VOXELS,
-                 max_bytes: int = DEFAULT_MAX_BYTES, check_stream: bool = True,
-                 allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        max_voxels: int = DEFAULT_MAX_VOXELS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        check_stream: bool = True,
+        allow_missing_keys: bool = True,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         for name, value in (("max_voxels", max_voxels), ("max_bytes", max_bytes)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -366,20 +397,26 @@ class CheckVolumeSized(MapTransform):
             shape, voxels, nbytes = size
             where = f"image '{fn}' ({key})"
             if voxels > self.max_voxels:
-                raise DataError(f"{where} is too large: its header gives shape {shape}, {voxels:,} voxels; "
-                                f"the limit is {self.max_voxels:,} (max_voxels).")
+                raise DataError(
+                    f"{where} is too large: its header gives shape {shape}, {voxels:,} voxels; "
+                    f"the limit is {self.max_voxels:,} (max_voxels)."
+                )
             if nbytes > self.max_bytes:
-                raise DataError(f"{where} is too large: its header gives shape {shape}, {nbytes:,} bytes "
-                                f"uncompressed; the limit is {self.max_bytes:,} (max_bytes).")
+                raise DataError(
+                    f"{where} is too large: its header gives shape {shape}, {nbytes:,} bytes "
+                    f"uncompressed; the limit is {self.max_bytes:,} (max_bytes)."
+                )
             if self.check_stream and fn.endswith(".gz"):
                 try:
                     length = _gzip_length(fn, stop_after=nbytes + _GZIP_SLACK)
                 except Exception:  # corrupt or truncated: LoadImaged reports it with the file name
                     continue
                 if length > nbytes + _GZIP_SLACK:
-                    raise DataError(f"{where} decompresses to more than its header's {nbytes:,} bytes (shape "
-                                    f"{shape}; stopped counting at {length:,}); refused as a malformed or "
-                                    "hostile file.")
+                    raise DataError(
+                        f"{where} decompresses to more than its header's {nbytes:,} bytes (shape "
+                        f"{shape}; stopped counting at {length:,}); refused as a malformed or "
+                        "hostile file."
+                    )
         return d
 
 
@@ -453,8 +490,9 @@ class SkippingDataset(torch.utils.data.Dataset):
             depend on the case's position in the datalist or on the rank running it; None: one stream.
     """
 
-    def __init__(self, data: Sequence[Mapping[str, Any]], transform=None, image_key: str = "image",
-                 seed: int | None = None) -> None:
+    def __init__(
+        self, data: Sequence[Mapping[str, Any]], transform=None, image_key: str = "image", seed: int | None = None
+    ) -> None:
         self.data = list(data)
         self.transform = transform
         self.image_key = image_key
@@ -514,8 +552,14 @@ class CacheDataset(_MonaiCacheDataset):
 _DATASET_TYPES = ("Dataset", "CacheDataset", "PersistentDataset")
 
 
-def build_dataset(dataset_type: str, data: Sequence[Mapping[str, Any]], transform, cache_rate: float = 1.0,
-                  num_workers: int | None = 0, cache_dir: str | os.PathLike | None = None):
+def build_dataset(
+    dataset_type: str,
+    data: Sequence[Mapping[str, Any]],
+    transform,
+    cache_rate: float = 1.0,
+    num_workers: int | None = 0,
+    cache_dir: str | os.PathLike | None = None,
+):
     """The training dataset a bundle's ``dataset_type`` switch names (issue: data loading never the bottleneck).
 
     Kept as a component with a ``data`` argument (``train#dataset#data``) because MONAI Label's bundle
@@ -668,8 +712,9 @@ class Invertd(_MonaiInvertd):
             done.add(orig_key)
             if isinstance(d.get(orig_key), MetaTensor):
                 img = d[orig_key]  # a view with the converted stack: the caller's image keeps its own
-                d[orig_key] = MetaTensor(img.as_tensor(), meta=img.meta,
-                                         applied_operations=_nearest_modes(img.applied_operations))
+                d[orig_key] = MetaTensor(
+                    img.as_tensor(), meta=img.meta, applied_operations=_nearest_modes(img.applied_operations)
+                )
             elif InvertibleTransform.trace_key(orig_key) in d:
                 d[InvertibleTransform.trace_key(orig_key)] = _nearest_modes(d[InvertibleTransform.trace_key(orig_key)])
         out = super().__call__(d)
@@ -680,8 +725,14 @@ class Invertd(_MonaiInvertd):
         return out
 
 
-def checked_datalist(path: str | os.PathLike, split: str, label_key: str = "label", min_depth: int | None = None,
-                     num_classes: int | None = None, channels: int = 1) -> list[dict]:
+def checked_datalist(
+    path: str | os.PathLike,
+    split: str,
+    label_key: str = "label",
+    min_depth: int | None = None,
+    num_classes: int | None = None,
+    channels: int = 1,
+) -> list[dict]:
     """A bundle's labelled datalist: :func:`load_datalist` then :func:`check_volumes`, the list every
     ``train#datalist`` / ``validate#datalist`` of the bundles reads.
 

@@ -80,8 +80,10 @@ def _floats(ds, keyword: str, n: int, folder: str) -> np.ndarray:
     except (TypeError, ValueError):
         arr = np.zeros(0)
     if arr.shape != (n,):
-        raise DataError(f"DICOM series folder '{folder}': file '{os.path.basename(ds.filename)}' has no valid "
-                        f"{keyword} ({value!r}); expected {n} numbers.")
+        raise DataError(
+            f"DICOM series folder '{folder}': file '{os.path.basename(ds.filename)}' has no valid "
+            f"{keyword} ({value!r}); expected {n} numbers."
+        )
     return arr
 
 
@@ -114,8 +116,10 @@ def check_dicom_series(folder: str | os.PathLike, rtol: float = 0.01, atol_mm: f
         raise DataError(f"{where} holds no DICOM files.")
     series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for ds in datasets})
     if len(series) > 1:
-        raise DataError(f"{where} mixes {len(series)} series (Series Instance UIDs {', '.join(series[:3])}"
-                        f"{' ...' if len(series) > 3 else ''}); expected one series per folder.")
+        raise DataError(
+            f"{where} mixes {len(series)} series (Series Instance UIDs {', '.join(series[:3])}"
+            f"{' ...' if len(series) > 3 else ''}); expected one series per folder."
+        )
     first = datasets[0]
     for ds in datasets:
         name = os.path.basename(ds.filename)
@@ -123,18 +127,22 @@ def check_dicom_series(folder: str | os.PathLike, rtol: float = 0.01, atol_mm: f
             raise DataError(f"{where}: file '{name}' is multi-frame; expected one slice per file.")
         for keyword in ("Rows", "Columns"):
             if getattr(ds, keyword, None) != getattr(first, keyword, None):
-                raise DataError(f"{where} has inconsistent slices: '{name}' has {keyword} "
-                                f"{getattr(ds, keyword, None)}, '{os.path.basename(first.filename)}' "
-                                f"{getattr(first, keyword, None)}.")
+                raise DataError(
+                    f"{where} has inconsistent slices: '{name}' has {keyword} "
+                    f"{getattr(ds, keyword, None)}, '{os.path.basename(first.filename)}' "
+                    f"{getattr(first, keyword, None)}."
+                )
     iop0 = _floats(first, "ImageOrientationPatient", 6, folder)
     ps0 = _floats(first, "PixelSpacing", 2, folder)
     for ds in datasets[1:]:
         for keyword, ref, n, tol in (("ImageOrientationPatient", iop0, 6, 1e-4), ("PixelSpacing", ps0, 2, 1e-4)):
             value = _floats(ds, keyword, n, folder)
             if not np.allclose(value, ref, atol=tol, rtol=1e-4):
-                raise DataError(f"{where} has inconsistent slices: '{os.path.basename(ds.filename)}' has {keyword} "
-                                f"{value.round(5).tolist()}, '{os.path.basename(first.filename)}' "
-                                f"{ref.round(5).tolist()}.")
+                raise DataError(
+                    f"{where} has inconsistent slices: '{os.path.basename(ds.filename)}' has {keyword} "
+                    f"{value.round(5).tolist()}, '{os.path.basename(first.filename)}' "
+                    f"{ref.round(5).tolist()}."
+                )
     normal = np.cross(iop0[:3], iop0[3:])
     positions = np.stack([_floats(ds, "ImagePositionPatient", 3, folder) for ds in datasets])
     along = positions @ normal
@@ -145,30 +153,38 @@ def check_dicom_series(folder: str | os.PathLike, rtol: float = 0.01, atol_mm: f
     off = np.abs(inplane - inplane[0]).max(axis=1)
     if off.max() > atol_mm + rtol * float(ps0.min()):
         i = int(off.argmax())
-        raise DataError(f"{where} has inconsistent slices: '{os.path.basename(datasets[i].filename)}' is shifted "
-                        f"in-plane by {off[i]:.3g} mm from the others (slices not stacked along the normal).")
+        raise DataError(
+            f"{where} has inconsistent slices: '{os.path.basename(datasets[i].filename)}' is shifted "
+            f"in-plane by {off[i]:.3g} mm from the others (slices not stacked along the normal)."
+        )
     if len(datasets) > 1:
         gaps = np.diff(along)
         if gaps.min() <= atol_mm:
             i = int(gaps.argmin())
-            raise DataError(f"{where} has two slices at the same position {along[i]:.4g} mm "
-                            f"('{os.path.basename(datasets[i].filename)}', "
-                            f"'{os.path.basename(datasets[i + 1].filename)}'); "
-                            "expected one slice per position.")
+            raise DataError(
+                f"{where} has two slices at the same position {along[i]:.4g} mm "
+                f"('{os.path.basename(datasets[i].filename)}', "
+                f"'{os.path.basename(datasets[i + 1].filename)}'); "
+                "expected one slice per position."
+            )
         step = float(np.median(gaps))
         bad = np.abs(gaps - step) > atol_mm + rtol * step
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             missing = round(float(gaps[i] / step)) - 1
             what = f"about {missing} missing slice{'s' if missing != 1 else ''}" if missing >= 1 else "uneven spacing"
-            raise DataError(f"{where} has a gap of {gaps[i]:.4g} mm between slice positions {along[i]:.4g} and "
-                            f"{along[i + 1]:.4g} where the series spacing is {step:.4g} mm ({what}); "
-                            "expected a complete series.")
+            raise DataError(
+                f"{where} has a gap of {gaps[i]:.4g} mm between slice positions {along[i]:.4g} and "
+                f"{along[i + 1]:.4g} where the series spacing is {step:.4g} mm ({what}); "
+                "expected a complete series."
+            )
     return datasets
 
 
-_NOT_A_SERIES = ("output_dicom_seg needs a DICOM series folder as input; image '{}' is not one "
-                 "(set output_dicom_seg to false for NIfTI inputs).")
+_NOT_A_SERIES = (
+    "output_dicom_seg needs a DICOM series folder as input; image '{}' is not one "
+    "(set output_dicom_seg to false for NIfTI inputs)."
+)
 
 
 class CheckDicomSeriesd(MapTransform):
@@ -184,8 +200,14 @@ class CheckDicomSeriesd(MapTransform):
         allow_missing_keys: as in ``MapTransform``.
     """
 
-    def __init__(self, keys: KeysCollection, require_series: bool = False, rtol: float = 0.01, atol_mm: float = 0.01,
-                 allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        require_series: bool = False,
+        rtol: float = 0.01,
+        atol_mm: float = 0.01,
+        allow_missing_keys: bool = True,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.require_series = bool(require_series)
         self.rtol, self.atol_mm = float(rtol), float(atol_mm)
@@ -223,9 +245,17 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
-def write_dicom_series(volume: np.ndarray, affine: np.ndarray, out_dir: str | os.PathLike, modality: str = "CT",
-                       patient_id: str = "ANON", patient_name: str = "Anonymous^", study_uid: str | None = None,
-                       series_description: str = "converted from NIfTI", series_number: int = 1) -> list[str]:
+def write_dicom_series(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    out_dir: str | os.PathLike,
+    modality: str = "CT",
+    patient_id: str = "ANON",
+    patient_name: str = "Anonymous^",
+    study_uid: str | None = None,
+    series_description: str = "converted from NIfTI",
+    series_number: int = 1,
+) -> list[str]:
     """Write a 3D volume as a DICOM series, one file per slice, into a new folder ``out_dir``.
 
     Voxel ``(i, j, k)`` is column ``i``, row ``j`` of slice ``k``: Image Orientation (Patient) holds the
@@ -266,12 +296,15 @@ def write_dicom_series(volume: np.ndarray, affine: np.ndarray, out_dir: str | os
     row_dir, col_dir, slice_dir = (axes / spacing).T
     normal = np.cross(row_dir, col_dir)
     if abs(row_dir @ col_dir) > 1e-4 or abs(abs(slice_dir @ normal) - 1) > 1e-4:
-        raise ValueError("affine is sheared (the slice axis is not perpendicular to the in-plane axes); "
-                         "a DICOM series cannot hold it: resample the volume first.")
+        raise ValueError(
+            "affine is sheared (the slice axis is not perpendicular to the in-plane axes); "
+            "a DICOM series cannot hold it: resample the volume first."
+        )
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ValueError(f"output folder '{out_dir}' already exists and is not empty; a series folder must hold "
-                         "one series only.")
+        raise ValueError(
+            f"output folder '{out_dir}' already exists and is not empty; a series folder must hold one series only."
+        )
     stored, slope, intercept = _stored_values(vol)
     study_uid = study_uid or generate_uid()
     series_uid, frame_uid = generate_uid(), generate_uid()
@@ -326,8 +359,13 @@ def write_dicom_series(volume: np.ndarray, affine: np.ndarray, out_dir: str | os
     return paths
 
 
-def nifti_to_dicom(nifti: str | os.PathLike, out_dir: str | os.PathLike, modality: str = "CT",
-                   orientation: str | None = "LPS", **kwargs: Any) -> list[str]:
+def nifti_to_dicom(
+    nifti: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    modality: str = "CT",
+    orientation: str | None = "LPS",
+    **kwargs: Any,
+) -> list[str]:
     """Write a NIfTI volume as a DICOM series folder (see :func:`write_dicom_series`).
 
     Args:
@@ -422,18 +460,28 @@ def _frames(label: np.ndarray, affine: np.ndarray, datasets: Sequence, where: st
         idx = origin[:3, None, None] + step_col[:, None, None] * n + step_row[:, None, None] * m
         rounded = np.round(idx)
         if np.abs(idx - rounded).max() > 1e-2 or any(
-                rounded[a].min() < 0 or rounded[a].max() > label.shape[a] - 1 for a in range(3)):
-            raise DataError(f"{where}: the label map (shape {tuple(label.shape)}) does not lie on the grid of the "
-                            f"source series; expected a prediction in the input's voxel space.")
+            rounded[a].min() < 0 or rounded[a].max() > label.shape[a] - 1 for a in range(3)
+        ):
+            raise DataError(
+                f"{where}: the label map (shape {tuple(label.shape)}) does not lie on the grid of the "
+                f"source series; expected a prediction in the input's voxel space."
+            )
         r = rounded.astype(np.int64)
         out[f] = label[r[0], r[1], r[2]]
     return out
 
 
-def write_dicom_seg(label: np.ndarray, affine: np.ndarray, source: str | os.PathLike, out_path: str | os.PathLike,
-                    channel_def: Mapping[str | int, str], algorithm_name: str = "sam-adapter-bundles",
-                    algorithm_version: str = "0.1.0", series_description: str = "Segmentation",
-                    series_number: int = 300) -> str:
+def write_dicom_seg(
+    label: np.ndarray,
+    affine: np.ndarray,
+    source: str | os.PathLike,
+    out_path: str | os.PathLike,
+    channel_def: Mapping[str | int, str],
+    algorithm_name: str = "sam-adapter-bundles",
+    algorithm_version: str = "0.1.0",
+    series_description: str = "Segmentation",
+    series_number: int = 300,
+) -> str:
     """Write a label map as a DICOM Segmentation (binary, one segment per foreground class) that references
     the DICOM series it was predicted from.
 
@@ -474,24 +522,41 @@ def write_dicom_seg(label: np.ndarray, affine: np.ndarray, source: str | os.Path
     for number, (value, _) in enumerate(classes, start=1):
         segment_of[value] = number
     frames = segment_of[_frames(arr.astype(np.int64), affine, datasets, where)]
-    algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, version=str(algorithm_version),
-                                                   family=codes.DCM.ArtificialIntelligence)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name, version=str(algorithm_version), family=codes.DCM.ArtificialIntelligence
+    )
     descriptions = []
     for number, (_, name) in enumerate(classes, start=1):
         category, kind, side = segment_codes(name)
         desc = hd.seg.SegmentDescription(
-            segment_number=number, segment_label=name[:64], segmented_property_category=category,
-            segmented_property_type=kind, algorithm_type="AUTOMATIC", algorithm_identification=algorithm)
+            segment_number=number,
+            segment_label=name[:64],
+            segmented_property_category=category,
+            segmented_property_type=kind,
+            algorithm_type="AUTOMATIC",
+            algorithm_identification=algorithm,
+        )
         if side is not None:  # Segmented Property Type Modifier Code Sequence (0062,0011), CID 244
             desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-                hd.sr.CodedConcept.from_code(side)]
+                hd.sr.CodedConcept.from_code(side)
+            ]
         descriptions.append(desc)
     seg = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=frames, segmentation_type="BINARY",
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=int(series_number),
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="sam-adapter-bundles",
-        manufacturer_model_name=algorithm_name[:64], software_versions=str(algorithm_version),
-        device_serial_number="0", series_description=series_description, omit_empty_frames=True)
+        source_images=datasets,
+        pixel_array=frames,
+        segmentation_type="BINARY",
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(series_number),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="sam-adapter-bundles",
+        manufacturer_model_name=algorithm_name[:64],
+        software_versions=str(algorithm_version),
+        device_serial_number="0",
+        series_description=series_description,
+        omit_empty_frames=True,
+    )
     out_path = os.fspath(out_path)
     with atomic_path(out_path) as tmp:
         seg.save_as(tmp)
@@ -513,8 +578,9 @@ def series_grid(datasets: Sequence) -> tuple[tuple[int, int, int], np.ndarray]:
     return (int(first.Columns), int(first.Rows), len(datasets)), _RAS_TO_LPS @ lps
 
 
-def read_dicom_seg(seg_path: str | os.PathLike, source: str | os.PathLike,
-                   channel_def: Mapping[str | int, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_dicom_seg(
+    seg_path: str | os.PathLike, source: str | os.PathLike, channel_def: Mapping[str | int, str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A DICOM SEG as a label map on the grid of its source series as the bundles load it (:func:`series_grid`).
 
     Args:
@@ -533,18 +599,21 @@ def read_dicom_seg(seg_path: str | os.PathLike, source: str | os.PathLike,
     seg = hd.seg.segread(os.fspath(seg_path))
     series = {str(r.SeriesInstanceUID) for r in getattr(seg, "ReferencedSeriesSequence", [])}
     if str(datasets[0].SeriesInstanceUID) not in series:
-        raise DataError(f"{where} does not reference the series in '{os.fspath(source)}' "
-                        f"(references {sorted(series)}).")
+        raise DataError(
+            f"{where} does not reference the series in '{os.fspath(source)}' (references {sorted(series)})."
+        )
     lut = np.arange(len(seg.SegmentSequence) + 1, dtype=np.uint16)
     if channel_def is not None:
         value_of = {str(v): int(k) for k, v in channel_def.items()}
         for item in seg.SegmentSequence:
             if str(item.SegmentLabel) not in value_of:
-                raise DataError(f"{where}: segment label '{item.SegmentLabel}' is not in channel_def "
-                                f"{dict(channel_def)}.")
+                raise DataError(
+                    f"{where}: segment label '{item.SegmentLabel}' is not in channel_def {dict(channel_def)}."
+                )
             lut[int(item.SegmentNumber)] = value_of[str(item.SegmentLabel)]
-    frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in datasets], combine_segments=True,
-                                               relabel=False)
+    frames = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in datasets], combine_segments=True, relabel=False
+    )
     shape, affine = series_grid(datasets)
     return lut[np.asarray(frames, dtype=np.int64)].transpose(2, 1, 0).reshape(shape), affine
 
@@ -572,9 +641,16 @@ class SaveDicomSegd(MapTransform):
         allow_missing_keys: as in ``MapTransform``.
     """
 
-    def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike, channel_def: Mapping[str | int, str],
-                 output_postfix: str = "seg", algorithm_name: str = "sam-adapter-bundles",
-                 algorithm_version: str = "0.1.0", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        channel_def: Mapping[str | int, str],
+        output_postfix: str = "seg",
+        algorithm_name: str = "sam-adapter-bundles",
+        algorithm_version: str = "0.1.0",
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_dir = os.fspath(output_dir)
         self.channel_def = {str(k): str(v) for k, v in dict(channel_def).items()}
@@ -594,6 +670,13 @@ class SaveDicomSegd(MapTransform):
                 raise DataError(f"prediction for '{source}' ({key}) has no affine; expected MONAI metadata.")
             affine = affine.cpu().numpy() if hasattr(affine, "cpu") else np.asarray(affine)
             out = os.path.join(self.output_dir, f"{_stem(source)}_{self.output_postfix}.dcm")
-            write_dicom_seg(np.rint(arr).astype(np.int64), affine, source, out, self.channel_def,
-                            algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version)
+            write_dicom_seg(
+                np.rint(arr).astype(np.int64),
+                affine,
+                source,
+                out,
+                self.channel_def,
+                algorithm_name=self.algorithm_name,
+                algorithm_version=self.algorithm_version,
+            )
         return d

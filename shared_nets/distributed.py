@@ -94,8 +94,10 @@ def local_device() -> torch.device:
     except ValueError:
         raise ValueError(f"LOCAL_RANK must be an integer GPU index, got {text!r}.") from None
     if not 0 <= local < torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {local} has no GPU on this node ({torch.cuda.device_count()} visible); start "
-                         "torchrun with --nproc_per_node at most the number of GPUs.")
+        raise ValueError(
+            f"LOCAL_RANK {local} has no GPU on this node ({torch.cuda.device_count()} visible); start "
+            "torchrun with --nproc_per_node at most the number of GPUs."
+        )
     return torch.device(f"cuda:{local}")
 
 
@@ -216,8 +218,15 @@ class ManifestWriter:
         self.rank = int(rank)
 
     def append(self, record: Mapping[str, Any]) -> dict:
-        rec = {"case": None, "rank": self.rank, "status": None, "seconds": None, "error": None, **record,
-               "time": time.time()}
+        rec = {
+            "case": None,
+            "rank": self.rank,
+            "status": None,
+            "seconds": None,
+            "error": None,
+            **record,
+            "time": time.time(),
+        }
         line = (json.dumps(rec, allow_nan=True) + "\n").encode("utf-8")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
@@ -353,10 +362,18 @@ class CaseRunner:
             order (it writes that handler's report, as the handler would have at the end of a single run).
     """
 
-    def __init__(self, output_dir: str | os.PathLike, output_check: NiftiOutputCheck | None = None,
-                 metrics: Mapping[str, Any] | None = None, metrics_saver: Any = None, metrics_summary: Any = None,
-                 image_key: str = "image", case_keys: Sequence[str] = (), retry_skipped: bool = True,
-                 case_extras: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        output_check: NiftiOutputCheck | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metrics_saver: Any = None,
+        metrics_summary: Any = None,
+        image_key: str = "image",
+        case_keys: Sequence[str] = (),
+        retry_skipped: bool = True,
+        case_extras: Mapping[str, Any] | None = None,
+    ) -> None:
         if (output_check is None) == (metrics is None):
             raise ValueError("CaseRunner: give output_check (inference) or metrics (evaluation), exactly one.")
         self.output_dir = os.fspath(output_dir)
@@ -387,8 +404,12 @@ class CaseRunner:
             return False, None
         if checked is not None:
             return True, None
-        return True, {"case": name, "status": "done", "note": "output found whole on resume",
-                      **self.output_check.record(item)}
+        return True, {
+            "case": name,
+            "status": "done",
+            "note": "output found whole on resume",
+            **self.output_check.record(item),
+        }
 
     def shard(self, items: Sequence[Mapping[str, Any]]) -> list[dict]:
         """This rank's share of the cases that are not done yet (call after :func:`init_distributed`).
@@ -403,8 +424,10 @@ class CaseRunner:
         seen: dict[str, int] = {}
         for n, name in enumerate(self.names):
             if name in seen:
-                raise ValueError(f"datalist entries {seen[name]} and {n} are both case '{name}' (same file name); "
-                                 "their outputs would overwrite each other.")
+                raise ValueError(
+                    f"datalist entries {seen[name]} and {n} are both case '{name}' (same file name); "
+                    "their outputs would overwrite each other."
+                )
             seen[name] = n
         rank, world = rank_and_world()
         self._writer = ManifestWriter(self.output_dir, rank)
@@ -421,8 +444,13 @@ class CaseRunner:
         pending = [n for n in range(len(self.items)) if not done_all[n]]
         skipped = len(self.items) - len(pending)
         if rank == 0:
-            logger.info("%d of %d cases are done already; %d left for %d rank(s).", skipped, len(self.items),
-                        len(pending), world)
+            logger.info(
+                "%d of %d cases are done already; %d left for %d rank(s).",
+                skipped,
+                len(self.items),
+                len(pending),
+                world,
+            )
         if len(pending) >= world:
             ids = partition_dataset(pending, num_partitions=world, shuffle=False, even_divisible=False)[rank]
         else:  # MONAI refuses fewer items than partitions; same interleaving: the first ranks take one each
@@ -442,12 +470,23 @@ class CaseRunner:
         """The evaluator's ``iteration_update`` for this rank's shard."""
         return CaseTracker(self)
 
-    def record(self, index: int, status: str, seconds: float | None, error: str | None = None,
-               output: Any = None, engine: Any = None) -> dict:
+    def record(
+        self,
+        index: int,
+        status: str,
+        seconds: float | None,
+        error: str | None = None,
+        output: Any = None,
+        engine: Any = None,
+    ) -> dict:
         """Append the manifest line of shard item ``index`` (``output``: the iteration's output, for metrics;
         ``engine``: the evaluator, for ``case_extras``)."""
-        rec: dict[str, Any] = {"case": self.shard_names[index], "status": status,
-                               "seconds": None if seconds is None else round(seconds, 3), "error": error}
+        rec: dict[str, Any] = {
+            "case": self.shard_names[index],
+            "status": status,
+            "seconds": None if seconds is None else round(seconds, 3),
+            "error": error,
+        }
         if status == "done":
             if self.output_check is not None:
                 rec.update(self.output_check.record(self.shard_items[index]))
@@ -513,8 +552,9 @@ class CaseRunner:
         if bad and not done:
             from shared_nets.data import DataError
 
-            raise DataError(f"all {len(bad)} inputs were skipped, nothing was written; first: "
-                            f"'{bad[0]['case']}': {bad[0]['error']}")
+            raise DataError(
+                f"all {len(bad)} inputs were skipped, nothing was written; first: '{bad[0]['case']}': {bad[0]['error']}"
+            )
         return latest
 
     def _write_reports(self, latest: Mapping[str, Mapping[str, Any]]) -> None:
@@ -564,8 +604,10 @@ class CaseTracker:
 
         index = engine.state.iteration - 1
         if index >= len(self.runner.shard_names):
-            raise ValueError(f"CaseTracker: iteration {index + 1} but the shard has {len(self.runner.shard_names)} "
-                             "cases; the loader must iterate CaseRunner.shard's items with batch_size 1, in order.")
+            raise ValueError(
+                f"CaseTracker: iteration {index + 1} but the shard has {len(self.runner.shard_names)} "
+                "cases; the loader must iterate CaseRunner.shard's items with batch_size 1, in order."
+            )
         start = time.perf_counter()
         if isinstance(batch, dict) and SKIPPED_KEY in batch:
             reason = batch["reason"]
@@ -587,8 +629,9 @@ class CaseTracker:
 
 
 # -- training: DDP or FSDP -----------------------------------------------------------------------------
-def wrap_for_training(module: torch.nn.Module, device: torch.device, use_fsdp: bool | str = False,
-                      find_unused_parameters: bool = False) -> torch.nn.Module:
+def wrap_for_training(
+    module: torch.nn.Module, device: torch.device, use_fsdp: bool | str = False, find_unused_parameters: bool = False
+) -> torch.nn.Module:
     """The network of ``multi_gpu_train.json``: ``DistributedDataParallel`` (every GPU holds all weights), or
     with ``use_fsdp`` a :class:`FullyShardedModel` (weights, gradients and optimizer state split over the GPUs).
     Call after the process group is up. ``use_fsdp`` may be the string ``"true"``/``"false"`` (a command-line
@@ -601,7 +644,8 @@ def wrap_for_training(module: torch.nn.Module, device: torch.device, use_fsdp: b
     if use_fsdp:
         return FullyShardedModel(module, device)
     return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters)
+        module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters
+    )
 
 
 def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -687,8 +731,10 @@ class FullyShardedModel(torch.nn.Module):
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The last gathered full state dict (rank 0; empty on the other ranks)."""
         if self._full_state is None:
-            raise RuntimeError("FullyShardedModel.state_dict: nothing gathered yet; every rank must call gather() "
-                               "first (attach_state_gathering does it at the end of each epoch).")
+            raise RuntimeError(
+                "FullyShardedModel.state_dict: nothing gathered yet; every rank must call gather() "
+                "first (attach_state_gathering does it at the end of each epoch)."
+            )
         return dict(self._full_state)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
@@ -698,8 +744,9 @@ class FullyShardedModel(torch.nn.Module):
             set_model_state_dict,
         )
 
-        return set_model_state_dict(self.module, dict(state_dict), options=StateDictOptions(full_state_dict=True,
-                                                                                            strict=strict))
+        return set_model_state_dict(
+            self.module, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=strict)
+        )
 
     def full_weights(self):
         """Context manager: all weights gathered on every rank (a collective on entry and exit), no collective
@@ -748,8 +795,9 @@ class FullOptimizerState:
             set_optimizer_state_dict,
         )
 
-        set_optimizer_state_dict(self.model.module, self.optimizer, dict(state_dict),
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            self.model.module, self.optimizer, dict(state_dict), options=StateDictOptions(full_state_dict=True)
+        )
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
@@ -758,8 +806,9 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return FullOptimizerState(model, optimizer) if isinstance(model, FullyShardedModel) else optimizer
 
 
-def attach_state_gathering(trainer: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                           validator: Any = None) -> Any:
+def attach_state_gathering(
+    trainer: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, validator: Any = None
+) -> Any:
     """For a :class:`FullyShardedModel` (no-op otherwise): gather the full state on every rank after each
     epoch's last iteration (before the epoch-end validation and checkpoint savers read it on rank 0), and run
     ``validator`` (the validation evaluator) with the weights gathered on every rank. Returns ``trainer``."""

@@ -99,16 +99,21 @@ def _state_dict_problems(module: torch.nn.Module, state: Any, strict: bool) -> l
         problems.append("missing keys")
     if strict and any(k not in expected for k in state):
         problems.append("unexpected keys")
-    if any(shape is not None and isinstance(state.get(k), torch.Tensor) and tuple(state[k].shape) != shape
-           for k, shape in expected.items()):
+    if any(
+        shape is not None and isinstance(state.get(k), torch.Tensor) and tuple(state[k].shape) != shape
+        for k, shape in expected.items()
+    ):
         problems.append("mis-shaped tensors")
     return problems
 
 
 def _checks_keys(obj: Any) -> bool:
     """Whether ``obj`` loads with ``nn.Module``'s own ``load_state_dict`` (key for key, shape for shape)."""
-    return isinstance(obj, torch.nn.Module) and type(obj).load_state_dict is torch.nn.Module.load_state_dict \
+    return (
+        isinstance(obj, torch.nn.Module)
+        and type(obj).load_state_dict is torch.nn.Module.load_state_dict
         and type(obj).state_dict is torch.nn.Module.state_dict
+    )
 
 
 class CheckpointLoader(_MonaiCheckpointLoader):
@@ -123,14 +128,17 @@ class CheckpointLoader(_MonaiCheckpointLoader):
     def __call__(self, engine) -> None:
         path = os.fspath(self.load_path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint '{path}' does not exist; train the bundle first or write an initial "
-                                    "model.pt (`python -m tools init_model`).")
+            raise FileNotFoundError(
+                f"checkpoint '{path}' does not exist; train the bundle first or write an initial "
+                "model.pt (`python -m tools init_model`)."
+            )
         try:  # mmap needs the zip format torch has written since 1.6; older files are read whole
             checkpoint = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
         except _UNREADABLE as e:
             text = " ".join(str(e).split())
-            raise ValueError(f"checkpoint '{path}' is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                             f"{text[:160]}).") from None
+            raise ValueError(
+                f"checkpoint '{path}' is not a readable PyTorch checkpoint ({type(e).__name__}: {text[:160]})."
+            ) from None
         problems = self._problems(checkpoint)
         del checkpoint
         if problems:
@@ -206,8 +214,14 @@ def _random_states(*roots: Any) -> list:
 
 def _legacy_state(s: tuple) -> dict:
     """A ``RandomState.get_state()`` / ``np.random.get_state()`` tuple as tensors, numbers and strings."""
-    return {"kind": "RandomState", "name": s[0], "keys": torch.from_numpy(s[1].astype(np.int64)), "pos": int(s[2]),
-            "has_gauss": int(s[3]), "cached_gaussian": float(s[4])}
+    return {
+        "kind": "RandomState",
+        "name": s[0],
+        "keys": torch.from_numpy(s[1].astype(np.int64)),
+        "pos": int(s[2]),
+        "has_gauss": int(s[3]),
+        "cached_gaussian": float(s[4]),
+    }
 
 
 def _legacy_tuple(s: dict) -> tuple:
@@ -322,7 +336,9 @@ class CheckpointSaver(_MonaiCheckpointSaver):
         super().__init__(*args, **kwargs)
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:  # keep MONAI's fixed file names (model.pt, checkpoint_final.pt)
-                ckpt.save_handler = AtomicDiskSaver(self.save_dir, filename=getattr(ckpt.save_handler, "filename", None))
+                ckpt.save_handler = AtomicDiskSaver(
+                    self.save_dir, filename=getattr(ckpt.save_handler, "filename", None)
+                )
 
     def completed(self, engine) -> None:
         if getattr(engine.state, "diverged", False):
@@ -358,8 +374,11 @@ def attach_divergence_guard(trainer, ckpt_dir: str | os.PathLike | None = None) 
         last = latest_checkpoint(ckpt_dir, required=False) if ckpt_dir is not None else None
         raise TrainingDiverged(
             f"training diverged: loss is {loss} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
-            + (f"the last good checkpoint '{last}' was kept (resume from it with a lower learning rate or amp off)."
-               if last else "no checkpoint was written yet.")
+            + (
+                f"the last good checkpoint '{last}' was kept (resume from it with a lower learning rate or amp off)."
+                if last
+                else "no checkpoint was written yet."
+            )
         )
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, check)
@@ -404,12 +423,19 @@ def attach_checkpointing(
         keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()  # keys only: no tensor read
         missing = [k for k in objects if k not in keys]
         if missing:
-            raise ValueError(f"checkpoint '{path}' lacks {missing}; expected a checkpoint written by this bundle's trainer.")
+            raise ValueError(
+                f"checkpoint '{path}' lacks {missing}; expected a checkpoint written by this bundle's trainer."
+            )
         CheckpointLoader(load_path=path, load_dict=objects, map_location=map_location).attach(trainer)
     if _is_main_process():
         CheckpointSaver(
-            save_dir=os.fspath(ckpt_dir), save_dict=objects, file_prefix="checkpoint", save_interval=save_interval,
-            n_saved=1, save_final=True, final_filename="checkpoint_final.pt",
+            save_dir=os.fspath(ckpt_dir),
+            save_dict=objects,
+            file_prefix="checkpoint",
+            save_interval=save_interval,
+            n_saved=1,
+            save_final=True,
+            final_filename="checkpoint_final.pt",
         ).attach(trainer)
     return trainer
 
@@ -448,8 +474,10 @@ class SkipBadInputs:
             first = self.skipped[0]
             from shared_nets.data import DataError
 
-            raise DataError(f"all {len(self.skipped)} inputs were skipped, nothing was written; first: "
-                            f"'{first['image']}': {first['reason']}")
+            raise DataError(
+                f"all {len(self.skipped)} inputs were skipped, nothing was written; first: "
+                f"'{first['image']}': {first['reason']}"
+            )
 
     def __call__(self, engine, batch):
         from ignite.engine import Events

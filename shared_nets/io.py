@@ -50,8 +50,11 @@ class DiskFullError(OSError):
 
 
 def _disk_full(e: OSError, path: str) -> DiskFullError:
-    return DiskFullError(e.errno, f"no space left on device writing '{path}' ({os.strerror(e.errno)}); the "
-                                  "previous file was kept and no temporary file is left. Free space, then run again.")
+    return DiskFullError(
+        e.errno,
+        f"no space left on device writing '{path}' ({os.strerror(e.errno)}); the "
+        "previous file was kept and no temporary file is left. Free space, then run again.",
+    )
 
 
 def _disk_full_line(value: BaseException) -> str | None:
@@ -211,9 +214,13 @@ def _monai_classes() -> dict[str, type]:
             tmp_dir = tempfile.mkdtemp(dir=final_dir, prefix=".metrics.")
             try:
                 write_metrics_reports(
-                    save_dir=tmp_dir, images=images or None, metrics=chosen(metrics, self.metrics),
-                    metric_details=chosen(metric_details, self.metric_details), summary_ops=self.summary_ops,
-                    deli=self.deli, output_type=self.output_type,
+                    save_dir=tmp_dir,
+                    images=images or None,
+                    metrics=chosen(metrics, self.metrics),
+                    metric_details=chosen(metric_details, self.metric_details),
+                    summary_ops=self.summary_ops,
+                    deli=self.deli,
+                    output_type=self.output_type,
                 )
                 for name in sorted(os.listdir(tmp_dir)):
                     os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))

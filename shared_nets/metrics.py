@@ -97,8 +97,9 @@ def _presence(y_pred: torch.Tensor, y: torch.Tensor, include_background: bool) -
     return pred.flatten(2).gt(0).any(-1), label.flatten(2).gt(0).any(-1)
 
 
-def apply_empty_case(values: torch.Tensor, pred_any: torch.Tensor, label_any: torch.Tensor, convention: str,
-                     kind: str) -> torch.Tensor:
+def apply_empty_case(
+    values: torch.Tensor, pred_any: torch.Tensor, label_any: torch.Tensor, convention: str, kind: str
+) -> torch.Tensor:
     """Overwrite the scores of (case, class) pairs with an empty prediction and/or label.
 
     Args:
@@ -149,8 +150,10 @@ def _spacing(kwargs: dict[str, Any], y_pred: torch.Tensor, y: torch.Tensor, owne
     if spacing is None:
         spacing = spacing_from_meta(y, y_pred)
     if spacing is None:
-        raise ValueError(f"{owner}: no voxel spacing (the label and prediction are plain tensors without an affine); "
-                         "pass spacing=... or keep MetaTensors (LoadImaged ... Invertd) up to the metric.")
+        raise ValueError(
+            f"{owner}: no voxel spacing (the label and prediction are plain tensors without an affine); "
+            "pass spacing=... or keep MetaTensors (LoadImaged ... Invertd) up to the metric."
+        )
     return spacing
 
 
@@ -158,8 +161,9 @@ class HausdorffDistanceMM(HausdorffDistanceMetric):
     """MONAI's ``HausdorffDistanceMetric`` in millimetres (spacing from each case's affine) with an
     empty-case convention. ``percentile=95`` gives HD95."""
 
-    def __init__(self, include_background: bool = False, percentile: float | None = 95, empty_case: str = "monai",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, include_background: bool = False, percentile: float | None = 95, empty_case: str = "monai", **kwargs: Any
+    ) -> None:
         super().__init__(include_background=include_background, percentile=percentile, **kwargs)
         self.empty_case = resolve_convention(empty_case)
 
@@ -180,8 +184,13 @@ class SurfaceDiceMM(SurfaceDiceMetric):
         kwargs: other ``SurfaceDiceMetric`` arguments (``use_subvoxels``, ``reduction``...).
     """
 
-    def __init__(self, tolerance_mm: float | Sequence[float] = 2.0, include_background: bool = False,
-                 empty_case: str = "monai", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        tolerance_mm: float | Sequence[float] = 2.0,
+        include_background: bool = False,
+        empty_case: str = "monai",
+        **kwargs: Any,
+    ) -> None:
         tol = [float(tolerance_mm)] if isinstance(tolerance_mm, (int, float)) else [float(t) for t in tolerance_mm]
         if not tol or any(not math.isfinite(t) or t < 0 for t in tol):
             raise ValueError(f"nsd_tolerance_mm: expected finite tolerances >= 0 (mm), got {tolerance_mm!r}.")
@@ -193,11 +202,18 @@ class SurfaceDiceMM(SurfaceDiceMetric):
         n_class = y_pred.shape[1] - (0 if self.include_background else 1)
         tol = self.tolerance_mm * n_class if len(self.tolerance_mm) == 1 else self.tolerance_mm
         if len(tol) != n_class:
-            raise ValueError(f"nsd_tolerance_mm: {len(tol)} tolerances for {n_class} classes; give one or one per class.")
+            raise ValueError(
+                f"nsd_tolerance_mm: {len(tol)} tolerances for {n_class} classes; give one or one per class."
+            )
         values = compute_surface_dice(
-            y_pred=y_pred, y=y, class_thresholds=tol, include_background=self.include_background,
-            distance_metric=self.distance_metric, spacing=_spacing(kwargs, y_pred, y, "SurfaceDiceMM"),
-            use_subvoxels=self.use_subvoxels, ignore_index=self.ignore_index,
+            y_pred=y_pred,
+            y=y,
+            class_thresholds=tol,
+            include_background=self.include_background,
+            distance_metric=self.distance_metric,
+            spacing=_spacing(kwargs, y_pred, y, "SurfaceDiceMM"),
+            use_subvoxels=self.use_subvoxels,
+            ignore_index=self.ignore_index,
         )
         if self.empty_case == "monai":
             return values
@@ -237,8 +253,13 @@ _CONVENTION_TEXT = {
 
 def summary_notes(tolerance_mm: float | Sequence[float] | None, empty_case: str) -> list[str]:
     """The lines :class:`MetricsSummary` prints above its table: units, NSD tolerance, convention."""
-    tol = "per class " + ", ".join(f"{float(t):g}" for t in tolerance_mm) if isinstance(tolerance_mm, Sequence) \
-        else f"{float(tolerance_mm):g}" if tolerance_mm is not None else "?"
+    tol = (
+        "per class " + ", ".join(f"{float(t):g}" for t in tolerance_mm)
+        if isinstance(tolerance_mm, Sequence)
+        else f"{float(tolerance_mm):g}"
+        if tolerance_mm is not None
+        else "?"
+    )
     return [
         "Cells: mean ± std over cases (number of cases with a finite value); the last row is the mean of the class means.",
         "Hausdorff distances (*_hd95_mm, *_hd_mm) in millimetres, from each case's voxel spacing.",
@@ -256,8 +277,12 @@ def _as_matrix(details: Any) -> np.ndarray:
     return arr.reshape(arr.shape[0], -1)
 
 
-def summarise(details: Mapping[str, Any], class_names: Sequence[str] | None = None,
-              groups: Sequence[int] | None = None, group_names: Mapping[int, str] | None = None) -> dict[str, Any]:
+def summarise(
+    details: Mapping[str, Any],
+    class_names: Sequence[str] | None = None,
+    groups: Sequence[int] | None = None,
+    group_names: Mapping[int, str] | None = None,
+) -> dict[str, Any]:
     """Per-class mean, std and case count (finite values only) of per-case metric details.
 
     Args:
@@ -283,8 +308,11 @@ def summarise(details: Mapping[str, Any], class_names: Sequence[str] | None = No
             names = [(group_names or {}).get(c, f"class_{c}") for c in cols]
         else:
             columns = [arr[:, j] for j in range(arr.shape[1])]
-            names = list(class_names) if class_names is not None and len(class_names) == arr.shape[1] else [
-                f"class_{j + 1}" for j in range(arr.shape[1])]
+            names = (
+                list(class_names)
+                if class_names is not None and len(class_names) == arr.shape[1]
+                else [f"class_{j + 1}" for j in range(arr.shape[1])]
+            )
         means, stds, counts = [], [], []
         for col in columns:
             finite = col[np.isfinite(col)]
@@ -292,8 +320,12 @@ def summarise(details: Mapping[str, Any], class_names: Sequence[str] | None = No
             means.append(float(finite.mean()) if finite.size else float("nan"))
             stds.append(float(finite.std()) if finite.size else float("nan"))
         valid = [m for m in means if math.isfinite(m)]
-        out["metrics"][name] = {"mean": means, "std": stds, "n": counts,
-                                "overall": float(np.mean(valid)) if valid else float("nan")}
+        out["metrics"][name] = {
+            "mean": means,
+            "std": stds,
+            "n": counts,
+            "overall": float(np.mean(valid)) if valid else float("nan"),
+        }
         if len(names) > len(out["classes"]):
             out["classes"] = names
     return out
@@ -354,9 +386,15 @@ class MetricsSummary:
         title: heading of ``metrics.md``.
     """
 
-    def __init__(self, output_dir: str, class_names: Sequence[str] | Mapping[Any, str] | None = None,
-                 metric_names: str | Sequence[str] = "*", object_key: str | None = None,
-                 notes: Sequence[str] = (), title: str = "Evaluation") -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str] | Mapping[Any, str] | None = None,
+        metric_names: str | Sequence[str] = "*",
+        object_key: str | None = None,
+        notes: Sequence[str] = (),
+        title: str = "Evaluation",
+    ) -> None:
         self.output_dir = output_dir
         if isinstance(class_names, Mapping):
             self.id_names = {int(k): str(v) for k, v in class_names.items()}
@@ -406,9 +444,15 @@ class MetricsSummary:
         if not details:
             return
         objects = list(objects)
-        summary = summarise(details, self.class_names,
-                            groups=objects if self.object_key is not None else None, group_names=self.id_names)
-        atomic_write_text(os.path.join(self.output_dir, "metrics.md"), markdown_summary(summary, self.title, self.notes))
+        summary = summarise(
+            details,
+            self.class_names,
+            groups=objects if self.object_key is not None else None,
+            group_names=self.id_names,
+        )
+        atomic_write_text(
+            os.path.join(self.output_dir, "metrics.md"), markdown_summary(summary, self.title, self.notes)
+        )
         atomic_write_text(os.path.join(self.output_dir, "metrics_per_class.csv"), csv_summary(summary))
 
 

@@ -93,9 +93,7 @@ def _check_shape_spacing(shape: object, spacing: object) -> tuple[tuple[int, int
     return shape, spacing
 
 
-def phantom_affine(
-    shape: Sequence[int], spacing: Sequence[float], orientation: str = "RAS"
-) -> np.ndarray:
+def phantom_affine(shape: Sequence[int], spacing: Sequence[float], orientation: str = "RAS") -> np.ndarray:
     """Voxel-to-world (RAS mm) affine of a phantom, for arrays stored in ``orientation`` order.
 
     Args:
@@ -122,7 +120,9 @@ def phantom_affine(
     return ras @ flip
 
 
-def _smooth_field(rng: np.random.Generator, grids: Sequence[np.ndarray], n_waves: int = 3, max_freq: float = 2.0) -> np.ndarray:
+def _smooth_field(
+    rng: np.random.Generator, grids: Sequence[np.ndarray], n_waves: int = 3, max_freq: float = 2.0
+) -> np.ndarray:
     """Sum of a few random plane waves over the (broadcastable) coordinate ``grids``, in [-1, 1]."""
     field = np.zeros(np.broadcast_shapes(*(g.shape for g in grids)), dtype=np.float32)
     for _ in range(n_waves):
@@ -138,7 +138,11 @@ def _smooth_field(rng: np.random.Generator, grids: Sequence[np.ndarray], n_waves
 def _rotation(rng: np.random.Generator, max_axial_deg: float, max_tilt_deg: float) -> np.ndarray:
     """Random rotation: up to ``max_axial_deg`` about the axial axis, small tilts about the others."""
     a, b, c = np.deg2rad(
-        [rng.uniform(-max_axial_deg, max_axial_deg), rng.uniform(-max_tilt_deg, max_tilt_deg), rng.uniform(-max_tilt_deg, max_tilt_deg)]
+        [
+            rng.uniform(-max_axial_deg, max_axial_deg),
+            rng.uniform(-max_tilt_deg, max_tilt_deg),
+            rng.uniform(-max_tilt_deg, max_tilt_deg),
+        ]
     )
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])

@@ -38,6 +38,7 @@ SHARED = REPO.parent / "shared"
 SCHEMA = SHARED / "data" / "monai_schema" / "meta_schema_20240725.json"
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 
+
 def write_initial_model(bundle_root: Path, configs: tuple[str, ...] = ("inference.json", "demo.json")) -> Path:
     """Save the freshly built (untrained) ``network_def`` of ``configs`` as ``<bundle_root>/models/model.pt``."""
     import torch
@@ -52,8 +53,9 @@ def write_initial_model(bundle_root: Path, configs: tuple[str, ...] = ("inferenc
     return path
 
 
-def run_workflow(bundle_root: Path, configs: list[str], workflow_type: str, overrides: dict[str, Any],
-                 collect_losses: bool = False) -> list[float]:
+def run_workflow(
+    bundle_root: Path, configs: list[str], workflow_type: str, overrides: dict[str, Any], collect_losses: bool = False
+) -> list[float]:
     """Run a bundle workflow in-process (``shared_nets.engine.run_bundle_workflow``); returns train losses."""
     from shared_nets.engine import run_bundle_workflow
 
@@ -63,7 +65,9 @@ def run_workflow(bundle_root: Path, configs: list[str], workflow_type: str, over
         out = engine.state.output
         losses.append(float((out[0] if isinstance(out, list) else out)["loss"]))
 
-    run_bundle_workflow(bundle_root, configs, workflow_type, overrides, on_iteration=collect if collect_losses else None)
+    run_bundle_workflow(
+        bundle_root, configs, workflow_type, overrides, on_iteration=collect if collect_losses else None
+    )
     return losses
 
 
@@ -136,7 +140,9 @@ class BundleHarness:
     def trained(self, bundle_copy, data_dir) -> dict[str, Any]:
         """Train once per class (short run); later tests use the written model.pt."""
         losses = run_workflow(
-            bundle_copy, self._configs(self.train_configs), "train",
+            bundle_copy,
+            self._configs(self.train_configs),
+            "train",
             self._overrides(data_dir, max_epochs=self.max_epochs, val_interval=1, **self.train_overrides),
             collect_losses=True,
         )
@@ -166,10 +172,21 @@ class BundleHarness:
         assert not [k for k in meta.get("eval_metrics", {}) if "paper" in k], meta["eval_metrics"]
 
     def test_bundle_file_set_is_complete(self, bundle_copy):
-        for rel in ("configs/metadata.json", "configs/common.json", "configs/train.json", "configs/inference.json",
-                    "configs/evaluate.json",
-                    "configs/multi_gpu_train.json", "configs/multi_gpu_inference.json", "configs/logging.conf", "configs/demo.json", "large_files.yml",
-                    "docs/README.md", "docs/data_license.txt", "LICENSE"):
+        for rel in (
+            "configs/metadata.json",
+            "configs/common.json",
+            "configs/train.json",
+            "configs/inference.json",
+            "configs/evaluate.json",
+            "configs/multi_gpu_train.json",
+            "configs/multi_gpu_inference.json",
+            "configs/logging.conf",
+            "configs/demo.json",
+            "large_files.yml",
+            "docs/README.md",
+            "docs/data_license.txt",
+            "LICENSE",
+        ):
             assert (bundle_copy / rel).is_file(), f"bundle {self.bundle} lacks {rel}"
 
     @pytest.mark.parametrize("kind", ["train", "infer", "evaluate"])
@@ -186,7 +203,13 @@ class BundleHarness:
         )
         if kind == "evaluate":  # evaluate = train.json + evaluate.json: check the validation side
             wf.parser.read_config([str(bundle_copy / "configs" / c) for c in self._configs(configs)])
-            for key in ("validate#evaluator", "validate#dataset", "validate#inferer", "validate#postprocessing", "network_def"):
+            for key in (
+                "validate#evaluator",
+                "validate#dataset",
+                "validate#inferer",
+                "validate#postprocessing",
+                "network_def",
+            ):
                 assert key in wf.parser, f"evaluate config lacks {key}"
             return
         wf.initialize()
@@ -204,8 +227,9 @@ class BundleHarness:
 
     def test_inference_writes_nifti_in_input_space(self, trained, bundle_copy, data_dir):
         out_dir = bundle_copy / "eval" / "infer"
-        run_workflow(bundle_copy, self._configs(self.infer_configs), "infer",
-                     self._overrides(data_dir, output_dir=str(out_dir)))
+        run_workflow(
+            bundle_copy, self._configs(self.infer_configs), "infer", self._overrides(data_dir, output_dir=str(out_dir))
+        )
         test_items = json.loads((data_dir / "datalist.json").read_text())["test"]
         outputs = sorted(glob.glob(str(out_dir / "**" / "*.nii.gz"), recursive=True))
         assert len(outputs) == len(test_items), outputs
@@ -241,7 +265,9 @@ class BundleHarness:
             entry[key] = f"{key}.nii.gz"
         (one / "datalist.json").write_text(json.dumps({"training": [entry], "validation": [entry], "test": [entry]}))
         out_dir = tmp_path / "pred"
-        run_workflow(bundle_copy, self._configs(self.infer_configs), "infer", self._overrides(one, output_dir=str(out_dir)))
+        run_workflow(
+            bundle_copy, self._configs(self.infer_configs), "infer", self._overrides(one, output_dir=str(out_dir))
+        )
         outputs = sorted(out_dir.rglob("*.nii.gz"))
         assert len(outputs) == 1, outputs
         src, pred = nib.load(str(one / "image.nii.gz")), nib.load(str(outputs[0]))
@@ -250,8 +276,12 @@ class BundleHarness:
 
     def test_evaluate_writes_metrics(self, trained, bundle_copy, data_dir):
         out_dir = bundle_copy / "eval" / "evaluate"
-        run_workflow(bundle_copy, self._configs(self.evaluate_configs), "infer",
-                     self._overrides(data_dir, output_dir=str(out_dir)))
+        run_workflow(
+            bundle_copy,
+            self._configs(self.evaluate_configs),
+            "infer",
+            self._overrides(data_dir, output_dir=str(out_dir)),
+        )
         files = sorted(glob.glob(str(out_dir / "*.csv")))
         assert files, f"evaluate wrote no CSV in {out_dir}"
         summary = [f for f in files if "summary" in Path(f).name]
@@ -284,10 +314,31 @@ class BundleHarness:
         (mg_data / "datalist.json").write_text(json.dumps(content))
         data_dir = mg_data
         configs = "[" + ",".join(f"'{root / 'configs' / c}'" for c in self._configs(self.multi_gpu_configs)) + "]"
-        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "monai.bundle", "run", "--config_file", configs, "--meta_file", str(root / "configs" / "metadata.json"),
-                "--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root),
-                "--dataset_dir", str(data_dir), "--max_epochs", "1", "--val_interval", "1"]
+        args = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            configs,
+            "--meta_file",
+            str(root / "configs" / "metadata.json"),
+            "--logging_file",
+            str(root / "configs" / "logging.conf"),
+            "--bundle_root",
+            str(root),
+            "--dataset_dir",
+            str(data_dir),
+            "--max_epochs",
+            "1",
+            "--val_interval",
+            "1",
+        ]
         for k, v in {**self.overrides, **self.train_overrides}.items():
             args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -326,8 +377,12 @@ class BundleHarness:
         losses = run_workflow(root, self._configs(self.train_configs), "train", over, collect_losses=True)
         assert losses and all(np.isfinite(losses))
         out_dir = tmp_path / "pred"
-        run_workflow(root, self._configs(self.infer_configs), "infer",
-                     {k: v for k, v in {**over, "output_dir": str(out_dir)}.items() if k not in ("max_epochs", "val_interval")})
+        run_workflow(
+            root,
+            self._configs(self.infer_configs),
+            "infer",
+            {k: v for k, v in {**over, "output_dir": str(out_dir)}.items() if k not in ("max_epochs", "val_interval")},
+        )
         for name in ("ct", "ct_lps"):
             preds = sorted(out_dir.glob(f"**/{name}_*.nii.gz")) or sorted(out_dir.glob(f"**/{name}*.nii.gz"))
             preds = [p for p in preds if not p.name.startswith("ct_lps") or name == "ct_lps"]

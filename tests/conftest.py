@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_intra_op_thread():
     """Tiny models run faster on one thread (no threading overhead on small tensors, no oversubscription
@@ -85,6 +86,12 @@ def real_ct(tmp_path_factory) -> Path:
     nib.save(nib.Nifti1Image(btcv[::-1, ::-1].copy(), lps_affine), str(out / "ct_lps_label.nii.gz"))
     ras = {"image": "ct.nii.gz", "label": "ct_label.nii.gz", "tumour": "ct_label.nii.gz"}
     lps = {"image": "ct_lps.nii.gz", "label": "ct_lps_label.nii.gz", "tumour": "ct_lps_label.nii.gz"}
-    content = {"name": "totalsegmentator_example", "labels": {}, "training": [ras], "validation": [ras], "test": [ras, lps]}
+    content = {
+        "name": "totalsegmentator_example",
+        "labels": {},
+        "training": [ras],
+        "validation": [ras],
+        "test": [ras, lps],
+    }
     (out / "datalist.json").write_text(json.dumps(content))
     return out

@@ -73,14 +73,21 @@ SETTINGS: dict[str, PaperSetting] = {
     # the paper's 16-slice chunks at 1024 px take minutes on 2 CPU cores: CI uses 2 (SD-Trans still mixes
     # slices), with gradient checkpointing (2 slices without it peak at 19.5 GiB RSS)
     "med_sa": PaperSetting(
-        "1024 x 1024, 16 slices", 2, "num_slices", infer_overrides={"prompt_source": "label"},
-        ci_overrides={"gradient_checkpointing": True}, full_slices=16,
+        "1024 x 1024, 16 slices",
+        2,
+        "num_slices",
+        infer_overrides={"prompt_source": "label"},
+        ci_overrides={"gradient_checkpointing": True},
+        full_slices=16,
     ),
     # a 128^3 cube at 1 mm (126 mm of CT) around the right kidney (KiTS21 target class 2 = BTCV right
     # kidney). The token grid is set by sam_input_size (each slice resized to it, 16-px patches): the
     # paper's 512 gives 32^3 tokens and takes many minutes on 2 CPU cores; CI runs SAM at 256 (16^3 tokens)
     "sam3d_adapter": PaperSetting(
-        "128 x 128 x 128 at 1 mm, SAM at 512", 30, crop_xy=(60, 102, 19, 61), infer_overrides={"prompt_source": "label"},
+        "128 x 128 x 128 at 1 mm, SAM at 512",
+        30,
+        crop_xy=(60, 102, 19, 61),
+        infer_overrides={"prompt_source": "label"},
         ci_overrides={"sam_input_size": 256},
     ),
     # 2D methods: 2 slices, so inference also stitches slices back in order (the README rows were taken on 1)
@@ -112,7 +119,13 @@ def write_case(out: Path, slices: int, crop_xy: tuple[int, int, int, int] | None
     nib.save(nib.Nifti1Image(img, affine), str(out / "ct.nii.gz"))
     nib.save(nib.Nifti1Image(btcv, affine), str(out / "ct_label.nii.gz"))
     item = {"image": "ct.nii.gz", "label": "ct_label.nii.gz"}
-    content = {"name": "totalsegmentator_example", "labels": {}, "training": [item], "validation": [item], "test": [item]}
+    content = {
+        "name": "totalsegmentator_example",
+        "labels": {},
+        "training": [item],
+        "validation": [item],
+        "test": [item],
+    }
     (out / "datalist.json").write_text(json.dumps(content))
     return out
 
@@ -204,7 +217,17 @@ def run_bundle(
     for workflow in ("train", "infer"):
         result_file = work / f"{workflow}.json"
         over = overrides_for(bundle, data_dir, workflow, depth, full)
-        cmd = [sys.executable, "-m", "tests.paper_size", "--child", bundle, workflow, str(root), str(result_file), json.dumps(over)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.paper_size",
+            "--child",
+            bundle,
+            workflow,
+            str(root),
+            str(result_file),
+            json.dumps(over),
+        ]
         log = work / f"{workflow}.log"
         status, peak, wall = run_measured(cmd, log, env, timeout)
         run = {"status": status, "peak_rss_mib": peak / MIB, "wall_s": wall, "log": str(log)}
@@ -250,8 +273,17 @@ def main(argv: list[str] | None = None) -> int:
             res = run_bundle(bundle, Path(tmp) / bundle, args.slices, args.threads, args.timeout, args.full)
             for wf in ("train", "infer"):
                 r = res.get(wf, {"status": "not run"})
-                rows.append((bundle, wf, res["slices"], r.get("status"), r.get("peak_rss_mib", 0), r.get("wall_s", 0),
-                             r.get("time_s", float("nan"))))
+                rows.append(
+                    (
+                        bundle,
+                        wf,
+                        res["slices"],
+                        r.get("status"),
+                        r.get("peak_rss_mib", 0),
+                        r.get("wall_s", 0),
+                        r.get("time_s", float("nan")),
+                    )
+                )
                 print(json.dumps({"bundle": bundle, "workflow": wf, "slices": res["slices"], **r}), flush=True)
                 if r.get("status") not in (0, "not run"):
                     print(Path(r["log"]).read_text()[-3000:], file=sys.stderr)

@@ -93,7 +93,11 @@ def _third_party_imports(folder: str) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize(
     "folder, sections",
-    [("shared_nets", ("install_requires",)), ("tools", ("install_requires", "lite")), ("tests", ("install_requires", "test"))],
+    [
+        ("shared_nets", ("install_requires",)),
+        ("tools", ("install_requires", "lite")),
+        ("tests", ("install_requires", "test")),
+    ],
 )
 def test_imports_are_declared(folder, sections):
     """Every third-party module imported by ``folder`` comes from a distribution declared in ``sections``."""

@@ -45,8 +45,9 @@ def _load_ras(path) -> tuple[np.ndarray, np.ndarray]:
 
     from shared_nets.data import LoadImaged
 
-    img = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image"),
-                   Orientationd("image", axcodes="RAS")])({"image": str(path)})["image"]
+    img = Compose(
+        [LoadImaged("image", image_only=True), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS")]
+    )({"image": str(path)})["image"]
     return np.asarray(img[0]), np.asarray(img.affine)
 
 
@@ -186,16 +187,20 @@ def _empty(folder: Path, tmp_path: Path) -> None:
     (folder / "notes.txt").write_text("not DICOM")
 
 
-@pytest.mark.parametrize("edit, match", [
-    (_gap, r"gap of 5 mm .*\(about 1 missing slice\)"),
-    (_orientation, r"inconsistent slices: 'slice_0005.dcm' has ImageOrientationPatient"),
-    (_spacing, r"inconsistent slices: 'slice_0002.dcm' has PixelSpacing"),
-    (_size, r"inconsistent slices: 'slice_0004.dcm' has Rows 15"),
-    (_mixed, r"mixes 2 series"),
-    (_duplicate, r"two slices at the same position"),
-    (_shifted, r"'slice_0007.dcm' is shifted in-plane"),
-    (_empty, r"holds no DICOM files"),
-], ids=["gap", "orientation", "spacing", "size", "mixed", "duplicate", "shifted", "empty"])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_gap, r"gap of 5 mm .*\(about 1 missing slice\)"),
+        (_orientation, r"inconsistent slices: 'slice_0005.dcm' has ImageOrientationPatient"),
+        (_spacing, r"inconsistent slices: 'slice_0002.dcm' has PixelSpacing"),
+        (_size, r"inconsistent slices: 'slice_0004.dcm' has Rows 15"),
+        (_mixed, r"mixes 2 series"),
+        (_duplicate, r"two slices at the same position"),
+        (_shifted, r"'slice_0007.dcm' is shifted in-plane"),
+        (_empty, r"holds no DICOM files"),
+    ],
+    ids=["gap", "orientation", "spacing", "size", "mixed", "duplicate", "shifted", "empty"],
+)
 def test_bad_series_get_one_line_naming_the_folder(small_series, tmp_path, edit, match):
     folder = small_series[0]
     edit(folder, tmp_path)
@@ -230,8 +235,14 @@ def test_check_transform_requires_a_series_when_a_seg_is_asked_for(small_series,
 
 
 # -- DICOM SEG ---------------------------------------------------------------------------------------
-CHANNEL_DEF = {"0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney",
-               "10": "portal vein and splenic vein", "13": "left adrenal gland"}
+CHANNEL_DEF = {
+    "0": "background",
+    "1": "spleen",
+    "2": "right kidney",
+    "3": "left kidney",
+    "10": "portal vein and splenic vein",
+    "13": "left adrenal gland",
+}
 
 
 def test_segment_codes_are_snomed_with_laterality():
@@ -270,8 +281,13 @@ def test_seg_references_the_series_and_reads_back_to_the_same_mask(small_series,
     referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced <= {ds.SOPInstanceUID for ds in source} and referenced
     segments = list(seg.SegmentSequence)
-    assert [s.SegmentLabel for s in segments] == ["spleen", "right kidney", "left kidney",
-                                                  "portal vein and splenic vein", "left adrenal gland"]
+    assert [s.SegmentLabel for s in segments] == [
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "portal vein and splenic vein",
+        "left adrenal gland",
+    ]
     assert segments[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "78961009"
     kidney = segments[1].SegmentedPropertyTypeCodeSequence[0]
     assert kidney.CodeValue == "64033007" and kidney.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Right"

@@ -92,8 +92,17 @@ def test_nifti_output_check_accepts_whole_outputs_only(tmp_path):
     src = tmp_path / "in" / "case.nii.gz"
     src.parent.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((8, 9, 4), np.float32), affine), str(src))
-    post = Compose([SaveImaged(keys="pred", output_dir=str(tmp_path / "out"), output_postfix="seg",
-                               separate_folder=False, resample=False)])
+    post = Compose(
+        [
+            SaveImaged(
+                keys="pred",
+                output_dir=str(tmp_path / "out"),
+                output_postfix="seg",
+                separate_folder=False,
+                resample=False,
+            )
+        ]
+    )
     check = D.NiftiOutputCheck(post)
     item = {"image": str(src)}
     out = Path(check.output_path(item))
@@ -146,16 +155,33 @@ def _bundle(tmp_path: Path, name: str, overrides: dict, data: Path) -> Path:
 
     root = tmp_path / name
     shutil.copytree(REPO / "bundles" / name, root, ignore=shutil.ignore_patterns("models", "eval", "runs"))
-    write_initial_model(root, configs=["inference.json", "demo.json"],
-                        overrides={"dataset_dir": str(data), **overrides})
+    write_initial_model(
+        root, configs=["inference.json", "demo.json"], overrides={"dataset_dir": str(data), **overrides}
+    )
     return root
 
 
 def _torchrun_args(root: Path, configs: list[str], overrides: dict) -> list[str]:
     files = "[" + ",".join(f"'{root / 'configs' / c}'" for c in configs) + "]"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "monai.bundle", "run", "--config_file", files, "--meta_file", str(root / "configs" / "metadata.json"),
-            "--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        files,
+        "--meta_file",
+        str(root / "configs" / "metadata.json"),
+        "--logging_file",
+        str(root / "configs" / "logging.conf"),
+        "--bundle_root",
+        str(root),
+    ]
     for k, v in overrides.items():
         args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     return args
@@ -166,8 +192,15 @@ def _env() -> dict:
 
 
 def _torchrun(root: Path, configs: list[str], overrides: dict) -> None:
-    proc = subprocess.run(_torchrun_args(root, configs, overrides), check=False, cwd=root, env=_env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        _torchrun_args(root, configs, overrides),
+        check=False,
+        cwd=root,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -208,10 +241,14 @@ def test_two_rank_inference_and_evaluation_equal_a_single_process_run(name, demo
     if name not in EVALUATE_BUNDLES:
         return
     single_ev, sharded_ev = tmp_path / "single_ev", tmp_path / "sharded_ev"
-    run_bundle_workflow(root, ["train.json", "evaluate.json", "demo.json"], "infer",
-                        {**over, "output_dir": str(single_ev)})
-    _torchrun(root, ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"],
-              {**over, "output_dir": str(sharded_ev)})
+    run_bundle_workflow(
+        root, ["train.json", "evaluate.json", "demo.json"], "infer", {**over, "output_dir": str(single_ev)}
+    )
+    _torchrun(
+        root,
+        ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"],
+        {**over, "output_dir": str(sharded_ev)},
+    )
     reports = _reports(single_ev)
     # Med-SA: one evaluation per prompt setting in its own folder, plus the settings summary
     folders = sorted(p.parent.relative_to(single_ev) for p in single_ev.rglob("metrics.csv"))
@@ -233,14 +270,23 @@ def test_two_rank_inference_and_evaluation_equal_a_single_process_run(name, demo
 
 def _reports(folder: Path) -> list[str]:
     """The report files (CSV, markdown, JSON summaries) under ``folder``, relative, without the manifest."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.suffix in (".csv", ".md", ".json") and p.name != "manifest.jsonl" and not p.name.startswith("."))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.suffix in (".csv", ".md", ".json") and p.name != "manifest.jsonl" and not p.name.startswith(".")
+    )
 
 
 def _kill_after_first_case(root, configs, over, out):
     """Start a 2-rank torchrun job and SIGKILL the whole job (torchrun and both workers) once a case is done."""
-    proc = subprocess.Popen(_torchrun_args(root, configs, over), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _torchrun_args(root, configs, over),
+        cwd=root,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         _wait_for_first_case(out, proc)
     finally:
@@ -315,7 +361,7 @@ def test_bad_input_is_skipped_with_its_reason_and_retried_on_rerun(demo_data, tm
     assert len(_predictions(out)) == NUM_CASES
 
     run_bundle_workflow(root, configs, "infer", over)
-    second = D.read_manifest(out)[len(first):]
+    second = D.read_manifest(out)[len(first) :]
     assert [(r["case"], r["status"]) for r in second] == [("missing_case", "skipped")]
 
 
@@ -327,8 +373,12 @@ def test_killed_evaluation_reruns_only_the_unfinished_cases_and_reports_all(demo
     data = _data(demo_data, tmp_path / "data", label_key, copies=3)  # 9 cases
     root = _bundle(tmp_path, "h_sam", overrides, data)
     single = tmp_path / "single"
-    run_bundle_workflow(root, ["train.json", "evaluate.json", "demo.json"], "infer",
-                        {"dataset_dir": str(data), "output_dir": str(single), **overrides})
+    run_bundle_workflow(
+        root,
+        ["train.json", "evaluate.json", "demo.json"],
+        "infer",
+        {"dataset_dir": str(data), "output_dir": str(single), **overrides},
+    )
     out = tmp_path / "sharded"
     configs = ["train.json", "evaluate.json", "multi_gpu_evaluate.json", "demo.json"]
     over = {"dataset_dir": str(data), "output_dir": str(out), **overrides}
@@ -388,7 +438,7 @@ def test_med_sa_evaluation_resumes_per_prompt_setting(demo_data, tmp_path):
     for report in cut.glob("*.csv"):
         report.unlink()
     run_bundle_workflow(root, configs, "infer", over)
-    rerun = [r for r in D.read_manifest(cut) if r["status"] == "done"][len(lines) - 2:]
+    rerun = [r for r in D.read_manifest(cut) if r["status"] == "done"][len(lines) - 2 :]
     assert {r["case"] for r in rerun} == lost and len(rerun) == 2
     assert len(D.read_manifest(out / "1-point")) == len(lines)  # nothing rerun in the finished setting
     assert {name: (out / name).read_text() for name in _reports(out)} == first

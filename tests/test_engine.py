@@ -80,8 +80,14 @@ def test_clip_gradients_matches_the_bundle_lambda_in_a_trainer():
         net = _net()
         opt = torch.optim.SGD(net.parameters(), lr=0.0)
         data = [{"image": torch.randn(2, 4) * 100, "label": torch.randn(2, 2)} for _ in range(3)]
-        trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=data,
-                                    network=net, optimizer=opt, loss_function=torch.nn.MSELoss())
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=1,
+            train_data_loader=data,
+            network=net,
+            optimizer=opt,
+            loss_function=torch.nn.MSELoss(),
+        )
         attach(trainer, net)
         trainer.run()
         return [p.grad.clone() for p in net.parameters() if p.requires_grad]
@@ -89,8 +95,10 @@ def test_clip_gradients_matches_the_bundle_lambda_in_a_trainer():
     def lambda_handler(trainer, net):
         from monai.engines import IterationEvents
 
-        clip = lambda engine: (engine.amp and engine.scaler is not None and engine.scaler.unscale_(engine.optimizer),  # noqa: E731
-                               torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0))
+        clip = lambda engine: (
+            engine.amp and engine.scaler is not None and engine.scaler.unscale_(engine.optimizer),  # noqa: E731
+            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0),
+        )
         trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, clip)
 
     new = run(lambda trainer, net: ClipGradients(1.0).attach(trainer))
@@ -151,13 +159,18 @@ def test_checkpoint_loader_loads_a_fitting_checkpoint(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
 
 
-@pytest.mark.parametrize("other,hints", [
-    (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)), "(mis-shaped tensors)"),
-    (torch.nn.Sequential(torch.nn.Linear(4, 8)), "(missing keys)"),
-    (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2)), "(unexpected keys)"),
-    (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3, bias=False)),
-     "(missing keys, mis-shaped tensors)"),
-])
+@pytest.mark.parametrize(
+    "other,hints",
+    [
+        (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)), "(mis-shaped tensors)"),
+        (torch.nn.Sequential(torch.nn.Linear(4, 8)), "(missing keys)"),
+        (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2)), "(unexpected keys)"),
+        (
+            torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3, bias=False)),
+            "(missing keys, mis-shaped tensors)",
+        ),
+    ],
+)
 def test_checkpoint_loader_names_what_does_not_fit(tmp_path, other, hints):
     torch.save({"model": other.state_dict()}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"model\.pt' does not fit this network \(") as e:

@@ -28,11 +28,36 @@ BUNDLES = {"ma_sam": {"img_size": 64, "sw_batch_size": 8, "val_sw_batch_size": 8
 def _train(root: Path, data: Path, overrides: dict, use_fsdp: bool) -> tuple[list[float], Path]:
     models = root / "models"
     shutil.rmtree(models, ignore_errors=True)
-    files = "[" + ",".join(f"'{root / 'configs' / c}'" for c in ("train.json", "multi_gpu_train.json", "demo.json")) + "]"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "monai.bundle", "run", "--config_file", files, "--meta_file", str(root / "configs" / "metadata.json"),
-            "--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root),
-            "--dataset_dir", str(data), "--max_epochs", "1", "--val_interval", "1", "--use_fsdp", str(use_fsdp)]
+    files = (
+        "[" + ",".join(f"'{root / 'configs' / c}'" for c in ("train.json", "multi_gpu_train.json", "demo.json")) + "]"
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        files,
+        "--meta_file",
+        str(root / "configs" / "metadata.json"),
+        "--logging_file",
+        str(root / "configs" / "logging.conf"),
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(data),
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--use_fsdp",
+        str(use_fsdp),
+    ]
     for k, v in overrides.items():
         args += [f"--{k}", json.dumps(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -40,11 +40,21 @@ def test_nifti_writer_keeps_singleton_spatial_axes(tmp_path, shape):
     from monai.transforms import SaveImaged
 
     affine = torch.tensor([[0.8, 0, 0, -10.0], [0, 0.7, 0, 5.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]], dtype=torch.float64)
-    pred = MetaTensor(torch.randint(0, 3, (1, *shape)).to(torch.uint8), affine=affine,
-                      meta={"filename_or_obj": "case.nii.gz", "spatial_shape": shape})
-    saver = SaveImaged(keys="pred", output_dir=str(tmp_path), output_postfix="seg", output_dtype=np.uint8,
-                       writer="shared_nets.io.AtomicNibabelWriter", resample=False, separate_folder=False,
-                       squeeze_end_dims=True)
+    pred = MetaTensor(
+        torch.randint(0, 3, (1, *shape)).to(torch.uint8),
+        affine=affine,
+        meta={"filename_or_obj": "case.nii.gz", "spatial_shape": shape},
+    )
+    saver = SaveImaged(
+        keys="pred",
+        output_dir=str(tmp_path),
+        output_postfix="seg",
+        output_dtype=np.uint8,
+        writer="shared_nets.io.AtomicNibabelWriter",
+        resample=False,
+        separate_folder=False,
+        squeeze_end_dims=True,
+    )
     saver({"pred": pred})
     out = nib.load(str(tmp_path / "case_seg.nii.gz"))
     assert out.shape == shape
@@ -58,9 +68,16 @@ def test_nifti_writer_keeps_channels_of_multichannel_output(tmp_path):
     from monai.data import MetaTensor
     from monai.transforms import SaveImaged
 
-    pred = MetaTensor(torch.rand(3, 6, 5, 1), affine=torch.eye(4, dtype=torch.float64),
-                      meta={"filename_or_obj": "case.nii.gz"})
-    SaveImaged(keys="pred", output_dir=str(tmp_path), writer="shared_nets.io.AtomicNibabelWriter", resample=False,
-               separate_folder=False, squeeze_end_dims=True)({"pred": pred})
+    pred = MetaTensor(
+        torch.rand(3, 6, 5, 1), affine=torch.eye(4, dtype=torch.float64), meta={"filename_or_obj": "case.nii.gz"}
+    )
+    SaveImaged(
+        keys="pred",
+        output_dir=str(tmp_path),
+        writer="shared_nets.io.AtomicNibabelWriter",
+        resample=False,
+        separate_folder=False,
+        squeeze_end_dims=True,
+    )({"pred": pred})
     out = nib.load(str(tmp_path / "case_trans.nii.gz"))
     assert out.shape == (6, 5, 1, 3)

@@ -62,8 +62,10 @@ def test_hd95_of_a_one_voxel_shift_is_that_axis_spacing(axis, expected_mm):
 def test_hd95_reads_the_spacing_of_each_case_in_a_list():
     """The ignite handlers pass decollated lists of channel-first MetaTensors."""
     metric = HausdorffDistanceMM()
-    metric([_meta(_onehot(_cube(0)))[0], _meta(_onehot(_cube(0)), spacing=(2.0, 1.0, 1.0))[0]],
-           [_meta(_onehot(_cube()))[0], _meta(_onehot(_cube()), spacing=(2.0, 1.0, 1.0))[0]])
+    metric(
+        [_meta(_onehot(_cube(0)))[0], _meta(_onehot(_cube(0)), spacing=(2.0, 1.0, 1.0))[0]],
+        [_meta(_onehot(_cube()))[0], _meta(_onehot(_cube()), spacing=(2.0, 1.0, 1.0))[0]],
+    )
     assert metric.get_buffer().reshape(-1).tolist() == pytest.approx([3.0, 2.0])
 
 
@@ -76,7 +78,10 @@ def test_spacing_from_batched_affines_and_plain_tensors():
     with pytest.raises(ValueError, match="no voxel spacing"):
         HausdorffDistanceMM()(_onehot(_cube(0)), _onehot(_cube()))
     # an explicit spacing wins over none
-    assert HausdorffDistanceMM()._compute_tensor(_onehot(_cube(0)), _onehot(_cube()), spacing=[4.0, 1.0, 1.0]).item() == 4.0
+    assert (
+        HausdorffDistanceMM()._compute_tensor(_onehot(_cube(0)), _onehot(_cube()), spacing=[4.0, 1.0, 1.0]).item()
+        == 4.0
+    )
 
 
 @pytest.mark.parametrize("axis, below, above", [(0, 2.9, 3.0), (2, 0.4, 0.5)])
@@ -88,7 +93,11 @@ def test_nsd_tolerance_is_in_mm(axis, below, above):
 
 
 def test_nsd_per_class_tolerances_and_bad_values():
-    pred = _meta(_onehot(_cube(0), torch.roll(_cube(0), 4, 1) * 0 + (torch.arange(12)[None, None, :] > 9).float().expand(12, 12, 12)))
+    pred = _meta(
+        _onehot(
+            _cube(0), torch.roll(_cube(0), 4, 1) * 0 + (torch.arange(12)[None, None, :] > 9).float().expand(12, 12, 12)
+        )
+    )
     label = _meta(_onehot(_cube(), (torch.arange(12)[None, None, :] > 9).float().expand(12, 12, 12)))
     values = SurfaceDiceMM([1.0, 1.0])(pred, label)[0]
     assert values[0].item() < 1.0 and values[1].item() == pytest.approx(1.0)
@@ -109,11 +118,14 @@ def _empty_cases():
     return pred, label
 
 
-@pytest.mark.parametrize("convention, dice, hd, nsd", [
-    ("monai", [1, math.nan, math.nan, 0], [0, math.nan, math.nan, math.nan], [1, math.nan, 0, 0]),
-    ("blank_is_one", [1, 1, 0, 0], [0, 0, math.nan, math.nan], [1, 1, 0, 0]),
-    ("transunet", [1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]),
-])
+@pytest.mark.parametrize(
+    "convention, dice, hd, nsd",
+    [
+        ("monai", [1, math.nan, math.nan, 0], [0, math.nan, math.nan, math.nan], [1, math.nan, 0, 0]),
+        ("blank_is_one", [1, 1, 0, 0], [0, 0, math.nan, math.nan], [1, 1, 0, 0]),
+        ("transunet", [1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]),
+    ],
+)
 def test_empty_case_conventions(convention, dice, hd, nsd):
     pred, label = _empty_cases()
     got = {
@@ -141,7 +153,9 @@ def test_monai_convention_is_monai_unchanged():
     from monai.metrics import DiceMetric
 
     pred, label = _empty_cases()
-    np.testing.assert_array_equal(ConventionDiceMetric()(pred, label).numpy(), DiceMetric(include_background=False)(pred, label).numpy())
+    np.testing.assert_array_equal(
+        ConventionDiceMetric()(pred, label).numpy(), DiceMetric(include_background=False)(pred, label).numpy()
+    )
 
 
 def test_convention_names():
@@ -163,7 +177,10 @@ def test_metric_names_and_class_names():
 
 
 def test_summary_per_class_mean_std_and_mean_of_classes():
-    details = {"val_mean_dice": torch.tensor([[1.0, 0.5], [0.5, float("nan")]]), "val_hd95_mm": torch.tensor([[2.0, 4.0], [4.0, 6.0]])}
+    details = {
+        "val_mean_dice": torch.tensor([[1.0, 0.5], [0.5, float("nan")]]),
+        "val_hd95_mm": torch.tensor([[2.0, 4.0], [4.0, 6.0]]),
+    }
     s = summarise(details, ["spleen", "liver"])
     d = s["metrics"]["val_mean_dice"]
     assert s["classes"] == ["spleen", "liver"]
@@ -176,7 +193,9 @@ def test_summary_per_class_mean_std_and_mean_of_classes():
 
 
 def test_summary_groups_single_channel_items_by_class_id():
-    s = summarise({"val_mean_dice": torch.tensor([[0.2], [0.4], [0.9]])}, groups=[6, 6, 1], group_names={1: "spleen", 6: "liver"})
+    s = summarise(
+        {"val_mean_dice": torch.tensor([[0.2], [0.4], [0.9]])}, groups=[6, 6, 1], group_names={1: "spleen", 6: "liver"}
+    )
     assert s["classes"] == ["spleen", "liver"]
     assert s["metrics"]["val_mean_dice"]["mean"] == pytest.approx([0.9, 0.3])
 
@@ -188,8 +207,9 @@ def test_metrics_summary_handler_writes_md_and_csv_atomically(tmp_path):
         return batch
 
     engine = Engine(step)
-    handler = MetricsSummary(str(tmp_path / "out"), class_names={"0": "background", "1": "spleen", "2": "liver"},
-                             notes=["HD in mm"])
+    handler = MetricsSummary(
+        str(tmp_path / "out"), class_names={"0": "background", "1": "spleen", "2": "liver"}, notes=["HD in mm"]
+    )
     handler.attach(engine)
 
     @engine.on(Events.EPOCH_COMPLETED)

@@ -63,7 +63,12 @@ def lite_server(tmp_path_factory) -> Server:
     srv = Server(f"http://127.0.0.1:{port}", Path(built["app"]), studies, log)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            command,
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     try:

@@ -64,8 +64,13 @@ class Server:
     log: Path
 
     def request(
-        self, method: str, path: str, params: dict | None = None, file: Path | bytes | None = None,
-        body: dict | None = None, filename: str = "volume.nii.gz",
+        self,
+        method: str,
+        path: str,
+        params: dict | None = None,
+        file: Path | bytes | None = None,
+        body: dict | None = None,
+        filename: str = "volume.nii.gz",
     ) -> Response:
         """One HTTP request; ``params`` / ``file`` go as multipart form fields (what MONAI Label's infer takes)."""
         headers: dict[str, str] = {}
@@ -81,7 +86,9 @@ class Server:
                 content = file if isinstance(file, bytes) else Path(file).read_bytes()
                 parts.append(
                     f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-                    "Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n"
+                    "Content-Type: application/octet-stream\r\n\r\n".encode()
+                    + content
+                    + b"\r\n"
                 )
             data = b"".join(parts) + f"--{boundary}--\r\n".encode()
             headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
@@ -95,11 +102,18 @@ class Server:
         except urllib.error.HTTPError as e:
             return Response(e.code, e.read())
 
-    def infer(self, model: str, image: str | None = None, params: dict | None = None, file: Path | bytes | None = None,
-              filename: str = "volume.nii.gz") -> Response:
+    def infer(
+        self,
+        model: str,
+        image: str | None = None,
+        params: dict | None = None,
+        file: Path | bytes | None = None,
+        filename: str = "volume.nii.gz",
+    ) -> Response:
         query = "?output=image" + (f"&image={urllib.parse.quote(image, safe='')}" if image else "")
-        return self.request("POST", f"/infer/{model}{query}", params=params if params is not None else {}, file=file,
-                            filename=filename)
+        return self.request(
+            "POST", f"/infer/{model}{query}", params=params if params is not None else {}, file=file, filename=filename
+        )
 
     def log_tail(self, n: int = 60) -> str:
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
@@ -158,7 +172,13 @@ def server(tmp_path_factory) -> Server:
     srv = Server(f"http://127.0.0.1:{port}", Path(built["app"]), Path(built["studies"]), log)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            command,
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     try:
         _wait_ready(srv, proc)
@@ -183,12 +203,16 @@ def _label_map(server: Server, response: Response, tmp_path: Path, image: str, m
     out.write_bytes(response.body)
     pred, ref = nib.load(str(out)), nib.load(str(server.studies / f"{image}.nii.gz"))
     assert pred.shape == ref.shape, f"{model}: label shape {pred.shape} != volume shape {ref.shape}"
-    np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-4, err_msg=f"{model}: label affine differs from the volume's")
+    np.testing.assert_allclose(
+        pred.affine, ref.affine, atol=1e-4, err_msg=f"{model}: label affine differs from the volume's"
+    )
     arr = np.asarray(pred.dataobj)
     assert np.all(arr == np.round(arr)), f"{model}: non-integer label values"
     values = set(np.unique(arr).astype(int).tolist())
     allowed = set(_channel_def(server, model))
-    assert values <= allowed, f"{model}: label values {sorted(values - allowed)} are not in channel_def {sorted(allowed)}"
+    assert values <= allowed, (
+        f"{model}: label values {sorted(values - allowed)} are not in channel_def {sorted(allowed)}"
+    )
     return arr.astype(np.int64)
 
 
@@ -236,12 +260,30 @@ def test_automatic_bundle_segments_an_uploaded_volume(server, tmp_path):
 @pytest.mark.parametrize("model", ["med_sa_deepgrow", "sam3d_adapter_deepgrow"])
 def test_prompted_bundle_follows_the_clicks(server, tmp_path, model):
     liver, spleen = _organ_click(server, "phantom_000", 6), _organ_click(server, "phantom_000", 1)
-    first = _label_map(server, server.infer(model, "phantom_000", {"foreground": [liver], "background": []}), tmp_path, "phantom_000", model)
+    first = _label_map(
+        server,
+        server.infer(model, "phantom_000", {"foreground": [liver], "background": []}),
+        tmp_path,
+        "phantom_000",
+        model,
+    )
     assert set(np.unique(first)) <= {0, 1}
-    again = _label_map(server, server.infer(model, "phantom_000", {"foreground": [liver], "background": []}), tmp_path, "phantom_000", model)
-    np.testing.assert_array_equal(first, again, err_msg=f"{model}: same clicks, different answers (state kept between requests?)")
+    again = _label_map(
+        server,
+        server.infer(model, "phantom_000", {"foreground": [liver], "background": []}),
+        tmp_path,
+        "phantom_000",
+        model,
+    )
+    np.testing.assert_array_equal(
+        first, again, err_msg=f"{model}: same clicks, different answers (state kept between requests?)"
+    )
     second = _label_map(
-        server, server.infer(model, "phantom_000", {"foreground": [liver, spleen], "background": []}), tmp_path, "phantom_000", model
+        server,
+        server.infer(model, "phantom_000", {"foreground": [liver, spleen], "background": []}),
+        tmp_path,
+        "phantom_000",
+        model,
     )
     changed = np.argwhere(first != second)
     assert len(changed), f"{model}: an added click did not change the segmentation"
@@ -255,7 +297,9 @@ def test_prompted_bundle_follows_the_clicks(server, tmp_path, model):
 
 def test_ma_sam_box_prompt(server, tmp_path):
     model = "ma_sam_box_deepgrow"
-    arr = _label_map(server, server.infer(model, "phantom_000", {"roi": [30, 20, 8, 58, 50, 22]}), tmp_path, "phantom_000", model)
+    arr = _label_map(
+        server, server.infer(model, "phantom_000", {"roi": [30, 20, 8, 58, 50, 22]}), tmp_path, "phantom_000", model
+    )
     assert set(np.unique(arr)) <= {0, 1}
     bad = server.infer(model, "phantom_000", {"roi": [30, 20, 8, 58]})
     assert bad.status == 400 and "roi" in bad.json()["detail"], bad.body[:300]
@@ -281,10 +325,22 @@ def test_train_writes_the_model_that_the_next_infer_uses(server, tmp_path):
         ("med_sa_deepgrow", "phantom_000", {"foreground": "abc"}, None, "prompt 'foreground' must be a list"),
         ("med_sa_deepgrow", "phantom_000", {"foreground": [[1, 2]]}, None, "prompt 'foreground' must be a list"),
         ("med_sa_deepgrow", "phantom_000", {"foreground": [], "background": []}, None, "no prompt"),
-        ("sam3d_adapter_deepgrow", "phantom_000", {"foreground": [[500, 5, 5]]}, None,
-         "outside the image of spatial shape (64, 64, 24)"),
+        (
+            "sam3d_adapter_deepgrow",
+            "phantom_000",
+            {"foreground": [[500, 5, 5]]},
+            None,
+            "outside the image of spatial shape (64, 64, 24)",
+        ),
     ],
-    ids=["unknown-model", "unreadable-volume", "prompt-not-a-list", "click-with-two-coords", "no-prompt", "click-outside"],
+    ids=[
+        "unknown-model",
+        "unreadable-volume",
+        "prompt-not-a-list",
+        "click-with-two-coords",
+        "no-prompt",
+        "click-outside",
+    ],
 )
 def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(server, model, image, params, file, expected):
     response = server.infer(model, image=image, params=params, file=file)
@@ -333,8 +389,17 @@ def _tree(folder: Path) -> set[str]:
         ("DELETE", "/session/..", False),
         ("PUT", "/session/?uncompress=true", True),
     ],
-    ids=["upload-id-dotdot", "upload-id-absolute", "upload-id-parent", "label-tag-dotdot", "download-dotdot",
-         "label-download-dotdot", "infer-dotdot", "session-delete-parent", "session-uncompress"],
+    ids=[
+        "upload-id-dotdot",
+        "upload-id-absolute",
+        "upload-id-parent",
+        "label-tag-dotdot",
+        "download-dotdot",
+        "label-download-dotdot",
+        "infer-dotdot",
+        "session-delete-parent",
+        "session-uncompress",
+    ],
 )
 def test_requests_that_leave_the_datastore_are_refused(server, method, path, upload):
     """MONAI Label joins these values to its folders as they come; the app answers 400 and touches nothing."""
@@ -342,8 +407,9 @@ def test_requests_that_leave_the_datastore_are_refused(server, method, path, upl
     root = server.app.parent
     before = _tree(root)
     file = (server.studies / "phantom_001.nii.gz") if upload else None
-    response = server.request(method, path.format(uid=uid), params={} if upload else None, file=file,
-                              filename="volume.nii.gz")
+    response = server.request(
+        method, path.format(uid=uid), params={} if upload else None, file=file, filename="volume.nii.gz"
+    )
     assert response.status == 400, f"HTTP {response.status}: {response.body[:300]!r}\n{server.log_tail()}"
     assert response.json()["detail"].startswith("InvalidPath: "), response.body[:300]
     assert not Path(f"/tmp/escaped_{uid}.nii.gz").exists()
@@ -363,8 +429,10 @@ def test_a_symlink_out_of_the_datastore_is_not_served(server, tmp_path):
             if time.monotonic() > deadline:
                 pytest.skip("the datastore did not list the new symlink within 60 s (no auto reload)")
             time.sleep(2)
-        for response in (server.request("GET", "/datastore/image?image=linked_outside"),
-                         server.infer("ma_sam", image="linked_outside")):
+        for response in (
+            server.request("GET", "/datastore/image?image=linked_outside"),
+            server.infer("ma_sam", image="linked_outside"),
+        ):
             assert response.status == 400, f"HTTP {response.status}: {response.body[:300]!r}"
             assert "resolves outside the datastore" in response.json()["detail"]
         assert server.request("GET", "/datastore/image?image=phantom_002").status == 200  # a plain entry still is

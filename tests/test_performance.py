@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared_nets.sam.cache import EmbeddingCache
 from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
+from shared_nets.sam.cache import EmbeddingCache
 from shared_nets.sam3d_adapter.network import SAM3DAdapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,10 +49,18 @@ def _sam3d_input(clicks, seed: int = 1) -> torch.Tensor:
 
 CASES = {
     "med_sa": (_medsa, _medsa_input, [(1, 10, 12, 0)], [(1, 10, 12, 0), (2, 14, 20, 1), (1, 8, 8, 1)]),
-    "med_sa_official": (lambda **kw: _medsa(**MEDSA_OFFICIAL_CODE_SETTINGS, **kw), _medsa_input, [(1, 10, 12, 0)],
-                        [(1, 10, 12, 0), (2, 14, 20, 1)]),
-    "sam3d_adapter": (lambda **kw: _sam3d(cache_image_embedding=True, **kw), _sam3d_input, [(1, 16, 16, 16)],
-                      [(1, 16, 16, 16), (2, 20, 12, 16), (1, 4, 5, 6)]),
+    "med_sa_official": (
+        lambda **kw: _medsa(**MEDSA_OFFICIAL_CODE_SETTINGS, **kw),
+        _medsa_input,
+        [(1, 10, 12, 0)],
+        [(1, 10, 12, 0), (2, 14, 20, 1)],
+    ),
+    "sam3d_adapter": (
+        lambda **kw: _sam3d(cache_image_embedding=True, **kw),
+        _sam3d_input,
+        [(1, 16, 16, 16)],
+        [(1, 16, 16, 16), (2, 20, 12, 16), (1, 4, 5, 6)],
+    ),
 }
 
 
@@ -120,7 +128,9 @@ def test_sam3d_decoder_static_part_matches_forward():
             static = net.decoder.static_part(feats, image, prompted)
             torch.testing.assert_close(
                 net.decoder.forward_with_static(feats, static, prompted, net.patch_size),
-                net.decoder(feats, image, net.patch_size), atol=1e-5, rtol=1e-5,
+                net.decoder(feats, image, net.patch_size),
+                atol=1e-5,
+                rtol=1e-5,
             )
 
 
@@ -163,7 +173,9 @@ def test_gradient_checkpointing_keeps_outputs_and_gradients(name):
     torch.manual_seed(0)
     net, toggle, args, kwargs = _grad_ckpt_cases()[name]()
     net.train()
-    first_block = next(m for m in net.modules() if isinstance(m, torch.nn.ModuleList) and "block" in type(m[0]).__name__.lower())[0]
+    first_block = next(
+        m for m in net.modules() if isinstance(m, torch.nn.ModuleList) and "block" in type(m[0]).__name__.lower()
+    )[0]
     calls = []
     norm = next(m for m in first_block.modules() if isinstance(m, torch.nn.LayerNorm))  # runs inside the block
     norm.register_forward_hook(lambda *a: calls.append(1))
@@ -198,8 +210,15 @@ def _first_batch(bundle: str, data_dir: Path, dataset_type: str, cache_dir: Path
     parser = ConfigParser()
     parser.read_config([str(root / "configs" / "train.json"), str(root / "configs" / "demo.json")])
     parser.read_meta(str(root / "configs" / "metadata.json"))
-    parser.update({"bundle_root": str(root), "dataset_dir": str(data_dir), "dataset_type": dataset_type,
-                   "persistent_cache_dir": str(cache_dir), "num_workers": 0})
+    parser.update(
+        {
+            "bundle_root": str(root),
+            "dataset_dir": str(data_dir),
+            "dataset_type": dataset_type,
+            "persistent_cache_dir": str(cache_dir),
+            "num_workers": 0,
+        }
+    )
     parser["train#datalist"] = parser.get_parsed_content("train#datalist")[:1]  # one volume is enough
     set_determinism(seed=0)
     try:
@@ -212,11 +231,15 @@ def _first_batch(bundle: str, data_dir: Path, dataset_type: str, cache_dir: Path
 
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_dataset_types_give_the_same_first_batch(bundle, demo_data, tmp_path):
-    batches = {t: _first_batch(bundle, demo_data, t, tmp_path / "cache") for t in ("CacheDataset", "Dataset", "PersistentDataset")}
+    batches = {
+        t: _first_batch(bundle, demo_data, t, tmp_path / "cache")
+        for t in ("CacheDataset", "Dataset", "PersistentDataset")
+    }
     assert any((tmp_path / "cache" / "train").iterdir())  # PersistentDataset wrote its cache there
     ref = batches["CacheDataset"]
     for t, batch in batches.items():
         assert batch.keys() == ref.keys(), t
         for k in ("image", "label"):
-            torch.testing.assert_close(torch.as_tensor(batch[k]), torch.as_tensor(ref[k]), msg=lambda m, t=t, k=k: f"{t} {k}: {m}")
-
+            torch.testing.assert_close(
+                torch.as_tensor(batch[k]), torch.as_tensor(ref[k]), msg=lambda m, t=t, k=k: f"{t} {k}: {m}"
+            )

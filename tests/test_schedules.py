@@ -37,9 +37,10 @@ def test_poly_matches_the_official_ma_sam_trainer():
     sched = build_lr_scheduler(opt, "poly", total, warmup_iters=warmup, warmup_start_factor=1.0 / warmup, power=power)
     got = _rates(sched, opt, total)
     assert got[0] == pytest.approx(base / warmup)
-    assert got[:warmup + 1] == pytest.approx(sorted(got[:warmup + 1]))  # rising to base
-    assert got[warmup:] == pytest.approx([base * (1.0 - (i - warmup) / total) ** power for i in range(warmup, total)],
-                                         rel=1e-6)
+    assert got[: warmup + 1] == pytest.approx(sorted(got[: warmup + 1]))  # rising to base
+    assert got[warmup:] == pytest.approx(
+        [base * (1.0 - (i - warmup) / total) ** power for i in range(warmup, total)], rel=1e-6
+    )
 
 
 def test_exponential_reaches_the_final_fraction_and_step_halves():
@@ -64,8 +65,9 @@ def _bundle_scheduler(bundle: str, iters_per_epoch: int, **overrides):
     """The bundle's ``lr_scheduler`` from its train.json, with a stand-in network and data loader."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
-    parser.update({"network": "$torch.nn.Linear(2, 2)", "train#dataloader": f"$list(range({iters_per_epoch}))",
-                   **overrides})
+    parser.update(
+        {"network": "$torch.nn.Linear(2, 2)", "train#dataloader": f"$list(range({iters_per_epoch}))", **overrides}
+    )
     return parser.get_parsed_content("lr_scheduler"), parser.get_parsed_content("optimizer")
 
 
@@ -82,8 +84,9 @@ def test_ma_sam_switch_builds_the_official_polynomial_schedule():
     assert got[5:] == pytest.approx([base * (1 - (i - 5) / 40) ** 7 for i in range(5, 40)], rel=1e-6)
 
 
-@pytest.mark.parametrize("schedule, kind", [("cosine", "CosineAnnealingLR"), ("step", "StepLR"),
-                                            ("constant", "ConstantLR")])
+@pytest.mark.parametrize(
+    "schedule, kind", [("cosine", "CosineAnnealingLR"), ("step", "StepLR"), ("constant", "ConstantLR")]
+)
 def test_med_sa_switch_builds_each_schedule(schedule, kind):
     sched, opt = _bundle_scheduler("med_sa", 3, max_epochs=30, lr_schedule=schedule)
     assert type(sched).__name__ == kind

@@ -48,10 +48,29 @@ def run_sharded(root: Path, data: Path, out: Path, nproc: int, demo: bool, overr
 
     configs = ["inference.json", "multi_gpu_inference.json"] + (["demo.json"] if demo else [])
     files = "[" + ",".join(f"'{root / 'configs' / c}'" for c in configs) + "]"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "monai.bundle", "run", "--config_file", files, "--meta_file", str(root / "configs" / "metadata.json"),
-            "--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root),
-            "--dataset_dir", str(data), "--output_dir", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        files,
+        "--meta_file",
+        str(root / "configs" / "metadata.json"),
+        "--logging_file",
+        str(root / "configs" / "logging.conf"),
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+    ]
     for k, v in overrides.items():
         args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -63,12 +82,23 @@ def run_sharded(root: Path, data: Path, out: Path, nproc: int, demo: bool, overr
     done = [r for r in read_manifest(out) if r["status"] == "done" and r.get("seconds") is not None]
     first = min(r["time"] - r["seconds"] for r in done)
     span = max(r["time"] for r in done) - first
-    return {"nproc": nproc, "cases": len(done), "wall_s": wall, "span_s": span,
-            "cases_per_min": 60.0 * len(done) / span if span > 0 else float("nan")}
+    return {
+        "nproc": nproc,
+        "cases": len(done),
+        "wall_s": wall,
+        "span_s": span,
+        "cases_per_min": 60.0 * len(done) / span if span > 0 else float("nan"),
+    }
 
 
-def main(bundle: str = "ma_sam", nproc: str | int = "1,2", cases: int = 12, demo: bool = True,
-         shape: str = "64,64,24", keep: str | None = None) -> str:
+def main(
+    bundle: str = "ma_sam",
+    nproc: str | int = "1,2",
+    cases: int = 12,
+    demo: bool = True,
+    shape: str = "64,64,24",
+    keep: str | None = None,
+) -> str:
     """Benchmark sharded inference of ``bundle`` on ``cases`` phantoms with each process count in ``nproc``.
 
     Args:
@@ -118,6 +148,9 @@ def main(bundle: str = "ma_sam", nproc: str | int = "1,2", cases: int = 12, demo
             shutil.rmtree(work, ignore_errors=True)
     base = rows[0]["cases_per_min"]
     lines = ["| processes | cases | wall s (start-up incl.) | cases / min | × 1st row |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['nproc']} | {r['cases']} | {r['wall_s']:.1f} | {r['cases_per_min']:.1f} | "
-              f"{r['cases_per_min'] / base:.2f}× |" for r in rows]
+    lines += [
+        f"| {r['nproc']} | {r['cases']} | {r['wall_s']:.1f} | {r['cases_per_min']:.1f} | "
+        f"{r['cases_per_min'] / base:.2f}× |"
+        for r in rows
+    ]
     return "\n".join(lines)

@@ -19,8 +19,18 @@ from typing import Any
 
 from shared_nets.io import atomic_write_text
 
-__all__ = ["COMMON", "TARGETS", "bundle_dirs", "read_config", "dump_config", "synced", "differences", "sync", "check",
-           "main"]
+__all__ = [
+    "COMMON",
+    "TARGETS",
+    "bundle_dirs",
+    "read_config",
+    "dump_config",
+    "synced",
+    "differences",
+    "sync",
+    "check",
+    "main",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 #: The file with the canonical shared values, relative to a bundle folder.
@@ -35,8 +45,9 @@ def bundle_dirs(bundle: str | None = None, root: str | Path | None = None) -> li
     if bundle is not None:
         path = base / bundle
         if not (path / COMMON).is_file():
-            raise ValueError(f"bundle '{bundle}': '{path / COMMON}' does not exist; expected a bundle folder with "
-                             f"{COMMON}.")
+            raise ValueError(
+                f"bundle '{bundle}': '{path / COMMON}' does not exist; expected a bundle folder with {COMMON}."
+            )
         return [path]
     return sorted(p for p in base.iterdir() if (p / COMMON).is_file())
 
@@ -88,8 +99,9 @@ def differences(bundle_dir: str | Path) -> list[str]:
             if k not in config:
                 lines.append(f"{bundle_dir / rel}: lacks '{k}'; expected {json.dumps(v)} as in {COMMON}.")
             elif config[k] != v:
-                lines.append(f"{bundle_dir / rel}: '{k}' is {json.dumps(config[k])}; expected {json.dumps(v)} "
-                             f"as in {COMMON}.")
+                lines.append(
+                    f"{bundle_dir / rel}: '{k}' is {json.dumps(config[k])}; expected {json.dumps(v)} as in {COMMON}."
+                )
     return lines
 
 
@@ -142,4 +154,3 @@ def main(action: str = "check", bundle: str | None = None, root: str | None = No
     if lines:
         sys.exit(1)
     print("train.json and inference.json agree with common.json.")
-

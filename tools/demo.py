@@ -49,7 +49,14 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_CT_DIR = REPO / "data" / "totalsegmentator_example"
 
 # RGB colours for BTCV ids in overlays (others get a hashed colour)
-_COLOURS = {1: (255, 160, 0), 2: (0, 200, 255), 3: (0, 120, 255), 6: (200, 60, 60), 7: (120, 220, 90), 8: (255, 60, 200)}
+_COLOURS = {
+    1: (255, 160, 0),
+    2: (0, 200, 255),
+    3: (0, 120, 255),
+    6: (200, 60, 60),
+    7: (120, 220, 90),
+    8: (255, 60, 200),
+}
 
 
 def _colour(label: int) -> tuple[int, int, int]:
@@ -67,7 +74,9 @@ def dice_table(pairs: list[tuple[Path, Path]], class_names: dict[int, str]) -> d
         pred = np.asarray(nib.load(str(pred_file)).dataobj).astype(np.int64)
         gt = np.asarray(nib.load(str(gt_file)).dataobj).astype(np.int64)
         if pred.shape != gt.shape:
-            raise ValueError(f"prediction '{pred_file}' has shape {pred.shape}, ground truth '{gt_file}' has {gt.shape}.")
+            raise ValueError(
+                f"prediction '{pred_file}' has shape {pred.shape}, ground truth '{gt_file}' has {gt.shape}."
+            )
         scores = {}
         for c in sorted(int(v) for v in np.unique(gt) if v > 0):
             p, g = pred == c, gt == c
@@ -85,8 +94,14 @@ def _markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_overlays(image_file: Path, gt_file: Path, pred_file: Path, out_dir: Path, num_slices: int = 3,
-                   window: tuple[float, float] = (-200.0, 250.0)) -> list[Path]:
+def write_overlays(
+    image_file: Path,
+    gt_file: Path,
+    pred_file: Path,
+    out_dir: Path,
+    num_slices: int = 3,
+    window: tuple[float, float] = (-200.0, 250.0),
+) -> list[Path]:
     """Save ``num_slices`` axial slices as PNG: CT | ground truth overlay | prediction overlay."""
     from PIL import Image
 
@@ -114,9 +129,16 @@ def write_overlays(image_file: Path, gt_file: Path, pred_file: Path, out_dir: Pa
     return written
 
 
-def phantom_demo(out: str = "demo_output", bundle: str = "ma_sam", num: int = 12, seed: int = 0,
-                 max_epochs: int | None = None, shape: tuple[int, int, int] = (96, 96, 48), device: str = "cpu",
-                 num_threads: int | None = None) -> float:
+def phantom_demo(
+    out: str = "demo_output",
+    bundle: str = "ma_sam",
+    num: int = 12,
+    seed: int = 0,
+    max_epochs: int | None = None,
+    shape: tuple[int, int, int] = (96, 96, 48),
+    device: str = "cpu",
+    num_threads: int | None = None,
+) -> float:
     """Run the phantom training demo and return the mean foreground Dice on the held-out phantoms.
 
     Args:
@@ -147,8 +169,13 @@ def phantom_demo(out: str = "demo_output", bundle: str = "ma_sam", num: int = 12
     write_demo_dataset(data_dir, num=num, seed=seed, shape=tuple(shape))
     # chosen once: the training's own load must not make the inference stage pick fewer threads
     threads = configure_threads(num_threads)
-    common = {"dataset_dir": str(data_dir), "ckpt_dir": str(models), "device": f"$torch.device('{device}')", "seed": seed,
-              "num_threads": threads}
+    common = {
+        "dataset_dir": str(data_dir),
+        "ckpt_dir": str(models),
+        "device": f"$torch.device('{device}')",
+        "seed": seed,
+        "num_threads": threads,
+    }
 
     print(f"[2/4] training {bundle} (tiny SAM, {device}); TensorBoard logs in {out_dir / 'eval' / 'runs'}")
     train_over = {**common, "output_dir": str(out_dir / "eval")}
@@ -160,9 +187,17 @@ def phantom_demo(out: str = "demo_output", bundle: str = "ma_sam", num: int = 12
 
     print(f"[3/4] sliding-window inference on the held-out volumes → {preds}")
     t_inf = time.time()
-    run_bundle_workflow(bundle_root, ["inference.json", "demo.json"], "infer",
-                        {**common, "output_dir": str(preds), "bundle_root": str(bundle_root),
-                         "handlers#0#load_path": str(models / "model.pt")})
+    run_bundle_workflow(
+        bundle_root,
+        ["inference.json", "demo.json"],
+        "infer",
+        {
+            **common,
+            "output_dir": str(preds),
+            "bundle_root": str(bundle_root),
+            "handlers#0#load_path": str(models / "model.pt"),
+        },
+    )
     t_inf = time.time() - t_inf
 
     print("[4/4] Dice on the held-out volumes")
@@ -184,15 +219,29 @@ def phantom_demo(out: str = "demo_output", bundle: str = "ma_sam", num: int = 12
     atomic_write_text(out_dir / "dice.md", md)
     atomic_write_json(table, out_dir / "dice.json")
     print(md)
-    print(f"mean foreground Dice {table['mean']:.3f}; train {t_train:.0f} s, inference {t_inf:.0f} s, "
-          f"total {time.time() - t0:.0f} s with {threads} torch thread(s). Outputs in {out_dir}")
+    print(
+        f"mean foreground Dice {table['mean']:.3f}; train {t_train:.0f} s, inference {t_inf:.0f} s, "
+        f"total {time.time() - t0:.0f} s with {threads} torch thread(s). Outputs in {out_dir}"
+    )
     return table["mean"]
 
 
 # 13 distinguishable colours for the real example's organs (in the order of their ids)
-_PALETTE = [(255, 160, 0), (0, 200, 255), (0, 110, 255), (120, 220, 90), (200, 60, 60), (255, 230, 60),
-            (255, 60, 200), (150, 90, 255), (90, 255, 200), (255, 120, 120), (230, 30, 30), (60, 90, 200),
-            (170, 255, 60)]
+_PALETTE = [
+    (255, 160, 0),
+    (0, 200, 255),
+    (0, 110, 255),
+    (120, 220, 90),
+    (200, 60, 60),
+    (255, 230, 60),
+    (255, 60, 200),
+    (150, 90, 255),
+    (90, 255, 200),
+    (255, 120, 120),
+    (230, 30, 30),
+    (60, 90, 200),
+    (170, 255, 60),
+]
 
 
 def overlay_strip(grey: np.ndarray, maps: list[np.ndarray], colours: dict[int, tuple[int, int, int]]) -> np.ndarray:
@@ -216,8 +265,9 @@ def _paint(masks: np.ndarray, ids: list[int], shape: tuple[int, ...]) -> np.ndar
     return out
 
 
-def bundle_at_lite_reports(ct: Path, seg: Path, names: dict[int, str], out_dir: Path,
-                           max_slices: int | None = None) -> dict[str, dict]:
+def bundle_at_lite_reports(
+    ct: Path, seg: Path, names: dict[int, str], out_dir: Path, max_slices: int | None = None
+) -> dict[str, dict]:
     """Zero-shot reports of bundles at the ``lite`` variant, one table column each (``{column: report}``).
 
     The hook where a bundle at ``lite`` joins the main job: build its :class:`tools.zero_shot.Predictor` and
@@ -240,8 +290,9 @@ def _zero_shot_markdown(columns: dict[str, dict], seconds: float, threads: int) 
     return "\n".join(lines) + f"\n\n{seconds:.0f} s with {threads} torch thread(s).\n"
 
 
-def real_demo(out: str = "demo_output", max_slices: int | None = None, num_overlays: int = 4,
-              num_threads: int | None = None) -> dict[str, dict]:
+def real_demo(
+    out: str = "demo_output", max_slices: int | None = None, num_overlays: int = 4, num_threads: int | None = None
+) -> dict[str, dict]:
     """The plain ``lite`` SAM on the shipped real CT with box and click prompts; returns ``{mode: report}``.
 
     Args:
@@ -279,8 +330,9 @@ def real_demo(out: str = "demo_output", max_slices: int | None = None, num_overl
         slices[k] = (img2d, lab2d)
         print(f"  slice {k:2d}: {len(ids)} organs", flush=True)
 
-    reports = evaluate_files(ct, seg, "ct", predictor, ("box", "click"), names=names, max_slices=max_slices,
-                             on_slice=on_slice)
+    reports = evaluate_files(
+        ct, seg, "ct", predictor, ("box", "click"), names=names, max_slices=max_slices, on_slice=on_slice
+    )
     columns = {"LiteMedSAM box": reports["box"], "LiteMedSAM click": reports["click"]}
     columns.update(bundle_at_lite_reports(ct, seg, names, out_dir, max_slices))
 
@@ -296,20 +348,32 @@ def real_demo(out: str = "demo_output", max_slices: int | None = None, num_overl
         img2d, lab2d = slices[k]
         strip = overlay_strip(img2d, [lab2d, pred_maps["box"][:, :, k].T, pred_maps["click"][:, :, k].T], colours)
         Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(
-            overlays / f"ct_slice{k:03d}.png")
+            overlays / f"ct_slice{k:03d}.png"
+        )
     seconds = time.time() - t0
-    md = ("Zero-shot Dice, plain lite SAM (LiteMedSAM weights) on the real CT example, simulated prompts per axial "
-          "slice (labels are TotalSegmentator's, model-made):\n\n" + _zero_shot_markdown(columns, seconds, threads))
+    md = (
+        "Zero-shot Dice, plain lite SAM (LiteMedSAM weights) on the real CT example, simulated prompts per axial "
+        "slice (labels are TotalSegmentator's, model-made):\n\n" + _zero_shot_markdown(columns, seconds, threads)
+    )
     atomic_write_text(out_dir / "zero_shot.md", md)
     print(md)
     print(f"Overlays (CT | label | box | click): {overlays}")
     return reports
 
 
-def main(out: str = "demo_output", phantom: bool = False, max_slices: int | None = None, num_overlays: int = 4,
-         bundle: str | None = None, num: int | None = None, seed: int | None = None, max_epochs: int | None = None,
-         shape: tuple[int, int, int] | None = None, device: str | None = None,
-         num_threads: int | None = None) -> float:
+def main(
+    out: str = "demo_output",
+    phantom: bool = False,
+    max_slices: int | None = None,
+    num_overlays: int = 4,
+    bundle: str | None = None,
+    num: int | None = None,
+    seed: int | None = None,
+    max_epochs: int | None = None,
+    shape: tuple[int, int, int] | None = None,
+    device: str | None = None,
+    num_threads: int | None = None,
+) -> float:
     """The main job; returns the mean Dice (box prompts on the real CT, or held-out phantoms with ``--phantom``).
 
     Args:
@@ -326,12 +390,20 @@ def main(out: str = "demo_output", phantom: bool = False, max_slices: int | None
         device: phantom demo: ``cpu`` (default) or ``cuda``.
         num_threads: torch CPU threads (default: ``OMP_NUM_THREADS`` if set, else the free cores).
     """
-    phantom_args = {"bundle": bundle, "num": num, "seed": seed, "max_epochs": max_epochs, "shape": shape,
-                    "device": device}
+    phantom_args = {
+        "bundle": bundle,
+        "num": num,
+        "seed": seed,
+        "max_epochs": max_epochs,
+        "shape": shape,
+        "device": device,
+    }
     given = {k: v for k, v in phantom_args.items() if v is not None}
     if phantom:
         return phantom_demo(out=out, num_threads=num_threads, **given)
     if given:
-        raise ValueError(f"--{', --'.join(given)} belong to the phantom training demo; add --phantom "
-                         "(the default main job runs LiteMedSAM on the real CT).")
+        raise ValueError(
+            f"--{', --'.join(given)} belong to the phantom training demo; add --phantom "
+            "(the default main job runs LiteMedSAM on the real CT)."
+        )
     return real_demo(out=out, max_slices=max_slices, num_overlays=num_overlays, num_threads=num_threads)["box"]["mean"]

@@ -132,7 +132,9 @@ def write_initial_model(
     extra = dict(overrides or {})
     if sam_checkpoint is not None:
         if not Path(sam_checkpoint).is_file():
-            raise FileNotFoundError(f"sam_checkpoint '{sam_checkpoint}' does not exist (get it with `python -m tools weights`).")
+            raise FileNotFoundError(
+                f"sam_checkpoint '{sam_checkpoint}' does not exist (get it with `python -m tools weights`)."
+            )
         extra["sam_checkpoint"] = str(sam_checkpoint)
     config = merged_config(root, names, extra)
     meta_file = root / "configs" / "metadata.json"

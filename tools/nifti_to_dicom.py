@@ -16,8 +16,14 @@ import os
 __all__ = ["main"]
 
 
-def main(nifti: str, out_dir: str, modality: str = "CT", orientation: str | None = "LPS",
-         patient_id: str = "ANON", series_description: str = "converted from NIfTI") -> None:
+def main(
+    nifti: str,
+    out_dir: str,
+    modality: str = "CT",
+    orientation: str | None = "LPS",
+    patient_id: str = "ANON",
+    series_description: str = "converted from NIfTI",
+) -> None:
     """Convert ``nifti`` to the DICOM series folder ``out_dir`` and print what was written.
 
     Args:
@@ -31,6 +37,12 @@ def main(nifti: str, out_dir: str, modality: str = "CT", orientation: str | None
     """
     from shared_nets.dicom import nifti_to_dicom
 
-    paths = nifti_to_dicom(nifti, out_dir, modality=modality, orientation=orientation or None,
-                           patient_id=str(patient_id), series_description=series_description)
+    paths = nifti_to_dicom(
+        nifti,
+        out_dir,
+        modality=modality,
+        orientation=orientation or None,
+        patient_id=str(patient_id),
+        series_description=series_description,
+    )
     print(f"wrote {len(paths)} slices to {os.path.abspath(out_dir)}")

@@ -88,7 +88,9 @@ def prepare(dataset: str, src: str | Path, out: str | Path, **options: Any) -> P
     allowed = recipe_options(dataset)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"option(s) {unknown} are not known to the {dataset!r} recipe; its options are {sorted(allowed)}.")
+        raise ValueError(
+            f"option(s) {unknown} are not known to the {dataset!r} recipe; its options are {sorted(allowed)}."
+        )
     seed = options.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
@@ -97,7 +99,7 @@ def prepare(dataset: str, src: str | Path, out: str | Path, **options: Any) -> P
     used = {k: options.get(k, v) for k, v in allowed.items() if k != "progress"}
     payload["prepare"] = {
         "command": f"python -m tools prepare {dataset} --src SRC --out OUT"
-                   + "".join(f" --{k} {_cli_value(v)}" for k, v in used.items() if v != allowed[k] or k == "seed"),
+        + "".join(f" --{k} {_cli_value(v)}" for k, v in used.items() if v != allowed[k] or k == "seed"),
         "dataset": dataset,
         "options": used,
     }
@@ -114,7 +116,9 @@ def _summary(path: Path) -> str:
     import json
 
     content = json.loads(path.read_text())
-    counts = ", ".join(f"{k} {len(content[k])}" for k in ("training", "validation", "test", "unlabeled") if content.get(k))
+    counts = ", ".join(
+        f"{k} {len(content[k])}" for k in ("training", "validation", "test", "unlabeled") if content.get(k)
+    )
     return f"wrote {path} ({content.get('name')}: {counts})"
 
 

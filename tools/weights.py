@@ -89,10 +89,18 @@ def _stream(url: str, part: Path, timeout: float, progress: bool) -> str:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
         written = 0
-        with open(part, "wb") as f, tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[: -len(".part")],
-            disable=not progress, file=sys.stderr,
-        ) as bar:
+        with (
+            open(part, "wb") as f,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name[: -len(".part")],
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar,
+        ):
             while block := response.read(_CHUNK):
                 f.write(block)
                 digest.update(block)

@@ -77,8 +77,13 @@ class Predictor(Protocol):
 
     def encode(self, image: torch.Tensor) -> torch.Tensor: ...
 
-    def predict(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
-                points: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor: ...
+    def predict(
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 class LiteSamPredictor:
@@ -108,15 +113,27 @@ class LiteSamPredictor:
         return self.sam.image_encoder(image)
 
     @torch.no_grad()
-    def predict(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
-                points: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         pe = self.sam.prompt_encoder
-        sparse, dense = pe(points=None if points is None else (points, labels),
-                           boxes=None if boxes is None else boxes[:, None, :], masks=None)
+        sparse, dense = pe(
+            points=None if points is None else (points, labels),
+            boxes=None if boxes is None else boxes[:, None, :],
+            masks=None,
+        )
         # one embedding, N prompts: SAM's decoder repeats the image embedding over the prompt batch
-        logits, _ = self.sam.mask_decoder(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
-                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                          multimask_output=False)
+        logits, _ = self.sam.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
         return logits
 
 
@@ -135,8 +152,9 @@ def load_lps(path: str | Path) -> nib.Nifti1Image:
     img = nib.load(str(path))
     if len(img.shape) != 3:
         raise ValueError(f"image '{path}' has shape {img.shape}; expected a 3D volume.")
-    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
-                                           nib.orientations.axcodes2ornt(("L", "P", "S")))
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(img.affine), nib.orientations.axcodes2ornt(("L", "P", "S"))
+    )
     return img.as_reoriented(ornt)
 
 
@@ -239,9 +257,16 @@ class _Counts:
         return 2.0 * self.inter / (self.pred + self.gt) if self.pred + self.gt else float("nan")
 
 
-def zero_shot(image: np.ndarray, label: np.ndarray, predictor: Predictor, modes: Sequence[str] = ("box",),
-              labels: Sequence[int] | None = None, min_voxels: int = 10, max_slices: int | None = None,
-              on_slice=None) -> dict[str, dict[int, _Counts]]:
+def zero_shot(
+    image: np.ndarray,
+    label: np.ndarray,
+    predictor: Predictor,
+    modes: Sequence[str] = ("box",),
+    labels: Sequence[int] | None = None,
+    min_voxels: int = 10,
+    max_slices: int | None = None,
+    on_slice=None,
+) -> dict[str, dict[int, _Counts]]:
     """Run the protocol on a normalised LPS volume and return per-mode, per-id counts.
 
     Args:
@@ -295,8 +320,11 @@ def zero_shot(image: np.ndarray, label: np.ndarray, predictor: Predictor, modes:
 
 def summarise(counts: Mapping[int, _Counts], names: Mapping[int, str]) -> dict:
     """Per-id Dice (ids never prompted are left out), their mean, and the prompted slices/voxels per id."""
-    per_id = {str(i): {"name": names.get(i, str(i)), "dice": round(c.dice(), 4), "slices": c.slices,
-                       "voxels": c.gt} for i, c in counts.items() if c.slices}
+    per_id = {
+        str(i): {"name": names.get(i, str(i)), "dice": round(c.dice(), 4), "slices": c.slices, "voxels": c.gt}
+        for i, c in counts.items()
+        if c.slices
+    }
     dice = [v["dice"] for v in per_id.values()]
     return {"per_id": per_id, "mean": round(float(np.mean(dice)), 4) if dice else float("nan")}
 
@@ -305,28 +333,40 @@ def protocol(modality: str, prompt: str, image_size: int, min_voxels: int) -> di
     """The protocol fields written beside the Dice."""
     return {
         "orientation": "LPS; axial slices in radiological display (anterior at the top, patient's right on the "
-                       "image's left)",
-        "intensity": "CT window W400/L40 to [0, 1]" if modality == "ct" else
-                     "MR 0.5-99.5 percentiles of nonzero voxels to [0, 1]",
-        "prompt": "tight box (x_min, y_min, x_max + 1, y_max + 1)" if prompt == "box" else
-                  "one positive click at the centroid of the largest connected component (its nearest pixel "
-                  "when the centroid falls outside)",
+        "image's left)",
+        "intensity": "CT window W400/L40 to [0, 1]"
+        if modality == "ct"
+        else "MR 0.5-99.5 percentiles of nonzero voxels to [0, 1]",
+        "prompt": "tight box (x_min, y_min, x_max + 1, y_max + 1)"
+        if prompt == "box"
+        else "one positive click at the centroid of the largest connected component (its nearest pixel "
+        "when the centroid falls outside)",
         "min_voxels_per_slice": min_voxels,
         "resize": f"longest side to {image_size} (bilinear), zero padding at bottom/right; logits cropped, "
-                  "resized back (bilinear), threshold 0",
+        "resized back (bilinear), threshold 0",
         "dice": "3D per label id over the slices where it was prompted",
     }
 
 
-def evaluate_files(image: str | Path, label: str | Path, modality: str, predictor: Predictor,
-                   modes: Sequence[str] = ("box",), labels: Sequence[int] | None = None,
-                   names: Mapping[int, str] | None = None, min_voxels: int = 10, max_slices: int | None = None,
-                   on_slice=None) -> dict[str, dict]:
+def evaluate_files(
+    image: str | Path,
+    label: str | Path,
+    modality: str,
+    predictor: Predictor,
+    modes: Sequence[str] = ("box",),
+    labels: Sequence[int] | None = None,
+    names: Mapping[int, str] | None = None,
+    min_voxels: int = 10,
+    max_slices: int | None = None,
+    on_slice=None,
+) -> dict[str, dict]:
     """Load, reorient and normalise an image/label pair, run :func:`zero_shot`, and return one report per mode."""
     img_nii, lab_nii = load_lps(image), load_lps(label)
     if img_nii.shape != lab_nii.shape or not np.allclose(img_nii.affine, lab_nii.affine, atol=1e-3):
-        raise ValueError(f"label '{label}' (shape {lab_nii.shape}) is not on the grid of image '{image}' "
-                         f"(shape {img_nii.shape}); expected the same shape and affine.")
+        raise ValueError(
+            f"label '{label}' (shape {lab_nii.shape}) is not on the grid of image '{image}' "
+            f"(shape {img_nii.shape}); expected the same shape and affine."
+        )
     vol = normalise(np.asarray(img_nii.dataobj), modality)
     lab = np.asarray(lab_nii.dataobj).astype(np.int64)
     if labels is None and names:
@@ -338,18 +378,24 @@ def evaluate_files(image: str | Path, label: str | Path, modality: str, predicto
     seconds = round(time.time() - t0, 1)
     out = {}
     for m in modes:
-        out[m] = {"image": str(image), "label": str(label), "modality": modality,
-                  **summarise(counts[m], names or {}),
-                  "protocol": protocol(modality, m, predictor.image_size, min_voxels),
-                  "seconds_all_modes": seconds}
+        out[m] = {
+            "image": str(image),
+            "label": str(label),
+            "modality": modality,
+            **summarise(counts[m], names or {}),
+            "protocol": protocol(modality, m, predictor.image_size, min_voxels),
+            "seconds_all_modes": seconds,
+        }
     return out
 
 
 def make_predictor(bundle: str | None = None, checkpoint: str | None = None) -> Predictor:
     """The model to evaluate: without ``bundle`` the plain ``lite`` SAM with LiteMedSAM's packaged weights."""
     if bundle is not None or checkpoint is not None:
-        raise ValueError("zero_shot supports no --bundle/--checkpoint yet: it evaluates the plain lite SAM "
-                         "(LiteMedSAM's packaged weights); run it without --bundle and --checkpoint.")
+        raise ValueError(
+            "zero_shot supports no --bundle/--checkpoint yet: it evaluates the plain lite SAM "
+            "(LiteMedSAM's packaged weights); run it without --bundle and --checkpoint."
+        )
     return LiteSamPredictor.from_package()
 
 
@@ -365,9 +411,19 @@ def _parse_ids(labels) -> list[int] | None:
         raise ValueError(f"--labels must be comma-separated integer ids, got {labels!r}.") from None
 
 
-def main(image: str, label: str, modality: str, out: str, prompt: str = "box", labels=None,
-         names: str | None = None, min_voxels: int = 10, max_slices: int | None = None,
-         bundle: str | None = None, checkpoint: str | None = None) -> float:
+def main(
+    image: str,
+    label: str,
+    modality: str,
+    out: str,
+    prompt: str = "box",
+    labels=None,
+    names: str | None = None,
+    min_voxels: int = 10,
+    max_slices: int | None = None,
+    bundle: str | None = None,
+    checkpoint: str | None = None,
+) -> float:
     """Zero-shot Dice of the plain ``lite`` SAM with simulated prompts; writes ``out`` (JSON) and returns the mean.
 
     Args:
@@ -389,8 +445,9 @@ def main(image: str, label: str, modality: str, out: str, prompt: str = "box", l
     if prompt not in PROMPT_MODES:
         raise ValueError(f"--prompt must be one of {PROMPT_MODES}, got {prompt!r}.")
     predictor = make_predictor(bundle, checkpoint)
-    report = evaluate_files(image, label, modality, predictor, (prompt,), _parse_ids(labels), read_names(names),
-                            min_voxels, max_slices)[prompt]
+    report = evaluate_files(
+        image, label, modality, predictor, (prompt,), _parse_ids(labels), read_names(names), min_voxels, max_slices
+    )[prompt]
     atomic_write_json(report, out)
     for i, v in report["per_id"].items():
         print(f"{i:>4} {v['name']:<28} Dice {v['dice']:.3f} ({v['slices']} slices)")

@@ -59,7 +59,9 @@ def class_balanced_noise_var(frequencies: Sequence[float], max_var: float = 0.1)
     """
     freqs = [float(f) for f in frequencies]
     if not freqs or any(f < 0 or not math.isfinite(f) for f in freqs) or not any(f > 0 for f in freqs):
-        raise ValueError(f"frequencies must be non-negative finite numbers with at least one > 0, got {list(frequencies)!r}.")
+        raise ValueError(
+            f"frequencies must be non-negative finite numbers with at least one > 0, got {list(frequencies)!r}."
+        )
     if not max_var >= 0:
         raise ValueError(f"max_var must be >= 0, got {max_var!r}.")
     f_min = min(f for f in freqs if f > 0)
@@ -230,7 +232,9 @@ class MaskGuidedAttention(Attention):
             raise ValueError(f"mask_attention must be one of {MASK_ATTENTION_MODES}, got {mode!r}.")
         self.mode = mode
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attend ``q [B, Nq, C]`` to ``k, v [B, Nk, C]``; ``mask [B, Nq, Nk]`` in ``[0, 1]`` or None."""
         q = self._separate_heads(self.q_proj(q), self.num_heads)
         k = self._separate_heads(self.k_proj(k), self.num_heads)
@@ -274,7 +278,9 @@ class MaskGuidedTwoWayTransformer(TwoWayTransformer):
         mask_attention: one of :data:`MASK_ATTENTION_MODES`.
     """
 
-    def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int, mask_attention: str = "learnable") -> None:
+    def __init__(
+        self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int, mask_attention: str = "learnable"
+    ) -> None:
         super().__init__(depth, embedding_dim, num_heads, mlp_dim)
         self.layers = nn.ModuleList(
             _MaskGuidedBlock(embedding_dim, num_heads, mlp_dim, skip_first_layer_pe=(i == 0), mode=mask_attention)
@@ -352,7 +358,9 @@ class CMAttn(nn.Module):
             var = torch.where(present, self.noise_max_var * counts[present].min() / counts.clamp_min(1), 0.0)
         return var.sqrt()[label].unsqueeze(1)
 
-    def forward(self, image_embedding: torch.Tensor, mask_feature: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, image_embedding: torch.Tensor, mask_feature: torch.Tensor, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Enhance ``image_embedding [B, C, h, w]`` with ``mask_feature [B, T, h*w]``.
 
         Args:
@@ -441,7 +449,15 @@ class HSAMStage2Decoder(nn.Module):
         self.transformer = MaskGuidedTwoWayTransformer(depth, c, num_heads, mlp_dim, mask_attention)
         self.dropout = nn.Dropout(dropout)
         self.cmattn = (
-            CMAttn(num_tokens, grid, cmattn_num_heads, cmattn_mlp_dim, cmattn_noise_var, cmattn_noise_max_var, released_cmattn)
+            CMAttn(
+                num_tokens,
+                grid,
+                cmattn_num_heads,
+                cmattn_mlp_dim,
+                cmattn_noise_var,
+                cmattn_noise_max_var,
+                released_cmattn,
+            )
             if use_cmattn
             else None
         )

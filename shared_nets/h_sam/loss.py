@@ -102,7 +102,9 @@ class HSAMStageWeights:
 
     def __init__(self, loss: object, schedule: str = "paper", start: float = 0.8, decay: float = 0.005) -> None:
         if not hasattr(loss, "weights"):
-            raise ValueError(f"loss must be a monai DeepSupervisionLoss (with a `weights` attribute), got {type(loss).__name__}.")
+            raise ValueError(
+                f"loss must be a monai DeepSupervisionLoss (with a `weights` attribute), got {type(loss).__name__}."
+            )
         stage_weights(0, schedule, start, decay)  # validates the arguments
         self.loss, self.schedule, self.start, self.decay = loss, schedule, start, decay
         self.loss.weights = stage_weights(0, schedule, start, decay)

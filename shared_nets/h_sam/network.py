@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared_nets.peft import freeze_except, inject_lora
-from shared_nets.sam import enable_gradient_checkpointing
-from shared_nets.sam import build_sam, get_variant
-
+from shared_nets.sam import build_sam, enable_gradient_checkpointing, get_variant
 from shared_nets.sam.slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+
 from .decoder import MASK_ATTENTION_MODES, HSAMStage2Decoder, decode_stage1
 
 __all__ = ["HSAM", "ENSEMBLE_MODES", "FINETUNE_MODES"]
@@ -134,11 +133,24 @@ class HSAM(nn.Module):
             raise ValueError(f"ensemble must be one of {ENSEMBLE_MODES}, got {ensemble!r}.")
         if not use_stage2 and ensemble != "stage1":
             ensemble = "stage1"
-        if isinstance(embedding_noise, bool) or not isinstance(embedding_noise, (int, float)) or not embedding_noise >= 0:
+        if (
+            isinstance(embedding_noise, bool)
+            or not isinstance(embedding_noise, (int, float))
+            or not embedding_noise >= 0
+        ):
             raise ValueError(f"embedding_noise must be a number >= 0, got {embedding_noise!r}.")
-        if isinstance(decoder2_dropout, bool) or not isinstance(decoder2_dropout, (int, float)) or not 0 <= decoder2_dropout < 1:
+        if (
+            isinstance(decoder2_dropout, bool)
+            or not isinstance(decoder2_dropout, (int, float))
+            or not 0 <= decoder2_dropout < 1
+        ):
             raise ValueError(f"decoder2_dropout must be a number in [0, 1), got {decoder2_dropout!r}.")
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 8 or patch_size & (patch_size - 1):
+        if (
+            isinstance(patch_size, bool)
+            or not isinstance(patch_size, int)
+            or patch_size < 8
+            or patch_size & (patch_size - 1)
+        ):
             raise ValueError(
                 f"patch_size must be a power of two >= 8 (stage 1 predicts at patch/4 of the input and stage 2 "
                 f"upsamples from there to full size), got {patch_size!r}."
@@ -146,8 +158,15 @@ class HSAM(nn.Module):
         stride = v.embedding_stride if v.encoder == "tiny_vit" else patch_size  # lite: S/4 tokens whatever patch_size
 
         # sec. 3.1: SAM built and its checkpoint loaded first; SAMed-style one mask token per class
-        sam = build_sam(v, checkpoint, img_size, patch_size, num_multimask_outputs=num_classes, pos_embed_mode=pos_embed_mode,
-                        use_sdpa=use_sdpa)
+        sam = build_sam(
+            v,
+            checkpoint,
+            img_size,
+            patch_size,
+            num_multimask_outputs=num_classes,
+            pos_embed_mode=pos_embed_mode,
+            use_sdpa=use_sdpa,
+        )
         self.variant = v.name
         self.img_size, self.patch_size, self.in_channels = img_size, stride, in_channels
         self.num_classes, self.finetune = num_classes, finetune
@@ -182,7 +201,9 @@ class HSAM(nn.Module):
             else None
         )
         # sec. 3.1: LoRA on q and v (SAMed), injected after the checkpoint is loaded
-        self.lora_layers = inject_lora(self.image_encoder, r=lora_rank, targets=("q", "v")) if finetune == "lora" else []
+        self.lora_layers = (
+            inject_lora(self.image_encoder, r=lora_rank, targets=("q", "v")) if finetune == "lora" else []
+        )
         self._set_trainable()
         if not isinstance(gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}.")
@@ -204,7 +225,13 @@ class HSAM(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _check_label(self, x: torch.Tensor, label: torch.Tensor) -> None:
-        if not isinstance(label, torch.Tensor) or label.ndim != 5 or label.shape[1] != 1 or label.shape[0] != x.shape[0] or label.shape[2:] != x.shape[2:]:
+        if (
+            not isinstance(label, torch.Tensor)
+            or label.ndim != 5
+            or label.shape[1] != 1
+            or label.shape[0] != x.shape[0]
+            or label.shape[2:] != x.shape[2:]
+        ):
             shape = tuple(label.shape) if isinstance(label, torch.Tensor) else type(label).__name__
             raise ValueError(f"HSAM: label must be [B, 1, H, W, D] matching the image {tuple(x.shape)}, got {shape}.")
         lo, hi = float(label.min()), float(label.max())
@@ -214,7 +241,9 @@ class HSAM(nn.Module):
                 f"foreground classes + background), got values in [{lo:g}, {hi:g}]."
             )
 
-    def forward_stages(self, x: torch.Tensor, label: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_stages(
+        self, x: torch.Tensor, label: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Both stages' logits on slices.
 
         Args:

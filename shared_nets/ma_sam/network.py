@@ -129,8 +129,14 @@ class MASAM(nn.Module):
         self.finetune, self.gradient_checkpointing = finetune, gradient_checkpointing
 
         # official weights load strictly into plain SAM first; PEFT is injected after (sec. 3.2)
-        self.sam = build_sam(variant, checkpoint, img_size=img_size, patch_size=patch_size, num_multimask_outputs=num_classes,
-                             use_sdpa=use_sdpa)
+        self.sam = build_sam(
+            variant,
+            checkpoint,
+            img_size=img_size,
+            patch_size=patch_size,
+            num_multimask_outputs=num_classes,
+            use_sdpa=use_sdpa,
+        )
         v = get_variant(variant)
         if v.encoder == "tiny_vit":
             if decoder == "multiscale":
@@ -153,6 +159,7 @@ class MASAM(nn.Module):
             return nn.ModuleList(
                 Adapter3D(w, adapter_dim or min(384, w // 2), kernel_size=tuple(adapter_kernel)) for w in widths
             )
+
         self.adapters_before = adapters(adapter_position in ("both", "before"))
         self.adapters_after = adapters(adapter_position in ("both", "after"))
 
@@ -189,11 +196,18 @@ class MASAM(nn.Module):
                     p.requires_grad = True
         # parts this model never uses stay frozen (no IoU loss; no clicks or mask prompts), so
         # every trainable parameter gets a gradient (DDP requires it) and the optimizer skips them
-        unused = [self.sam.mask_decoder.iou_prediction_head, self.sam.prompt_encoder.mask_downscaling,
-                  self.sam.prompt_encoder.point_embeddings[0], self.sam.prompt_encoder.point_embeddings[1]]
+        unused = [
+            self.sam.mask_decoder.iou_prediction_head,
+            self.sam.prompt_encoder.mask_downscaling,
+            self.sam.prompt_encoder.point_embeddings[0],
+            self.sam.prompt_encoder.point_embeddings[1],
+        ]
         if not self.use_box_prompt:
-            unused += [self.sam.prompt_encoder.point_embeddings[2], self.sam.prompt_encoder.point_embeddings[3],
-                       self.sam.prompt_encoder.not_a_point_embed]
+            unused += [
+                self.sam.prompt_encoder.point_embeddings[2],
+                self.sam.prompt_encoder.point_embeddings[3],
+                self.sam.prompt_encoder.not_a_point_embed,
+            ]
         for module in unused:
             module.requires_grad_(False)
 
@@ -255,8 +269,13 @@ class MASAM(nn.Module):
         if isinstance(upscaling, MultiScaleFusion):
             upscaling = functools.partial(upscaling, features=feats)
         masks, _ = decode_masks(
-            self.sam.mask_decoder, embeddings, self.sam.prompt_encoder.get_dense_pe(), sparse, dense,
-            upscaling=upscaling, hypernetworks=self.hypernetworks,
+            self.sam.mask_decoder,
+            embeddings,
+            self.sam.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            upscaling=upscaling,
+            hypernetworks=self.hypernetworks,
         )
         masks = upsample_to(masks, (self.img_size, self.img_size))
         return slices_to_volume(masks, self.num_slices)

@@ -101,7 +101,9 @@ class HyPAdapter(nn.Module):
         self.act = _ACTS[act]()
         self.up = nn.Linear(hidden_dim, dim)
         if fusion == "hyper":
-            self.weight_generators = nn.ModuleList(nn.Linear(prompt_dim, hidden_dim * hidden_dim) for _ in range(num_layers))
+            self.weight_generators = nn.ModuleList(
+                nn.Linear(prompt_dim, hidden_dim * hidden_dim) for _ in range(num_layers)
+            )
         elif fusion == "add":
             self.prompt_proj = nn.Linear(prompt_dim, hidden_dim)
         elif fusion == "concat":
@@ -367,16 +369,32 @@ class MedSADecoderBlock(nn.Module):
         zero_init: bool = True,
     ) -> None:
         super().__init__()
-        for name in ("self_attn", "norm1", "cross_attn_token_to_image", "norm2", "mlp", "norm3", "norm4", "cross_attn_image_to_token"):
+        for name in (
+            "self_attn",
+            "norm1",
+            "cross_attn_token_to_image",
+            "norm2",
+            "mlp",
+            "norm3",
+            "norm4",
+            "cross_attn_image_to_token",
+        ):
             setattr(self, name, getattr(block, name))
         self.skip_first_layer_pe = block.skip_first_layer_pe
         dim = block.norm1.normalized_shape[0]
-        self.hyp_adapter = HyPAdapter(dim, hidden_dim, prompt_dim, hyp_layers, fusion, act, skip=True, zero_init=zero_init)
+        self.hyp_adapter = HyPAdapter(
+            dim, hidden_dim, prompt_dim, hyp_layers, fusion, act, skip=True, zero_init=zero_init
+        )
         self.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, scale=scale, zero_init=zero_init)
         self.image_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init)
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor, prompt: torch.Tensor | None
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        prompt: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args:
             queries: prompt/output tokens ``[B, Nq, C]``; ``query_pe`` same shape.

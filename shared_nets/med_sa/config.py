@@ -12,8 +12,9 @@ from shared_nets.labels import btcv_foreground_labels
 __all__ = ["class_names", "inference_datalist", "object_datalist_from_file", "object_meta"]
 
 
-def object_datalist_from_file(path: str | os.PathLike, split: str, class_ids: Sequence[int], min_depth: int,
-                              channels: int, merge_adrenals: bool) -> list[dict[str, Any]]:
+def object_datalist_from_file(
+    path: str | os.PathLike, split: str, class_ids: Sequence[int], min_depth: int, channels: int, merge_adrenals: bool
+) -> list[dict[str, Any]]:
     """Med-SA's evaluation items: one per (volume, class of ``class_ids`` present in its label).
 
     The datalist is read and checked with :func:`shared_nets.data.checked_datalist` (``min_depth`` slices,

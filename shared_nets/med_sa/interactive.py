@@ -17,7 +17,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,8 +25,9 @@ import torch
 from monai.data import MetaTensor, list_data_collate
 from monai.utils import min_version, optional_import
 from scipy import ndimage
-from shared_nets.io import atomic_path, atomic_write_text
+
 from shared_nets.engine import run_default_iteration
+from shared_nets.io import atomic_path, atomic_write_text
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -78,14 +79,21 @@ def corrective_click(pred: Any, target: Any) -> tuple[bool, tuple[int, int, int]
     if best is None:
         return None
     comp = np.pad(best[2], 1)
-    in_plane = ndimage.distance_transform_edt(comp, sampling=(1.0, 1.0, 1e6))  # per-slice distance (a user clicks a slice)
+    in_plane = ndimage.distance_transform_edt(
+        comp, sampling=(1.0, 1.0, 1e6)
+    )  # per-slice distance (a user clicks a slice)
     dist = (in_plane + 1e-3 * ndimage.distance_transform_edt(comp))[1:-1, 1:-1, 1:-1]  # ties -> the 3D centre
     idx = np.unravel_index(int(dist.argmax()), best[2].shape)
     return best[1], (int(idx[0]), int(idx[1]), int(idx[2]))
 
 
 def add_corrective_clicks(
-    inputs: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, in_channels: int, max_points: int, per_slice: bool = True
+    inputs: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    in_channels: int,
+    max_points: int,
+    per_slice: bool = True,
 ) -> list[tuple[bool, tuple[int, int, int]] | None]:
     """Add one :func:`corrective_click` per item to its guidance channels, in place.
 
@@ -141,7 +149,14 @@ class MedSAClickInteraction:
         seed: seed of the round-count generator.
     """
 
-    def __init__(self, max_clicks: int = 3, in_channels: int = 1, image_key: str = "image", label_key: str = "label", seed: int = 0):
+    def __init__(
+        self,
+        max_clicks: int = 3,
+        in_channels: int = 1,
+        image_key: str = "image",
+        label_key: str = "label",
+        seed: int = 0,
+    ):
         if isinstance(max_clicks, bool) or not isinstance(max_clicks, int) or max_clicks < 0:
             raise ValueError(f"max_clicks must be an integer >= 0, got {max_clicks!r}.")
         self.max_clicks, self.in_channels = max_clicks, in_channels
@@ -161,8 +176,12 @@ class MedSAClickInteraction:
                     inputs, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
                     pred = engine.inferer(inputs, net).argmax(1)
                     added = add_corrective_clicks(
-                        batchdata[self.image_key], pred.cpu(), torch.as_tensor(batchdata[self.label_key]).cpu(),
-                        self.in_channels, core.max_points, core.prompt_scope == "slice",
+                        batchdata[self.image_key],
+                        pred.cpu(),
+                        torch.as_tensor(batchdata[self.label_key]).cpu(),
+                        self.in_channels,
+                        core.max_points,
+                        core.prompt_scope == "slice",
                     )
                     self.clicks_added += sum(c is not None for c in added)
             net.train(was_training)
@@ -200,7 +219,14 @@ class InteractiveRefinementCurve:
         image_key, label_key: batch keys.
     """
 
-    def __init__(self, num_clicks: int = 5, in_channels: int = 1, output_dir: str | None = None, image_key: str = "image", label_key: str = "label"):
+    def __init__(
+        self,
+        num_clicks: int = 5,
+        in_channels: int = 1,
+        output_dir: str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+    ):
         if isinstance(num_clicks, bool) or not isinstance(num_clicks, int) or num_clicks < 0:
             raise ValueError(f"num_clicks must be an integer >= 0, got {num_clicks!r}.")
         self.num_clicks, self.in_channels, self.output_dir = num_clicks, in_channels, output_dir
@@ -252,7 +278,14 @@ class InteractiveRefinementCurve:
                 for b in range(inputs.shape[0]):
                     curves[b].append(_dice(pred_np[b], target[b]))
                 if n < self.num_clicks:
-                    add_corrective_clicks(inputs, pred, torch.as_tensor(target), self.in_channels, core.max_points, core.prompt_scope == "slice")
+                    add_corrective_clicks(
+                        inputs,
+                        pred,
+                        torch.as_tensor(target),
+                        self.in_channels,
+                        core.max_points,
+                        core.prompt_scope == "slice",
+                    )
         names = batch.get(f"{self.image_key}_meta_dict", {}).get("filename_or_obj") if isinstance(batch, dict) else None
         img = batch.get(self.image_key) if isinstance(batch, dict) else None
         if names is None and isinstance(img, MetaTensor):
@@ -274,7 +307,11 @@ class InteractiveRefinementCurve:
         mean = self.curve()
         for n, value in enumerate(mean):
             engine.state.metrics[f"refine_dice_{n}"] = value
-        logger.info("interactive refinement: mean Dice after 0..%d clicks: %s", self.num_clicks, ", ".join(f"{v:.4f}" for v in mean))
+        logger.info(
+            "interactive refinement: mean Dice after 0..%d clicks: %s",
+            self.num_clicks,
+            ", ".join(f"{v:.4f}" for v in mean),
+        )
         self._write_csv()
 
     def _write_csv(self) -> None:
@@ -369,11 +406,21 @@ class PromptSettingsRunner:
         per_object: sharded runs only: the :class:`PerObjectMetrics` of the single-process config.
     """
 
-    def __init__(self, evaluator: Any, prompt_transform: Any, settings: Sequence[str], output_dir: str,
-                 per_setting_outputs: Sequence[Any] = (), cases: Any = None, datalist: Sequence[dict] | None = None,
-                 per_object: PerObjectMetrics | None = None):
+    def __init__(
+        self,
+        evaluator: Any,
+        prompt_transform: Any,
+        settings: Sequence[str],
+        output_dir: str,
+        per_setting_outputs: Sequence[Any] = (),
+        cases: Any = None,
+        datalist: Sequence[dict] | None = None,
+        per_object: PerObjectMetrics | None = None,
+    ):
         if isinstance(settings, str) or not settings:
-            raise ValueError(f"settings must be a non-empty list of prompt settings, e.g. ['1-point', 'bbox0.75'], got {settings!r}.")
+            raise ValueError(
+                f"settings must be a non-empty list of prompt settings, e.g. ['1-point', 'bbox0.75'], got {settings!r}."
+            )
         self.evaluator, self.prompt_transform = evaluator, prompt_transform
         self.settings, self.output_dir, self.per_setting_outputs = list(settings), output_dir, list(per_setting_outputs)
         for s in self.settings:
@@ -396,7 +443,9 @@ class PromptSettingsRunner:
             # the per-class means and the refinement curve are computed) listed the previous setting's values
             self.evaluator.state.metrics = {}
             self.evaluator.run()
-            self.results[s] = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
+            self.results[s] = {
+                k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))
+            }
             logger.info("prompt setting %s: %s", s, self.results[s])
         self._write()
         return self.results
@@ -438,7 +487,9 @@ class PromptSettingsRunner:
         self._atomic("prompt_settings.json", json.dumps(self.results, indent=2) + "\n")
         names = sorted({k for r in self.results.values() for k in r})
         table = [[n] + [self.results[s].get(n, float("nan")) for s in self.settings] for n in names]
-        rows = ["metric," + ",".join(self.settings)] + [row[0] + "," + ",".join(f"{v:.6f}" for v in row[1:]) for row in table]
+        rows = ["metric," + ",".join(self.settings)] + [
+            row[0] + "," + ",".join(f"{v:.6f}" for v in row[1:]) for row in table
+        ]
         self._atomic("prompt_settings_summary.csv", "\n".join(rows) + "\n")
         md = ["| metric | " + " | ".join(self.settings) + " |", "|---|" + "---:|" * len(self.settings)]
         md += [f"| {row[0]} | " + " | ".join(f"{v:.4f}" for v in row[1:]) + " |" for row in table]

@@ -31,9 +31,7 @@ from torch import nn
 
 from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_boxes_2d, decode_points, decode_points_2d, scale_coords
-from shared_nets.sam import enable_gradient_checkpointing
-from shared_nets.sam import build_sam, get_variant
-
+from shared_nets.sam import build_sam, enable_gradient_checkpointing, get_variant
 from shared_nets.sam.cache import EmbeddingCache
 from shared_nets.sam.decoding import decode_masks
 from shared_nets.sam.encoder_blocks import block_width, run_encoder
@@ -162,22 +160,31 @@ class MedSA(nn.Module):
         if in_channels not in (1, 3) or isinstance(in_channels, bool):
             raise ValueError(f"in_channels must be 1 (grey, repeated to RGB) or 3 image channels, got {in_channels!r}.")
         if num_classes != 2 or isinstance(num_classes, bool):
-            raise ValueError(f"num_classes must be 2 (background and the prompted object; one object per forward), got {num_classes!r}.")
+            raise ValueError(
+                f"num_classes must be 2 (background and the prompted object; one object per forward), got {num_classes!r}."
+            )
         if prompt_fusion not in PROMPT_FUSIONS[:3]:
             raise ValueError(f"prompt_fusion must be one of {PROMPT_FUSIONS[:3]}, got {prompt_fusion!r}.")
         if prompt_scope not in PROMPT_SCOPES:
             raise ValueError(f"prompt_scope must be one of {PROMPT_SCOPES}, got {prompt_scope!r}.")
         for name, value in (
-            ("adapter_zero_init", adapter_zero_init), ("sd_trans", sd_trans), ("depth_adapter", depth_adapter),
-            ("decoder_adapters", decoder_adapters), ("hyp_adapter", hyp_adapter), ("automatic", automatic),
-            ("train_mask_decoder", train_mask_decoder), ("full_finetune", full_finetune),
+            ("adapter_zero_init", adapter_zero_init),
+            ("sd_trans", sd_trans),
+            ("depth_adapter", depth_adapter),
+            ("decoder_adapters", decoder_adapters),
+            ("hyp_adapter", hyp_adapter),
+            ("automatic", automatic),
+            ("train_mask_decoder", train_mask_decoder),
+            ("full_finetune", full_finetune),
             ("gradient_checkpointing", gradient_checkpointing),
         ):
             _check_bool(value, name)
         self.max_points = _check_pos_int(max_points, "max_points")
         self.max_depth = _check_pos_int(max_depth, "max_depth")
         if isinstance(embedding_cache, bool) or not isinstance(embedding_cache, int) or embedding_cache < 0:
-            raise ValueError(f"embedding_cache must be a number of cached images >= 0 (0 disables), got {embedding_cache!r}.")
+            raise ValueError(
+                f"embedding_cache must be a number of cached images >= 0 (0 disables), got {embedding_cache!r}."
+            )
         v = get_variant(variant)
         self.in_channels, self.img_size = in_channels, img_size
         self.prompt_scope, self.automatic, self.embedding_cache = prompt_scope, automatic, embedding_cache
@@ -185,7 +192,11 @@ class MedSA(nn.Module):
 
         # Load SAM (official weights strictly, rel-pos tables included) before injecting adapters.
         sam = build_sam(v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size, use_sdpa=use_sdpa)
-        self.image_encoder, self.prompt_encoder, self.mask_decoder = sam.image_encoder, sam.prompt_encoder, sam.mask_decoder
+        self.image_encoder, self.prompt_encoder, self.mask_decoder = (
+            sam.image_encoder,
+            sam.prompt_encoder,
+            sam.mask_decoder,
+        )
         if v.encoder == "tiny_vit":
             # LiteMedSAM: each TinyViT block of every stage, adapters of that stage's width
             for layer in self.image_encoder.layers[1:]:
@@ -290,7 +301,9 @@ class MedSA(nn.Module):
                 f"clicks per {'chunk' if self.prompt_scope == 'chunk' else 'slice'} or raise max_points."
             ) from None
         boxes, box_valid = decode_boxes_2d(guidance[:, 2:3])
-        boxes = boxes - torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device, dtype=boxes.dtype)  # SAM: last pixel, inclusive
+        boxes = boxes - torch.tensor(
+            [0.0, 0.0, 1.0, 1.0], device=boxes.device, dtype=boxes.dtype
+        )  # SAM: last pixel, inclusive
         coords = scale_coords(coords, (w, h), (self.img_size, self.img_size))
         boxes = scale_coords(boxes, (w, h), (self.img_size, self.img_size))
         return coords, labels, boxes, box_valid
@@ -346,7 +359,9 @@ class MedSA(nn.Module):
             )
         b, _, h, w, d = x.shape
         if d > self.max_depth:
-            raise ValueError(f"MedSA got a chunk of {d} slices but max_depth={self.max_depth}; use a smaller roi depth or raise max_depth.")
+            raise ValueError(
+                f"MedSA got a chunk of {d} slices but max_depth={self.max_depth}; use a smaller roi depth or raise max_depth."
+            )
         guidance = x[:, c:]
         coords, labels, boxes, box_valid = self.prompts(guidance)
         clicked = (labels >= 0).any(dim=1)

@@ -44,7 +44,9 @@ class ObjectLabeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         if self.object_key not in d:
-            raise ValueError(f"ObjectLabeld: '{self.object_key}' (the class id to segment) is not in the data; build items with object_datalist.")
+            raise ValueError(
+                f"ObjectLabeld: '{self.object_key}' (the class id to segment) is not in the data; build items with object_datalist."
+            )
         obj = int(d[self.object_key])
         label = d[self.label_key]
         if isinstance(label, torch.Tensor):
@@ -79,7 +81,12 @@ class SimulatePromptSettingd(Randomizable, MapTransform):
         roi_key: str = "roi",
     ) -> None:
         super().__init__([label_key])
-        self.label_key, self.positive_key, self.negative_key, self.roi_key = label_key, positive_key, negative_key, roi_key
+        self.label_key, self.positive_key, self.negative_key, self.roi_key = (
+            label_key,
+            positive_key,
+            negative_key,
+            roi_key,
+        )
         self.setting = setting
 
     @property
@@ -99,7 +106,9 @@ class SimulatePromptSettingd(Randomizable, MapTransform):
         cfg = PROMPT_SETTINGS[self.setting]
         keys = dict(positive_key=self.positive_key, negative_key=self.negative_key)
         if cfg["kind"] == "clicks":
-            sim = SimulateClicksd(self.label_key, num_positive=cfg["num_positive"], mode="2d", sampling="uniform", **keys)
+            sim = SimulateClicksd(
+                self.label_key, num_positive=cfg["num_positive"], mode="2d", sampling="uniform", **keys
+            )
         else:
             sim = SimulateBoxd(self.label_key, mode="2d", iou=cfg["iou"], roi_key=self.roi_key)
         sim.set_random_state(state=self.R)

@@ -74,7 +74,9 @@ def get_encoder(module: nn.Module, name: str = "encoder") -> nn.Module:
     for candidate in (module, getattr(module, "image_encoder", None)):
         blocks = getattr(candidate, "blocks", None)
         if (
-            isinstance(candidate, nn.Module) and isinstance(blocks, (nn.ModuleList, list, tuple)) and len(blocks) > 0
+            isinstance(candidate, nn.Module)
+            and isinstance(blocks, (nn.ModuleList, list, tuple))
+            and len(blocks) > 0
             and all(isinstance(b, nn.Module) for b in blocks)
         ):
             return candidate
@@ -88,7 +90,9 @@ def get_qkv(block: nn.Module, index: int) -> nn.Linear:
     """``block.attn.qkv`` of encoder block ``index``, checked to be a plain fused ``nn.Linear(dim, 3*dim)``."""
     qkv = getattr(getattr(block, "attn", None), "qkv", None)
     if isinstance(qkv, PeftLayer):
-        raise ValueError(f"blocks[{index}].attn.qkv is already wrapped by {type(qkv).__name__}; inject PEFT layers once.")
+        raise ValueError(
+            f"blocks[{index}].attn.qkv is already wrapped by {type(qkv).__name__}; inject PEFT layers once."
+        )
     if not isinstance(qkv, nn.Linear) or qkv.out_features != 3 * qkv.in_features:
         raise ValueError(f"blocks[{index}].attn.qkv must be SAM's fused nn.Linear(dim, 3*dim), got {qkv!r}.")
     return qkv

@@ -187,8 +187,9 @@ def inject_fact(
     targets = check_targets(targets)
     # New layers follow the train/eval mode of the layers they replace.
     layers = [
-        FacTQKV(qkv, per_width[qkv.in_features], rank, targets, dropout, scale, rows=qkv_rows(block, targets))
-        .train(qkv.training)
+        FacTQKV(qkv, per_width[qkv.in_features], rank, targets, dropout, scale, rows=qkv_rows(block, targets)).train(
+            qkv.training
+        )
         for block, qkv in zip(blocks, qkvs)
     ]
     factors = per_width[widths[0]] if len(widths) == 1 else nn.ModuleDict({str(w): f for w, f in per_width.items()})

@@ -45,7 +45,9 @@ def freeze_except(model: nn.Module, patterns: str | Sequence[str]) -> int:
     unused = [p for p in patterns if not any(fnmatchcase(name, p) for name, _ in named)]
     if unused:
         example = named[0][0] if named else "<model has no parameters>"
-        raise ValueError(f"patterns {unused} match no parameter name of {type(model).__name__} (names look like {example!r}).")
+        raise ValueError(
+            f"patterns {unused} match no parameter name of {type(model).__name__} (names look like {example!r})."
+        )
     total = 0
     for name, param in named:
         keep = any(fnmatchcase(name, p) for p in patterns)
@@ -132,11 +134,14 @@ def trainable_parameter_report(model: nn.Module, total_reference: int | None = N
     total = sum(r.total for r in rows)
     denominator = total_reference if total_reference is not None else total
     percent = 100.0 * trainable / denominator if denominator else 0.0
-    return ParameterReport(trainable=trainable, total=total, percent=percent, total_reference=total_reference, rows=rows)
+    return ParameterReport(
+        trainable=trainable, total=total, percent=percent, total_reference=total_reference, rows=rows
+    )
 
 
-def log_trainable_parameters(model: nn.Module, logger: logging.Logger | str,
-                             title: str = "trainable parameters") -> ParameterReport | None:
+def log_trainable_parameters(
+    model: nn.Module, logger: logging.Logger | str, title: str = "trainable parameters"
+) -> ParameterReport | None:
     """Log ``"<title>:"`` and the :func:`trainable_parameter_report` table at INFO level, on rank 0 only (in a
     multi-GPU run every rank holds the same network). Returns the report, or None on the other ranks.
 

@@ -89,7 +89,9 @@ class _SVDLayer(PeftLayer):
         has_factors = all(prefix + name in state_dict for name in _FACTORS)
         has_base = prefix + "base_layer.weight" in state_dict
         n_errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if has_factors and len(error_msgs) == n_errors:
             self._svd_pending = False  # the saved decomposition, exactly
         elif has_base:

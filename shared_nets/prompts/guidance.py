@@ -108,7 +108,9 @@ class AddGuidanceChannelsd(MapTransform):
             if not isinstance(img, torch.Tensor):
                 img = MetaTensor(torch.as_tensor(np.asarray(img)))
             if img.ndim != 4:
-                raise ValueError(f"AddGuidanceChannelsd: '{key}' must be channel-first [C, H, W, D], got shape {tuple(img.shape)}.")
+                raise ValueError(
+                    f"AddGuidanceChannelsd: '{key}' must be channel-first [C, H, W, D], got shape {tuple(img.shape)}."
+                )
             spatial = tuple(int(s) for s in img.shape[1:])
             guid = np.stack([self.rasterise(d.get(name), name, spatial) for name in self.channels])
             dtype = img.dtype if img.is_floating_point() else torch.float32
@@ -205,7 +207,9 @@ def decode_points(guidance: torch.Tensor, max_points: int, strict: bool = False)
     return coords.to(dtype), labels
 
 
-def decode_points_2d(guidance: torch.Tensor, max_points: int, strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_points_2d(
+    guidance: torch.Tensor, max_points: int, strict: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clicks per axial slice, in SAM's point order (2D prompts for slice-based methods).
 
     Same selection rule as :func:`decode_points`, applied per slice; raster order is (y, x).
@@ -287,9 +291,7 @@ def decode_box_3d(box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return boxes.to(dtype), valid
 
 
-def scale_coords(
-    coords: torch.Tensor, from_size: int | Sequence[int], to_size: int | Sequence[int]
-) -> torch.Tensor:
+def scale_coords(coords: torch.Tensor, from_size: int | Sequence[int], to_size: int | Sequence[int]) -> torch.Tensor:
     """Rescale coordinates from one frame to another (e.g. a window to SAM's ``img_size`` input).
 
     As ``segment_anything``'s ``ResizeLongestSide.apply_coords``: each coordinate is multiplied

@@ -205,7 +205,9 @@ class PromptRegionInferer(Inferer):
         self.last_windows_run = 0
         self.last_windows_skipped = 0
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """Evaluate ``network`` around the prompts of each item.
 
         Args:

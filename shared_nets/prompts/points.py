@@ -46,7 +46,9 @@ def parse_prompt(value: Any, key: str = "prompt") -> tuple[str, np.ndarray]:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"prompt '{key}' must be a list of [i, j, k] clicks or [i0, j0, k0, i1, j1, k1] boxes, got {value!r}.") from e
+        raise ValueError(
+            f"prompt '{key}' must be a list of [i, j, k] clicks or [i0, j0, k0, i1, j1, k1] boxes, got {value!r}."
+        ) from e
     if arr.size == 0:
         return "empty", np.zeros((0, 3))
     if arr.ndim == 1:
@@ -166,9 +168,13 @@ class PointsToGridd(MapTransform):
             raise ValueError(f"PointsToGridd: reference image key '{self.ref_key}' is not in the data.")
         img = d[self.ref_key]
         if not isinstance(img, MetaTensor):
-            raise ValueError(f"PointsToGridd: '{self.ref_key}' must be a MetaTensor with an affine, got {type(img).__name__}.")
+            raise ValueError(
+                f"PointsToGridd: '{self.ref_key}' must be a MetaTensor with an affine, got {type(img).__name__}."
+            )
         if img.ndim != 4:
-            raise ValueError(f"PointsToGridd: '{self.ref_key}' must be channel-first [C, H, W, D], got shape {tuple(img.shape)}.")
+            raise ValueError(
+                f"PointsToGridd: '{self.ref_key}' must be channel-first [C, H, W, D], got shape {tuple(img.shape)}."
+            )
         if self.original_affine_key in d:
             orig = d[self.original_affine_key]
         elif self.original_affine_key in img.meta:

@@ -109,7 +109,9 @@ class SelectObjectd(Randomizable, MapTransform):
             label = d[key]
             lab = _label_numpy(label, str(key))
             if lab.shape[0] != 1:
-                raise ValueError(f"SelectObjectd: '{key}' must hold class ids in one channel [1, H, W, D], got shape {lab.shape}.")
+                raise ValueError(
+                    f"SelectObjectd: '{key}' must hold class ids in one channel [1, H, W, D], got shape {lab.shape}."
+                )
             if np.issubdtype(lab.dtype, np.floating):
                 lab = np.rint(lab)
             present = [int(v) for v in np.unique(lab) if v > 0]
@@ -243,7 +245,9 @@ class SimulateClicksd(Randomizable, MapTransform):
             if self.negative_region == "near" and has_obj:
                 start, end = generate_spatial_bounding_box(obj[None], margin=self.negative_margin)
                 near = np.zeros_like(obj)
-                near[tuple(slice(max(int(s), 0), int(e)) for s, e in zip(start, end))] = True  # the margin may reach past 0
+                near[tuple(slice(max(int(s), 0), int(e)) for s, e in zip(start, end))] = (
+                    True  # the margin may reach past 0
+                )
                 if (near & bg).any():
                     region = near & bg
             neg = self._jitter(self._draw(region, n_neg), bg)
@@ -259,7 +263,9 @@ class SimulateClicksd(Randomizable, MapTransform):
                 pos_l, neg_l = [], []
                 ax = self.slice_axis
                 for s in np.flatnonzero(np.any(obj, axis=tuple(a for a in range(3) if a != ax))):
-                    p2, n2 = self._clicks(np.take(obj, s, axis=ax), self._count(self.num_positive), self._count(self.num_negative))
+                    p2, n2 = self._clicks(
+                        np.take(obj, s, axis=ax), self._count(self.num_positive), self._count(self.num_negative)
+                    )
                     pos_l.append(np.insert(p2, ax, s, axis=1))
                     neg_l.append(np.insert(n2, ax, s, axis=1))
                 empty = np.zeros((0, 3), dtype=np.int64)
@@ -331,7 +337,9 @@ class SimulateBoxd(Randomizable, MapTransform):
     def randomize(self, data: Any = None) -> None:
         """Unused: draws happen from ``self.R`` while boxes are built."""
 
-    def _relax(self, lo: np.ndarray, hi: np.ndarray, shape: np.ndarray, axes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _relax(
+        self, lo: np.ndarray, hi: np.ndarray, shape: np.ndarray, axes: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         ext = hi - lo
         u = self.R.uniform(0.0, self.jitter, size=(2, len(axes)))
         lo, hi = lo.copy(), hi.copy()
@@ -339,7 +347,9 @@ class SimulateBoxd(Randomizable, MapTransform):
         hi[axes] = np.minimum(hi[axes] + np.rint(u[1] * ext[axes]).astype(np.int64), shape[axes])
         return lo, hi
 
-    def _shift_to_iou(self, lo: np.ndarray, hi: np.ndarray, shape: np.ndarray, axes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _shift_to_iou(
+        self, lo: np.ndarray, hi: np.ndarray, shape: np.ndarray, axes: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         # Translating a box of extents e by s voxels leaves overlaps r = e - s and
         # IoU = prod(r) / (2 prod(e) - prod(r)); the target overlap volume is 2 t V / (1 + t).
         t = self.iou

@@ -55,8 +55,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from shared_nets.peft import inject_svd
-from shared_nets.sam import enable_gradient_checkpointing
-from shared_nets.sam import build_sam, get_variant
+from shared_nets.sam import build_sam, enable_gradient_checkpointing, get_variant
 from shared_nets.sam.decoding import decode_masks
 from shared_nets.sam.slices import slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from shared_nets.sam.tiny_vit import TinyViTBlock
@@ -203,10 +202,15 @@ class SSAM(nn.Module):
         if mode not in S_SAM_MODES:
             raise ValueError(f"mode must be one of {S_SAM_MODES}, got {mode!r}.")
         for name, value in (
-            ("use_tal", use_tal), ("svd_scale", svd_scale), ("svd_shift", svd_shift),
-            ("train_pos_embed", train_pos_embed), ("train_norms", train_norms),
-            ("global_attention", global_attention), ("full_finetune", full_finetune),
-            ("resize_input", resize_input), ("pixel_norm", pixel_norm),
+            ("use_tal", use_tal),
+            ("svd_scale", svd_scale),
+            ("svd_shift", svd_shift),
+            ("train_pos_embed", train_pos_embed),
+            ("train_norms", train_norms),
+            ("global_attention", global_attention),
+            ("full_finetune", full_finetune),
+            ("resize_input", resize_input),
+            ("pixel_norm", pixel_norm),
         ):
             _check_bool(value, name)
         official = mode == "official"
@@ -231,7 +235,11 @@ class SSAM(nn.Module):
             # Code: every block attends globally (window_size 0 everywhere); the paper is silent.
             v = dataclasses.replace(v, global_attn_indexes=tuple(range(v.encoder_depth)))
         sam: Sam = build_sam(
-            v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size, pos_embed_mode=pos_embed_mode,
+            v,
+            checkpoint=checkpoint,
+            img_size=img_size,
+            patch_size=patch_size,
+            pos_embed_mode=pos_embed_mode,
             use_sdpa=use_sdpa,
         )
         self.sam = sam
@@ -385,7 +393,9 @@ class SSAM(nn.Module):
             raise ValueError(f"SSAM expects a 5D input [B, C, H, W, D], got shape {tuple(x.shape)}.")
         b, c, hh, ww, d = x.shape
         if c not in (1, 3):
-            raise ValueError(f"SSAM expects 1 (grey) or 3 (RGB) image channels, got {c} (input shape {tuple(x.shape)}).")
+            raise ValueError(
+                f"SSAM expects 1 (grey) or 3 (RGB) image channels, got {c} (input shape {tuple(x.shape)})."
+            )
         s = self.img_size
         slices = volume_to_slices(x)  # [B*D, C, H, W]
         if (hh, ww) != (s, s):

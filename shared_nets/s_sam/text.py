@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.utils import optional_import
+
 from shared_nets.io import atomic_write_text
 
 __all__ = [
@@ -152,7 +153,9 @@ class ClipTextEncoder:
         return self.model.encode_text(tokens).float().cpu()
 
 
-def get_text_encoder(encoder: str = "clip", dim: int = TEXT_EMBEDDING_DIM, **kwargs) -> HashTextEncoder | ClipTextEncoder:
+def get_text_encoder(
+    encoder: str = "clip", dim: int = TEXT_EMBEDDING_DIM, **kwargs
+) -> HashTextEncoder | ClipTextEncoder:
     """Encoder by name: ``clip`` (:class:`ClipTextEncoder`) or ``hash`` (:class:`HashTextEncoder`)."""
     if encoder == "clip":
         return ClipTextEncoder(**kwargs)
@@ -248,7 +251,7 @@ def load_class_embeddings(
     if missing:
         raise ValueError(
             f"class name(s) {missing} have no embedding in '{os.fspath(path)}' (stored: {info['names']}); "
-            f"add them with `python -m tools text_embeddings add {os.fspath(path)} \"{list(missing)}\"`."
+            f'add them with `python -m tools text_embeddings add {os.fspath(path)} "{list(missing)}"`.'
         )
     return torch.stack([table[normalize_name(n)] for n in class_names]) if class_names else torch.zeros(0, dim)
 

@@ -2,11 +2,13 @@
 the method networks share (slice stacking, block-by-block encoder runs, per-image mask decoding, embedding cache)."""
 
 from .attention import REL_POS_MODES, SdpaAttention, decomposed_rel_pos_bias, enable_sdpa, is_sdpa_enabled
-from .grad_checkpoint import enable_gradient_checkpointing, is_gradient_checkpointed
 from .builder import build_image_encoder, build_sam, check_img_size, expand_mask_tokens
 from .cache import EmbeddingCache
 from .decoding import decode_masks
 from .encoder_blocks import block_width, run_encoder
+from .grad_checkpoint import enable_gradient_checkpointing, is_gradient_checkpointed
+from .slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
+from .variants import SAM_VARIANTS, SamVariant, get_variant
 from .weights import (
     SamCheckpointError,
     fit_state_dict_to_model,
@@ -16,8 +18,6 @@ from .weights import (
     resize_pos_embed,
     resize_rel_pos,
 )
-from .slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
-from .variants import SAM_VARIANTS, SamVariant, get_variant
 
 __all__ = [
     "EmbeddingCache",

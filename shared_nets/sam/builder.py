@@ -11,9 +11,9 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from .attention import enable_sdpa
-from .weights import load_sam_state_dict
 from .tiny_vit import TinyViTEncoder
 from .variants import SamVariant, get_variant
+from .weights import load_sam_state_dict
 
 __all__ = ["build_sam", "build_image_encoder", "expand_mask_tokens", "check_img_size"]
 
@@ -21,7 +21,9 @@ __all__ = ["build_sam", "build_image_encoder", "expand_mask_tokens", "check_img_
 def check_img_size(img_size: int, patch_size: int = 16) -> None:
     """Raise ``ValueError`` unless ``img_size`` is a positive multiple of ``patch_size``."""
     if not isinstance(img_size, int) or img_size <= 0 or img_size % patch_size:
-        raise ValueError(f"img_size must be a positive integer divisible by {patch_size} (the patch size), got {img_size!r}.")
+        raise ValueError(
+            f"img_size must be a positive integer divisible by {patch_size} (the patch size), got {img_size!r}."
+        )
 
 
 def build_image_encoder(
@@ -91,7 +93,9 @@ def build_sam(
         patch_size = v.embedding_stride  # LiteMedSAM's embedding is img_size / 4; patch_size does not apply
     check_img_size(img_size, patch_size)
     if checkpoint is not None and patch_size != v.embedding_stride:
-        raise ValueError(f"official SAM checkpoints use patch_size 16; got patch_size={patch_size} with checkpoint '{checkpoint}'.")
+        raise ValueError(
+            f"official SAM checkpoints use patch_size 16; got patch_size={patch_size} with checkpoint '{checkpoint}'."
+        )
     if num_multimask_outputs < 1:
         raise ValueError(f"num_multimask_outputs must be >= 1, got {num_multimask_outputs}.")
     grid = img_size // patch_size

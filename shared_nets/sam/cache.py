@@ -55,8 +55,12 @@ class EmbeddingCache:
         for i, e in enumerate(self.entries):
             img = e["image"]
             if (
-                e["key"] == key and e["version"] == version and img.shape == image.shape and img.dtype == image.dtype
-                and img.device == image.device and torch.equal(img, image)
+                e["key"] == key
+                and e["version"] == version
+                and img.shape == image.shape
+                and img.dtype == image.dtype
+                and img.device == image.device
+                and torch.equal(img, image)
             ):
                 self.entries.append(self.entries.pop(i))  # most recently used last
                 self.hits += 1

@@ -50,12 +50,18 @@ class ConvBN(nn.Sequential):
     """
 
     def __init__(
-        self, in_chans: int, out_chans: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+        self,
+        in_chans: int,
+        out_chans: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
         bn_weight_init: float = 1.0,
     ) -> None:
         super().__init__()
-        self.add_module("c", nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2, groups=groups,
-                                       bias=False))
+        self.add_module(
+            "c", nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        )
         bn = nn.BatchNorm2d(out_chans)
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.zeros_(bn.bias)
@@ -76,8 +82,12 @@ class ConvBN(nn.Sequential):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
         bias = bn.bias - bn.running_mean * scale
-        if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 \
-                and x.is_contiguous(memory_format=torch.channels_last):
+        if (
+            conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.groups == 1
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
             # a 1×1 convolution of a channels-last map is a matmul over [B, H, W, C] (a free permutation)
             return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -290,8 +300,15 @@ class AttnStage(nn.Module):
     """A stage of :class:`TinyViTBlock` on tokens, optionally followed by :class:`PatchMerging`."""
 
     def __init__(
-        self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, local_conv_size: int,
-        out_dim: int | None = None, stride: int = 2,
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        local_conv_size: int,
+        out_dim: int | None = None,
+        stride: int = 2,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -356,14 +373,23 @@ class TinyViTEncoder(nn.Module):
         self.img_size = img_size
         self.downsampling = down
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        layers: list[nn.Module] = [ConvStage(embed_dims[0], depths[0], embed_dims[1], merge_strides[0],
-                                             mbconv_expand_ratio)]
+        layers: list[nn.Module] = [
+            ConvStage(embed_dims[0], depths[0], embed_dims[1], merge_strides[0], mbconv_expand_ratio)
+        ]
         for i in range(1, n):
             last = i == n - 1
-            layers.append(AttnStage(
-                embed_dims[i], depths[i], num_heads[i], window_sizes[i], mlp_ratio, local_conv_size,
-                out_dim=None if last else embed_dims[i + 1], stride=1 if last else merge_strides[i],
-            ))
+            layers.append(
+                AttnStage(
+                    embed_dims[i],
+                    depths[i],
+                    num_heads[i],
+                    window_sizes[i],
+                    mlp_ratio,
+                    local_conv_size,
+                    out_dim=None if last else embed_dims[i + 1],
+                    stride=1 if last else merge_strides[i],
+                )
+            )
         self.layers = nn.ModuleList(layers)
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),

@@ -231,7 +231,9 @@ def load_sam_state_dict(
             + (f", e.g. {variant.checkpoint_name}" if variant.checkpoint_name else "")
             + ")."
         )
-    sd = fit_state_dict_to_model(sd, model.state_dict(), pos_embed_mode=pos_embed_mode, source=f"SAM checkpoint '{path}'")
+    sd = fit_state_dict_to_model(
+        sd, model.state_dict(), pos_embed_mode=pos_embed_mode, source=f"SAM checkpoint '{path}'"
+    )
     _load_strictly(model, sd, path, variant)
 
 

@@ -79,8 +79,12 @@ def training_step_memory(
         loss.backward()
         opt.step()
         torch.cuda.synchronize(device)
-        return {"measured": True, "device": torch.cuda.get_device_name(device),
-                "peak_bytes": int(torch.cuda.max_memory_allocated(device)), **_state_bytes(net)}
+        return {
+            "measured": True,
+            "device": torch.cuda.get_device_name(device),
+            "peak_bytes": int(torch.cuda.max_memory_allocated(device)),
+            **_state_bytes(net),
+        }
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -107,8 +111,13 @@ def _prompt_encoder_flops(fake: nn.Module, feat_shape: tuple[int, ...], patch: t
 
     blk = fake.layers[0]
     real = PromptEncoder3D(
-        blk.self_attn.embedding_dim, blk.self_attn.num_heads, blk.mlp.lin1.out_features, depth=len(fake.layers),
-        num_global_queries=fake.num_global_queries, encoding=fake.encoding, layer=fake.layer,
+        blk.self_attn.embedding_dim,
+        blk.self_attn.num_heads,
+        blk.mlp.lin1.out_features,
+        depth=len(fake.layers),
+        num_global_queries=fake.num_global_queries,
+        encoding=fake.encoding,
+        layer=fake.layer,
         use_point_labels=fake.label_embed is not None,
     ).eval()
     centre = torch.tensor([[[s // 2 for s in patch]]], dtype=torch.float32)
@@ -138,8 +147,12 @@ class SAM3DBenchCase(BenchCase):
         """:func:`training_step_memory` (encoder and decoder traced on fake tensors) with each switch."""
         out: dict[str, Any] = {"config": f"{net.variant}, {list(net.patch_size)} patch, batch 1"}
         kwargs = {k: parser.get_parsed_content(k) for k in ("variant", "img_size") if k in parser}
-        for label, ckpt, amp in (("none", False, False), ("grad-ckpt", True, False), ("AMP", False, True),
-                                 ("both", True, True)):
+        for label, ckpt, amp in (
+            ("none", False, False),
+            ("grad-ckpt", True, False),
+            ("AMP", False, True),
+            ("both", True, True),
+        ):
             est = training_step_memory(batch=1, use_checkpoint=ckpt, amp=amp, device="cpu", **kwargs)
             act = est["activation_bytes"]
             out[label] = {"activations_gb": act / 2**30, "total_gb": (act + state) / 2**30}
@@ -158,8 +171,10 @@ class SAM3DBenchCase(BenchCase):
         feat_shape = tuple(feats[prompted[0]].shape)
 
         def prompt_encoders() -> int:
-            return sum(_prompt_encoder_flops(net.prompt_encoders[str(k)], feat_shape, net.patch_size)
-                       for k in net.prompt_levels)
+            return sum(
+                _prompt_encoder_flops(net.prompt_encoders[str(k)], feat_shape, net.patch_size)
+                for k in net.prompt_levels
+            )
 
         return RepromptParts(enc, static_flops, dyn, f", {list(net.patch_size)} patch", prompt_encoders)
 

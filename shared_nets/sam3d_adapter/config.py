@@ -26,4 +26,3 @@ def inference_datalist(path: str | os.PathLike, label_key: str, use_label_prompt
         return load_datalist(path, "test", check_files=False, keys=["image"])
     items = load_datalist(path, "test", check_files=False, keys=["image", label_key])
     return [dict(item, label=item[label_key]) for item in items]
-

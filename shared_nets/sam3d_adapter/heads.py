@@ -100,7 +100,8 @@ class PromptEncoder3D(nn.Module):
         self.layers = nn.ModuleList(
             # keep the residual and position encodings in the first layer too: our first queries are
             # sampled image features, not SAM's prompt embeddings
-            TwoWayAttentionBlock(dim, num_heads, mlp_dim=mlp_dim, skip_first_layer_pe=False) for _ in range(depth)
+            TwoWayAttentionBlock(dim, num_heads, mlp_dim=mlp_dim, skip_first_layer_pe=False)
+            for _ in range(depth)
         )
         if layer == "official":
             for blk in self.layers:
@@ -240,7 +241,9 @@ class MultiLevelDecoder3D(nn.Module):
     def _channels(self, levels: Sequence[int]) -> list[int]:
         return [lv * self._width() + c for lv in levels for c in range(self._width())]
 
-    def static_part(self, features: Sequence[torch.Tensor], image: torch.Tensor, prompted: Sequence[int]) -> torch.Tensor:
+    def static_part(
+        self, features: Sequence[torch.Tensor], image: torch.Tensor, prompted: Sequence[int]
+    ) -> torch.Tensor:
         """What the decoder computes from the levels without a prompt and the image (cacheable per image).
 
         Args:

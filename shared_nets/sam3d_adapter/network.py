@@ -15,8 +15,8 @@ from torch import nn
 from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_points
 from shared_nets.sam import build_sam, get_variant
-
 from shared_nets.sam.cache import EmbeddingCache
+
 from .encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer, run_blocks
 from .heads import PROMPT_ENCODINGS, PROMPT_LAYERS, MultiLevelDecoder3D, PromptEncoder3D
 
@@ -36,6 +36,7 @@ SAM3D_TRAINABLE_PATTERNS = (
     "necks.*",
     "decoder.*",
 )
+
 
 def _as_patch_size(img_size: int | Sequence[int]) -> tuple[int, int, int]:
     if isinstance(img_size, bool):
@@ -212,7 +213,9 @@ class SAM3DAdapter(nn.Module):
                 f"prompt_levels {levels} include levels the decoder does not use (use_multi_level=False decodes level 4 only)."
             )
         if v.encoder_depth < 4:
-            raise ValueError(f"the encoder needs at least 4 blocks for four feature levels, {v.name} has {v.encoder_depth}.")
+            raise ValueError(
+                f"the encoder needs at least 4 blocks for four feature levels, {v.name} has {v.encoder_depth}."
+            )
 
         self.variant = v.name
         self.num_classes = num_classes

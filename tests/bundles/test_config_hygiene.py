@@ -67,16 +67,20 @@ def test_no_positional_list_splicing(config):
 
 def test_no_side_effect_chains_in_workflow_steps(config):
     path, content = config
-    steps = [(f"{section}#{p}", s) for section in ("initialize", "finalize")
-             for p, s in _expressions(content.get(section, []))]
+    steps = [
+        (f"{section}#{p}", s)
+        for section in ("initialize", "finalize")
+        for p, s in _expressions(content.get(section, []))
+    ]
     found = [(p, s) for p, s in steps if CHAIN.search(s)]
     assert not found, f"{path}: and/or chains {found}; call a function that does the step"
 
 
 def test_no_private_names(config):
     path, content = config
-    found = [(p, s) for p, s in _strings(content)
-             if (p.endswith("_target_") or s.startswith("$")) and PRIVATE.search(s)]
+    found = [
+        (p, s) for p, s in _strings(content) if (p.endswith("_target_") or s.startswith("$")) and PRIVATE.search(s)
+    ]
     assert not found, f"{path}: private names {found}"
 
 

@@ -73,9 +73,18 @@ def _bundle(name: str, tmp_path: Path, overrides: dict[str, Any]) -> Path:
 def _infer(root: Path, data: Path, entries: list[dict], out_dir: Path, overrides: dict[str, Any], **extra) -> None:
     datalist = out_dir.parent / f"{out_dir.name}_datalist.json"
     datalist.write_text(json.dumps({"test": [{**e, "image": str(data / e["image"])} for e in entries]}))
-    run_workflow(root, ["inference.json", "demo.json"], "infer",
-                 {"dataset_dir": str(data), "data_list_file_path": str(datalist), "output_dir": str(out_dir),
-                  **overrides, **extra})
+    run_workflow(
+        root,
+        ["inference.json", "demo.json"],
+        "infer",
+        {
+            "dataset_dir": str(data),
+            "data_list_file_path": str(datalist),
+            "output_dir": str(out_dir),
+            **overrides,
+            **extra,
+        },
+    )
 
 
 def _canonical(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,10 +128,13 @@ def test_dicom_series_predicts_as_its_nifti_and_the_seg_reads_back(name, ct_pair
     assert [s.SegmentLabel for s in seg.SegmentSequence] == [channel_def[str(v)] for v in values]
     # read back per source slice (empty frames are omitted from the SEG, so its own volume may be shorter):
     # the series is LPS with ascending slices, so slice k's frame is the prediction's [:, :, k] transposed
-    source = sorted((pydicom.dcmread(str(p), stop_before_pixels=True) for p in (ct_pair["dir"] / "ct_dicom").iterdir()),
-                    key=lambda ds: float(ds.ImagePositionPatient[2]))
-    frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], combine_segments=True,
-                                               relabel=False)
+    source = sorted(
+        (pydicom.dcmread(str(p), stop_before_pixels=True) for p in (ct_pair["dir"] / "ct_dicom").iterdir()),
+        key=lambda ds: float(ds.ImagePositionPatient[2]),
+    )
+    frames = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in source], combine_segments=True, relabel=False
+    )
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
     numbers = np.zeros(max(values) + 1, np.uint8)
     numbers[values] = np.arange(1, len(values) + 1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -34,8 +33,13 @@ BUNDLES = ("h_sam", "ma_sam", "med_sa", "s_sam")
 FAST: dict[str, dict[str, Any]] = {
     "h_sam": {},
     "ma_sam": {"num_slices": 2},
-    "med_sa": {"num_slices": 2, "iterative_clicks": 0, "prompt_source": "label", "infer_object_id": 6,
-               "infer_prompt_setting": "bbox0.75"},
+    "med_sa": {
+        "num_slices": 2,
+        "iterative_clicks": 0,
+        "prompt_source": "label",
+        "infer_object_id": 6,
+        "infer_prompt_setting": "bbox0.75",
+    },
     "s_sam": {},
 }
 
@@ -46,8 +50,15 @@ def _parser(bundle: str, configs: list[str], **overrides: Any):
     parser = ConfigParser()
     parser.read_config([str(REPO / "bundles" / bundle / "configs" / c) for c in configs])
     parser.read_meta(str(REPO / "bundles" / bundle / "configs" / "metadata.json"))
-    parser.update({"bundle_root": str(REPO / "bundles" / bundle), "dataset_dir": "unused", "img_size": SIZE,
-                   **FAST[bundle], **overrides})
+    parser.update(
+        {
+            "bundle_root": str(REPO / "bundles" / bundle),
+            "dataset_dir": "unused",
+            "img_size": SIZE,
+            **FAST[bundle],
+            **overrides,
+        }
+    )
     return parser
 
 
@@ -143,8 +154,15 @@ def test_lite_trains_one_step_and_infers_on_real_ct(bundle, real_ct, tmp_path):
     root = tmp_path / bundle
     shutil.copytree(REPO / "bundles" / bundle, root, ignore=shutil.ignore_patterns("models", "eval", "runs"))
     over = {
-        "dataset_dir": str(real_ct), "device": "$torch.device('cpu')", "img_size": SIZE, "max_epochs": 1,
-        "val_interval": 100, "batch_size": 1, "num_samples": 1, "num_workers": 0, "cache_rate": 0.0,
+        "dataset_dir": str(real_ct),
+        "device": "$torch.device('cpu')",
+        "img_size": SIZE,
+        "max_epochs": 1,
+        "val_interval": 100,
+        "batch_size": 1,
+        "num_samples": 1,
+        "num_workers": 0,
+        "cache_rate": 0.0,
         **FAST[bundle],
     }
     seen: dict[str, Any] = {}

@@ -101,7 +101,9 @@ def test_bad_training_data_fails_before_training(bundle, demo_data, tmp_path, ed
 
 def test_missing_datalist(bundle, tmp_path):
     with pytest.raises(Exception) as info:
-        run_bundle_workflow(bundle, ["train.json", "demo.json"], "train", {"dataset_dir": str(tmp_path / "nowhere"), **QUICK})
+        run_bundle_workflow(
+            bundle, ["train.json", "demo.json"], "train", {"dataset_dir": str(tmp_path / "nowhere"), **QUICK}
+        )
     assert any("datalist.json' does not exist" in m for m in _chain(info.value))
 
 
@@ -131,7 +133,9 @@ def test_box_prompt_overlay_trains_and_infers_with_a_user_box(bundle, demo_data,
     over = {"dataset_dir": str(data), **QUICK}
     run_bundle_workflow(bundle, ["train.json", "box_prompt.json", "demo.json"], "train", over)
     out = tmp_path / "pred"
-    run_bundle_workflow(bundle, ["inference.json", "box_prompt.json", "demo.json"], "infer", {**over, "output_dir": str(out)})
+    run_bundle_workflow(
+        bundle, ["inference.json", "box_prompt.json", "demo.json"], "infer", {**over, "output_dir": str(out)}
+    )
     for item in content["test"]:
         pred = nib.load(str(out / Path(item["image"]).name.replace(".nii.gz", "_seg.nii.gz")))
         src = nib.load(str(demo_data / item["image"]))
@@ -146,8 +150,14 @@ def test_finetune_overlay_starts_from_the_given_weights(tmp_path):
 
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / c) for c in ("train.json", "finetune.json", "demo.json")])
-    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path), "img_size": 64,
-                   "finetune_from": str(tmp_path / "btcv.pt")})
+    parser.update(
+        {
+            "bundle_root": str(BUNDLE),
+            "dataset_dir": str(tmp_path),
+            "img_size": 64,
+            "finetune_from": str(tmp_path / "btcv.pt"),
+        }
+    )
     handlers = parser["train#handlers"]
     assert handlers[-1]["_target_"] == "CheckpointLoader"
     network = parser.get_parsed_content("network")

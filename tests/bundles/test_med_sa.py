@@ -19,8 +19,14 @@ class TestMedSA(BundleHarness):
         datalist = tmp_path / "prompted.json"
         datalist.write_text(json.dumps({"test": [entry]}))
         out_dir = tmp_path / "out"
-        run_workflow(bundle_copy, ["inference.json", "demo.json"], "infer", self._overrides(
-            data_dir, data_list_file_path=str(datalist), output_dir=str(out_dir), prompt_source="input", **extra))
+        run_workflow(
+            bundle_copy,
+            ["inference.json", "demo.json"],
+            "infer",
+            self._overrides(
+                data_dir, data_list_file_path=str(datalist), output_dir=str(out_dir), prompt_source="input", **extra
+            ),
+        )
         return sorted(out_dir.glob("*.nii.gz"))
 
     def _liver_click(self, data_dir):
@@ -39,12 +45,20 @@ class TestMedSA(BundleHarness):
         import numpy as np
 
         i, j, k = self._liver_click(data_dir)
-        outputs = self._prompted_inference(bundle_copy, data_dir, tmp_path, {
-            "foreground": [[i, j, k]], "background": [[0, 0, k]], "roi": [max(i - 8, 0), max(j - 8, 0), k, i + 8, j + 8, k + 1]})
+        outputs = self._prompted_inference(
+            bundle_copy,
+            data_dir,
+            tmp_path,
+            {
+                "foreground": [[i, j, k]],
+                "background": [[0, 0, k]],
+                "roi": [max(i - 8, 0), max(j - 8, 0), k, i + 8, j + 8, k + 1],
+            },
+        )
         assert len(outputs) == 1
         pred = np.asarray(nib.load(str(outputs[0])).dataobj)
         assert set(np.unique(pred).tolist()) <= {0, 1}
-        assert not pred[..., :max(k - 9, 0)].any()  # prompted-region inference: far slices stay background
+        assert not pred[..., : max(k - 9, 0)].any()  # prompted-region inference: far slices stay background
 
     @pytest.mark.parametrize(
         "prompts, extra, match",
@@ -69,7 +83,9 @@ class TestMedSA(BundleHarness):
     def test_automatic_mode_runs_without_prompts(self, trained, bundle_copy, data_dir, tmp_path):
         assert len(self._prompted_inference(bundle_copy, data_dir, tmp_path, {}, automatic=True)) == 1
 
-    def test_evaluate_reports_every_prompt_setting_per_class_and_the_refinement_curve(self, trained, bundle_copy, data_dir):
+    def test_evaluate_reports_every_prompt_setting_per_class_and_the_refinement_curve(
+        self, trained, bundle_copy, data_dir
+    ):
         import csv
 
         out_dir = bundle_copy / "eval" / "evaluate"
@@ -78,7 +94,14 @@ class TestMedSA(BundleHarness):
         rows = list(csv.reader(open(out_dir / "prompt_settings_summary.csv")))
         assert rows[0] == ["metric", "1-point", "3-points", "bbox0.5", "bbox0.75"]
         names = {r[0] for r in rows[1:]}
-        assert {"val_mean_dice", "val_iou", "val_hd95_mm", "val_mean_dice_liver", "refine_dice_0", "refine_dice_2"} <= names
+        assert {
+            "val_mean_dice",
+            "val_iou",
+            "val_hd95_mm",
+            "val_mean_dice_liver",
+            "refine_dice_0",
+            "refine_dice_2",
+        } <= names
         for setting in rows[0][1:]:
             curve = list(csv.reader(open(out_dir / setting / "refinement_curve.csv")))
             assert curve[0][-1] == "dice_after_2_clicks" and curve[-1][0] == "mean"

@@ -40,8 +40,12 @@ class TestSSAMBundle(BundleHarness):
 
     def test_subset_of_classes_by_name_keeps_channel_def_ids(self, trained, bundle_copy, data_dir):
         out_dir = bundle_copy / "eval" / "subset"
-        run_workflow(bundle_copy, self._configs(self.infer_configs), "infer",
-                     self._overrides(data_dir, output_dir=str(out_dir), class_names=["Liver", "spleen"]))
+        run_workflow(
+            bundle_copy,
+            self._configs(self.infer_configs),
+            "infer",
+            self._overrides(data_dir, output_dir=str(out_dir), class_names=["Liver", "spleen"]),
+        )
         outputs = glob.glob(str(out_dir / "*.nii.gz"))
         assert outputs
         for fn in outputs:
@@ -72,4 +76,7 @@ class TestSSAMBundle(BundleHarness):
 
         meta = json.loads((bundle_copy / "configs" / "metadata.json").read_text())
         names = foreground_names(meta["network_data_format"]["outputs"]["pred"]["channel_def"])
-        assert load_class_embeddings(bundle_copy / "resources" / "text_embeddings.json", names).shape == (len(names), 512)
+        assert load_class_embeddings(bundle_copy / "resources" / "text_embeddings.json", names).shape == (
+            len(names),
+            512,
+        )

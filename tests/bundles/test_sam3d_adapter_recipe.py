@@ -22,8 +22,9 @@ def _parser(configs: list[str], **overrides) -> ConfigParser:
     return parser
 
 
-@pytest.mark.parametrize("configs", [["train.json"], ["inference.json"], ["train.json", "demo.json"],
-                                     ["inference.json", "demo.json"]])
+@pytest.mark.parametrize(
+    "configs", [["train.json"], ["inference.json"], ["train.json", "demo.json"], ["inference.json", "demo.json"]]
+)
 @pytest.mark.parametrize("dataset", ["msd_pancreas", "msd_colon"])
 def test_target_class_follows_tumour_dataset(configs, dataset):
     """The demo overlay once hard-coded target_class 1, silently overriding --tumour_dataset msd_pancreas."""

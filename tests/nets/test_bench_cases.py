@@ -46,7 +46,9 @@ def test_prompt_channels_and_geometry():
     assert [m for m in METHODS if not case[m].slice_based] == ["sam3d_adapter"]
     assert [m for m in METHODS if case[m].prompted] == ["med_sa", "sam3d_adapter"]
     assert {m: case[m].memory_target for m in METHODS if case[m].memory_target is not None} == {
-        "ma_sam": {"variant": "vit_b", "img_size": 512, "num_slices": 5}, "sam3d_adapter": {}}
+        "ma_sam": {"variant": "vit_b", "img_size": 512, "num_slices": 5},
+        "sam3d_adapter": {},
+    }
     from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS
 
     assert case["med_sa"].reprompt_settings == {"official code": dict(MEDSA_OFFICIAL_CODE_SETTINGS)}

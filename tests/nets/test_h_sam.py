@@ -9,7 +9,6 @@ import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from segment_anything.modeling.transformer import Attention, TwoWayTransformer
 
-from shared_nets.h_sam.network import HSAM
 from shared_nets.h_sam.decoder import (
     CMAttn,
     MaskGuidedAttention,
@@ -17,6 +16,7 @@ from shared_nets.h_sam.decoder import (
     run_two_way_transformer,
 )
 from shared_nets.h_sam.loss import HSAMStageWeights, stage_loss, stage_weights
+from shared_nets.h_sam.network import HSAM
 from shared_nets.peft import LoRAQKV, trainable_parameter_report
 from shared_nets.sam import SamCheckpointError, build_sam
 
@@ -41,7 +41,10 @@ def _tiny(**kw) -> HSAM:
         ({"mask_attention": "none", "use_cmattn": False}, (2, 1, S, S, 1)),
         ({"use_hierarchical_pixel_decoder": False}, (2, 1, S, S, 1)),
         ({"use_stage2": False}, (2, 1, S, S, 1)),
-        ({"released_cmattn": True, "released_attention_order": True, "embedding_noise": 0.2, "ensemble": "logit"}, (2, 1, S, S, 1)),
+        (
+            {"released_cmattn": True, "released_attention_order": True, "embedding_noise": 0.2, "ensemble": "logit"},
+            (2, 1, S, S, 1),
+        ),
         ({"ensemble": "stage2", "finetune": "full"}, (1, 1, S, S, 1)),
         ({"finetune": "frozen", "lora_rank": 5}, (1, 1, S, S, 1)),
     ],
@@ -202,8 +205,10 @@ def test_lora_zero_init_is_identity_and_gradients_only_where_expected():
     loss = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True), weights=[0.8, 0.2])
     loss(net(torch.randn(2, 1, S, S, 1), label=label), label).backward()
     for name, p in net.named_parameters():
-        if ".lora_" in name or name.startswith(("mask_decoder2.", "prompt_encoder.no_mask_embed")) or (
-            name.startswith("mask_decoder.") and "iou_prediction_head" not in name
+        if (
+            ".lora_" in name
+            or name.startswith(("mask_decoder2.", "prompt_encoder.no_mask_embed"))
+            or (name.startswith("mask_decoder.") and "iou_prediction_head" not in name)
         ):
             assert p.requires_grad, name
             assert p.grad is not None, name
@@ -229,8 +234,12 @@ def test_checkpoint_loads_strictly_before_lora(tmp_path):
     path = tmp_path / "sam_tiny.pth"
     torch.save(sam.state_dict(), path)
     net = _tiny(checkpoint=str(path))
-    assert torch.equal(net.image_encoder.blocks[0].attn.qkv.base_layer.weight, sam.image_encoder.blocks[0].attn.qkv.weight)
-    assert torch.equal(net.mask_decoder.transformer.layers[0].mlp.lin1.weight, sam.mask_decoder.transformer.layers[0].mlp.lin1.weight)
+    assert torch.equal(
+        net.image_encoder.blocks[0].attn.qkv.base_layer.weight, sam.image_encoder.blocks[0].attn.qkv.weight
+    )
+    assert torch.equal(
+        net.mask_decoder.transformer.layers[0].mlp.lin1.weight, sam.mask_decoder.transformer.layers[0].mlp.lin1.weight
+    )
     with pytest.raises(SamCheckpointError, match="missing.pth"):
         _tiny(checkpoint=str(tmp_path / "missing.pth"))
     with pytest.raises(SamCheckpointError, match="vit_b"):
@@ -252,8 +261,10 @@ def test_vit_b_parameter_counts(img_size, kw, trainable, total):
     with torch.device("meta"):
         net = HSAM("vit_b", img_size=img_size, num_classes=8, lora_rank=4, **kw)
     report = trainable_parameter_report(net)
-    print(f"\nH-SAM ViT-B {img_size} {kw}: ours {report.total / 1e6:.2f}M total, {report.trainable / 1e6:.2f}M trainable "
-          f"(paper Table 6: H-SAM 112.3M, SAMed 108.8M)\n{report}")
+    print(
+        f"\nH-SAM ViT-B {img_size} {kw}: ours {report.total / 1e6:.2f}M total, {report.trainable / 1e6:.2f}M trainable "
+        f"(paper Table 6: H-SAM 112.3M, SAMed 108.8M)\n{report}"
+    )
     assert (report.trainable, report.total) == (trainable, total)
     # trainable = LoRA (12 blocks x q,v x (A + B)) + default embedding + decoders without stage 1's IoU head
     rows = {r.name: r for r in report.rows}

@@ -103,8 +103,18 @@ def test_vit_b_trainable_counts_match_the_formulas():
     assert adapters == 24 * per_adapter
     frozen = {n for n, p in named.items() if not p.requires_grad}
     encoder_base = {n for n in named if n.startswith("sam.image_encoder.") and "fact_" not in n}
-    unused = {n for n in named if n.startswith(("sam.mask_decoder.iou_prediction_head.", "sam.prompt_encoder.mask_downscaling.",
-                                                "sam.prompt_encoder.point_embeddings.", "sam.prompt_encoder.not_a_point_embed."))}
+    unused = {
+        n
+        for n in named
+        if n.startswith(
+            (
+                "sam.mask_decoder.iou_prediction_head.",
+                "sam.prompt_encoder.mask_downscaling.",
+                "sam.prompt_encoder.point_embeddings.",
+                "sam.prompt_encoder.not_a_point_embed.",
+            )
+        )
+    }
     assert frozen == encoder_base | unused  # automatic mode: no IoU loss, no click/mask prompts
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
 from shared_nets.med_sa.blocks import HyPAdapter
+from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
 from shared_nets.peft import trainable_parameter_report
 from shared_nets.sam import build_sam
 
@@ -372,9 +372,13 @@ def test_click_interaction_and_refinement_curve(tmp_path):
     data = DataLoader(_engine_data(), batch_size=2)
     interaction = MedSAClickInteraction(max_clicks=2, seed=1)
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=net,
         optimizer=torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-3),
-        loss_function=lambda y, t: torch.nn.functional.cross_entropy(y, t[:, 0].long()), iteration_update=interaction,
+        loss_function=lambda y, t: torch.nn.functional.cross_entropy(y, t[:, 0].long()),
+        iteration_update=interaction,
     )
     trainer.run()
     assert interaction.clicks_added > 0  # corrective clicks reached the trained batch

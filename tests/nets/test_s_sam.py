@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from shared_nets.peft import SVDConv2d, SVDLinear, trainable_parameter_report
 from shared_nets.s_sam.network import SSAM, TextAffineLayer
 from shared_nets.s_sam.text import (
     ClipTextEncoder,
@@ -17,7 +18,6 @@ from shared_nets.s_sam.text import (
     load_class_embeddings,
     read_text_embeddings,
 )
-from shared_nets.peft import SVDConv2d, SVDLinear, trainable_parameter_report
 from shared_nets.sam import build_sam, get_variant
 
 CLASSES = ["spleen", "liver", "aorta"]
@@ -54,8 +54,30 @@ def test_output_contract_and_background_channel():
     "mode, expected",
     [
         # ViT-B at 256, trainable set of the paper vs. the official code (bundles/s_sam/docs/README.md table)
-        ("paper", dict(pos_embed=196_608, svd_blocks=73_728, svd_neck=1_024, encoder_norms=36_864, tal=131_328, decoder_norms=0, total=439_552)),
-        ("official", dict(pos_embed=196_608, svd_blocks=73_728, svd_neck=1_024, encoder_norms=36_864, tal=131_840, decoder_norms=4_608, total=444_672)),
+        (
+            "paper",
+            dict(
+                pos_embed=196_608,
+                svd_blocks=73_728,
+                svd_neck=1_024,
+                encoder_norms=36_864,
+                tal=131_328,
+                decoder_norms=0,
+                total=439_552,
+            ),
+        ),
+        (
+            "official",
+            dict(
+                pos_embed=196_608,
+                svd_blocks=73_728,
+                svd_neck=1_024,
+                encoder_norms=36_864,
+                tal=131_840,
+                decoder_norms=4_608,
+                total=444_672,
+            ),
+        ),
     ],
 )
 def test_vit_b_trainable_parameter_counts_are_exact(mode, expected):
@@ -196,14 +218,18 @@ def test_decoder_matches_stock_sam_decoder_per_image_and_class():
         for n in range(2):
             for k in range(3):
                 sparse = torch.cat([sparse0, prompts[k].reshape(1, 1, -1)], dim=1)
-                ref, _ = model.sam.mask_decoder(emb[n : n + 1], pe.get_dense_pe(), sparse, dense, multimask_output=False)
+                ref, _ = model.sam.mask_decoder(
+                    emb[n : n + 1], pe.get_dense_pe(), sparse, dense, multimask_output=False
+                )
                 torch.testing.assert_close(ours[n, k], ref[0, 0], atol=1e-5, rtol=1e-5)
 
 
 def test_subset_of_classes_gives_the_same_logits(embedding_file):
     torch.manual_seed(0)
     full = SSAM(**TINY, text_embeddings=str(embedding_file)).eval()
-    subset = SSAM(variant="tiny", img_size=64, class_names=["Aorta", "spleen"], text_embeddings=str(embedding_file)).eval()
+    subset = SSAM(
+        variant="tiny", img_size=64, class_names=["Aorta", "spleen"], text_embeddings=str(embedding_file)
+    ).eval()
     subset.load_state_dict(full.state_dict())
     x = torch.randn(1, 1, 64, 64, 2)
     with torch.no_grad():

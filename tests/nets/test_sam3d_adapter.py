@@ -7,7 +7,8 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 
-from shared_nets.sam3d_adapter.network import SAM3DAdapter
+from shared_nets.peft import trainable_parameter_report
+from shared_nets.sam import build_sam
 from shared_nets.sam3d_adapter.encoder import (
     SpatialAdapter3D,
     WindowAttention3D,
@@ -15,8 +16,7 @@ from shared_nets.sam3d_adapter.encoder import (
     window_partition_3d,
     window_unpartition_3d,
 )
-from shared_nets.peft import trainable_parameter_report
-from shared_nets.sam import build_sam
+from shared_nets.sam3d_adapter.network import SAM3DAdapter
 
 # tiny SAM, 32^3 patch resized to 64^3 -> a 4^3 token grid, 2^3 windows (shifted on even blocks)
 TINY = dict(variant="tiny", img_size=32, sam_input_size=64, window_size=2)

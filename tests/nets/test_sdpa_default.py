@@ -38,7 +38,11 @@ def _medsa_input() -> torch.Tensor:
 CASES = {
     "ma_sam": (MASAM, dict(variant="tiny", img_size=64, num_classes=3), lambda: torch.randn(1, 1, 64, 64, 5)),
     "med_sa": (MedSA, dict(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=4), _medsa_input),
-    "s_sam": (SSAM, dict(variant="tiny", img_size=64, class_names=["liver", "spleen"]), lambda: torch.randn(1, 1, 64, 64, 2)),
+    "s_sam": (
+        SSAM,
+        dict(variant="tiny", img_size=64, class_names=["liver", "spleen"]),
+        lambda: torch.randn(1, 1, 64, 64, 2),
+    ),
     "s_sam_official": (
         SSAM,
         dict(variant="tiny", img_size=64, class_names=["liver", "spleen"], mode="official"),  # no rel-pos

@@ -91,7 +91,9 @@ def test_delta_formula_and_target_rows(perturb):
     torch.testing.assert_close(delta[:8], expected_q)
     assert delta[8:16].abs().sum() == 0 and delta[16:].abs().sum() > 0
     x = torch.randn(2, 5, 8)
-    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight + delta, layer.bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        layer(x), nn.functional.linear(x, layer.weight + delta, layer.bias), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_merge_unmerge_parity_on_encoder(tiny_sam, images, perturb):

@@ -198,8 +198,9 @@ def _world_image(shape: tuple[int, ...], affine: np.ndarray) -> MetaTensor:
     idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(np.float64)
     world = idx @ affine[:3, :3].T + affine[:3, 3]
     a = torch.as_tensor(affine, dtype=torch.float64)
-    return MetaTensor(torch.as_tensor(np.moveaxis(world, -1, 0), dtype=torch.float64), affine=a,
-                      meta={"original_affine": a.clone()})
+    return MetaTensor(
+        torch.as_tensor(np.moveaxis(world, -1, 0), dtype=torch.float64), affine=a, meta={"original_affine": a.clone()}
+    )
 
 
 @contextlib.contextmanager
@@ -346,8 +347,14 @@ counts = st.one_of(st.integers(0, 4), st.tuples(st.integers(0, 2), st.integers(2
 )
 def test_simulated_clicks_3d(case, n_pos, n_neg, sampling, region, margin, jitter, seed):
     label, obj = case
-    t = SimulateClicksd(num_positive=n_pos, num_negative=n_neg, sampling=sampling, negative_region=region,
-                        negative_margin=margin, jitter=jitter)
+    t = SimulateClicksd(
+        num_positive=n_pos,
+        num_negative=n_neg,
+        sampling=sampling,
+        negative_region=region,
+        negative_margin=margin,
+        jitter=jitter,
+    )
     t.set_random_state(seed)
     out = t({"label": label})
     pos, neg = out["foreground"], out["background"]
@@ -525,7 +532,7 @@ PREPROCESSING_BUNDLES = {  # bundle -> overrides (prompt-free inference)
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bundle_pipelines(bundle: str) -> tuple:
     """``(preprocessing, postprocessing transforms without SaveImaged)`` of a bundle's demo inference."""
     from monai.bundle import ConfigParser
@@ -617,7 +624,9 @@ def test_bundle_preprocessing_round_trip(volume, bundle):
     # boundary is right (nearest-neighbour inversion, plus PyTorch's legacy "nearest" offset below)
     robust, inside = _robust(shape, voxel + 0.5)
     wrong = robust & (out != inside)
-    assert not wrong.any(), f"{int(wrong.sum())} voxels far from the boundary are wrong, e.g. {np.argwhere(wrong)[:3].tolist()}"
+    assert not wrong.any(), (
+        f"{int(wrong.sum())} voxels far from the boundary are wrong, e.g. {np.argwhere(wrong)[:3].tolist()}"
+    )
 
 
 def test_resized_bundle_inversion_is_centre_aligned():

@@ -42,7 +42,9 @@ def _encode(shape, items) -> torch.Tensor:
     out = []
     for pos, neg in items:
         img = MetaTensor(torch.zeros(1, *shape))
-        d = AddGuidanceChannelsd(channels=("foreground", "background"))({"image": img, "foreground": pos, "background": neg})
+        d = AddGuidanceChannelsd(channels=("foreground", "background"))(
+            {"image": img, "foreground": pos, "background": neg}
+        )
         out.append(d["image"][1:])
     return torch.stack(out).as_tensor()
 

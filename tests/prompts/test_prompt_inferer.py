@@ -66,7 +66,9 @@ def test_single_click_runs_one_window_background_elsewhere():
 def test_prompt_free_windows_never_reach_the_network(sw_batch_size):
     x = _inputs((48, 48, 24), clicks=[(1, 1, 1), (46, 45, 22)])  # region = the whole volume: 4 x 4 x 3 windows
     net = RecordingNet()
-    inferer = PromptRegionInferer(roi_size=(12, 12, 8), margin=2, overlap=0.0, sw_batch_size=sw_batch_size, mode="constant")
+    inferer = PromptRegionInferer(
+        roi_size=(12, 12, 8), margin=2, overlap=0.0, sw_batch_size=sw_batch_size, mode="constant"
+    )
     out = inferer(x, net)
     assert len(net.windows) == 2 == inferer.last_windows_run
     assert all(g > 0 for _, _, g in net.windows)

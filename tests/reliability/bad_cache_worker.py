@@ -37,8 +37,9 @@ def main() -> None:
             x = torch.as_tensor(x) * 1.0
         return x
 
-    transform = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), CheckFinited("image"),
-                         Lambdad("image", busy)])
+    transform = Compose(
+        [LoadImaged("image"), EnsureChannelFirstd("image"), CheckFinited("image"), Lambdad("image", busy)]
+    )
     items = [{"image": os.path.join(out, name)} for name in ("bad.nii.gz", "good.nii.gz", "good.nii.gz")]
     build_dataset("CacheDataset", items, transform, num_workers=0)  # raises the bad volume's DataError
 

@@ -128,8 +128,13 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = Engine(lambda e, b: None)
-    eng.CheckpointSaver(save_dir=str(tmp_path), save_dict={"model": model, "optimizer": opt}, file_prefix="checkpoint",
-                        save_interval=1, n_saved=1).attach(trainer)
+    eng.CheckpointSaver(
+        save_dir=str(tmp_path),
+        save_dict={"model": model, "optimizer": opt},
+        file_prefix="checkpoint",
+        save_interval=1,
+        n_saved=1,
+    ).attach(trainer)
     calls = {"n": 0}
     real_save = eng.atomic_torch_save
 
@@ -146,7 +151,12 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(eng, "atomic_torch_save", real_save)  # healthy run: the old file goes once the new is in place
     rerun = Engine(lambda e, b: None)
-    eng.CheckpointSaver(save_dir=str(tmp_path), save_dict={"model": model, "optimizer": opt}, file_prefix="checkpoint",
-                        save_interval=1, n_saved=1).attach(rerun)
+    eng.CheckpointSaver(
+        save_dir=str(tmp_path),
+        save_dict={"model": model, "optimizer": opt},
+        file_prefix="checkpoint",
+        save_interval=1,
+        n_saved=1,
+    ).attach(rerun)
     rerun.run([0], max_epochs=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_checkpoint_epoch=2.pt"]

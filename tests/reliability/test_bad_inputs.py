@@ -239,10 +239,13 @@ def override_unknown_variant(tmp):
 
 
 def tool_unknown_dataset(tmp):
-    proc = subprocess.run([sys.executable, "-m", "tools", "prepare", "brats99", "--src", str(tmp), "--out", str(tmp / "o")],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools", "prepare", "brats99", "--src", str(tmp), "--out", str(tmp / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.returncode else "no error")
-
 
 
 def _dicom_series(tmp, name: str = "series", slices: int = 6):
@@ -371,13 +374,27 @@ def test_batch_inference_skips_and_reports_a_bad_volume(demo_data, tmp_path):
     blob = Path(good[0]).read_bytes()
     broken.write_bytes(blob[: len(blob) // 3])
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"test": [{"image": good[0]}, {"image": str(broken)},
-                                             {"image": str(tmp_path / "missing.nii.gz")}, {"image": good[1]}]}))
+    datalist.write_text(
+        json.dumps(
+            {
+                "test": [
+                    {"image": good[0]},
+                    {"image": str(broken)},
+                    {"image": str(tmp_path / "missing.nii.gz")},
+                    {"image": good[1]},
+                ]
+            }
+        )
+    )
     write_initial_model(bundle)
 
     out = tmp_path / "out"
-    run_workflow(bundle, ["inference.json", "demo.json"], "infer",
-                 {"dataset_dir": str(demo_data), "data_list_file_path": str(datalist), "output_dir": str(out)})
+    run_workflow(
+        bundle,
+        ["inference.json", "demo.json"],
+        "infer",
+        {"dataset_dir": str(demo_data), "data_list_file_path": str(datalist), "output_dir": str(out)},
+    )
     written = sorted(p.name for p in out.glob("*_seg.nii.gz"))
     assert written == sorted(Path(g).name.replace(".nii.gz", "_seg.nii.gz") for g in good)
     report = json.loads((out / "skipped.json").read_text())["skipped"]
@@ -396,8 +413,10 @@ def test_failed_cache_fill_leaves_no_worker_thread_running():
     from shared_nets.data import CheckFinited, DataError, build_dataset
 
     release = threading.Event()  # the second item's transform waits for it: the worker is busy when item 0 fails
-    items = [{"image": _meta(np.full((1, 4, 4, 4), np.nan, np.float32), "/data/bad.nii.gz")},
-             {"image": _meta(np.zeros((1, 4, 4, 4), np.float32), "/data/good.nii.gz")}]
+    items = [
+        {"image": _meta(np.full((1, 4, 4, 4), np.nan, np.float32), "/data/bad.nii.gz")},
+        {"image": _meta(np.zeros((1, 4, 4, 4), np.float32), "/data/good.nii.gz")},
+    ]
     transform = Compose([CheckFinited("image"), Lambdad("image", lambda x: release.wait(30) and x)])
     before = set(threading.enumerate())
     timer = threading.Timer(1.0, release.set)  # lets the busy worker finish, so the join can end
@@ -406,8 +425,11 @@ def test_failed_cache_fill_leaves_no_worker_thread_running():
         with pytest.raises(RuntimeError) as err:  # MONAI's "applying transform" around our DataError
             build_dataset("CacheDataset", items, transform, num_workers=0)
         assert isinstance(err.value.__cause__, DataError) and "bad.nii.gz" in root_cause(err.value)
-        left = [t.name for t in set(threading.enumerate()) - before - {timer}
-                if t.is_alive() and type(t).__name__ != "TMonitor"]  # tqdm's idle monitor is harmless
+        left = [
+            t.name
+            for t in set(threading.enumerate()) - before - {timer}
+            if t.is_alive() and type(t).__name__ != "TMonitor"
+        ]  # tqdm's idle monitor is harmless
     finally:
         release.set()
         timer.join()
@@ -428,8 +450,14 @@ def test_bad_volume_during_cache_fill_exits_1_every_time(tmp_path):
     the cache thread inside torch at exit aborted 5 of 6 times before the fix; each must exit 1."""
     worker = REPO / "tests" / "reliability" / "bad_cache_worker.py"
     for run in range(3):
-        proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            [sys.executable, str(worker), str(tmp_path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert proc.returncode == 1, f"run {run}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
         assert "bad.nii.gz' (image) contains NaN or Inf values" in proc.stderr
         assert "terminate called" not in proc.stderr
@@ -449,9 +477,13 @@ def test_inference_names_a_volume_with_the_wrong_channel_count(bundle, demo_data
     parser["bundle_root"], parser["dataset_dir"] = str(root), str(demo_data)
     item = dict(parser.get_parsed_content("datalist")[0])  # the bundle's own test item (prompts, object id...)
     one = nib.load(item["image"])
-    item["image"] = _nii(tmp_path / "two_channels.nii.gz", np.stack([one.get_fdata(dtype=np.float32)] * 2, -1), one.affine)
+    item["image"] = _nii(
+        tmp_path / "two_channels.nii.gz", np.stack([one.get_fdata(dtype=np.float32)] * 2, -1), one.affine
+    )
     preprocessing = parser.get_parsed_content("preprocessing")
     with pytest.raises(Exception) as err:
         preprocessing(item)
     line = root_cause(err.value)
-    assert "two_channels.nii.gz" in line and "has 2 channels" in line and "expected a 3D volume with 1 channel" in line, line
+    assert (
+        "two_channels.nii.gz" in line and "has 2 channels" in line and "expected a 3D volume with 1 channel" in line
+    ), line

@@ -134,9 +134,19 @@ def _assert_stopped_with_one_line(proc: subprocess.CompletedProcess, name: str) 
 def test_training_stops_with_one_line_when_a_checkpoint_hits_a_full_disk(demo_data, tmp_path):
     bundle = tmp_path / "ma_sam"
     shutil.copytree(REPO / "bundles" / "ma_sam", bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
-    proc = _bundle_run(bundle, "checkpoint_checkpoint_epoch", 1,
-                       "--config_file", "['configs/train.json','configs/demo.json']", "--dataset_dir", str(demo_data),
-                       "--max_epochs", "3", "--num_workers", "0")
+    proc = _bundle_run(
+        bundle,
+        "checkpoint_checkpoint_epoch",
+        1,
+        "--config_file",
+        "['configs/train.json','configs/demo.json']",
+        "--dataset_dir",
+        str(demo_data),
+        "--max_epochs",
+        "3",
+        "--num_workers",
+        "0",
+    )
     _assert_stopped_with_one_line(proc, "checkpoint_checkpoint_epoch=2.pt")
     models = bundle / "models"
     assert (models / "checkpoint_checkpoint_epoch=1.pt").is_file(), sorted(p.name for p in models.iterdir())
@@ -154,8 +164,14 @@ def test_inference_stops_with_one_line_when_a_prediction_hits_a_full_disk(demo_d
     shutil.copytree(REPO / "bundles" / "ma_sam", bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
     write_initial_model(bundle)
     out = tmp_path / "out"
-    args = ("--config_file", "['configs/inference.json','configs/demo.json']", "--dataset_dir", str(demo_data),
-            "--output_dir", str(out))
+    args = (
+        "--config_file",
+        "['configs/inference.json','configs/demo.json']",
+        "--dataset_dir",
+        str(demo_data),
+        "--output_dir",
+        str(out),
+    )
     first = _bundle_run(bundle, "no file has this name", 0, *args)
     assert first.returncode == 0, first.stderr[-3000:]
     before = {p.name: _md5(p) for p in out.glob("*_seg.nii.gz")}
@@ -175,8 +191,14 @@ def test_save_imaged_flattening_still_gives_the_one_line(tmp_path, monkeypatch):
 
     from shared_nets.io import _disk_full_line
 
-    save = SaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg",
-                      writer="shared_nets.io.AtomicNibabelWriter", separate_folder=False, print_log=False)
+    save = SaveImaged(
+        "pred",
+        output_dir=str(tmp_path),
+        output_postfix="seg",
+        writer="shared_nets.io.AtomicNibabelWriter",
+        separate_folder=False,
+        print_log=False,
+    )
     img = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "case.nii.gz", "affine": torch.eye(4)})
     monkeypatch.setattr(nib, "save", _enospc)
     with pytest.raises(RuntimeError) as err:

@@ -69,8 +69,14 @@ def test_huge_header_and_gzip_bombs_are_refused_with_small_peak_memory(hostile):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident memory")
     files = [str(hostile[k]) for k in ("huge", "bomb", "honest")]
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, *files], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     answers = result["answers"]
@@ -188,12 +194,17 @@ def test_batch_inference_skips_a_huge_volume_and_writes_the_others(demo_data, ho
     shutil.copytree(REPO / "bundles" / "ma_sam", bundle, ignore=shutil.ignore_patterns("models", "eval"))
     good = str(demo_data / json.loads((demo_data / "datalist.json").read_text())["test"][0]["image"])
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"test": [{"image": str(hostile["huge"])}, {"image": str(hostile["bomb"])},
-                                             {"image": good}]}))
+    datalist.write_text(
+        json.dumps({"test": [{"image": str(hostile["huge"])}, {"image": str(hostile["bomb"])}, {"image": good}]})
+    )
     write_initial_model(bundle)
     out = tmp_path / "out"
-    run_workflow(bundle, ["inference.json", "demo.json"], "infer",
-                 {"dataset_dir": str(demo_data), "data_list_file_path": str(datalist), "output_dir": str(out)})
+    run_workflow(
+        bundle,
+        ["inference.json", "demo.json"],
+        "infer",
+        {"dataset_dir": str(demo_data), "data_list_file_path": str(datalist), "output_dir": str(out)},
+    )
     assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == [Path(good).name.replace(".nii.gz", "_seg.nii.gz")]
     report = json.loads((out / "skipped.json").read_text())["skipped"]
     assert [r["image"] for r in report] == [str(hostile["huge"]), str(hostile["bomb"])]

@@ -36,8 +36,12 @@ def data_dirs(demo_data, tmp_path_factory) -> dict[str, Path]:
 
 
 def _train(root: Path, data: Path, max_epochs: int, **extra) -> None:
-    run_workflow(root, ["train.json", "demo.json"], "train",
-                 {"dataset_dir": str(data), "max_epochs": max_epochs, "val_interval": 2, "num_workers": 0, **extra})
+    run_workflow(
+        root,
+        ["train.json", "demo.json"],
+        "train",
+        {"dataset_dir": str(data), "max_epochs": max_epochs, "val_interval": 2, "num_workers": 0, **extra},
+    )
 
 
 def _final_weights(root: Path) -> dict[str, torch.Tensor]:
@@ -57,8 +61,12 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(bundle, d
 
     killed = _copy(bundle, tmp_path / "killed")
     # iteration 3 is inside epoch 2 (the demo epochs have 2 iterations): epoch 1's checkpoint exists, epoch 2 is lost
-    proc = subprocess.run([sys.executable, str(WORKER), str(killed), str(data), "3", "--val-interval", "2",
-                           "--kill-at", "3"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(killed), str(data), "3", "--val-interval", "2", "--kill-at", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -9, f"worker was not killed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     left = sorted(p.name for p in (killed / "models").glob("*.pt"))
     assert left == ["checkpoint_checkpoint_epoch=1.pt"], left  # nothing truncated, nothing from the lost epoch
@@ -108,9 +116,13 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dirs, t
                 next(p for p in engine.network.parameters() if p.requires_grad).fill_(float("nan"))
 
     with pytest.raises(Exception) as err:  # MONAI's config runner wraps it in "Failed to evaluate ..."
-        run_bundle_workflow(root, ["train.json", "demo.json"], "train",
-                            {"dataset_dir": str(data_dirs["ma_sam"]), "max_epochs": 3, "val_interval": 1,
-                             "num_workers": 0}, on_iteration=poison)
+        run_bundle_workflow(
+            root,
+            ["train.json", "demo.json"],
+            "train",
+            {"dataset_dir": str(data_dirs["ma_sam"]), "max_epochs": 3, "val_interval": 1, "num_workers": 0},
+            on_iteration=poison,
+        )
     cause = err.value
     while cause.__cause__ is not None:
         cause = cause.__cause__

@@ -33,9 +33,16 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     run_bundle_workflow(
-        args.bundle_root, ["train.json", "demo.json"], "train",
-        {"dataset_dir": args.data_dir, "max_epochs": args.max_epochs, "val_interval": args.val_interval,
-         "resume": args.resume, "num_workers": 0},
+        args.bundle_root,
+        ["train.json", "demo.json"],
+        "train",
+        {
+            "dataset_dir": args.data_dir,
+            "max_epochs": args.max_epochs,
+            "val_interval": args.val_interval,
+            "resume": args.resume,
+            "num_workers": 0,
+        },
         on_iteration=maybe_kill,
     )
 

@@ -113,9 +113,18 @@ def _vit_b_shaped_encoder(img_size: int = 256) -> ImageEncoderViT:
     """ViT-B widths (768, 12 heads, 14-token windows) with 2 blocks at a small input: one
     windowed block (16 x 16 grid padded to 28 x 28) and one global block."""
     return ImageEncoderViT(
-        img_size=img_size, patch_size=16, embed_dim=768, depth=2, num_heads=12, mlp_ratio=4,
-        out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True, window_size=14, global_attn_indexes=(1,),
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=768,
+        depth=2,
+        num_heads=12,
+        mlp_ratio=4,
+        out_chans=256,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=14,
+        global_attn_indexes=(1,),
     )
 
 

@@ -96,7 +96,9 @@ def test_checkpoint_loads_strictly_at_other_sizes(vit_b_checkpoint, img_size):
     # global blocks get resized rel-pos tables, windowed blocks keep the 14-token ones
     assert ours.image_encoder.blocks[2].attn.rel_pos_h.shape == (2 * g - 1, 64)
     assert ours.image_encoder.blocks[0].attn.rel_pos_h.shape == (27, 64)
-    torch.testing.assert_close(ours.image_encoder.blocks[0].attn.rel_pos_h, stock.image_encoder.blocks[0].attn.rel_pos_h)
+    torch.testing.assert_close(
+        ours.image_encoder.blocks[0].attn.rel_pos_h, stock.image_encoder.blocks[0].attn.rel_pos_h
+    )
     torch.testing.assert_close(ours.image_encoder.patch_embed.proj.weight, stock.image_encoder.patch_embed.proj.weight)
     # the resized table is an interpolation of the original, not a fresh init
     resized = resize_pos_embed(stock.image_encoder.pos_embed.detach(), (g, g))

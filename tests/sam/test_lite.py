@@ -88,8 +88,11 @@ def test_embedding_and_mask_logits_match_the_package(lite_sam, reference, ct_sli
         def decode(emb: torch.Tensor) -> torch.Tensor:
             sparse, dense = lite_sam.prompt_encoder(points=None, boxes=b, masks=None)
             return lite_sam.mask_decoder(
-                image_embeddings=emb, image_pe=lite_sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+                image_embeddings=emb,
+                image_pe=lite_sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
             )[0]
 
         theirs_logits = reference(x, np.asarray([box], dtype=np.float32))

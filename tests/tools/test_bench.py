@@ -32,14 +32,21 @@ def _dummy_bundle(root: Path, target: str) -> None:
         "network_def": {"_target_": target, "in_channels": 1, "out_channels": 3, "kernel_size": 3, "padding": 1},
         "network": "$@network_def.to(@device)",
     }
-    _write(root / "configs" / "train.json", {
-        **common,
-        "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
-        "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 1e-3},
-    })
-    _write(root / "configs" / "inference.json", {
-        **common, "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 4], "sw_batch_size": 2},
-    })
+    _write(
+        root / "configs" / "train.json",
+        {
+            **common,
+            "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
+            "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 1e-3},
+        },
+    )
+    _write(
+        root / "configs" / "inference.json",
+        {
+            **common,
+            "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 4], "sw_batch_size": 2},
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +60,25 @@ def result(tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         res = run_bench(
-            bundles="dummy,broken,ma_sam", bundles_dir=bundles, img_size=32, batch_size=1,
-            volume_shape=(32, 32, 8), peers=("sam", "dynunet"), peer_roi=(32, 32, 8), peer_batch=1,
-            sdpa_block_size=32, warmup=0, repeat=1, min_time=0.0, threads=1, out=out,
-            data_num=3, data_shape=(32, 32, 8), data_epochs=2, memory_estimates=False, lite=False,
+            bundles="dummy,broken,ma_sam",
+            bundles_dir=bundles,
+            img_size=32,
+            batch_size=1,
+            volume_shape=(32, 32, 8),
+            peers=("sam", "dynunet"),
+            peer_roi=(32, 32, 8),
+            peer_batch=1,
+            sdpa_block_size=32,
+            warmup=0,
+            repeat=1,
+            min_time=0.0,
+            threads=1,
+            out=out,
+            data_num=3,
+            data_shape=(32, 32, 8),
+            data_epochs=2,
+            memory_estimates=False,
+            lite=False,
         )
     finally:
         torch.set_num_threads(threads)
@@ -137,8 +159,13 @@ def test_measure_sees_a_large_allocation():
         "m = bench.measure(lambda: torch.ones(16 << 20).sum(), 'cpu', warmup=1, repeat=2)\n"  # 64 MiB, touched
         "print(json.dumps(m))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert m["runs"] == 2 and 48 <= m["peak_mb"] < 200
@@ -193,8 +220,9 @@ def test_lite_row_on_a_tiny_case():
     from shared_nets.sam import build_sam
 
     threads = torch.get_num_threads()
-    res = bench.lite_encoder_bench(threads=[1], img_size=32, weights=None, reference=False, warmup=0, repeat=2,
-                                   matmul_size=64)
+    res = bench.lite_encoder_bench(
+        threads=[1], img_size=32, weights=None, reference=False, warmup=0, repeat=2, matmul_size=64
+    )
     assert torch.get_num_threads() == threads
     enc = build_sam("lite", None, img_size=32).image_encoder.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -243,7 +271,7 @@ class Net(nn.Module):
         return self.decoder(torch.cat([feats, x[:, 1:]], 1))
 '''
 
-_FAKE_BENCH = '''
+_FAKE_BENCH = """
 import torch
 
 from shared_nets.interface import BenchCase, RepromptParts, count_flops
@@ -280,7 +308,7 @@ class Case(BenchCase):
 
 
 BENCH_CASE = Case()
-'''
+"""
 
 
 @pytest.fixture()
@@ -302,21 +330,44 @@ def test_a_new_method_needs_no_edit_to_the_bench(fake_method, tmp_path):
     binary target, training forward, re-prompt FLOP split and memory-estimate hooks are all used."""
     bundles = tmp_path / "bundles"
     common = {
-        "device": "$torch.device('cpu')", "variant": "tiny", "img_size": 32, "num_slices": 2, "batch_size": 1,
+        "device": "$torch.device('cpu')",
+        "variant": "tiny",
+        "img_size": 32,
+        "num_slices": 2,
+        "batch_size": 1,
         "network_def": {"_target_": f"{fake_method}.network.Net", "in_channels": 3, "out_channels": 2},
         "network": "$@network_def.to(@device)",
     }
-    _write(bundles / "fake" / "configs" / "train.json", {
-        **common,
-        "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
-        "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 1e-3},
-    })
-    _write(bundles / "fake" / "configs" / "inference.json", {
-        **common, "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 4], "sw_batch_size": 2},
-    })
-    res = run_bench(bundles="fake", bundles_dir=bundles, img_size=64, batch_size=1, volume_shape=(32, 32, 8),
-                    peers=(), sdpa_block_size=0, warmup=0, repeat=1, min_time=0.0, out=tmp_path / "out" / "bench",
-                    data_loading=False, lite=False)
+    _write(
+        bundles / "fake" / "configs" / "train.json",
+        {
+            **common,
+            "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
+            "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 1e-3},
+        },
+    )
+    _write(
+        bundles / "fake" / "configs" / "inference.json",
+        {
+            **common,
+            "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 4], "sw_batch_size": 2},
+        },
+    )
+    res = run_bench(
+        bundles="fake",
+        bundles_dir=bundles,
+        img_size=64,
+        batch_size=1,
+        volume_shape=(32, 32, 8),
+        peers=(),
+        sdpa_block_size=0,
+        warmup=0,
+        repeat=1,
+        min_time=0.0,
+        out=tmp_path / "out" / "bench",
+        data_loading=False,
+        lite=False,
+    )
     (row,) = res["bundles"]
     case = sys.modules[f"{fake_method}.bench"].BENCH_CASE
     assert row["status"] == "ok" and row["network"] == "Net", row.get("error")
@@ -362,14 +413,22 @@ def test_the_bench_names_no_method():
     names = set(packages)
     for pkg in packages:
         module = __import__(f"shared_nets.{pkg}", fromlist=["__all__"])
-        names |= {n for n in getattr(module, "__all__", []) if isinstance(getattr(module, n, None), type)
-                  and issubclass(getattr(module, n), torch.nn.Module)}
+        names |= {
+            n
+            for n in getattr(module, "__all__", [])
+            if isinstance(getattr(module, n, None), type) and issubclass(getattr(module, n), torch.nn.Module)
+        }
     assert {"ma_sam", "med_sa", "sam3d_adapter", "MASAM", "MedSA", "SAM3DAdapter", "HSAM", "SSAM"} <= names
     names |= {"MA-SAM", "Med-SA", "3DSAM-adapter", "S-SAM", "H-SAM"}  # as the papers write them
     pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names))) + r")\b")
     files = sorted((REPO / "tools" / "bench").glob("*.py")) + [root / "interface.py"]
-    hits = [f"{f.name}:{i}: {m.group(0)}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1)
-            for m in [pattern.search(line)] if m]
+    hits = [
+        f"{f.name}:{i}: {m.group(0)}"
+        for f in files
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        for m in [pattern.search(line)]
+        if m
+    ]
     assert not hits, hits
 
 

@@ -174,9 +174,7 @@ def test_bad_arguments_name_the_argument(tmp_path, kwargs, name):
 
 
 def _run_tools(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tools", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "tools", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_writes_dataset(tmp_path):

@@ -74,8 +74,15 @@ def test_interactive_models_are_named_for_monailabel(app):
 def test_start_command_options(app):
     cmd = start_server_command("/a", "/s", ["ma_sam", "h_sam"], port=8123)
     text = " ".join(cmd)
-    for expected in ("--conf models ma_sam,h_sam", "--conf zoo_source github", "--conf sam2 false", "--port 8123",
-                     f"--uvicorn_app {ERRORS_MODULE}:app", "--app /a", "--studies /s"):
+    for expected in (
+        "--conf models ma_sam,h_sam",
+        "--conf zoo_source github",
+        "--conf sam2 false",
+        "--port 8123",
+        f"--uvicorn_app {ERRORS_MODULE}:app",
+        "--app /a",
+        "--studies /s",
+    ):
         assert expected in text, expected
 
 
@@ -87,7 +94,10 @@ def test_app_configs_are_tiny_and_self_contained(app, name):
     assert infer["_meta_"] == meta and train["_meta_"] == meta
     assert train["sam_checkpoint"] is None and train["val_interval"] == 1
     assert "@device.type" not in json.dumps(infer) + json.dumps(train)  # MONAI Label passes device as a string
-    pre = [t.get("_target_", "").rsplit(".", 1)[-1] if isinstance(t, dict) else t for t in infer["preprocessing"]["transforms"]]
+    pre = [
+        t.get("_target_", "").rsplit(".", 1)[-1] if isinstance(t, dict) else t
+        for t in infer["preprocessing"]["transforms"]
+    ]
     assert "SelectItemsd" not in pre
     if "Spacingd" in pre:
         i = pre.index("Spacingd")
@@ -142,7 +152,13 @@ def test_serve_preprocessing_keeps_request_keys(app):
     parser["bundle_root"] = str(bundle)
     pre = parser.get_parsed_content("preprocessing")
     image = sorted(Path(app["studies"]).glob("*.nii.gz"))[0]
-    data = {"image": str(image), "image_path": str(image), "model_filename": ["model.pt"], "foreground": [[16, 16, 6]], "background": []}
+    data = {
+        "image": str(image),
+        "image_path": str(image),
+        "model_filename": ["model.pt"],
+        "foreground": [[16, 16, 6]],
+        "background": [],
+    }
     out = pre(data)
     assert out["image_path"] == str(image) and out["model_filename"] == ["model.pt"]
     assert out["image"].shape[0] == 3  # image + positive + negative guidance
@@ -169,8 +185,22 @@ def test_bad_arguments(tmp_path, sample_app, app):
 def test_cli_writes_app_and_prints_command(tmp_path, sample_app):
     from tools.__main__ import main
 
-    assert main(["label_app", "--out", str(tmp_path / "cli"), "--models", "h_sam", "--num_studies", "0",
-                 "--sample_app", str(sample_app)]) == 0
+    assert (
+        main(
+            [
+                "label_app",
+                "--out",
+                str(tmp_path / "cli"),
+                "--models",
+                "h_sam",
+                "--num_studies",
+                "0",
+                "--sample_app",
+                str(sample_app),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli" / "model" / "h_sam" / "models" / "model.pt").is_file()
     assert re.search(r"--conf models h_sam\b", (tmp_path / "cli" / "start_server.sh").read_text())
 
@@ -195,8 +225,14 @@ def _guard():
 
     tree = ast.parse(ERRORS_SOURCE)
     names = ("unsafe_name", "_inside", "_outside_datastore")
-    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names
-            or isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "NAME_PARAMS" for t in n.targets)]
+    keep = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef)
+        and n.name in names
+        or isinstance(n, ast.Assign)
+        and any(getattr(t, "id", "") == "NAME_PARAMS" for t in n.targets)
+    ]
     namespace = {"os": os, "settings": types.SimpleNamespace(MONAI_LABEL_STUDIES="")}
     exec(compile(ast.Module(body=keep, type_ignores=[]), "sam_bundles_errors", "exec"), namespace)  # noqa: S102
     return namespace

@@ -112,14 +112,25 @@ def test_synapse_split_and_label_ids(btcv, tmp_path):
     assert _cases(content, "test") == [f"img{i:04d}" for i in (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38)]
     assert tuple(int(c[3:]) for c in _cases(content, "test")) == SYNAPSE_TEST_CASES
     assert len(content["training"]) == 18 and not set(_cases(content, "training")) & set(_cases(content, "test"))
-    assert content["labels"] == {"0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney", "4": "gallbladder",
-                                 "5": "liver", "6": "stomach", "7": "aorta", "8": "pancreas"}
+    assert content["labels"] == {
+        "0": "background",
+        "1": "spleen",
+        "2": "right kidney",
+        "3": "left kidney",
+        "4": "gallbladder",
+        "5": "liver",
+        "6": "stomach",
+        "7": "aorta",
+        "8": "pancreas",
+    }
     for item in _checked_items(out, "training")[:3]:
         n = int(Path(item["image"]).name[3:7])
         got = np.asarray(nib.load(item["label"]).dataobj)
         np.testing.assert_array_equal(got, np.asarray(BTCV_TO_SYNAPSE)[_labels(n, 14)])
         src = _labels(n, 14)
-        assert (got[src == 6] == 5).all() and (got[src == 8] == 7).all() and (got[src == 11] == 8).all()  # liver, aorta, pancreas
+        assert (
+            (got[src == 6] == 5).all() and (got[src == 8] == 7).all() and (got[src == 11] == 8).all()
+        )  # liver, aorta, pancreas
         assert (got[np.isin(src, (5, 9, 10, 12, 13))] == 0).all()  # organs outside the 8 become background
     # default: keep BTCV ids, which h_sam's default config maps itself (mapping twice corrupts labels)
     prepare("synapse", btcv, tmp_path / "btcv_ids", progress=False)
@@ -127,7 +138,10 @@ def test_synapse_split_and_label_ids(btcv, tmp_path):
     assert _load(tmp_path / "btcv_ids")["labels"] == {str(k): v for k, v in BTCV_ORGANS.items()}
 
 
-@pytest.mark.parametrize("bundle, dataset, options", [("ma_sam", "btcv", {}), ("s_sam", "btcv", {}), ("h_sam", "synapse", {"label_ids": "synapse"})])
+@pytest.mark.parametrize(
+    "bundle, dataset, options",
+    [("ma_sam", "btcv", {}), ("s_sam", "btcv", {}), ("h_sam", "synapse", {"label_ids": "synapse"})],
+)
 def test_labels_match_bundle_channel_def(btcv, tmp_path, bundle, dataset, options):
     meta = ROOT / "bundles" / bundle / "configs" / "metadata.json"
     if not meta.is_file():
@@ -190,9 +204,14 @@ def test_label_ids_outside_dataset_are_rejected(tmp_path):
 def test_cli_main(btcv, tmp_path, capsys):
     from tools.__main__ import main as tools_main
 
-    assert tools_main(["prepare", "synapse", "--src", str(btcv), "--out", str(tmp_path / "cli"), "--progress", "False"]) == 0
+    assert (
+        tools_main(["prepare", "synapse", "--src", str(btcv), "--out", str(tmp_path / "cli"), "--progress", "False"])
+        == 0
+    )
     assert "training 18, validation 12, test 12" in capsys.readouterr().out
-    assert _load(tmp_path / "cli")["prepare"]["command"].startswith("python -m tools prepare synapse --src SRC --out OUT --seed 0")
+    assert _load(tmp_path / "cli")["prepare"]["command"].startswith(
+        "python -m tools prepare synapse --src SRC --out OUT --seed 0"
+    )
     assert all(name in main() for name in RECIPES)  # no dataset: lists the recipes
     with pytest.raises(SystemExit) as e:
         (tmp_path / "empty").mkdir()
@@ -209,8 +228,9 @@ def test_cli_main(btcv, tmp_path, capsys):
 def _msd(root: Path, task: str, prefix: str, n: int) -> Path:
     folder = root / task
     (folder / "imagesTr").mkdir(parents=True)
-    (folder / "dataset.json").write_text(json.dumps({"name": task.split("_")[1], "modality": {"0": "CT"},
-                                                     "labels": {"0": "background", "1": prefix}}))
+    (folder / "dataset.json").write_text(
+        json.dumps({"name": task.split("_")[1], "modality": {"0": "CT"}, "labels": {"0": "background", "1": prefix}})
+    )
     for i in range(1, n + 1):
         _save(folder / "imagesTr" / f"{prefix}_{i:03d}.nii.gz", np.zeros(SHAPE, np.int16))
         _save(folder / "labelsTr" / f"{prefix}_{i:03d}.nii.gz", _labels(i, 3))
@@ -221,7 +241,10 @@ def _msd(root: Path, task: str, prefix: str, n: int) -> Path:
 @pytest.fixture(scope="module")
 def tumour_sets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tumour")
-    sets = {"msd_pancreas": _msd(root, "Task07_Pancreas", "pancreas", 10), "msd_colon": _msd(root, "Task10_Colon", "colon", 10)}
+    sets = {
+        "msd_pancreas": _msd(root, "Task07_Pancreas", "pancreas", 10),
+        "msd_colon": _msd(root, "Task10_Colon", "colon", 10),
+    }
     for i in range(10):
         case = root / "kits21" / "kits21" / "data" / f"case_{i:05d}"
         _save(case / "imaging.nii.gz", np.zeros(SHAPE, np.int16))
@@ -245,14 +268,21 @@ def test_tumour_sets_match_3dsam_adapter_split(tumour_sets, tmp_path, dataset):
     a = _load(tmp_path / "a")
     assert a == _load(tmp_path / "b")
     assert [len(a[k]) for k in ("training", "validation", "test")] == [7, 1, 2]
-    assert a["target_class"] == TUMOUR_DATASETS[dataset]["target_class"] and a["split"] == {**a["split"], "kind": "seeded", "seed": 3}
+    assert a["target_class"] == TUMOUR_DATASETS[dataset]["target_class"] and a["split"] == {
+        **a["split"],
+        "kind": "seeded",
+        "seed": 3,
+    }
     cases = [c for k in ("training", "validation", "test") for c in _cases(a, k)]
     assert len(set(cases)) == 10 and not any(c.startswith("._") for c in cases)
     # the same cases per list as the 3DSAM-adapter bundle's own writer, for the same seed
     root = {"msd_pancreas": src, "msd_colon": src, "kits21": src / "kits21" / "data", "lits17": src}[dataset]
     ref = json.loads(Path(write_datalist(dataset, root, tmp_path / "ref.json", seed=3)).read_text())
     for key in ("training", "validation", "test"):
-        got = [str(Path(i["image"]).resolve()) for i in load_datalist(tmp_path / "a" / "datalist.json", key, keys=("image", "label"))]
+        got = [
+            str(Path(i["image"]).resolve())
+            for i in load_datalist(tmp_path / "a" / "datalist.json", key, keys=("image", "label"))
+        ]
         assert got == [i["image"] for i in ref[key]]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["datalist.json"]
     seeds = {tuple(_cases(_load(tmp_path / "a"), "test"))}
@@ -301,10 +331,14 @@ def test_promise12_converts_mhd_to_nifti(tmp_path):
     item = load_datalist(tmp_path / "a" / "datalist.json", "training", keys=("image", "label"))[0]
     i = int(item["case"][4:])
     img, lab = nib.load(item["image"]), nib.load(item["label"])
-    np.testing.assert_array_equal(np.asarray(img.dataobj), (np.arange(np.prod(SHAPE)).reshape(SHAPE) + i).astype(np.int16))
+    np.testing.assert_array_equal(
+        np.asarray(img.dataobj), (np.arange(np.prod(SHAPE)).reshape(SHAPE) + i).astype(np.int16)
+    )
     np.testing.assert_array_equal(np.asarray(lab.dataobj), _labels(i, 2))
     # ITK's LPS geometry as a RAS affine: x and y flipped, spacing and origin kept
-    np.testing.assert_allclose(img.affine, [[-0.6, 0, 0, -10.0], [0, -0.7, 0, 20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]], atol=1e-6)
+    np.testing.assert_allclose(
+        img.affine, [[-0.6, 0, 0, -10.0], [0, -0.7, 0, 20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]], atol=1e-6
+    )
     np.testing.assert_allclose(lab.affine, img.affine)
     assert lab.get_data_dtype() == np.uint8 and img.get_data_dtype() == np.int16
     assert not list((tmp_path / "a").rglob(".tmp_*"))
@@ -331,8 +365,11 @@ def test_prostate_multisite_split_and_binary_labels(prostate_sites, tmp_path):
     before = _snapshot(prostate_sites)
     prepare("prostate_multisite", prostate_sites, tmp_path / "all", progress=False)
     content = _load(tmp_path / "all")
-    expected_test = {f"{name}_Case{n:02d}" for site, name in zip("ABCDEF", ("RUNMC", "BMC", "HCRUDB", "UCL", "BIDMC", "HK"))
-                     for n in MA_SAM_PROSTATE_TEST[site]}
+    expected_test = {
+        f"{name}_Case{n:02d}"
+        for site, name in zip("ABCDEF", ("RUNMC", "BMC", "HCRUDB", "UCL", "BIDMC", "HK"))
+        for n in MA_SAM_PROSTATE_TEST[site]
+    }
     assert set(_cases(content, "test")) == expected_test and len(content["training"]) == 12
     assert content["sites"] == {"A": "RUNMC", "B": "BMC", "C": "HCRUDB", "D": "UCL", "E": "BIDMC", "F": "HK"}
     for item in load_datalist(tmp_path / "all" / "datalist.json", "test", keys=("image", "label"))[:4]:
@@ -360,14 +397,24 @@ def test_prostate_multisite_missing_test_case(tmp_path):
 
 # ---------------------------------------------------------------- LA (ITK .nrrd, UA-MT .h5)
 
-LA_TRAIN = ("06SR5RBREL16DQ6M8LWS", "0RZDK210BSMWAA6467LU", "1D7CUD1955YZPGK8XHJX", "1GU15S0GJ6PFNARO469W", "1MHBF3G6DCPWHSKG7XCP")
+LA_TRAIN = (
+    "06SR5RBREL16DQ6M8LWS",
+    "0RZDK210BSMWAA6467LU",
+    "1D7CUD1955YZPGK8XHJX",
+    "1GU15S0GJ6PFNARO469W",
+    "1MHBF3G6DCPWHSKG7XCP",
+)
 
 
 def test_la_nrrd_split_few_shot_and_labels(tmp_path):
     src = tmp_path / "LA" / "Training Set"
     for k, case in enumerate((*LA_TEST_CASES, *LA_TRAIN[::-1])):
-        _itk_write(src / case / "lgemri.nrrd", np.full(SHAPE, k, np.uint8), spacing=(0.625, 0.625, 0.625), origin=(0, 0, 0))
-        _itk_write(src / case / "laendo.nrrd", (_labels(k, 2) * 255).astype(np.uint8), spacing=(0.625,) * 3, origin=(0, 0, 0))
+        _itk_write(
+            src / case / "lgemri.nrrd", np.full(SHAPE, k, np.uint8), spacing=(0.625, 0.625, 0.625), origin=(0, 0, 0)
+        )
+        _itk_write(
+            src / case / "laendo.nrrd", (_labels(k, 2) * 255).astype(np.uint8), spacing=(0.625,) * 3, origin=(0, 0, 0)
+        )
     before = _snapshot(tmp_path / "LA")
     prepare("la", tmp_path / "LA", tmp_path / "out", num_labeled=4, progress=False)
     content = _load(tmp_path / "out")
@@ -442,8 +489,9 @@ def test_amos22_maps_the_twelve_shared_organs_to_btcv_ids(amos, tmp_path):
 
 
 def test_amos22_mri_shots_and_merged_adrenals(amos, tmp_path):
-    content = _load(prepare("amos22", amos, tmp_path / "mri", modality="mri", shots=1, merge_adrenals=True,
-                            progress=False).parent)
+    content = _load(
+        prepare("amos22", amos, tmp_path / "mri", modality="mri", shots=1, merge_adrenals=True, progress=False).parent
+    )
     cases = _cases(content, "training") + _cases(content, "test")
     assert sorted(cases) == ["amos_0507", "amos_0508", "amos_0509"] and len(content["training"]) == 1
     assert content["labels"]["12"] == "adrenal gland" and "13" not in content["labels"]

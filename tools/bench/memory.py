@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inputs import _value, bundle_parser, network_case
-
 from shared_nets.distributed import fsdp_units
+
+from .inputs import _value, bundle_parser, network_case
 
 
 def _kept_activation_bytes(fn: Callable[[], Any]) -> int:
@@ -69,8 +69,12 @@ def train_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, A
     size, depth = int(parser.get_parsed_content("img_size")), int(parser.get_parsed_content("num_slices"))
     out["config"] = f"{_value(parser, 'variant')}@{size}, {depth} slices, batch 1"
     real_x = case.memory_estimate_input(net, size, depth)
-    for label, ckpt, amp in (("none", False, False), ("grad-ckpt", True, False), ("AMP", False, True),
-                             ("both", True, True)):
+    for label, ckpt, amp in (
+        ("none", False, False),
+        ("grad-ckpt", True, False),
+        ("AMP", False, True),
+        ("both", True, True),
+    ):
         case.set_gradient_checkpointing(net, ckpt)
         with FakeTensorMode(allow_non_fake_inputs=True):
             x = torch.zeros_like(real_x)
@@ -84,8 +88,9 @@ def _autocast_forward(net: nn.Module, x: torch.Tensor, amp: bool) -> None:
         net(x)
 
 
-def fsdp_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, Any] | None = None,
-                         gpus: Sequence[int] = (1, 2, 4, 8)) -> dict[str, Any]:
+def fsdp_memory_estimate(
+    bundle_root: str | os.PathLike, overrides: dict[str, Any] | None = None, gpus: Sequence[int] = (1, 2, 4, 8)
+) -> dict[str, Any]:
     """Per-GPU training memory (GB, batch 1 per GPU) of ``multi_gpu_train.json`` with DDP and with ``use_fsdp``,
     for each GPU count, from :func:`train_memory_estimate`.
 
@@ -102,6 +107,8 @@ def fsdp_memory_estimate(bundle_root: str | os.PathLike, overrides: dict[str, An
     state, root, unit = est["state_gb"], est.get("fsdp_root_gb", 0.0), est.get("fsdp_unit_gb", 0.0)
     for label in ("none", "grad-ckpt", "AMP", "both"):
         act = est[label]["activations_gb"]
-        out[label] = {"ddp": act + state,
-                      "fsdp": {n: act + state / n + (root + 2 * unit if n > 1 else 0.0) for n in gpus}}
+        out[label] = {
+            "ddp": act + state,
+            "fsdp": {n: act + state / n + (root + 2 * unit if n > 1 else 0.0) for n in gpus},
+        }
     return out

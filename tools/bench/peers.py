@@ -17,8 +17,9 @@ from .inputs import _crop
 from .measure import _count, _free, _one_line, _state_mb
 
 
-def _step(net: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-          y: torch.Tensor) -> Callable[[], None]:
+def _step(
+    net: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss_fn(net(x), y).backward()
@@ -43,8 +44,14 @@ def stock_sam(bench: Any, variant: str, img_size: int, patch_size: int) -> dict[
         row["encoder"] = bench.timed(partial(sam.image_encoder, x), cheap=True)
     image = (torch.rand(3, img_size, img_size, device=bench.device) * 255).round()
     point = torch.tensor([[[img_size / 2, img_size / 2]]], device=bench.device)
-    batch = [{"image": image, "original_size": (img_size, img_size), "point_coords": point,
-              "point_labels": torch.ones(1, 1, device=bench.device)}]
+    batch = [
+        {
+            "image": image,
+            "original_size": (img_size, img_size),
+            "point_coords": point,
+            "point_labels": torch.ones(1, 1, device=bench.device),
+        }
+    ]
     row["prompt_to_mask"] = bench.timed(partial(sam, batch, multimask_output=False), cheap=True)
     return row
 
@@ -71,8 +78,16 @@ def _monai_peer(bench: Any, name: str) -> dict[str, Any]:
 
             levels = 5 if cuda else 4
             filters = [32, 64, 128, 256, 320][:levels] if cuda else [16, 32, 64, 128][:levels]
-            net = DynUNet(3, 1, 14, kernel_size=[3] * levels, strides=[1] + [2] * (levels - 1),
-                          upsample_kernel_size=[2] * (levels - 1), filters=filters, res_block=True)
+            net = DynUNet(
+                3,
+                1,
+                14,
+                kernel_size=[3] * levels,
+                strides=[1] + [2] * (levels - 1),
+                upsample_kernel_size=[2] * (levels - 1),
+                filters=filters,
+                res_block=True,
+            )
             row["config"] = f"DynUNet filters {filters}, residual"
         elif name == "swinunetr":
             from monai.networks.nets import SwinUNETR
@@ -129,10 +144,10 @@ def _attention_rows(bench: Any, what: str, module: nn.Module, x: torch.Tensor, b
     for mode in variants:
         rows[mode]["forward"] = fwd[mode]
     if backward:
+
         def fwd_bwd(m: nn.Module) -> None:
             m.zero_grad(set_to_none=True)
             m(x).float().pow(2).mean().backward()
-
 
         for m in variants.values():
             m.train()

@@ -65,22 +65,81 @@ def _fmt_n(n: Any) -> str:
 
 
 BUNDLE_COLUMNS = [
-    "bundle", "network", "variant@size", "train batch", "train step", "× MONAI", "train peak MB", "state MB",
-    "infer / volume", "× MONAI", "× stock SAM slices", "infer peak MB", "params", "trainable", "trainable (paper PEFT)",
+    "bundle",
+    "network",
+    "variant@size",
+    "train batch",
+    "train step",
+    "× MONAI",
+    "train peak MB",
+    "state MB",
+    "infer / volume",
+    "× MONAI",
+    "× stock SAM slices",
+    "infer peak MB",
+    "params",
+    "trainable",
+    "trainable (paper PEFT)",
 ]
-PEER_COLUMNS = ["peer", "config", "input", "train step", "train peak MB", "state MB", "infer / volume", "infer peak MB",
-                "params"]
+PEER_COLUMNS = [
+    "peer",
+    "config",
+    "input",
+    "train step",
+    "train peak MB",
+    "state MB",
+    "infer / volume",
+    "infer peak MB",
+    "params",
+]
 SAM_COLUMNS = ["stock SAM", "params", "encoder fwd", "encoder peak MB", "prompt→mask call", "call peak MB"]
-ENCODER_COLUMNS = ["bundle", "PEFT setting", "PEFT layers", "stock encoder fwd", "unmerged ×", "merged ×",
-                   "adapters (unmergeable)"]
-REPROMPT_COLUMNS = ["bundle", "setting", "first click (volume)", "re-prompt", "measured ×", "encoder runs",
-                    "cached vs uncached", "real-size × (FLOPs)", "cached share"]
-SWITCH_COLUMNS = ["bundle", "none MB", "none", "grad-ckpt MB", "grad-ckpt", "AMP MB", "AMP", "both MB", "both",
-                  "amp_dtype", "note"]
+ENCODER_COLUMNS = [
+    "bundle",
+    "PEFT setting",
+    "PEFT layers",
+    "stock encoder fwd",
+    "unmerged ×",
+    "merged ×",
+    "adapters (unmergeable)",
+]
+REPROMPT_COLUMNS = [
+    "bundle",
+    "setting",
+    "first click (volume)",
+    "re-prompt",
+    "measured ×",
+    "encoder runs",
+    "cached vs uncached",
+    "real-size × (FLOPs)",
+    "cached share",
+]
+SWITCH_COLUMNS = [
+    "bundle",
+    "none MB",
+    "none",
+    "grad-ckpt MB",
+    "grad-ckpt",
+    "AMP MB",
+    "AMP",
+    "both MB",
+    "both",
+    "amp_dtype",
+    "note",
+]
 ESTIMATE_COLUMNS = ["bundle", "config", "state GB", "none", "grad-ckpt", "AMP (bf16)", "both"]
 DATA_COLUMNS = ["bundle", "batches", "Dataset", "CacheDataset", "×", "PersistentDataset", "×", "batch ÷ train step"]
-SDPA_COLUMNS = ["what", "attention", "forward", "× stock", "fwd peak MB", "× stock mem", "fwd+bwd", "× stock",
-                "fwd+bwd peak MB", "× stock mem"]
+SDPA_COLUMNS = [
+    "what",
+    "attention",
+    "forward",
+    "× stock",
+    "fwd peak MB",
+    "× stock mem",
+    "fwd+bwd",
+    "× stock",
+    "fwd+bwd peak MB",
+    "× stock mem",
+]
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -123,14 +182,25 @@ def render_markdown(result: dict[str, Any]) -> str:
         if r.get("status") == "skipped":
             rows.append([r["bundle"], f"skipped: {r.get('error', '')}"] + ["–"] * (len(BUNDLE_COLUMNS) - 2))
             continue
-        rows.append([
-            r["bundle"], r.get("network", "–"), f"{r.get('variant')}@{r.get('img_size')}", r.get("batch", "–"),
-            _fmt_t(r.get("train")), _fmt_x(ra.get("train_vs_monai")), _fmt_mb(r.get("train")),
-            f"{r['state_mb']:.0f}" if r.get("state_mb") is not None else "–",
-            _fmt_t(r.get("infer")), _fmt_x(ra.get("infer_vs_monai")), _fmt_x(ra.get("infer_vs_stock_sam_slices")),
-            _fmt_mb(r.get("infer")), _fmt_n(r.get("params_total")), _fmt_n(r.get("params_trainable")),
-            _fmt_n(r.get("params_trainable_peft")),
-        ])
+        rows.append(
+            [
+                r["bundle"],
+                r.get("network", "–"),
+                f"{r.get('variant')}@{r.get('img_size')}",
+                r.get("batch", "–"),
+                _fmt_t(r.get("train")),
+                _fmt_x(ra.get("train_vs_monai")),
+                _fmt_mb(r.get("train")),
+                f"{r['state_mb']:.0f}" if r.get("state_mb") is not None else "–",
+                _fmt_t(r.get("infer")),
+                _fmt_x(ra.get("infer_vs_monai")),
+                _fmt_x(ra.get("infer_vs_stock_sam_slices")),
+                _fmt_mb(r.get("infer")),
+                _fmt_n(r.get("params_total")),
+                _fmt_n(r.get("params_trainable")),
+                _fmt_n(r.get("params_trainable_peft")),
+            ]
+        )
     lines += _table(BUNDLE_COLUMNS, rows)
     monai = next((p for p in result["peers"]["monai"] if p.get("status") == "ok"), None)
     lines += [
@@ -148,13 +218,31 @@ def render_markdown(result: dict[str, Any]) -> str:
         if p.get("status") != "ok":
             rows.append([p["name"], f"skipped: {p.get('error', '')}"] + ["–"] * (len(PEER_COLUMNS) - 2))
             continue
-        rows.append([p["name"], p.get("config", ""), f"{p['roi']} × {p['batch']}", _fmt_t(p.get("train")),
-                     _fmt_mb(p.get("train")), f"{p['state_mb']:.0f}", _fmt_t(p.get("infer")), _fmt_mb(p.get("infer")),
-                     _fmt_n(p.get("params_total"))])
+        rows.append(
+            [
+                p["name"],
+                p.get("config", ""),
+                f"{p['roi']} × {p['batch']}",
+                _fmt_t(p.get("train")),
+                _fmt_mb(p.get("train")),
+                f"{p['state_mb']:.0f}",
+                _fmt_t(p.get("infer")),
+                _fmt_mb(p.get("infer")),
+                _fmt_n(p.get("params_total")),
+            ]
+        )
     lines += _table(PEER_COLUMNS, rows) + [""]
-    rows = [[f"{r['variant']}@{r['img_size']}/p{r['patch_size']}", _fmt_n(r.get("params")), _fmt_t(r.get("encoder")),
-             _fmt_mb(r.get("encoder")), _fmt_t(r.get("prompt_to_mask")), _fmt_mb(r.get("prompt_to_mask"))]
-            for r in result["peers"]["sam"]]
+    rows = [
+        [
+            f"{r['variant']}@{r['img_size']}/p{r['patch_size']}",
+            _fmt_n(r.get("params")),
+            _fmt_t(r.get("encoder")),
+            _fmt_mb(r.get("encoder")),
+            _fmt_t(r.get("prompt_to_mask")),
+            _fmt_mb(r.get("prompt_to_mask")),
+        ]
+        for r in result["peers"]["sam"]
+    ]
     lines += _table(SAM_COLUMNS, rows)
     lines += ["", "## Encoder after merging PEFT deltas (target: merged ≤ 1.05× stock SAM)", ""]
     rows = []
@@ -164,10 +252,17 @@ def render_markdown(result: dict[str, Any]) -> str:
             continue
         setting = ", ".join(f"{k}={v}" for k, v in (r.get("peft_setting") or {}).items()) or "as configured"
         size = "{}@{}/p{}".format(*r["stock_sam"]) if r.get("stock_sam") else "–"
-        rows.append([r["bundle"], setting, enc.get("peft_layers", 0), f"{size}: {_fmt_t(enc.get('stock'))}",
-                     _fmt_x(ra.get("encoder_unmerged_vs_stock")),
-                     _fmt_x(ra.get("encoder_merged_vs_stock")) if enc.get("peft_layers") else "no PEFT layers",
-                     enc.get("unmergeable", 0)])
+        rows.append(
+            [
+                r["bundle"],
+                setting,
+                enc.get("peft_layers", 0),
+                f"{size}: {_fmt_t(enc.get('stock'))}",
+                _fmt_x(ra.get("encoder_unmerged_vs_stock")),
+                _fmt_x(ra.get("encoder_merged_vs_stock")) if enc.get("peft_layers") else "no PEFT layers",
+                enc.get("unmergeable", 0),
+            ]
+        )
     lines += _table(ENCODER_COLUMNS, rows)
     rows = []
     for r in result["bundles"]:
@@ -191,14 +286,17 @@ def render_markdown(result: dict[str, Any]) -> str:
     if rows:
         lines += ["", "## Training memory switches (train step peak MB and time; × = peak ÷ no switch)", ""]
         lines += _table(SWITCH_COLUMNS, rows)
-        lines += ["", "Each bundle's train configs with `gradient_checkpointing` and AMP (`amp`, `amp_dtype` → MONAI "
-                  "`amp_kwargs`) switched; same batch as the Bundles table. MONAI's trainers autocast on CUDA only, "
-                  "so the AMP columns are n/a on CPU; the CUDA figures (ViT-B/H at the real sizes) are pending a "
-                  "GPU run: `python -m tools bench --device cuda`. Frozen weights: validation wraps the same "
-                  "module as training (`validate#network` is `@network`, or a `Sequential` around it), so one copy "
-                  "of the frozen SAM weights serves both; under DDP every rank holds its own copy (separate "
-                  "processes/GPUs) but frozen parameters are outside DDP's gradient buckets (no all-reduce, no "
-                  "gradient memory)."]
+        lines += [
+            "",
+            "Each bundle's train configs with `gradient_checkpointing` and AMP (`amp`, `amp_dtype` → MONAI "
+            "`amp_kwargs`) switched; same batch as the Bundles table. MONAI's trainers autocast on CUDA only, "
+            "so the AMP columns are n/a on CPU; the CUDA figures (ViT-B/H at the real sizes) are pending a "
+            "GPU run: `python -m tools bench --device cuda`. Frozen weights: validation wraps the same "
+            "module as training (`validate#network` is `@network`, or a `Sequential` around it), so one copy "
+            "of the frozen SAM weights serves both; under DDP every rank holds its own copy (separate "
+            "processes/GPUs) but frozen parameters are outside DDP's gradient buckets (no all-reduce, no "
+            "gradient memory).",
+        ]
     rows = []
     for e in result.get("memory_estimates", []):
         if "error" in e:
@@ -212,11 +310,14 @@ def render_markdown(result: dict[str, Any]) -> str:
     if rows:
         lines += ["", "## Real-size training memory, estimated (GB; target ≤ 24 GB at batch 1)", ""]
         lines += _table(ESTIMATE_COLUMNS, rows)
-        lines += ["", "Activations kept for the backward pass / total with weights, gradients and AdamW state; the "
-                  "networks of `train.json` at each method's `memory_target` sizes, traced on fake tensors "
-                  "(`train_memory_estimate`), AMP as bf16 autocast. An estimate of what a GPU run measures (the "
-                  "backward's transient buffers come on top, one block's activations when checkpointing): the "
-                  "measured CUDA peaks are pending."]
+        lines += [
+            "",
+            "Activations kept for the backward pass / total with weights, gradients and AdamW state; the "
+            "networks of `train.json` at each method's `memory_target` sizes, traced on fake tensors "
+            "(`train_memory_estimate`), AMP as bf16 autocast. An estimate of what a GPU run measures (the "
+            "backward's transient buffers come on top, one block's activations when checkpointing): the "
+            "measured CUDA peaks are pending.",
+        ]
     rows = []
     for r in result["bundles"]:
         dl = r.get("data_loading")
@@ -241,15 +342,17 @@ def render_markdown(result: dict[str, Any]) -> str:
         s_ = result["settings"]
         lines += ["", "## Data loading (train dataloader per batch, later epochs; × = ÷ plain Dataset)", ""]
         lines += _table(DATA_COLUMNS, rows)
-        lines += ["", "Each bundle's `train#dataloader` with `dataset_type` switched, on "
-                  f"{s_.get('data_num')} phantoms of {s_.get('data_shape')} (train.json + demo.json, their "
-                  f"`num_workers`), {s_.get('data_epochs')} epochs: "
-                  "build = constructing the dataset (CacheDataset fills its cache there), 1st epoch (PersistentDataset "
-                  "writes its cache there), per batch = median of the later epochs. Batch ÷ train step compares the "
-                  "CacheDataset batch with the Bundles table's train step (< 1: loading is not the bottleneck)."]
+        lines += [
+            "",
+            "Each bundle's `train#dataloader` with `dataset_type` switched, on "
+            f"{s_.get('data_num')} phantoms of {s_.get('data_shape')} (train.json + demo.json, their "
+            f"`num_workers`), {s_.get('data_epochs')} epochs: "
+            "build = constructing the dataset (CacheDataset fills its cache there), 1st epoch (PersistentDataset "
+            "writes its cache there), per batch = median of the later epochs. Batch ÷ train step compares the "
+            "CacheDataset batch with the Bundles table's train step (< 1: loading is not the bottleneck).",
+        ]
     rows = []
-    notes = ["; ".join(r["reprompt_note"] for r in result["bundles"]
-                       if r.get("reprompt") and r.get("reprompt_note"))]
+    notes = ["; ".join(r["reprompt_note"] for r in result["bundles"] if r.get("reprompt") and r.get("reprompt_note"))]
     for r in result["bundles"]:
         for rp in r.get("reprompt") or []:
             if "error" in rp:
@@ -260,20 +363,32 @@ def render_markdown(result: dict[str, Any]) -> str:
             share = (fl["encoder"] + fl["cached_decoder_part"]) / fl["first_click"] if "ratio" in fl else None
             cached = "–" if share is None else f"{share:.1%}"
             windows = rp.get("windows", 0)
-            rows.append([r["bundle"], rp["setting"], _fmt_t(rp.get("first_click")), _fmt_t(rp.get("reprompt")),
-                         _fmt_x(rp.get("ratio")),
-                         f"{rp.get('encoder_runs', '–')} ({windows} window{'' if windows == 1 else 's'})",
-                         f"{rp.get('max_abs_diff_vs_uncached', float('nan')):.1e}", real, cached])
+            rows.append(
+                [
+                    r["bundle"],
+                    rp["setting"],
+                    _fmt_t(rp.get("first_click")),
+                    _fmt_t(rp.get("reprompt")),
+                    _fmt_x(rp.get("ratio")),
+                    f"{rp.get('encoder_runs', '–')} ({windows} window{'' if windows == 1 else 's'})",
+                    f"{rp.get('max_abs_diff_vs_uncached', float('nan')):.1e}",
+                    real,
+                    cached,
+                ]
+            )
     if rows:
         lines += ["", "## Interactive re-prompt (cached image embedding; target ≤ 0.05×)", ""]
         lines += _table(REPROMPT_COLUMNS, rows)
-        lines += ["", "A re-prompt adds a positive click 2 voxels from the first one and a negative click mirrored "
-                  "about it on the same slice (the prompt region, hence the windows, stay the same); the cached "
-                  "answer is compared with an uncached one (max abs diff of the logits). Measured × is on this "
-                  "run's tiny configs, where SAM's decoder costs about as much as the tiny encoder; real-size × "
-                  "counts matmul/conv FLOPs (`torch.utils.flop_counter`, fake tensors, so no memory or time) of the "
-                  "bundles' `train.json` networks: what a re-prompt runs ÷ what a first click runs. Cached share = "
-                  "FLOPs a re-prompt skips." + "".join(f" {n}." for n in notes if n)]
+        lines += [
+            "",
+            "A re-prompt adds a positive click 2 voxels from the first one and a negative click mirrored "
+            "about it on the same slice (the prompt region, hence the windows, stay the same); the cached "
+            "answer is compared with an uncached one (max abs diff of the logits). Measured × is on this "
+            "run's tiny configs, where SAM's decoder costs about as much as the tiny encoder; real-size × "
+            "counts matmul/conv FLOPs (`torch.utils.flop_counter`, fake tensors, so no memory or time) of the "
+            "bundles' `train.json` networks: what a re-prompt runs ÷ what a first click runs. Cached share = "
+            "FLOPs a re-prompt skips." + "".join(f" {n}." for n in notes if n),
+        ]
     lines += ["", "## Attention: stock SAM vs `scaled_dot_product_attention` (`shared_nets.sam.enable_sdpa`)", ""]
     rows = []
     for r in result["sdpa"]:
@@ -281,10 +396,20 @@ def render_markdown(result: dict[str, Any]) -> str:
             rows.append([r["what"], f"error: {r['error']}"] + ["–"] * (len(SDPA_COLUMNS) - 2))
             continue
         stock = r.get("mode") == "stock"
-        rows.append([r["what"], r["mode"], _fmt_t(r.get("forward")), "" if stock else _fmt_x(r.get("forward_vs_stock")),
-                     _fmt_mb(r.get("forward")), "" if stock else _fmt_x(r.get("forward_peak_vs_stock")),
-                     _fmt_t(r.get("train")), "" if stock else _fmt_x(r.get("train_vs_stock")),
-                     _fmt_mb(r.get("train")), "" if stock else _fmt_x(r.get("train_peak_vs_stock"))])
+        rows.append(
+            [
+                r["what"],
+                r["mode"],
+                _fmt_t(r.get("forward")),
+                "" if stock else _fmt_x(r.get("forward_vs_stock")),
+                _fmt_mb(r.get("forward")),
+                "" if stock else _fmt_x(r.get("forward_peak_vs_stock")),
+                _fmt_t(r.get("train")),
+                "" if stock else _fmt_x(r.get("train_vs_stock")),
+                _fmt_mb(r.get("train")),
+                "" if stock else _fmt_x(r.get("train_peak_vs_stock")),
+            ]
+        )
     lines += _table(SDPA_COLUMNS, rows)
     if result.get("lite"):
         lines += [""] + render_lite(result["lite"])

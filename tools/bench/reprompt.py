@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared_nets.sam import EmbeddingCache
+
 from .inputs import Phantom, _value, _with_guidance, bundle_parser, network_case
 from .measure import _one_line, _ratio, _t
-
-from shared_nets.sam import EmbeddingCache
 
 
 def _embedding_caches(net: nn.Module) -> list[EmbeddingCache]:
@@ -61,13 +61,26 @@ def reprompt_flops(bundle_root: str | os.PathLike, overrides: dict[str, Any] | N
     if parts.real_extra is not None:  # outside fake mode: real tensors for data-dependent parts
         counts["prompt_path"] += int(parts.real_extra())
     first = counts["encoder"] + counts["cached_decoder_part"] + counts["prompt_path"]
-    return {"network": name, "config": config, **counts, "first_click": first,
-            "ratio": round(counts["prompt_path"] / first, 4)}
+    return {
+        "network": name,
+        "config": config,
+        **counts,
+        "first_click": first,
+        "ratio": round(counts["prompt_path"] / first, 4),
+    }
 
 
 def reprompt_row(
-    bench: Any, root: Path, setting: str, extra: dict[str, Any], net: nn.Module, inferer: Any, volume: Phantom,
-    mask: torch.Tensor, keys: tuple[str, ...], row: dict[str, Any] | None = None,
+    bench: Any,
+    root: Path,
+    setting: str,
+    extra: dict[str, Any],
+    net: nn.Module,
+    inferer: Any,
+    volume: Phantom,
+    mask: torch.Tensor,
+    keys: tuple[str, ...],
+    row: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """First click and re-prompt of one network setting, timed, plus the real-size FLOP ratio."""
     out: dict[str, Any] = {"setting": setting, "overrides": extra}
@@ -106,8 +119,10 @@ def _reprompt(
     inferer(inputs=first, network=net)  # the first click fills the cache
     misses = sum(c.misses for c in caches)
     cached = inferer(inputs=again, network=net)
-    out: dict[str, Any] = {"windows": int(getattr(inferer, "last_windows_run", 0)),
-                           "encoder_runs": sum(c.misses for c in caches) - misses}
+    out: dict[str, Any] = {
+        "windows": int(getattr(inferer, "last_windows_run", 0)),
+        "encoder_runs": sum(c.misses for c in caches) - misses,
+    }
     sizes = [c.size for c in caches]
     for c in caches:  # caching off: the plain forward
         c.size = 0

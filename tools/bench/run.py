@@ -59,8 +59,14 @@ def _encoder_config(encoder: nn.Module) -> tuple[int, int]:
 
 
 def _train_step(
-    case: BenchCase, net: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-    y: torch.Tensor, amp: bool = False, amp_dtype: torch.dtype = torch.float16,
+    case: BenchCase,
+    net: nn.Module,
+    loss_fn: Callable,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: bool = False,
+    amp_dtype: torch.dtype = torch.float16,
     scaler: torch.amp.GradScaler | None = None,
 ) -> Callable[[], None]:
     """One training step (forward as the method's case runs it, loss, backward, optimizer step); ``amp``:
@@ -98,8 +104,9 @@ class _Bench:
 
     def timed_many(self, fns: dict[str, Callable[[], Any]], cheap: bool = False) -> dict[str, dict[str, Any]]:
         s = self.s
-        return measure_interleaved(fns, self.device, s["warmup"], s["repeat"], s["min_time"] if cheap else 0.0,
-                                   max_repeat=200)
+        return measure_interleaved(
+            fns, self.device, s["warmup"], s["repeat"], s["min_time"] if cheap else 0.0, max_repeat=200
+        )
 
     def stock(self, variant: str, img_size: int, patch_size: int) -> dict[str, Any]:
         """Stock SAM of this variant and input size (measured once per size, :func:`tools.bench.peers.stock_sam`)."""
@@ -122,8 +129,11 @@ class _Bench:
             return row
         demo = ["demo.json"] if s["use_demo"] else []
         train_cfgs, infer_cfgs = ["train.json", *demo], ["inference.json", *demo]
-        ov: dict[str, Any] = {"bundle_root": str(root), "device": f"$torch.device('{self.device}')",
-                              "sam_checkpoint": None}
+        ov: dict[str, Any] = {
+            "bundle_root": str(root),
+            "device": f"$torch.device('{self.device}')",
+            "sam_checkpoint": None,
+        }
         if s["variant"] is not None:
             ov["variant"] = s["variant"]
         if s["img_size"] is not None and case.slice_based:
@@ -163,8 +173,9 @@ class _Bench:
 
         # a training batch: crops around the object (as RandCropByPosNegLabeld would), repeated
         batch = s["batch_size"] or int(_value(tp, "batch_size", 1) or 1) * int(_value(tp, "num_samples", 1) or 1)
-        centre = (torch.nonzero(mask).float().mean(0).round().long().tolist() if mask.any()
-                  else [n // 2 for n in mask.shape])
+        centre = (
+            torch.nonzero(mask).float().mean(0).round().long().tolist() if mask.any() else [n // 2 for n in mask.shape]
+        )
         crop_mask = _crop(mask[None].float(), centre, roi)[0] > 0.5
         x = _with_guidance(_crop(volume.image[None], centre, roi), crop_mask, keys)[None]
         x = x.repeat(batch, 1, 1, 1, 1).to(self.device)
@@ -205,8 +216,17 @@ class _Bench:
         return row
 
     def _infer(
-        self, row: dict[str, Any], case: BenchCase, root: Path, infer_cfgs: list[str], ov: dict[str, Any],
-        infer_net: nn.Module, inferer: Any, vol_in: torch.Tensor, volume: Phantom, mask: torch.Tensor,
+        self,
+        row: dict[str, Any],
+        case: BenchCase,
+        root: Path,
+        infer_cfgs: list[str],
+        ov: dict[str, Any],
+        infer_net: nn.Module,
+        inferer: Any,
+        vol_in: torch.Tensor,
+        volume: Phantom,
+        mask: torch.Tensor,
         keys: tuple[str, ...],
     ) -> None:
         """One volume through the inferer (first click), and re-prompts of networks that cache embeddings."""
@@ -252,7 +272,7 @@ class _Bench:
         amp_dtype = getattr(torch, out["amp_dtype"], torch.float16)
         cuda = self.device == "cuda"
         fns: dict[str, Callable[[], Any]] = {}
-        for ckpt in ((False, True) if has_ckpt else (False,)):
+        for ckpt in (False, True) if has_ckpt else (False,):
             try:
                 p = bundle_parser(root, cfgs, {**ov, "gradient_checkpointing": ckpt} if has_ckpt else ov)
                 net, loss_fn, opt = (p.get_parsed_content(k) for k in ("network", "loss", "optimizer"))
@@ -260,7 +280,7 @@ class _Bench:
                 out[f"ckpt={ckpt}"] = {"error": _one_line(err)}
                 continue
             net.train()
-            for amp in ((False, True) if cuda else (False,)):
+            for amp in (False, True) if cuda else (False,):
                 scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
                 name = ("grad-ckpt" if ckpt else "none") if not amp else ("both" if ckpt else "AMP")
                 fns[name] = _train_step(case, net, loss_fn, opt, x, y, amp, amp_dtype, scaler)
@@ -311,8 +331,10 @@ class _Bench:
         from shared_nets.peft import PeftLayer, find_unmergeable, merge_peft
         from shared_nets.sam import build_image_encoder
 
-        enc_row: dict[str, Any] = {"peft_layers": sum(isinstance(m, PeftLayer) for m in encoder.modules()),
-                                   "unmergeable": len(find_unmergeable(encoder))}
+        enc_row: dict[str, Any] = {
+            "peft_layers": sum(isinstance(m, PeftLayer) for m in encoder.modules()),
+            "unmergeable": len(find_unmergeable(encoder)),
+        }
         fns: dict[str, Callable[[], Any]] = {}
         xe = torch.randn(1, 3, key[1], key[1], device=self.device)
         try:
@@ -338,8 +360,9 @@ class _Bench:
             from tools.demo_data import write_demo_dataset
 
             self._demo = tempfile.TemporaryDirectory(prefix="bench_demo_")
-            write_demo_dataset(self._demo.name, num=self.s["data_num"], seed=self.s["seed"],
-                               shape=self.s["data_shape"], progress=False)
+            write_demo_dataset(
+                self._demo.name, num=self.s["data_num"], seed=self.s["seed"], shape=self.s["data_shape"], progress=False
+            )
         return Path(self._demo.name)
 
     def data_loading(self, name: str) -> dict[str, Any]:
@@ -353,8 +376,14 @@ class _Bench:
         out: dict[str, Any] = {}
         for kind in DATASET_TYPES:
             with tempfile.TemporaryDirectory(prefix="bench_cache_") as cache:
-                ov = {"bundle_root": str(root), "dataset_dir": str(self.demo_dir()), "dataset_type": kind,
-                      "persistent_cache_dir": cache, "device": "$torch.device('cpu')", "sam_checkpoint": None}
+                ov = {
+                    "bundle_root": str(root),
+                    "dataset_dir": str(self.demo_dir()),
+                    "dataset_type": kind,
+                    "persistent_cache_dir": cache,
+                    "device": "$torch.device('cpu')",
+                    "sam_checkpoint": None,
+                }
                 try:
                     out[kind] = self._epochs(bundle_parser(root, ["train.json", "demo.json"], ov))
                 except Exception as err:
@@ -406,9 +435,15 @@ def _machine(device: str) -> dict[str, Any]:
             return None
 
     info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "monai": version("monai"), "segment_anything": version("segment_anything"),
-        "python": platform.python_version(), "platform": platform.platform(), "device": device,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "monai": version("monai"),
+        "segment_anything": version("segment_anything"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -509,7 +544,8 @@ def run_bench(
     cuda = device == "cuda"
     bundles_dir = Path(bundles_dir) if bundles_dir is not None else REPO / "bundles"
     available = sorted(
-        p.name for p in (bundles_dir.iterdir() if bundles_dir.is_dir() else [])
+        p.name
+        for p in (bundles_dir.iterdir() if bundles_dir.is_dir() else [])
         if (p / "configs" / "train.json").exists()
     )
     names = _as_list(bundles) if bundles is not None else available
@@ -534,20 +570,33 @@ def run_bench(
             lite_row = {"error": _one_line(err)}
     pinned = _pin_malloc() if not cuda else False
     settings = {
-        "bundles": names, "device": device, "variant": variant, "img_size": img_size,
-        "bundles_dir": _display_path(bundles_dir), "use_demo": (not cuda) if use_demo is None else bool(use_demo),
+        "bundles": names,
+        "device": device,
+        "variant": variant,
+        "img_size": img_size,
+        "bundles_dir": _display_path(bundles_dir),
+        "use_demo": (not cuda) if use_demo is None else bool(use_demo),
         "batch_size": batch_size,
         "volume_shape": [int(v) for v in (volume_shape or ((512, 512, 64) if cuda else (128, 128, 32)))],
-        "peers": peer_names, "peer_roi": [int(v) for v in (peer_roi or ((96, 96, 96) if cuda else (64, 64, 32)))],
+        "peers": peer_names,
+        "peer_roi": [int(v) for v in (peer_roi or ((96, 96, 96) if cuda else (64, 64, 32)))],
         "peer_batch": peer_batch,
-        "sdpa_encoders": (_as_list(sdpa_encoders) if sdpa_encoders is not None
-                          else (["vit_b@1024", "vit_h@1024"] if cuda else [])),
+        "sdpa_encoders": (
+            _as_list(sdpa_encoders) if sdpa_encoders is not None else (["vit_b@1024", "vit_h@1024"] if cuda else [])
+        ),
         "sdpa_block_size": 1024 if sdpa_block_size is None else int(sdpa_block_size),
         "sdpa_block_backward": cuda if sdpa_block_backward is None else bool(sdpa_block_backward),
-        "warmup": warmup, "repeat": repeat, "min_time": float(min_time), "seed": seed, "overrides": overrides,
-        "switches": bool(switches), "memory_estimates": bool(memory_estimates), "data_loading": bool(data_loading),
+        "warmup": warmup,
+        "repeat": repeat,
+        "min_time": float(min_time),
+        "seed": seed,
+        "overrides": overrides,
+        "switches": bool(switches),
+        "memory_estimates": bool(memory_estimates),
+        "data_loading": bool(data_loading),
         "data_num": int(data_num),
-        "data_shape": [int(v) for v in data_shape], "data_epochs": int(data_epochs),
+        "data_shape": [int(v) for v in data_shape],
+        "data_epochs": int(data_epochs),
     }
     torch.manual_seed(seed)
     t_start = time.time()
@@ -571,8 +620,12 @@ def run_bench(
         try:
             row = bench.bundle(name)
         except Exception as err:  # never let one bundle end the run
-            row = {"bundle": name, "status": "skipped", "error": _one_line(err),
-                   "notes": [traceback.format_exc(limit=2)]}
+            row = {
+                "bundle": name,
+                "status": "skipped",
+                "error": _one_line(err),
+                "notes": [traceback.format_exc(limit=2)],
+            }
         if settings["data_loading"] and row.get("status") != "skipped":
             _progress(t_start, f"data loading {name}")
             try:

@@ -87,7 +87,9 @@ def find_btcv_cases(src: Path) -> dict[int, dict[str, Any]]:
         DatasetLayoutError: no BTCV layout, an image without its label, or no cases.
     """
     folder = find_folder(
-        src, ("", "Training", "RawData/Training", "Abdomen/RawData/Training", "RawData"), lambda p: _pair_folders(p) is not None
+        src,
+        ("", "Training", "RawData/Training", "Abdomen/RawData/Training", "RawData"),
+        lambda p: _pair_folders(p) is not None,
     )
     if folder is None:
         if (src / "train_npz").is_dir() or (src / "test_vol_h5").is_dir():
@@ -102,7 +104,7 @@ def find_btcv_cases(src: Path) -> dict[int, dict[str, Any]]:
         if not digits.isdigit():
             continue
         n = int(digits)
-        suffix = img.name[len("img") + len(digits):]
+        suffix = img.name[len("img") + len(digits) :]
         label = lab_dir / f"label{digits}{suffix}"
         if not label.is_file():
             alt = [p for p in lab_dir.glob(f"label{digits}.nii*") if is_nifti(p)]
@@ -128,7 +130,10 @@ def _select(cases: dict[int, dict[str, Any]], ids: tuple[int, ...], split: str, 
 def _warn_extra(cases: dict[int, dict[str, Any]], used: set[int]) -> None:
     extra = sorted(set(cases) - used)
     if extra:
-        warnings.warn(f"BTCV cases {', '.join(cases[i]['case'] for i in extra)} are not in the paper's split; left out.", stacklevel=3)
+        warnings.warn(
+            f"BTCV cases {', '.join(cases[i]['case'] for i in extra)} are not in the paper's split; left out.",
+            stacklevel=3,
+        )
 
 
 def _common_payload(name: str, description: str) -> dict[str, Any]:
@@ -142,8 +147,9 @@ def _common_payload(name: str, description: str) -> dict[str, Any]:
     }
 
 
-def prepare_btcv(src: Path, out: Path, *, seed: int = 0, num_val: int = 0, merge_adrenals: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
+def prepare_btcv(
+    src: Path, out: Path, *, seed: int = 0, num_val: int = 0, merge_adrenals: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """BTCV, 13 organs, MA-SAM's split: 24 training / 6 test cases (MA-SAM sec. 4.1, Task 1).
 
     Args:
@@ -173,18 +179,27 @@ def prepare_btcv(src: Path, out: Path, *, seed: int = 0, num_val: int = 0, merge
     lists = {}
     for key, items in (("training", train), ("validation", val), ("test", test)):
         lists[key] = materialise(items, out, label_lut=lut, progress=progress, desc=f"btcv {key}")
-    payload = _common_payload("BTCV", "BTCV abdomen CT, 13 organs" + (" (adrenal glands merged: 12)" if merge_adrenals else "")
-                              + "; MA-SAM's split = SwinUNETR/UNETR dataset_0.json (24 training, 6 test)")
-    payload.update({
-        "labels": {str(k): v for k, v in labels.items()},
-        "numTraining": len(lists["training"]),
-        "numTest": len(lists["test"]),
-        "split": {"kind": "fixed", "source": "Tang et al. 2022 (SwinUNETR) BTCV dataset_0.json, as MA-SAM sec. 4.1",
-                  "validation": note},
-        "label_ids": "btcv_adrenals_merged" if merge_adrenals else "btcv",
-        **({"label_mapping": {"from": "btcv", "lut": lut.tolist()}} if lut is not None else {}),
-        **lists,
-    })
+    payload = _common_payload(
+        "BTCV",
+        "BTCV abdomen CT, 13 organs"
+        + (" (adrenal glands merged: 12)" if merge_adrenals else "")
+        + "; MA-SAM's split = SwinUNETR/UNETR dataset_0.json (24 training, 6 test)",
+    )
+    payload.update(
+        {
+            "labels": {str(k): v for k, v in labels.items()},
+            "numTraining": len(lists["training"]),
+            "numTest": len(lists["test"]),
+            "split": {
+                "kind": "fixed",
+                "source": "Tang et al. 2022 (SwinUNETR) BTCV dataset_0.json, as MA-SAM sec. 4.1",
+                "validation": note,
+            },
+            "label_ids": "btcv_adrenals_merged" if merge_adrenals else "btcv",
+            **({"label_mapping": {"from": "btcv", "lut": lut.tolist()}} if lut is not None else {}),
+            **lists,
+        }
+    )
     return payload
 
 
@@ -203,8 +218,9 @@ def synapse_labels() -> tuple[np.ndarray, dict[int, str]]:
     return lut, dict(sorted(names.items()))
 
 
-def prepare_synapse(src: Path, out: Path, *, seed: int = 0, num_val: int = 0, label_ids: str = "btcv",
-                    progress: bool = True) -> dict[str, Any]:
+def prepare_synapse(
+    src: Path, out: Path, *, seed: int = 0, num_val: int = 0, label_ids: str = "btcv", progress: bool = True
+) -> dict[str, Any]:
     """Synapse multi-organ (8 organs), TransUNet's 18 training / 12 test cases (H-SAM sec. 4.1; SAMed; MA-SAM baselines).
 
     Args:
@@ -223,7 +239,9 @@ def prepare_synapse(src: Path, out: Path, *, seed: int = 0, num_val: int = 0, la
         The datalist content (written by ``tools.prepare``).
     """
     if label_ids not in ("synapse", "btcv"):
-        raise ValueError(f"label_ids must be 'synapse' (write the 8-organ ids) or 'btcv' (keep BTCV ids), got {label_ids!r}.")
+        raise ValueError(
+            f"label_ids must be 'synapse' (write the 8-organ ids) or 'btcv' (keep BTCV ids), got {label_ids!r}."
+        )
     cases = find_btcv_cases(src)
     train = _select(cases, SYNAPSE_TRAIN_CASES, "training", src)
     test = _select(cases, SYNAPSE_TEST_CASES, "test", src)
@@ -234,17 +252,24 @@ def prepare_synapse(src: Path, out: Path, *, seed: int = 0, num_val: int = 0, la
     lists = {}
     for key, items in (("training", train), ("validation", val), ("test", test)):
         lists[key] = materialise(items, out, label_lut=use_lut, progress=progress, desc=f"synapse {key}")
-    payload = _common_payload("Synapse", "Synapse multi-organ CT (BTCV volumes), 8 organs; TransUNet's split (18 training, 12 test)")
-    payload.update({
-        "labels": {str(k): v for k, v in (names if label_ids == "synapse" else BTCV_ORGANS).items()},
-        "numTraining": len(lists["training"]),
-        "numTest": len(lists["test"]),
-        "split": {"kind": "fixed", "source": "TransUNet lists_Synapse (test_vol.txt), as SAMed and H-SAM sec. 4.1",
-                  "validation": note},
-        "label_ids": label_ids,
-        **({"label_mapping": {"from": "btcv", "lut": lut.tolist()}} if use_lut is not None else {}),
-        **lists,
-    })
+    payload = _common_payload(
+        "Synapse", "Synapse multi-organ CT (BTCV volumes), 8 organs; TransUNet's split (18 training, 12 test)"
+    )
+    payload.update(
+        {
+            "labels": {str(k): v for k, v in (names if label_ids == "synapse" else BTCV_ORGANS).items()},
+            "numTraining": len(lists["training"]),
+            "numTest": len(lists["test"]),
+            "split": {
+                "kind": "fixed",
+                "source": "TransUNet lists_Synapse (test_vol.txt), as SAMed and H-SAM sec. 4.1",
+                "validation": note,
+            },
+            "label_ids": label_ids,
+            **({"label_mapping": {"from": "btcv", "lut": lut.tolist()}} if use_lut is not None else {}),
+            **lists,
+        }
+    )
     return payload
 
 
@@ -277,6 +302,7 @@ def find_amos_cases(src: Path) -> list[dict[str, Any]]:
     Raises:
         DatasetLayoutError: no ``imagesTr``/``labelsTr`` folders, an image without its label, or no cases.
     """
+
     def has_pairs(p: Path) -> bool:
         return (p / "imagesTr").is_dir() and (p / "labelsTr").is_dir()
 
@@ -292,7 +318,7 @@ def find_amos_cases(src: Path) -> list[dict[str, Any]]:
             continue
         for img in sorted(p for p in img_dir.iterdir() if is_nifti(p) and p.name.startswith("amos_")):
             name = strip_suffix(img.name)
-            digits = name[len("amos_"):]
+            digits = name[len("amos_") :]
             if not digits.isdigit():
                 continue
             label = next((p for p in lab_dir.glob(f"{name}.nii*") if is_nifti(p)), None) if lab_dir.is_dir() else None
@@ -304,8 +330,16 @@ def find_amos_cases(src: Path) -> list[dict[str, Any]]:
     return cases
 
 
-def prepare_amos22(src: Path, out: Path, *, modality: str = "ct", shots: int = 0, merge_adrenals: bool = False,
-                   seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def prepare_amos22(
+    src: Path,
+    out: Path,
+    *,
+    modality: str = "ct",
+    shots: int = 0,
+    merge_adrenals: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """AMOS 22 CT or MRI in BTCV label ids, for MA-SAM's generalisation study (sec. 4.4, Fig. 6).
 
     The paper applies its BTCV-trained model to "300 CT scans and 60 MRI scans in the training and
@@ -350,7 +384,7 @@ def prepare_amos22(src: Path, out: Path, *, modality: str = "ct", shots: int = 0
     payload = {
         "name": f"AMOS22-{modality.upper()}",
         "description": f"AMOS 22 {modality.upper()}, the 12 organs shared with BTCV, in BTCV label ids"
-                       + (" (adrenal glands merged)" if merge_adrenals else ""),
+        + (" (adrenal glands merged)" if merge_adrenals else ""),
         "reference": "Ji et al., AMOS: a large-scale abdominal multi-organ benchmark, NeurIPS 2022 (zenodo 7262581)",
         "licence": "CC BY 4.0 (AMOS 22)",
         "tensorImageSize": "3D",
@@ -358,8 +392,13 @@ def prepare_amos22(src: Path, out: Path, *, modality: str = "ct", shots: int = 0
         "labels": {str(k): v for k, v in labels.items()},
         "numTraining": len(lists["training"]),
         "numTest": len(lists["test"]),
-        "split": {"kind": "seeded" if shots else "all", "source": "MA-SAM sec. 4.4 / Fig. 6 (cases not named)",
-                  "shots": shots, "seed": seed, "validation": "validation = the test cases"},
+        "split": {
+            "kind": "seeded" if shots else "all",
+            "source": "MA-SAM sec. 4.4 / Fig. 6 (cases not named)",
+            "shots": shots,
+            "seed": seed,
+            "validation": "validation = the test cases",
+        },
         "label_ids": "btcv_adrenals_merged" if merge_adrenals else "btcv",
         "label_mapping": {"from": "amos22", "lut": lut.tolist()},
         **lists,

@@ -134,8 +134,13 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Any]:
         raise DataError(f"cannot read volume '{path}' ({type(e).__name__}: {e}).") from None
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, header: Any = None,
-               dtype: np.dtype | type | None = None) -> Path:
+def save_nifti(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    header: Any = None,
+    dtype: np.dtype | type | None = None,
+) -> Path:
     """Write ``array`` as NIfTI at ``path`` through a temporary name in the same folder, then rename.
 
     Args:
@@ -252,7 +257,9 @@ def materialise(
             if label_lut is not None or not is_nifti(label):
                 arr, affine, header = read_volume(label)
                 lut = label_lut if label_lut is not None else np.arange(256, dtype=np.uint8)
-                label = save_nifti(apply_lut(arr, lut, label), affine, out / label_dir / f"{name}.nii.gz", header, np.uint8)
+                label = save_nifti(
+                    apply_lut(arr, lut, label), affine, out / label_dir / f"{name}.nii.gz", header, np.uint8
+                )
             entry["label"] = relative_to(label, out)
         entries.append(entry)
     return entries
@@ -264,10 +271,12 @@ def seeded_pick(ids: Sequence[str], k: int, seed: int) -> list[str]:
     if not 0 <= k <= len(ordered):
         raise ValueError(f"cannot pick {k} of {len(ordered)} cases.")
     perm = np.random.default_rng(seed).permutation(len(ordered))
-    return sorted(ordered[i] for i in perm[len(ordered) - k:])
+    return sorted(ordered[i] for i in perm[len(ordered) - k :])
 
 
-def hold_out(items: Sequence[Mapping[str, Any]], num: int, seed: int, key: str = "case") -> tuple[list[dict], list[dict]]:
+def hold_out(
+    items: Sequence[Mapping[str, Any]], num: int, seed: int, key: str = "case"
+) -> tuple[list[dict], list[dict]]:
     """Split ``items`` into ``(kept, held)`` with ``num`` seeded picks held out (by ``item[key]``)."""
     picked = set(seeded_pick([str(i[key]) for i in items], num, seed))
     kept = [dict(i) for i in items if str(i[key]) not in picked]
@@ -275,8 +284,9 @@ def hold_out(items: Sequence[Mapping[str, Any]], num: int, seed: int, key: str =
     return kept, held
 
 
-def validation_split(training: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]], num_val: int,
-                     seed: int) -> tuple[list[dict], list[dict], str]:
+def validation_split(
+    training: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]], num_val: int, seed: int
+) -> tuple[list[dict], list[dict], str]:
     """Validation for papers that publish only training/test lists.
 
     Args:

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from shared_nets.labels import BTCV_TO_SYNAPSE
 from shared_nets.h_sam.decoder import class_balanced_noise_var
 from shared_nets.io import atomic_write_json
+from shared_nets.labels import BTCV_TO_SYNAPSE
 
 __all__ = ["axial_depth", "write_few_shot_datalist", "label_frequencies", "few_shot", "noise_var"]
 
@@ -39,7 +39,6 @@ def axial_depth(path: str | os.PathLike) -> int:
     codes = nib.aff2axcodes(img.affine)
     axis = next(i for i, c in enumerate(codes) if c in ("S", "I"))
     return int(img.shape[axis])
-
 
 
 def write_few_shot_datalist(
@@ -79,9 +78,12 @@ def write_few_shot_datalist(
     def fix(item: dict) -> dict:
         if not rebase:
             return dict(item)
-        return {k: os.path.join(base, v)
-                if isinstance(v, str) and not os.path.isabs(v) and os.path.exists(os.path.join(base, v)) else v
-                for k, v in item.items()}
+        return {
+            k: os.path.join(base, v)
+            if isinstance(v, str) and not os.path.isabs(v) and os.path.exists(os.path.join(base, v))
+            else v
+            for k, v in item.items()
+        }
 
     total = 0
     if num_cases is not None:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tqdm import tqdm
 
 from .common import DatasetLayoutError, apply_lut, find_folder, materialise, relative_to, save_nifti, validation_split
@@ -33,11 +32,26 @@ LA_SPACING = 0.625
 
 #: UA-MT's data/test.list (20 of the 100 challenge training scans).
 LA_TEST_CASES: tuple[str, ...] = (
-    "UPT6DX9IQY9JAZ7HJKA7", "UTBUJIWZMKP64E3N73YC", "ULHWPWKKLTE921LQLH1P", "V0MZOWJ6MU3RMRCV9EXR",
-    "VDOF02M8ZHEAADFMS6NP", "VG4C826RAAKVMV9BQLVD", "VIXBEFTNVHZWKAKURJBN", "VQ2L3WM8KEVF6L44E6G9",
-    "WBG9WYZ1B25WDT5WAT8T", "WMDG2EFA6L2SNDZXIRU0", "WNPKE0W404QE9AELX1LR", "WSJB9P4JCXUVHBOYFVWL",
-    "WW8F5CO4S4K5IM5Z7EXX", "X18LU5AOBNNDMLTA0JZL", "XYDLYJ5CS19FDBVLJIPI", "Y7ZU0B2APPF54WG6PDMF",
-    "YDKD1HVHSME6NVMA8I39", "Z9GMG63CJLL0VW893BB1", "ZIJLJAVQV3FJ6JSQOH1E", "ZQPMJ4XEC5A4BISD45P1",
+    "UPT6DX9IQY9JAZ7HJKA7",
+    "UTBUJIWZMKP64E3N73YC",
+    "ULHWPWKKLTE921LQLH1P",
+    "V0MZOWJ6MU3RMRCV9EXR",
+    "VDOF02M8ZHEAADFMS6NP",
+    "VG4C826RAAKVMV9BQLVD",
+    "VIXBEFTNVHZWKAKURJBN",
+    "VQ2L3WM8KEVF6L44E6G9",
+    "WBG9WYZ1B25WDT5WAT8T",
+    "WMDG2EFA6L2SNDZXIRU0",
+    "WNPKE0W404QE9AELX1LR",
+    "WSJB9P4JCXUVHBOYFVWL",
+    "WW8F5CO4S4K5IM5Z7EXX",
+    "X18LU5AOBNNDMLTA0JZL",
+    "XYDLYJ5CS19FDBVLJIPI",
+    "Y7ZU0B2APPF54WG6PDMF",
+    "YDKD1HVHSME6NVMA8I39",
+    "Z9GMG63CJLL0VW893BB1",
+    "ZIJLJAVQV3FJ6JSQOH1E",
+    "ZQPMJ4XEC5A4BISD45P1",
 )
 
 _NRRD, _NRRD_LABEL, _H5 = "lgemri.nrrd", "laendo.nrrd", "mri_norm2.h5"
@@ -71,7 +85,9 @@ def find_la_cases(src: Path, source: str = "auto") -> list[dict[str, Any]]:
         raise ValueError(f"source must be 'auto', 'nrrd' or 'h5', got {source!r}.")
     folder = find_folder(src, ("", "Training Set", "2018LA_Seg_Training Set"), _has_cases)
     if folder is None:
-        raise DatasetLayoutError(f"'{src}' does not look like the LA dataset (no case folders with {_NRRD} or {_H5}); {_LAYOUT}.")
+        raise DatasetLayoutError(
+            f"'{src}' does not look like the LA dataset (no case folders with {_NRRD} or {_H5}); {_LAYOUT}."
+        )
     cases = []
     for case in sorted(c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")):
         nrrd, h5 = case / _NRRD, case / _H5
@@ -102,17 +118,31 @@ def _h5_to_nifti(item: dict[str, Any], out: Path) -> dict[str, Any]:
         with h5py.File(item["image"], "r") as f:
             image, label = np.asarray(f["image"]), np.asarray(f["label"])
     except (OSError, KeyError) as e:
-        raise DatasetLayoutError(f"'{item['image']}' is not a UA-MT h5 file with 'image' and 'label' ({e}); {_LAYOUT}.") from None
+        raise DatasetLayoutError(
+            f"'{item['image']}' is not a UA-MT h5 file with 'image' and 'label' ({e}); {_LAYOUT}."
+        ) from None
     if image.shape != label.shape or image.ndim != 3:
-        raise DatasetLayoutError(f"'{item['image']}' holds image {image.shape} and label {label.shape}; expected two equal 3D arrays.")
+        raise DatasetLayoutError(
+            f"'{item['image']}' holds image {image.shape} and label {label.shape}; expected two equal 3D arrays."
+        )
     affine = np.diag([-LA_SPACING, -LA_SPACING, LA_SPACING, 1.0])  # nrrd axes are LPS; NIfTI affines are RAS
     img_path = save_nifti(image.astype(np.float32), affine, out / "imagesTr" / f"{item['case']}.nii.gz")
-    lab_path = save_nifti(apply_lut(label, _LA_LUT, item["image"]), affine, out / "labelsTr" / f"{item['case']}.nii.gz", dtype=np.uint8)
+    lab_path = save_nifti(
+        apply_lut(label, _LA_LUT, item["image"]), affine, out / "labelsTr" / f"{item['case']}.nii.gz", dtype=np.uint8
+    )
     return {"case": item["case"], "image": relative_to(img_path, out), "label": relative_to(lab_path, out)}
 
 
-def prepare_la(src: Path, out: Path, *, seed: int = 0, num_labeled: int | None = None, num_val: int = 0,
-               source: str = "auto", progress: bool = True) -> dict[str, Any]:
+def prepare_la(
+    src: Path,
+    out: Path,
+    *,
+    seed: int = 0,
+    num_labeled: int | None = None,
+    num_val: int = 0,
+    source: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
     """LA (left atrium) with UA-MT's 80/20 split, converted to NIfTI (H-SAM sec. 4.1, Table 2).
 
     Args:
@@ -141,7 +171,9 @@ def prepare_la(src: Path, out: Path, *, seed: int = 0, num_labeled: int | None =
     unlabeled: list[dict[str, Any]] = []
     if num_labeled is not None:
         if isinstance(num_labeled, bool) or not isinstance(num_labeled, int) or not 1 <= num_labeled <= len(train):
-            raise ValueError(f"num_labeled must be None or an integer in [1, {len(train)}] (H-SAM: 4), got {num_labeled!r}.")
+            raise ValueError(
+                f"num_labeled must be None or an integer in [1, {len(train)}] (H-SAM: 4), got {num_labeled!r}."
+            )
         train, unlabeled = train[:num_labeled], train[num_labeled:]
     train, val, note = validation_split(train, test, num_val, seed)
     lists = {}
@@ -157,7 +189,7 @@ def prepare_la(src: Path, out: Path, *, seed: int = 0, num_labeled: int | None =
     return {
         "name": "LA",
         "description": "left atrium LGE-MRI (2018 Atrial Segmentation Challenge); UA-MT's 80 training / 20 test split"
-                       + (f", first {num_labeled} training scans labelled (UA-MT/BCP order)" if num_labeled else ""),
+        + (f", first {num_labeled} training scans labelled (UA-MT/BCP order)" if num_labeled else ""),
         "reference": "Xiong et al. 2021, A global benchmark of algorithms for segmenting the left atrium from LGE-MRI (2018 challenge)",
         "licence": "see the 2018 Atrial Segmentation Challenge data terms",
         "tensorImageSize": "3D",
@@ -165,8 +197,12 @@ def prepare_la(src: Path, out: Path, *, seed: int = 0, num_labeled: int | None =
         "labels": {str(k): v for k, v in LA_LABELS.items()},
         "numTraining": len(lists["training"]),
         "numTest": len(lists["test"]),
-        "split": {"kind": "fixed", "validation": note, "num_labeled": num_labeled,
-                  "source": "UA-MT data/test.list (20 test scans); labelled scans = first of the sorted training ids (UA-MT/BCP)"},
+        "split": {
+            "kind": "fixed",
+            "validation": note,
+            "num_labeled": num_labeled,
+            "source": "UA-MT data/test.list (20 test scans); labelled scans = first of the sorted training ids (UA-MT/BCP)",
+        },
         "label_ids": "la",
         **lists,
     }

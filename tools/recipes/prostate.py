@@ -104,8 +104,9 @@ def find_promise12_cases(src: Path) -> list[dict[str, Any]]:
     return [cases[k] for k in sorted(cases)]
 
 
-def prepare_promise12(src: Path, out: Path, *, seed: int = 0, num_test: int = 10, num_val: int = 0,
-                      progress: bool = True) -> dict[str, Any]:
+def prepare_promise12(
+    src: Path, out: Path, *, seed: int = 0, num_test: int = 10, num_val: int = 0, progress: bool = True
+) -> dict[str, Any]:
     """PROMISE12, 40 training / 10 test cases (H-SAM sec. 4.1, following MLB-Seg), converted to NIfTI.
 
     MLB-Seg does not publish its case lists, so the split is seeded (ours). The 3-labelled-case
@@ -125,7 +126,9 @@ def prepare_promise12(src: Path, out: Path, *, seed: int = 0, num_test: int = 10
     """
     cases = find_promise12_cases(src)
     if isinstance(num_test, bool) or not isinstance(num_test, int) or not 1 <= num_test < len(cases):
-        raise ValueError(f"num_test must be an integer in [1, {len(cases) - 1}] (cases found: {len(cases)}), got {num_test!r}.")
+        raise ValueError(
+            f"num_test must be an integer in [1, {len(cases) - 1}] (cases found: {len(cases)}), got {num_test!r}."
+        )
     test_ids = set(seeded_pick([c["case"] for c in cases], num_test, seed))
     train = [c for c in cases if c["case"] not in test_ids]
     test = [c for c in cases if c["case"] in test_ids]
@@ -136,7 +139,7 @@ def prepare_promise12(src: Path, out: Path, *, seed: int = 0, num_test: int = 10
     return {
         "name": "PROMISE12",
         "description": f"PROMISE12 prostate T2w MRI, {len(cases) - num_test} training / {num_test} test cases (H-SAM sec. 4.1); "
-                       "seeded split (MLB-Seg's lists are not published)",
+        "seeded split (MLB-Seg's lists are not published)",
         "reference": "Litjens et al. 2014, Evaluation of prostate segmentation algorithms for MRI: the PROMISE12 challenge",
         "licence": "see the PROMISE12 challenge terms (promise12.grand-challenge.org)",
         "tensorImageSize": "3D",
@@ -144,8 +147,13 @@ def prepare_promise12(src: Path, out: Path, *, seed: int = 0, num_test: int = 10
         "labels": {str(k): v for k, v in PROSTATE_LABELS.items()},
         "numTraining": len(lists["training"]),
         "numTest": len(lists["test"]),
-        "split": {"kind": "seeded", "seed": seed, "num_test": num_test, "validation": note,
-                  "source": "H-SAM sec. 4.1: 40/10 as MLB-Seg (lists unpublished; seeded here)"},
+        "split": {
+            "kind": "seeded",
+            "seed": seed,
+            "num_test": num_test,
+            "validation": note,
+            "source": "H-SAM sec. 4.1: 40/10 as MLB-Seg (lists unpublished; seeded here)",
+        },
         "label_ids": "prostate",
         **lists,
     }
@@ -182,7 +190,9 @@ def find_site_cases(src: Path, site: str) -> list[dict[str, Any]]:
     canonical, aliases = PROSTATE_SITES[site]
     folder = find_folder(src, (canonical, *aliases), lambda p: True)
     if folder is None:
-        raise DatasetLayoutError(f"'{src}' has no folder for Site {site} ({' or '.join((canonical, *aliases))}); {_SITES_LAYOUT}.")
+        raise DatasetLayoutError(
+            f"'{src}' has no folder for Site {site} ({' or '.join((canonical, *aliases))}); {_SITES_LAYOUT}."
+        )
     files = {p.name: p for p in folder.iterdir() if is_nifti(p)}
     by_stem = {strip_suffix(n).lower(): p for n, p in files.items()}
     cases = []
@@ -192,15 +202,18 @@ def find_site_cases(src: Path, site: str) -> list[dict[str, Any]]:
             continue
         label = by_stem.get(stem.lower() + "_segmentation")
         if label is None:
-            raise DatasetLayoutError(f"prostate image '{img}' has no {stem}_segmentation.nii.gz next to it; {_SITES_LAYOUT}.")
+            raise DatasetLayoutError(
+                f"prostate image '{img}' has no {stem}_segmentation.nii.gz next to it; {_SITES_LAYOUT}."
+            )
         cases.append({"case": f"{canonical}_{stem}", "site": canonical, "image": str(img), "label": str(label)})
     if not cases:
         raise DatasetLayoutError(f"site folder '{folder}' holds no CaseNN.nii.gz images; {_SITES_LAYOUT}.")
     return cases
 
 
-def prepare_prostate_multisite(src: Path, out: Path, *, sites: str | Sequence[str] = "all", seed: int = 0,
-                               num_val: int = 0, progress: bool = True) -> dict[str, Any]:
+def prepare_prostate_multisite(
+    src: Path, out: Path, *, sites: str | Sequence[str] = "all", seed: int = 0, num_val: int = 0, progress: bool = True
+) -> dict[str, Any]:
     """MA-SAM's 6-site prostate MRI set with its per-site 80/20 split (MA-SAM sec. 4.1, Task 2; Tables 2 and 5).
 
     Args:
@@ -247,8 +260,11 @@ def prepare_prostate_multisite(src: Path, out: Path, *, sites: str | Sequence[st
         "sites": {k: PROSTATE_SITES[k][0] for k in keys},
         "numTraining": len(lists["training"]),
         "numTest": len(lists["test"]),
-        "split": {"kind": "fixed", "validation": note,
-                  "source": "MA-SAM sec. 4.1 (random 80/20 per site); test cases from MA-SAM's preprocessing/dataset_split.md"},
+        "split": {
+            "kind": "fixed",
+            "validation": note,
+            "source": "MA-SAM sec. 4.1 (random 80/20 per site); test cases from MA-SAM's preprocessing/dataset_split.md",
+        },
         "label_ids": "prostate",
         **lists,
     }

@@ -42,7 +42,7 @@ TUMOUR_INFO: dict[str, dict[str, Any]] = {
         "labels": {0: "background", 1: "pancreas", 2: "tumour"},
         "reference": "Antonelli et al. 2022, The Medical Segmentation Decathlon (Task07_Pancreas)",
         "layout": "expected MSD Task07_Pancreas as downloaded: dataset.json, imagesTr/pancreas_001.nii.gz ..., "
-                  "labelsTr/pancreas_001.nii.gz ...",
+        "labelsTr/pancreas_001.nii.gz ...",
         "folders": ("", "Task07_Pancreas"),
         "keyword": "pancreas",
     },
@@ -59,7 +59,7 @@ TUMOUR_INFO: dict[str, dict[str, Any]] = {
         "labels": {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"},
         "reference": "Heller et al. 2023, The KiTS21 Challenge (github.com/neheller/kits21)",
         "layout": "expected the kits21 repository with downloaded images: "
-                  "kits21/data/case_00000/imaging.nii.gz + aggregated_MAJ_seg.nii.gz ...",
+        "kits21/data/case_00000/imaging.nii.gz + aggregated_MAJ_seg.nii.gz ...",
         "folders": ("", "data", "kits21/data"),
         "keyword": None,
     },
@@ -68,7 +68,7 @@ TUMOUR_INFO: dict[str, dict[str, Any]] = {
         "labels": {0: "background", 1: "liver", 2: "tumour"},
         "reference": "Bilic et al. 2023, The Liver Tumor Segmentation Benchmark (LiTS)",
         "layout": "expected the LiTS training batches: volume-0.nii + segmentation-0.nii ... "
-                  "(in any sub-folders, e.g. 'Training Batch 1/')",
+        "(in any sub-folders, e.g. 'Training Batch 1/')",
         "folders": ("",),
         "keyword": None,
     },
@@ -185,9 +185,7 @@ def random_split(
     }
 
 
-def write_datalist(
-    dataset: str, root: str | os.PathLike, out: str | os.PathLike | None = None, seed: int = 0
-) -> str:
+def write_datalist(dataset: str, root: str | os.PathLike, out: str | os.PathLike | None = None, seed: int = 0) -> str:
     """Write the seeded 70/10/20 datalist of a tumour dataset (MONAI decathlon format, absolute paths).
 
     Args:
@@ -284,8 +282,12 @@ def prepare_tumour(dataset: str, src: Path, out: Path, *, seed: int = 0, progres
         "labels": labels,
         "numTraining": len(lists["training"]),
         "numTest": len(lists["test"]),
-        "split": {"kind": "seeded", "seed": seed, "fractions": [0.7, 0.1, 0.2],
-                  "source": "3DSAM-adapter poster, Experiments (random 70/10/20); tools.recipes.tumour.random_split"},
+        "split": {
+            "kind": "seeded",
+            "seed": seed,
+            "fractions": [0.7, 0.1, 0.2],
+            "source": "3DSAM-adapter poster, Experiments (random 70/10/20); tools.recipes.tumour.random_split",
+        },
         "label_ids": dataset,
         **TUMOUR_DATASETS[dataset],
         **lists,
