@@ -60,7 +60,7 @@ class HSAM(nn.Module):
     * eval mode: logits ``[B, num_classes + 1, H, W, D]`` combining the two stages (``ensemble``);
     * train mode: the list ``[stage-1 logits [B, K, H/4, W/4, D], stage-2 logits [B, K, H, W, D]]``
       (``K = num_classes + 1``) for ``monai.losses.DeepSupervisionLoss``: stage 1 is supervised at
-      H/4 and stage 2 at full resolution (sec. 3.4 "Deep Supervision"). With ``use_stage2=False``
+      H/4 and stage 2 at full resolution (sec. 3.4 "Deep Supervision"). Without ``mask_decoder2``
       (the SAMed baseline) one ``[B, K, H, W, D]`` tensor.
 
     The network is composed from built parts and builds and injects nothing:
