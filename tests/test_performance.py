@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared_nets.med_sa import build_med_sa
 from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
 from shared_nets.sam.cache import EmbeddingCache
 from shared_nets.sam3d_adapter.network import SAM3DAdapter
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _medsa(**kw) -> MedSA:
     torch.manual_seed(0)
-    return MedSA(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=2, **kw).eval()
+    return build_med_sa(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=2, **kw).eval()
 
 
 def _medsa_input(clicks, seed: int = 1) -> torch.Tensor:
@@ -136,7 +137,7 @@ def test_sam3d_decoder_static_part_matches_forward():
 
 # ---------------------------------------------------------------------------- gradient checkpointing
 def _grad_ckpt_cases():
-    from shared_nets.h_sam.network import HSAM
+    from shared_nets.h_sam import build_h_sam
     from shared_nets.ma_sam.network import MASAM
     from shared_nets.s_sam.network import SSAM
     from shared_nets.sam import enable_gradient_checkpointing
@@ -153,7 +154,7 @@ def _grad_ckpt_cases():
         return net, toggle_blocks(net.sam.image_encoder.blocks), (torch.randn(1, 1, 32, 32, 2),), {}
 
     def hsam():
-        net = HSAM(variant="tiny", img_size=32, patch_size=8, num_classes=3, finetune="lora")
+        net = build_h_sam(variant="tiny", img_size=32, patch_size=8, num_classes=3, finetune="lora")
         label = torch.randint(0, 4, (1, 1, 32, 32, 2)).float()
         return net, toggle_blocks(net.image_encoder.blocks), (torch.randn(1, 1, 32, 32, 2),), {"label": label}
 

@@ -4,7 +4,20 @@ LoRA-tuned SAM encoder, SAM's decoder as stage 1 and a mask-guided hierarchical 
 with the two-stage loss. See ``bundles/h_sam``.
 """
 
-from . import bench, config, decoder, loss, network, transforms
+from . import bench, builder, config, decoder, loss, network, transforms
+from .builder import build_h_sam
 from .network import ENSEMBLE_MODES, FINETUNE_MODES, HSAM
 
-__all__ = ["ENSEMBLE_MODES", "FINETUNE_MODES", "HSAM", "bench", "config", "decoder", "loss", "network", "transforms"]
+__all__ = [
+    "ENSEMBLE_MODES",
+    "FINETUNE_MODES",
+    "HSAM",
+    "bench",
+    "build_h_sam",
+    "builder",
+    "config",
+    "decoder",
+    "loss",
+    "network",
+    "transforms",
+]

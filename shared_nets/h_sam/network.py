@@ -3,26 +3,27 @@
 Prompt-free multi-class 2D segmentation on the 5D bundle contract: ``(B, C, H, W, D)`` slices
 (``D`` is looped as batch) to ``(B, K, H, W, D)`` class logits. Where the released code
 (Cccccczh404/H-SAM) differs from the paper, the paper is the default and a flag gives the
-released behaviour (see ``bundles/h_sam/docs/README.md``).
+released behaviour (see ``bundles/h_sam/docs/README.md``); the switches are arguments of
+:func:`~shared_nets.h_sam.build_h_sam`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import Sam
 from torch import nn
 
-from shared_nets.peft import freeze_except, inject_lora
-from shared_nets.sam import build_sam, enable_gradient_checkpointing, get_variant
+from shared_nets.peft import freeze_except
+from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam.slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 
-from .decoder import MASK_ATTENTION_MODES, HSAMStage2Decoder, decode_stage1
+from .decoder import HSAMStage2Decoder, decode_stage1
 
-__all__ = ["HSAM", "ENSEMBLE_MODES", "FINETUNE_MODES"]
+__all__ = ["HSAM", "ENSEMBLE_MODES", "FINETUNE_MODES", "check_forward_args"]
 
 #: ``lora``: LoRA on q, v, encoder otherwise frozen (paper); ``full``: every parameter trained, no
 #: LoRA (demos training ``tiny`` from scratch); ``frozen``: encoder frozen, decoders only.
@@ -34,6 +35,22 @@ FINETUNE_MODES = ("lora", "full", "frozen")
 ENSEMBLE_MODES = ("probability", "logit", "stage2", "stage1")
 
 
+def check_forward_args(
+    num_classes: object, in_channels: object, finetune: object, ensemble: object, embedding_noise: object
+) -> None:
+    """Validate the plain values :class:`HSAM` reads (``ValueError`` naming the argument)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer (foreground classes), got {num_classes!r}.")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}.")
+    if finetune not in FINETUNE_MODES:
+        raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}.")
+    if ensemble not in ENSEMBLE_MODES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLE_MODES}, got {ensemble!r}.")
+    if isinstance(embedding_noise, bool) or not isinstance(embedding_noise, (int, float)) or not embedding_noise >= 0:
+        raise ValueError(f"embedding_noise must be a number >= 0, got {embedding_noise!r}.")
+
+
 class HSAM(nn.Module):
     """H-SAM (sec. 3): SAMed-style LoRA encoder, SAM's decoder as stage 1, mask-guided stage 2.
 
@@ -43,167 +60,69 @@ class HSAM(nn.Module):
     * eval mode: logits ``[B, num_classes + 1, H, W, D]`` combining the two stages (``ensemble``);
     * train mode: the list ``[stage-1 logits [B, K, H/4, W/4, D], stage-2 logits [B, K, H, W, D]]``
       (``K = num_classes + 1``) for ``monai.losses.DeepSupervisionLoss``: stage 1 is supervised at
-      H/4 and stage 2 at full resolution (sec. 3.4 "Deep Supervision"). With ``use_stage2=False``
+      H/4 and stage 2 at full resolution (sec. 3.4 "Deep Supervision"). Without ``mask_decoder2``
       (the SAMed baseline) one ``[B, K, H, W, D]`` tensor.
 
-    Every ablation of the paper is an argument: mask attention (Tables 4, 5), CMAttn and the
-    hierarchical pixel decoder (Table 4), backbone and image size (Table 1), LoRA rank.
+    The network is composed from built parts and builds and injects nothing:
+    :func:`~shared_nets.h_sam.build_h_sam` builds SAM (checkpoint loaded first), the stage-2 decoder and the
+    LoRA layers and passes them here; every ablation of the paper is an argument of that builder.
 
     Args:
-        variant: SAM backbone, ``vit_b`` | ``vit_l`` | ``vit_h`` | ``lite`` | ``tiny``. At ``lite``
-            (LiteMedSAM's TinyViT, embedding stride 4) LoRA goes on q and v of all 10 attention blocks
-            (TinyViT's per-head qkv layout) and stage 1 already predicts at full resolution.
-        checkpoint: official SAM ``.pth`` (loaded strictly before LoRA is injected), or None.
-        img_size: in-plane input size (paper: 512 few-shot, 224 fully supervised); inputs must
-            already have this size.
+        sam: SAM (``segment_anything``'s ``Sam``) with one mask token per class
+            (``num_multimask_outputs = num_classes``) and, for ``finetune="lora"``, LoRA already injected in its
+            image encoder. Its image encoder, prompt encoder and mask decoder (stage 1) become this module's.
+        mask_decoder2: the stage-2 decoder (:class:`~shared_nets.h_sam.decoder.HSAMStage2Decoder`), or None for
+            the SAMed baseline (stage 1 only; ``ensemble`` then is ``stage1``).
+        lora_layers: the LoRA layers injected in ``sam``'s image encoder (kept for inspection; not registered
+            twice).
+        variant: name of the SAM backbone (recorded).
+        img_size: in-plane input size; inputs must already have this size.
         num_classes: foreground classes; outputs ``num_classes + 1`` channels (0 = background).
         in_channels: image channels, 1 (grey, repeated to 3) or 3 (RGB).
-        patch_size: ViT patch size (16 for checkpoints; 8 gives ``tiny`` a finer token grid).
-        finetune: one of :data:`FINETUNE_MODES`. Both decoders are always trained; the prompt
-            encoder's default (no-mask) embedding too.
-        lora_rank: LoRA rank on q and v of every encoder block (paper 4; released code 5).
-        use_stage2: False gives the SAMed baseline (Table 4 first row): stage 1 only.
-        mask_attention: stage-2 cross-attention, ``learnable`` (paper eq. 3), ``binary``
-            (Mask2Former's, Table 5) or ``none`` (Table 4).
-        use_cmattn: CMAttn (sec. 3.2; Table 4).
-        use_hierarchical_pixel_decoder: full-resolution skip-connected pixel decoder (sec. 3.4;
-            Table 4); without it stage 2 predicts at H/4 like SAM.
+        patch_size: stride of the image encoder's token grid (the ViT patch size; 4 for ``lite``).
+        finetune: one of :data:`FINETUNE_MODES`; sets which parameters train (:meth:`_set_trainable`).
         ensemble: one of :data:`ENSEMBLE_MODES`.
-        released_cmattn: reproduce the released CMAttn, which reduces to ``E + E`` (a no-op).
-        released_attention_order: both decoders' blocks run cross-attention before
-            self-attention as the released code does (SAM and the paper: self-attention first).
-        embedding_noise: released training adds Gaussian noise of std
-            ``embedding_noise · (max - min)`` of the image embedding before stage 2 (released 0.2;
-            not in the paper, default 0).
-        decoder2_dropout: dropout on stage 2's token→image attention output (released 0.2).
-        cmattn_noise_var: per-class CMAttn noise variances (``num_classes + 1`` values, computed
-            offline, e.g. by :func:`shared_nets.h_sam.decoder.class_balanced_noise_var`);
-            None estimates them per batch from the label.
-        cmattn_noise_max_var: variance of the rarest class for the per-batch estimate.
-        cmattn_num_heads: CMAttn heads; None: the largest divisor of ``h*w`` up to 8 (as released).
-        pos_embed_mode: position-embedding resizing of the checkpoint, ``bicubic`` | ``avgpool``.
+        released_attention_order: stage 1's blocks run cross-attention before self-attention (released code);
+            stage 2's order is set when ``mask_decoder2`` is built.
+        embedding_noise: training noise of std ``embedding_noise · (max - min)`` on the image embedding before
+            stage 2 (released 0.2; not in the paper).
         gradient_checkpointing: recompute the image-encoder blocks in the backward pass instead of
             keeping their activations (training memory; same outputs and gradients).
-        use_sdpa: compute the image encoder's attention with ``scaled_dot_product_attention``
-            (:func:`shared_nets.sam.enable_sdpa`; same weights and outputs within 1e-4, no
-            ``N x N`` softmax matrices kept). False runs ``segment_anything``'s stock attention.
     """
 
     def __init__(
         self,
+        sam: Sam,
+        mask_decoder2: HSAMStage2Decoder | None,
+        lora_layers: Sequence[nn.Module] = (),
         variant: str = "vit_b",
-        checkpoint: str | os.PathLike | None = None,
         img_size: int = 512,
         num_classes: int = 8,
         in_channels: int = 1,
         patch_size: int = 16,
         finetune: str = "lora",
-        lora_rank: int = 4,
-        use_stage2: bool = True,
-        mask_attention: str = "learnable",
-        use_cmattn: bool = True,
-        use_hierarchical_pixel_decoder: bool = True,
         ensemble: str = "probability",
-        released_cmattn: bool = False,
         released_attention_order: bool = False,
         embedding_noise: float = 0.0,
-        decoder2_dropout: float = 0.2,
-        cmattn_noise_var: Sequence[float] | None = None,
-        cmattn_noise_max_var: float = 0.1,
-        cmattn_num_heads: int | None = None,
-        pos_embed_mode: str = "bicubic",
         gradient_checkpointing: bool = False,
-        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(use_sdpa, bool):
-            raise ValueError(f"use_sdpa must be true or false, got {use_sdpa!r}.")
-        v = get_variant(variant)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer (foreground classes), got {num_classes!r}.")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}.")
-        if finetune not in FINETUNE_MODES:
-            raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}.")
-        if finetune == "lora" and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
-            raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}.")
-        if mask_attention not in MASK_ATTENTION_MODES:
-            raise ValueError(f"mask_attention must be one of {MASK_ATTENTION_MODES}, got {mask_attention!r}.")
-        if ensemble not in ENSEMBLE_MODES:
-            raise ValueError(f"ensemble must be one of {ENSEMBLE_MODES}, got {ensemble!r}.")
+        check_forward_args(num_classes, in_channels, finetune, ensemble, embedding_noise)
+        use_stage2 = mask_decoder2 is not None
         if not use_stage2 and ensemble != "stage1":
             ensemble = "stage1"
-        if (
-            isinstance(embedding_noise, bool)
-            or not isinstance(embedding_noise, (int, float))
-            or not embedding_noise >= 0
-        ):
-            raise ValueError(f"embedding_noise must be a number >= 0, got {embedding_noise!r}.")
-        if (
-            isinstance(decoder2_dropout, bool)
-            or not isinstance(decoder2_dropout, (int, float))
-            or not 0 <= decoder2_dropout < 1
-        ):
-            raise ValueError(f"decoder2_dropout must be a number in [0, 1), got {decoder2_dropout!r}.")
-        if (
-            isinstance(patch_size, bool)
-            or not isinstance(patch_size, int)
-            or patch_size < 8
-            or patch_size & (patch_size - 1)
-        ):
-            raise ValueError(
-                f"patch_size must be a power of two >= 8 (stage 1 predicts at patch/4 of the input and stage 2 "
-                f"upsamples from there to full size), got {patch_size!r}."
-            )
-        stride = v.embedding_stride if v.encoder == "tiny_vit" else patch_size  # lite: S/4 tokens whatever patch_size
-
-        # sec. 3.1: SAM built and its checkpoint loaded first; SAMed-style one mask token per class
-        sam = build_sam(
-            v,
-            checkpoint,
-            img_size,
-            patch_size,
-            num_multimask_outputs=num_classes,
-            pos_embed_mode=pos_embed_mode,
-            use_sdpa=use_sdpa,
-        )
-        self.variant = v.name
-        self.img_size, self.patch_size, self.in_channels = img_size, stride, in_channels
+        self.variant = variant
+        self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
         self.num_classes, self.finetune = num_classes, finetune
-        self.grid = (img_size // stride, img_size // stride)
+        self.grid = (img_size // patch_size, img_size // patch_size)
         self.use_stage2, self.ensemble = use_stage2, ensemble
         self.cross_first = released_attention_order
         self.embedding_noise = float(embedding_noise)
         self.image_encoder = sam.image_encoder
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
-        self.mask_decoder2 = (
-            HSAMStage2Decoder(
-                transformer_dim=v.prompt_embed_dim,
-                num_tokens=num_classes + 1,
-                grid=self.grid,
-                patch_size=stride,
-                depth=v.decoder_depth,
-                num_heads=v.decoder_num_heads,
-                mlp_dim=v.decoder_mlp_dim,
-                mask_attention=mask_attention,
-                use_cmattn=use_cmattn,
-                use_hierarchical_pixel_decoder=use_hierarchical_pixel_decoder,
-                cross_first=released_attention_order,
-                dropout=float(decoder2_dropout),
-                cmattn_num_heads=cmattn_num_heads,
-                cmattn_mlp_dim=v.decoder_mlp_dim,
-                cmattn_noise_var=cmattn_noise_var,
-                cmattn_noise_max_var=cmattn_noise_max_var,
-                released_cmattn=released_cmattn,
-            )
-            if use_stage2
-            else None
-        )
-        # sec. 3.1: LoRA on q and v (SAMed), injected after the checkpoint is loaded
-        self.lora_layers = (
-            inject_lora(self.image_encoder, r=lora_rank, targets=("q", "v")) if finetune == "lora" else []
-        )
+        self.mask_decoder2 = mask_decoder2
+        self.lora_layers = list(lora_layers)
         self._set_trainable()
         if not isinstance(gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}.")

@@ -4,7 +4,8 @@ Adapters in a frozen SAM (SD-Trans depth branch, HyP-Adpt prompt-conditioned dec
 prompt settings and click interaction. See ``bundles/med_sa``.
 """
 
-from . import bench, blocks, config, data, interactive, network, transforms
+from . import bench, blocks, builder, config, data, interactive, network, transforms
+from .builder import build_med_sa
 from .network import MEDSA_OFFICIAL_CODE_SETTINGS, PROMPT_SCOPES, MedSA
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "PROMPT_SCOPES",
     "bench",
     "blocks",
+    "build_med_sa",
+    "builder",
     "config",
     "data",
     "interactive",

@@ -208,7 +208,7 @@ class InteractiveRefinementCurve:
     Attached to an evaluator: for every batch the network re-runs through the evaluator's
     inferer with one more :func:`corrective_click` per item, up to ``num_clicks``; Dice (object
     channel vs the binary label, at the network's grid) is recorded after 0, 1, ... clicks.
-    With ``MedSA(embedding_cache > 0)`` each re-run reuses the cached image embeddings. At the
+    With ``build_med_sa(embedding_cache > 0)`` each re-run reuses the cached image embeddings. At the
     end of the run ``engine.state.metrics["refine_dice_<n>"]`` hold the means and
     ``<output_dir>/refinement_curve.csv`` the per-item values.
 

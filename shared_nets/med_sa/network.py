@@ -7,7 +7,7 @@ HyP-Adpt, and click/box prompts decoded from guidance channels. Input ``[B, C + 
 logits ``[background, object]`` at the input size.
 
 Deliberate differences from the official code (KidsWithTokens/Medical-SAM-Adapter), each a
-constructor switch whose default follows the paper:
+switch of :func:`~shared_nets.med_sa.build_med_sa` whose default follows the paper:
 
 - adapter activation ReLU (paper) vs GELU (code): ``adapter_act``;
 - adapter width ``D/16`` reproduces the paper's ~13M trainable parameters on ViT-H; the code's
@@ -23,36 +23,27 @@ constructor switch whose default follows the paper:
 
 from __future__ import annotations
 
-import os
-
 import torch
 from monai.data import MetaTensor
+from segment_anything.modeling import Sam
 from torch import nn
 
-from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_boxes_2d, decode_points, decode_points_2d, scale_coords
-from shared_nets.sam import build_sam, enable_gradient_checkpointing, get_variant
+from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam.cache import EmbeddingCache
 from shared_nets.sam.decoding import decode_masks
-from shared_nets.sam.encoder_blocks import block_width, run_encoder
+from shared_nets.sam.encoder_blocks import run_encoder
 from shared_nets.sam.slices import slices_to_volume, to_rgb, upsample_to, volume_to_slices
 
-from .blocks import (
-    PROMPT_FUSIONS,
-    MedSAEncoderBlock,
-    MedSATinyViTBlock,
-    MedSATwoWayTransformer,
-    adapter_width,
-)
-
-__all__ = ["MedSA", "MEDSA_OFFICIAL_CODE_SETTINGS", "PROMPT_SCOPES"]
+__all__ = ["MedSA", "MEDSA_OFFICIAL_CODE_SETTINGS", "PROMPT_SCOPES", "check_forward_args"]
 
 #: ``slice``: each slice sees only its own clicks (as a 2D interactive tool; default);
 #: ``chunk``: every slice of a 3D chunk sees all clicks of the chunk (at their in-plane position).
 #: Boxes are always restricted per slice (a 3D box gives every slice inside it its rectangle).
 PROMPT_SCOPES = ("slice", "chunk")
 
-#: constructor switches that reproduce the official code's model (82.9M trainable on ViT-H).
+#: :func:`~shared_nets.med_sa.build_med_sa` switches that reproduce the official code's model
+#: (82.9M trainable on ViT-H).
 MEDSA_OFFICIAL_CODE_SETTINGS: dict[str, object] = {
     "adapter_ratio": 0.25,
     "adapter_act": "gelu",
@@ -76,170 +67,85 @@ def _check_pos_int(value: object, name: str) -> int:
     return value
 
 
+def check_forward_args(
+    in_channels: object, prompt_scope: object, max_points: object, max_depth: object, embedding_cache: object
+) -> None:
+    """Validate the plain values :class:`MedSA`'s forward reads (``ValueError`` naming the argument)."""
+    if in_channels not in (1, 3) or isinstance(in_channels, bool):
+        raise ValueError(f"in_channels must be 1 (grey, repeated to RGB) or 3 image channels, got {in_channels!r}.")
+    if prompt_scope not in PROMPT_SCOPES:
+        raise ValueError(f"prompt_scope must be one of {PROMPT_SCOPES}, got {prompt_scope!r}.")
+    _check_pos_int(max_points, "max_points")
+    _check_pos_int(max_depth, "max_depth")
+    if isinstance(embedding_cache, bool) or not isinstance(embedding_cache, int) or embedding_cache < 0:
+        raise ValueError(
+            f"embedding_cache must be a number of cached images >= 0 (0 disables), got {embedding_cache!r}."
+        )
+
+
 class MedSA(nn.Module):
     """Medical SAM Adapter for interactive (click / box) segmentation of 2D images and 3D slice chunks.
 
     Paper sections: "Med-SA architecture" (adapters, Fig. 1b/d), "SD-Trans" (Fig. 1c),
     "HyP-Adpt" (Eq. 1-2, Fig. 2), "Training Strategy" (click and box prompts).
 
+    The network is composed from a SAM whose parts already carry Med-SA's adapters; it builds and
+    injects nothing. :func:`~shared_nets.med_sa.build_med_sa` builds SAM, injects the adapters, returns this
+    class and sets which parameters train.
+
     Args:
-        variant: SAM backbone ``vit_b`` / ``vit_l`` / ``vit_h`` (paper) / ``lite`` / ``tiny``. At
-            ``lite`` every TinyViT attention block gets the space and MLP adapters and the SD-Trans
-            depth branch (:class:`~shared_nets.med_sa.blocks.MedSATinyViTBlock`), at its stage's width.
-        checkpoint: official SAM ``.pth`` (loaded strictly, rel-pos tables included, before
-            the adapters are injected) or None for random initialisation.
+        sam: SAM (``segment_anything``'s ``Sam``) with the adapters injected: every image-encoder block a
+            :class:`~shared_nets.med_sa.blocks.MedSAEncoderBlock` (ViT) or
+            :class:`~shared_nets.med_sa.blocks.MedSATinyViTBlock` (TinyViT), and the mask decoder's transformer a
+            :class:`~shared_nets.med_sa.blocks.MedSATwoWayTransformer` when ``decoder_adapters``. Its image
+            encoder, prompt encoder and mask decoder become this module's.
         img_size: SAM input side; slices are resized to it inside the network.
-        patch_size: ViT patch size (16 for checkpoints; 8 allowed for ``tiny`` demos).
         in_channels: image channels before the 3 guidance channels: 1 (grey, repeated to RGB) or 3.
-        num_classes: output channels; must be 2 (background, prompted object).
-        adapter_ratio: encoder adapter width / embedding width (paper count: 1/16; code: 1/4).
-        adapter_act: ``relu`` (paper) or ``gelu`` (code).
-        adapter_scale: ``s`` of the MLP adapters (code: 0.5; the paper does not give it).
-        adapter_zero_init: zero-initialise adapter up-projections.
-        sd_trans: SD-Trans depth branch for chunks of more than one slice (Table 3 "2D to 3D").
-        depth_adapter: third encoder adapter on the depth branch (code; not in the paper).
-        decoder_adapters: the three adapters per decoder block (paper; absent from the code).
-        decoder_adapter_ratio: decoder adapter width / decoder width.
-        hyp_adapter: first decoder adapter prompt-conditioned (True) or plain (False).
-        prompt_fusion: how the prompt enters it: ``hyper`` (HyP-Adpt), ``add``, ``concat``
-            (the paper's Table 3 alternatives).
-        hyp_layers: hyper-prompting layers (paper: 3).
-        prompt_embed_ratio: width of the prompt embedding ``e_prompt`` / decoder width.
         max_points: click slots per decoded slice (more clicks raise ``ValueError``).
         max_depth: largest slice chunk ``D`` accepted in one forward.
         prompt_scope: :data:`PROMPT_SCOPES`.
         automatic: allow inputs without any prompt (decoded with SAM's "no prompt" tokens);
             otherwise such an input raises ``ValueError`` naming the guidance channels.
-        train_mask_decoder: also train SAM's mask decoder (official code).
-        full_finetune: train every parameter (for ``tiny`` demos trained from scratch).
-        embedding_cache: without autograd, keep the embeddings of this many recent images
-            (e.g. the windows of one volume) and reuse them when the same image is decoded
-            again with new prompts (interactive refinement); 0 disables.
+        decoder_adapters: whether ``sam``'s mask decoder carries the decoder adapters (recorded only).
+        embedding_cache: without autograd, keep the embeddings of this many recent images and reuse them
+            when the same image is decoded again with new prompts; 0 disables.
         no_prompt_logit: object logit written for slices without any prompt (non-automatic).
         gradient_checkpointing: recompute the image-encoder blocks in the backward pass instead of
             keeping their activations (training memory; same outputs and gradients).
-        use_sdpa: compute the image encoder's attention with ``scaled_dot_product_attention``
-            (:func:`shared_nets.sam.enable_sdpa`; same weights and outputs within 1e-4, no
-            ``N x N`` softmax matrices kept). False runs ``segment_anything``'s stock attention.
     """
 
     def __init__(
         self,
-        variant: str = "vit_h",
-        checkpoint: str | os.PathLike | None = None,
+        sam: Sam,
         img_size: int = 1024,
-        patch_size: int = 16,
         in_channels: int = 1,
-        num_classes: int = 2,
-        adapter_ratio: float = 0.0625,
-        adapter_act: str = "relu",
-        adapter_scale: float = 0.5,
-        adapter_zero_init: bool = True,
-        sd_trans: bool = True,
-        depth_adapter: bool = False,
-        decoder_adapters: bool = True,
-        decoder_adapter_ratio: float = 0.0625,
-        hyp_adapter: bool = True,
-        prompt_fusion: str = "hyper",
-        hyp_layers: int = 3,
-        prompt_embed_ratio: float = 0.25,
         max_points: int = 8,
         max_depth: int = 16,
         prompt_scope: str = "slice",
         automatic: bool = False,
-        train_mask_decoder: bool = False,
-        full_finetune: bool = False,
+        decoder_adapters: bool = True,
         embedding_cache: int = 8,
         no_prompt_logit: float = -20.0,
         gradient_checkpointing: bool = False,
-        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(use_sdpa, bool):
-            raise ValueError(f"use_sdpa must be true or false, got {use_sdpa!r}.")
-        if in_channels not in (1, 3) or isinstance(in_channels, bool):
-            raise ValueError(f"in_channels must be 1 (grey, repeated to RGB) or 3 image channels, got {in_channels!r}.")
-        if num_classes != 2 or isinstance(num_classes, bool):
-            raise ValueError(
-                f"num_classes must be 2 (background and the prompted object; one object per forward), got {num_classes!r}."
-            )
-        if prompt_fusion not in PROMPT_FUSIONS[:3]:
-            raise ValueError(f"prompt_fusion must be one of {PROMPT_FUSIONS[:3]}, got {prompt_fusion!r}.")
-        if prompt_scope not in PROMPT_SCOPES:
-            raise ValueError(f"prompt_scope must be one of {PROMPT_SCOPES}, got {prompt_scope!r}.")
+        check_forward_args(in_channels, prompt_scope, max_points, max_depth, embedding_cache)
         for name, value in (
-            ("adapter_zero_init", adapter_zero_init),
-            ("sd_trans", sd_trans),
-            ("depth_adapter", depth_adapter),
-            ("decoder_adapters", decoder_adapters),
-            ("hyp_adapter", hyp_adapter),
             ("automatic", automatic),
-            ("train_mask_decoder", train_mask_decoder),
-            ("full_finetune", full_finetune),
+            ("decoder_adapters", decoder_adapters),
             ("gradient_checkpointing", gradient_checkpointing),
         ):
             _check_bool(value, name)
-        self.max_points = _check_pos_int(max_points, "max_points")
-        self.max_depth = _check_pos_int(max_depth, "max_depth")
-        if isinstance(embedding_cache, bool) or not isinstance(embedding_cache, int) or embedding_cache < 0:
-            raise ValueError(
-                f"embedding_cache must be a number of cached images >= 0 (0 disables), got {embedding_cache!r}."
-            )
-        v = get_variant(variant)
+        self.max_points, self.max_depth = max_points, max_depth
         self.in_channels, self.img_size = in_channels, img_size
         self.prompt_scope, self.automatic, self.embedding_cache = prompt_scope, automatic, embedding_cache
         self.no_prompt_logit = float(no_prompt_logit)
-
-        # Load SAM (official weights strictly, rel-pos tables included) before injecting adapters.
-        sam = build_sam(v, checkpoint=checkpoint, img_size=img_size, patch_size=patch_size, use_sdpa=use_sdpa)
         self.image_encoder, self.prompt_encoder, self.mask_decoder = (
             sam.image_encoder,
             sam.prompt_encoder,
             sam.mask_decoder,
         )
-        if v.encoder == "tiny_vit":
-            # LiteMedSAM: each TinyViT block of every stage, adapters of that stage's width
-            for layer in self.image_encoder.layers[1:]:
-                for j, blk in enumerate(layer.blocks):
-                    width = adapter_width(block_width(blk), adapter_ratio)
-                    layer.blocks[j] = MedSATinyViTBlock(
-                        blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter
-                    )
-        else:
-            width = adapter_width(v.encoder_embed_dim, adapter_ratio)
-            self.image_encoder.blocks = nn.ModuleList(
-                MedSAEncoderBlock(blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter)
-                for blk in self.image_encoder.blocks
-            )
-        if decoder_adapters:
-            dim = v.prompt_embed_dim
-            self.mask_decoder.transformer = MedSATwoWayTransformer(
-                self.mask_decoder.transformer,
-                num_prompt_tokens=self.max_points + 2,
-                hidden_dim=adapter_width(dim, decoder_adapter_ratio),
-                prompt_dim=adapter_width(dim, prompt_embed_ratio),
-                fusion=prompt_fusion if hyp_adapter else "none",
-                hyp_layers=hyp_layers,
-                act=adapter_act,
-                scale=adapter_scale,
-                zero_init=adapter_zero_init,
-            )
         self.decoder_adapters = decoder_adapters
-
-        if full_finetune:
-            for p in self.parameters():
-                p.requires_grad_(True)
-        else:
-            # adapters of the ViT blocks, or of TinyViT's blocks inside its stages
-            blocks = "image_encoder.layers" if v.encoder == "tiny_vit" else "image_encoder.blocks"
-            patterns = [f"{blocks}.*adapter*"]
-            if decoder_adapters:
-                patterns += ["mask_decoder.transformer.layers.*adapter*"]
-                if hyp_adapter:
-                    patterns += ["mask_decoder.transformer.prompt_reduce.*"]
-            if train_mask_decoder:
-                patterns += ["mask_decoder.*"]
-            freeze_except(self, patterns)
         self._embeddings = EmbeddingCache(embedding_cache, self.image_encoder)
         self.gradient_checkpointing = gradient_checkpointing
         enable_gradient_checkpointing(self.image_encoder.blocks, gradient_checkpointing)
@@ -355,12 +261,14 @@ class MedSA(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != c + 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
-                f"MedSA expects input [B, {c + 3}, H, W, D] ({c} image channel(s), then positive clicks, negative clicks, box); got {shape}."
+                f"MedSA expects input [B, {c + 3}, H, W, D] ({c} image channel(s), then positive clicks, "
+                f"negative clicks, box); got {shape}."
             )
         b, _, h, w, d = x.shape
         if d > self.max_depth:
             raise ValueError(
-                f"MedSA got a chunk of {d} slices but max_depth={self.max_depth}; use a smaller roi depth or raise max_depth."
+                f"MedSA got a chunk of {d} slices but max_depth={self.max_depth}; use a smaller roi depth "
+                "or raise max_depth."
             )
         guidance = x[:, c:]
         coords, labels, boxes, box_valid = self.prompts(guidance)
@@ -370,8 +278,9 @@ class MedSA(nn.Module):
         if not self.automatic and not bool(item_prompted.all()):
             missing = torch.nonzero(~item_prompted).flatten().tolist()
             raise ValueError(
-                f"MedSA received no prompt for batch item(s) {missing}: put clicks in guidance channels {c} (positive) / "
-                f"{c + 1} (negative) or a box in channel {c + 2} (MONAI Label 'foreground', 'background', 'roi'), "
+                f"MedSA received no prompt for batch item(s) {missing}: put clicks in guidance channels "
+                f"{c} (positive) / {c + 1} (negative) or a box in channel {c + 2} "
+                "(MONAI Label 'foreground', 'background', 'roi'), "
                 "or construct the network with automatic=True."
             )
 

@@ -45,7 +45,8 @@ class ObjectLabeld(MapTransform):
         d = dict(data)
         if self.object_key not in d:
             raise ValueError(
-                f"ObjectLabeld: '{self.object_key}' (the class id to segment) is not in the data; build items with object_datalist."
+                f"ObjectLabeld: '{self.object_key}' (the class id to segment) is not in the data; "
+                "build items with object_datalist."
             )
         obj = int(d[self.object_key])
         label = d[self.label_key]

@@ -58,10 +58,10 @@ def test_prompt_channels_and_geometry():
 
 def test_h_sam_trains_with_the_label():
     """H-SAM's stage-2 attention reads the label in training: its case calls the core with it."""
-    from shared_nets.h_sam.network import HSAM
+    from shared_nets.h_sam import build_h_sam
 
     torch.manual_seed(0)
-    net = HSAM(variant="tiny", img_size=32, patch_size=8, num_classes=3, finetune="lora").train()
+    net = build_h_sam(variant="tiny", img_size=32, patch_size=8, num_classes=3, finetune="lora").train()
     wrapped = torch.nn.Sequential(net)
     x, y = torch.randn(1, 1, 32, 32, 2), torch.randint(0, 4, (1, 1, 32, 32, 2)).float()
     seen = []
@@ -74,10 +74,10 @@ def test_h_sam_trains_with_the_label():
 
 
 def test_gradient_checkpointing_switches():
-    from shared_nets.med_sa.network import MedSA
+    from shared_nets.med_sa import build_med_sa
     from shared_nets.sam3d_adapter.network import SAM3DAdapter
 
-    medsa = MedSA(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=2)
+    medsa = build_med_sa(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=2)
     before = [type(b) for b in medsa.image_encoder.blocks]
     case = bench_case(_target("med_sa"))
     case.set_gradient_checkpointing(medsa, True)  # a per-block class swap, not an attribute
@@ -97,9 +97,9 @@ def test_med_sa_memory_input_replays_decoded_prompts():
     forward can be traced on fake tensors; the input has the image and three guidance channels."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from shared_nets.med_sa.network import MedSA
+    from shared_nets.med_sa import build_med_sa
 
-    net = MedSA(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=2).train()
+    net = build_med_sa(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=2).train()
     x = bench_case(_target("med_sa")).memory_estimate_input(net, 32, 2)
     assert x.shape == (1, net.in_channels + 3, 32, 32, 2) and net.automatic is True
     with FakeTensorMode(allow_non_fake_inputs=True):

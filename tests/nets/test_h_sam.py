@@ -1,4 +1,4 @@
-"""shared_nets.h_sam.network: H-SAM network (shapes, stage coupling, CMAttn, LoRA identity, parameter counts, errors)."""
+"""shared_nets.h_sam: H-SAM network (shapes, stage coupling, CMAttn, LoRA identity, parameter counts, errors)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from segment_anything.modeling.transformer import Attention, TwoWayTransformer
 
+from shared_nets.h_sam import build_h_sam
 from shared_nets.h_sam.decoder import (
     CMAttn,
     MaskGuidedAttention,
@@ -26,7 +27,7 @@ S = 64  # tiny at 64 px: a 4x4 token grid
 def _tiny(**kw) -> HSAM:
     torch.manual_seed(0)
     kw = {"variant": "tiny", "img_size": S, "num_classes": 3, **kw}
-    return HSAM(**kw)
+    return build_h_sam(**kw)
 
 
 @pytest.mark.parametrize(
@@ -243,7 +244,7 @@ def test_checkpoint_loads_strictly_before_lora(tmp_path):
     with pytest.raises(SamCheckpointError, match="missing.pth"):
         _tiny(checkpoint=str(tmp_path / "missing.pth"))
     with pytest.raises(SamCheckpointError, match="vit_b"):
-        HSAM("vit_b", checkpoint=str(path), img_size=S)
+        build_h_sam("vit_b", checkpoint=str(path), img_size=S)
 
 
 # ViT-B built on the meta device (no memory, no init cost). Paper Table 6 totals: H-SAM 112.3M,
@@ -259,7 +260,7 @@ def test_checkpoint_loads_strictly_before_lora(tmp_path):
 )
 def test_vit_b_parameter_counts(img_size, kw, trainable, total):
     with torch.device("meta"):
-        net = HSAM("vit_b", img_size=img_size, num_classes=8, lora_rank=4, **kw)
+        net = build_h_sam("vit_b", img_size=img_size, num_classes=8, lora_rank=4, **kw)
     report = trainable_parameter_report(net)
     print(
         f"\nH-SAM ViT-B {img_size} {kw}: ours {report.total / 1e6:.2f}M total, {report.trainable / 1e6:.2f}M trainable "
@@ -381,3 +382,38 @@ def test_select_slices_keeps_the_listed_slices_and_names_bad_indices():
     with pytest.raises(ValueError, match=r"slices.*\[0, 3\]"):
         sel({"image": torch.zeros(1, 4, 4, 4), "slices": [2, 7]})
     assert sel({"image": torch.zeros(1, 4, 4, 4)})["image"].shape == (1, 4, 4, 4)
+
+
+# ---------------------------------------------------------------- composition: HSAM from built parts
+def test_hsam_composes_built_parts():
+    """HSAM takes a SAM with LoRA and a stage-2 decoder built elsewhere and builds nothing itself."""
+    from shared_nets.h_sam.decoder import HSAMStage2Decoder
+    from shared_nets.peft import inject_lora
+
+    torch.manual_seed(0)
+    sam = build_sam("tiny", img_size=S, num_multimask_outputs=3)
+    stage2 = HSAMStage2Decoder(
+        transformer_dim=32, num_tokens=4, grid=(4, 4), patch_size=16, depth=2, num_heads=2, mlp_dim=64
+    )
+    lora = inject_lora(sam.image_encoder, r=2, targets=("q", "v"))
+    n_params = sum(p.numel() for p in sam.parameters()) + sum(p.numel() for p in stage2.parameters())
+    net = HSAM(sam, stage2, lora, variant="tiny", img_size=S, num_classes=3)
+    assert net.image_encoder is sam.image_encoder and net.mask_decoder2 is stage2
+    assert sum(p.numel() for p in net.parameters()) == n_params  # nothing added
+    assert not net.image_encoder.patch_embed.proj.weight.requires_grad  # LoRA mode: encoder frozen except LoRA
+    assert all(p.requires_grad for n, p in net.named_parameters() if "lora_" in n)
+    out = net.eval()(torch.randn(1, 1, S, S, 2))
+    assert out.shape == (1, 4, S, S, 2) and torch.isfinite(out).all()
+    baseline = HSAM(sam, None, variant="tiny", img_size=S, num_classes=3)
+    assert baseline.ensemble == "stage1" and not baseline.use_stage2
+    with pytest.raises(ValueError, match="finetune"):
+        HSAM(sam, None, finetune="partial")
+
+
+def test_build_h_sam_returns_the_same_network_as_before():
+    """The builder's tiny networks: HSAM, with the keys and trainable counts the flat constructor gave."""
+    for kw, keys, trainable, total in (({}, 381, 103117, 369757), ({"use_stage2": False}, 218, 42492, 309132)):
+        net = _tiny(**kw)
+        rep = trainable_parameter_report(net)
+        assert type(net) is HSAM
+        assert (len(net.state_dict()), rep.trainable, rep.total) == (keys, trainable, total)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shared_nets.med_sa import build_med_sa
 from shared_nets.med_sa.blocks import HyPAdapter
 from shared_nets.med_sa.network import MEDSA_OFFICIAL_CODE_SETTINGS, MedSA
 from shared_nets.peft import trainable_parameter_report
@@ -17,7 +18,7 @@ def tiny(**kw) -> MedSA:
     torch.manual_seed(0)
     args = dict(variant="tiny", img_size=IMG, patch_size=8, max_points=4, max_depth=4)
     args.update(kw)
-    return MedSA(**args)
+    return build_med_sa(**args)
 
 
 def volume(b=1, d=1, c=1, size=IMG, clicks=((0, 10, 12, 0),), box=None, seed=1) -> torch.Tensor:
@@ -149,8 +150,8 @@ def test_parameter_counts_vs_paper():
     """Paper: ~13M trainable on ViT-H (2 %); the official code's settings train 82.9M (docs/deviations.md,
     "adapter width")."""
     with torch.device("meta"):
-        paper = MedSA("vit_h")
-        official = MedSA("vit_h", **MEDSA_OFFICIAL_CODE_SETTINGS)
+        paper = build_med_sa("vit_h")
+        official = build_med_sa("vit_h", **MEDSA_OFFICIAL_CODE_SETTINGS)
     rep = trainable_parameter_report(paper)
     sam_total = 637_026_048 + 4_058_340 + 6_220
     enc = sum(p.numel() for n, p in paper.named_parameters() if p.requires_grad and n.startswith("image_encoder"))
@@ -169,11 +170,11 @@ def test_official_rel_pos_tables_are_loaded(tmp_path):
             p.add_(torch.randn_like(p))
     path = tmp_path / "sam_tiny.pth"
     torch.save(src.state_dict(), path)
-    net = MedSA("tiny", checkpoint=str(path), img_size=64, max_points=4)
+    net = build_med_sa("tiny", checkpoint=str(path), img_size=64, max_points=4)
     for blk_src, blk in zip(src.image_encoder.blocks, net.image_encoder.blocks):
         assert torch.equal(blk.attn.rel_pos_h, blk_src.attn.rel_pos_h)
         assert blk.attn.rel_pos_h.abs().sum() > 0
-    resized = MedSA("tiny", checkpoint=str(path), img_size=128, max_points=4)
+    resized = build_med_sa("tiny", checkpoint=str(path), img_size=128, max_points=4)
     assert resized.image_encoder.blocks[1].attn.rel_pos_h.shape[0] == 2 * (128 // 16) - 1  # a global block
 
 
@@ -391,3 +392,35 @@ def test_click_interaction_and_refinement_curve(tmp_path):
     assert len(curve.rows) == 2 and all(len(r) == 3 for r in curve.rows)
     assert net.cache_hits - hits == 3  # the curve's 1 + 2 runs all reused the evaluator's image embeddings
     assert (tmp_path / "refinement_curve.csv").read_text().count("\n") == 4
+
+
+# ---------------------------------------------------------------- composition: MedSA from built parts
+def test_med_sa_composes_built_parts():
+    """MedSA takes a SAM that already carries the adapters and builds nothing; build_med_sa returns MedSA."""
+    from torch import nn
+
+    from shared_nets.med_sa.blocks import MedSAEncoderBlock
+
+    torch.manual_seed(0)
+    sam = build_sam("tiny", img_size=IMG, patch_size=8)
+    sam.image_encoder.blocks = nn.ModuleList(
+        MedSAEncoderBlock(blk, 4, "relu", 0.5, True, True, False) for blk in sam.image_encoder.blocks
+    )
+    n_params = sum(p.numel() for p in sam.parameters())
+    net = MedSA(sam, img_size=IMG, max_points=4, max_depth=4, decoder_adapters=False)
+    assert net.image_encoder is sam.image_encoder and net.mask_decoder is sam.mask_decoder
+    assert sum(p.numel() for p in net.parameters()) == n_params  # nothing added
+    out = net.eval()(volume(d=2))
+    assert out.shape == (1, 2, IMG, IMG, 2) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="max_points"):
+        MedSA(sam, max_points=0)
+
+
+def test_build_med_sa_returns_the_same_network_as_before():
+    """The builder's tiny networks: MedSA, with the keys and trainable counts the flat constructor gave."""
+    paper = tiny()
+    official = tiny(**MEDSA_OFFICIAL_CODE_SETTINGS)
+    assert type(paper) is MedSA and type(official) is MedSA
+    for net, keys, trainable, total in ((paper, 272, 7372, 275544), (official, 250, 66144, 293708)):
+        rep = trainable_parameter_report(net)
+        assert (len(net.state_dict()), rep.trainable, rep.total) == (keys, trainable, total)

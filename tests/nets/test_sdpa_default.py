@@ -17,9 +17,9 @@ import torch
 from monai.bundle import ConfigParser
 from segment_anything.modeling.image_encoder import Attention
 
-from shared_nets.h_sam.network import HSAM
+from shared_nets.h_sam import build_h_sam
 from shared_nets.ma_sam.network import MASAM
-from shared_nets.med_sa.network import MedSA
+from shared_nets.med_sa import build_med_sa
 from shared_nets.s_sam.network import SSAM
 from shared_nets.sam import SdpaAttention, is_sdpa_enabled
 
@@ -37,7 +37,7 @@ def _medsa_input() -> torch.Tensor:
 # network class, tiny constructor arguments, input
 CASES = {
     "ma_sam": (MASAM, dict(variant="tiny", img_size=64, num_classes=3), lambda: torch.randn(1, 1, 64, 64, 5)),
-    "med_sa": (MedSA, dict(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=4), _medsa_input),
+    "med_sa": (build_med_sa, dict(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=4), _medsa_input),
     "s_sam": (
         SSAM,
         dict(variant="tiny", img_size=64, class_names=["liver", "spleen"]),
@@ -48,7 +48,7 @@ CASES = {
         dict(variant="tiny", img_size=64, class_names=["liver", "spleen"], mode="official"),  # no rel-pos
         lambda: torch.randn(1, 1, 64, 64, 2),
     ),
-    "h_sam": (HSAM, dict(variant="tiny", img_size=64, num_classes=3), lambda: torch.randn(1, 1, 64, 64, 1)),
+    "h_sam": (build_h_sam, dict(variant="tiny", img_size=64, num_classes=3), lambda: torch.randn(1, 1, 64, 64, 1)),
 }
 
 
@@ -104,7 +104,7 @@ def test_sdpa_gradients_equal_stock(case):
         assert (g - grads[1][name]).abs().max().item() <= 1e-4 * scale, name
 
 
-@pytest.mark.parametrize("cls", [MASAM, MedSA, SSAM, HSAM])
+@pytest.mark.parametrize("cls", [MASAM, build_med_sa, SSAM, build_h_sam])
 def test_use_sdpa_must_be_bool(cls):
     with pytest.raises(ValueError, match="use_sdpa must be true or false"):
         cls(variant="tiny", img_size=64, use_sdpa="yes")

@@ -185,9 +185,9 @@ def _load_into_masam(tmp, path):
 
 
 def model_checkpoint_of_another_method(tmp):
-    from shared_nets.h_sam import HSAM
+    from shared_nets.h_sam import build_h_sam
 
-    torch.save(HSAM(variant="tiny", checkpoint=None, img_size=64, num_classes=3).state_dict(), tmp / "model.pt")
+    torch.save(build_h_sam(variant="tiny", checkpoint=None, img_size=64, num_classes=3).state_dict(), tmp / "model.pt")
     _load_into_masam(tmp, tmp / "model.pt")
 
 
@@ -233,9 +233,9 @@ def override_wrong_type(tmp):
 
 
 def override_unknown_variant(tmp):
-    from shared_nets.h_sam import HSAM
+    from shared_nets.h_sam import build_h_sam
 
-    HSAM(variant="vit_xl", checkpoint=None, img_size=64, num_classes=3)  # `--variant vit_xl`
+    build_h_sam(variant="vit_xl", checkpoint=None, img_size=64, num_classes=3)  # `--variant vit_xl`
 
 
 def tool_unknown_dataset(tmp):
