@@ -210,7 +210,8 @@ class SAM3DAdapter(nn.Module):
         decoded = [1, 2, 3, 4] if use_multi_level else [4]
         if any(x not in decoded for x in levels):
             raise ValueError(
-                f"prompt_levels {levels} include levels the decoder does not use (use_multi_level=False decodes level 4 only)."
+                f"prompt_levels {levels} include levels the decoder does not use "
+                "(use_multi_level=False decodes level 4 only)."
             )
         if v.encoder_depth < 4:
             raise ValueError(
@@ -298,7 +299,8 @@ class SAM3DAdapter(nn.Module):
         step = sam_patch * ws
         if not isinstance(sam_input_size, int) or sam_input_size <= 0 or sam_input_size % step:
             raise ValueError(
-                f"sam_input_size must be a positive multiple of {step} ({sam_patch}-pixel patches x {ws}-token windows), "
+                f"sam_input_size must be a positive multiple of {step} "
+                f"({sam_patch}-pixel patches x {ws}-token windows), "
                 f"got {sam_input_size!r}."
             )
         h, w, d = patch
@@ -310,7 +312,8 @@ class SAM3DAdapter(nn.Module):
         if (d * sam_input_size) % h or ((d * sam_input_size) // h) % step:
             raise ValueError(
                 f"img_size {list(patch)}: the depth D is resized by sam_input_size / H = {sam_input_size}/{h} like "
-                f"the in-plane axes and must then be a multiple of {step} ({sam_patch}-slice merging x {ws}-token windows); "
+                f"the in-plane axes and must then be a multiple of {step} "
+                f"({sam_patch}-slice merging x {ws}-token windows); "
                 f"use D = H or a D with D * {sam_input_size} / {h} divisible by {step}."
             )
         resized_d = d * sam_input_size // h
@@ -427,7 +430,8 @@ class SAM3DAdapter(nn.Module):
         if x.shape[1] != channels:
             layout = "[image, positive clicks, negative clicks]" if self.prompted else "[image]"
             raise ValueError(
-                f"input has {x.shape[1]} channels, expected {channels} ({layout} with {self.in_channels} image channel(s))."
+                f"input has {x.shape[1]} channels, expected {channels} "
+                f"({layout} with {self.in_channels} image channel(s))."
             )
         if tuple(x.shape[2:]) != self.patch_size:
             raise ValueError(

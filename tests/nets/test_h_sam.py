@@ -1,4 +1,5 @@
-"""shared_nets.h_sam.network: H-SAM network (shapes, stage coupling, CMAttn, LoRA identity, parameter counts, errors)."""
+"""shared_nets.h_sam.network: H-SAM network (shapes, stage coupling, CMAttn, LoRA identity, parameter counts,
+errors)."""
 
 from __future__ import annotations
 
