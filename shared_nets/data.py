@@ -158,7 +158,8 @@ def check_volumes(
             if not np.allclose(laffine, affine, atol=affine_atol):
                 raise DataError(
                     f"label '{item[label_key]}' has another affine than its image '{fn}' (max difference "
-                    f"{np.abs(laffine - affine).max():.4g}); expected both on the same grid (resample the label to the image)."
+                    f"{np.abs(laffine - affine).max():.4g}); expected both on the same grid "
+                    "(resample the label to the image)."
                 )
             if num_classes is not None:
                 import nibabel as nib
@@ -217,7 +218,8 @@ class CheckLabelRanged(MapTransform):
             if lo < 0 or hi > self.num_classes - 1 or not torch.equal(arr, arr.round()):
                 raise DataError(
                     f"label '{source_name(lab)}' ({key}) has values in [{lo:g}, {hi:g}]; expected integers in "
-                    f"[0, {self.num_classes - 1}] for {self.num_classes} classes (map labels with MapLabelValued first)."
+                    f"[0, {self.num_classes - 1}] for {self.num_classes} classes "
+                    "(map labels with MapLabelValued first)."
                 )
         return d
 

@@ -669,8 +669,9 @@ class FullyShardedModel(torch.nn.Module):
     The attention and the MLP of each image-encoder block are FSDP units of their own (:func:`fsdp_units`) and
     the rest of the network is the root unit: between uses a GPU holds 1/world of every parameter (frozen SAM
     weights included) and of the trainable parameters' gradients and optimizer state; a unit's weights are
-    all-gathered just before it runs (forward and backward) and freed after. FSDP2 shards each parameter separately, so frozen SAM weights and trainable
-    PEFT parameters can share a block (no ``use_orig_params`` flattening; frozen ones get no gradient).
+    all-gathered just before it runs (forward and backward) and freed after. FSDP2 shards each parameter
+    separately, so frozen SAM weights and trainable PEFT parameters can share a block (no ``use_orig_params``
+    flattening; frozen ones get no gradient).
 
     Checkpoints hold the ordinary full state dict (the keys of the unwrapped network, as the DDP runs write):
     :func:`attach_state_gathering` gathers it on every rank at the end of each epoch (a collective) into a

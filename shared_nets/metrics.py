@@ -53,7 +53,8 @@ __all__ = [
 #: What a class absent from the label and/or the prediction scores.
 #:
 #: ``monai``: MONAI's defaults. Dice: label empty → NaN (left out of means), prediction empty and
-#: label not → 0. HD (with or without a percentile): either empty → NaN (MONAI's max gives inf). NSD: both empty → NaN, one empty → 0.
+#: label not → 0. HD (with or without a percentile): either empty → NaN (MONAI's max gives inf).
+#: NSD: both empty → NaN, one empty → 0.
 #: ``blank_is_one``: both empty → Dice 1, NSD 1, HD 0; exactly one empty → Dice 0, NSD 0, HD NaN
 #: (MA-SAM's and S-SAM's official Dice).
 #: ``transunet``: the TransUNet/SAMed/H-SAM ``calculate_metric_percase``: both present → the metric;
@@ -261,7 +262,8 @@ def summary_notes(tolerance_mm: float | Sequence[float] | None, empty_case: str)
         else "?"
     )
     return [
-        "Cells: mean ± std over cases (number of cases with a finite value); the last row is the mean of the class means.",
+        "Cells: mean ± std over cases (number of cases with a finite value); "
+        "the last row is the mean of the class means.",
         "Hausdorff distances (*_hd95_mm, *_hd_mm) in millimetres, from each case's voxel spacing.",
         f"NSD: normalised surface Dice at a tolerance of {tol} mm.",
         f"Empty-case convention: {empty_case}, {_CONVENTION_TEXT.get(empty_case, '')}.",

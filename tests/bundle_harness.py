@@ -347,8 +347,8 @@ class BundleHarness:
         assert (root / "models" / "model.pt").is_file()
 
     def test_real_ct_trains_and_infers_in_input_space(self, real_ct, tmp_path):
-        """Real abdominal CT (data/totalsegmentator_example): the bundle's own preprocessing, a few iterations, inference;
-        predictions keep each input's exact shape, affine and orientation. No accuracy bar."""
+        """Real abdominal CT (data/totalsegmentator_example): the bundle's own preprocessing, a few iterations,
+        inference; predictions keep each input's exact shape, affine and orientation. No accuracy bar."""
         if self.real_ct_skip:
             pytest.skip(self.real_ct_skip)
         data = real_ct

@@ -95,10 +95,11 @@ def test_clip_gradients_matches_the_bundle_lambda_in_a_trainer():
     def lambda_handler(trainer, net):
         from monai.engines import IterationEvents
 
-        clip = lambda engine: (
-            engine.amp and engine.scaler is not None and engine.scaler.unscale_(engine.optimizer),  # noqa: E731
-            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0),
-        )
+        def clip(engine):
+            if engine.amp and engine.scaler is not None:
+                engine.scaler.unscale_(engine.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0)
+
         trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, clip)
 
     new = run(lambda trainer, net: ClipGradients(1.0).attach(trainer))

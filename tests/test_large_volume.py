@@ -20,7 +20,8 @@ The bound (arithmetic in :func:`memory_bound`; V = one float32 copy of the input
 
 Measured on the 2-core CI-like machine (1 thread): peak RSS 3242 MiB against a bound of 5021 MiB
 (1.55x headroom); the inference test takes 20-45 s depending on the load (the child
-process: imports, reading, windowing and writing the volume), about 65 s on a cold file cache. If the recipe broke and stitching happened at the
+process: imports, reading, windowing and writing the volume), about 65 s on a cold file cache.
+If the recipe broke and stitching happened at the
 input's resolution, the buffer alone would be 15 * 512 * 512 * 600 * 4 B = 9000 MiB, far above the
 bound: ``test_bound_would_catch_full_resolution_stitching`` checks that arithmetic.
 """

@@ -80,7 +80,9 @@ class Server:
             parts = []
             if params is not None:
                 parts.append(
-                    f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n'.encode()
+                    (
+                        f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n'
+                    ).encode()
                 )
             if file is not None:
                 content = file if isinstance(file, bytes) else Path(file).read_bytes()

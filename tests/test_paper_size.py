@@ -7,7 +7,8 @@ size 1, one sample, one epoch without validation; the real abdominal CT example 
 paper's size (MA-SAM 512 px x 5 slices, Med-SA 1024 px, S-SAM 256 px, H-SAM 512 px, 3DSAM-adapter
 with SAM at 512 px). Cut for CI's budget (about 8 minutes and 24 GB on 2 cores for the five):
 Med-SA runs 2 slices instead of the paper's 16, with ``gradient_checkpointing`` on (2 slices
-without it peak near 20 GiB RSS); 3DSAM-adapter resizes slices to 256 px for SAM instead of 512 (a 16^3 token grid instead of 32^3). The
+without it peak near 20 GiB RSS); 3DSAM-adapter resizes slices to 256 px for SAM instead of 512
+(a 16^3 token grid instead of 32^3). The
 full settings are measured with ``python -m tests.paper_size --full`` (bundle READMEs).
 Training and inference each run in a child process (peak RSS from
 ``os.wait4``), the inference child loading the ``model.pt`` the training child wrote.

@@ -35,8 +35,10 @@ def _medsa_input(clicks, seed: int = 1) -> torch.Tensor:
 
 
 def _sam3d(**kw) -> SAM3DAdapter:
+    from shared_nets.sam3d_adapter import build_sam3d_adapter
+
     torch.manual_seed(0)
-    return SAM3DAdapter("tiny", img_size=32, sam_input_size=64, window_size=2, **kw).eval()
+    return build_sam3d_adapter("tiny", img_size=32, sam_input_size=64, window_size=2, **kw).eval()
 
 
 def _sam3d_input(clicks, seed: int = 1) -> torch.Tensor:

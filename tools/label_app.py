@@ -360,7 +360,8 @@ def _sam_checkpoint(config: Mapping[str, Any], sam_dir: str | os.PathLike | None
     path = Path(sam_dir) / spec.checkpoint_name
     if not path.is_file():
         raise FileNotFoundError(
-            f"model '{name}': SAM checkpoint '{path}' not found (python -m tools weights --variant {variant} --dest {sam_dir})."
+            f"model '{name}': SAM checkpoint '{path}' not found "
+            f"(python -m tools weights --variant {variant} --dest {sam_dir})."
         )
     return str(path)
 

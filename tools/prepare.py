@@ -8,20 +8,20 @@ it is random. Volumes are converted to ``.nii.gz`` only where the source is not 
 are written to OUT only where the paper maps or merges ids; ``--src`` is never written to.
 docs/datasets.md lists downloads, layouts, commands, splits and label mappings.
 
-=====================  =================================================================  ==========================
-dataset                what                                                               options
-=====================  =================================================================  ==========================
-``btcv``               BTCV 13 organs, MA-SAM's 24/6 split                                ``merge_adrenals``, ``num_val``
-``synapse``            Synapse 8 organs (SAMed/H-SAM ids), TransUNet's 18/12 split        ``label_ids``, ``num_val``
-``msd_pancreas``       MSD Task07 pancreas tumour, 3DSAM-adapter's seeded 70/10/20        ``seed``
-``msd_colon``          MSD Task10 colon cancer, seeded 70/10/20                           ``seed``
-``kits21``             KiTS21 kidney tumour, seeded 70/10/20                              ``seed``
-``lits17``             LiTS17 liver tumour, seeded 70/10/20                               ``seed``
-``promise12``          PROMISE12 prostate (.mhd -> NIfTI), seeded 40/10                   ``num_test``, ``num_val``
-``prostate_multisite`` MA-SAM's 6-site prostate MRI, its per-site test cases               ``sites``, ``num_val``
-``la``                 left atrium (.nrrd / UA-MT .h5 -> NIfTI), UA-MT's 80/20            ``num_labeled``, ``source``
-``amos22``             AMOS 22 CT or MRI in BTCV ids (MA-SAM Fig. 6), labelled cases      ``modality``, ``shots``
-=====================  =================================================================  ==========================
+=====================  =============================================================  ==========================
+dataset                what                                                           options
+=====================  =============================================================  ==========================
+``btcv``               BTCV 13 organs, MA-SAM's 24/6 split                            ``merge_adrenals``, ``num_val``
+``synapse``            Synapse 8 organs (SAMed/H-SAM ids), TransUNet's 18/12 split    ``label_ids``, ``num_val``
+``msd_pancreas``       MSD Task07 pancreas tumour, 3DSAM-adapter's seeded 70/10/20    ``seed``
+``msd_colon``          MSD Task10 colon cancer, seeded 70/10/20                       ``seed``
+``kits21``             KiTS21 kidney tumour, seeded 70/10/20                          ``seed``
+``lits17``             LiTS17 liver tumour, seeded 70/10/20                           ``seed``
+``promise12``          PROMISE12 prostate (.mhd -> NIfTI), seeded 40/10               ``num_test``, ``num_val``
+``prostate_multisite`` MA-SAM's 6-site prostate MRI, its per-site test cases          ``sites``, ``num_val``
+``la``                 left atrium (.nrrd / UA-MT .h5 -> NIfTI), UA-MT's 80/20        ``num_labeled``, ``source``
+``amos22``             AMOS 22 CT or MRI in BTCV ids (MA-SAM Fig. 6), labelled cases  ``modality``, ``shots``
+=====================  =============================================================  ==========================
 """
 
 from __future__ import annotations

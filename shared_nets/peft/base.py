@@ -185,7 +185,8 @@ class PeftLayer(nn.Module):
         super().__init__()
         if isinstance(base_layer, PeftLayer):
             raise ValueError(
-                f"base_layer is already a PEFT layer ({type(base_layer).__name__}); stacking PEFT layers is not supported."
+                f"base_layer is already a PEFT layer ({type(base_layer).__name__}); "
+                "stacking PEFT layers is not supported."
             )
         if not isinstance(base_layer, nn.Module) or not isinstance(getattr(base_layer, "weight", None), torch.Tensor):
             raise ValueError(f"base_layer must be an nn.Module with a weight tensor, got {type(base_layer).__name__}.")
@@ -259,7 +260,8 @@ class PeftLayer(nn.Module):
             new_weight = weight + delta
             if not torch.isfinite(new_weight).all():
                 raise ValueError(
-                    f"safe_merge: the merged weight of {type(self).__name__} has NaN/Inf entries; the layer was left unmerged."
+                    f"safe_merge: the merged weight of {type(self).__name__} has NaN/Inf entries; "
+                    "the layer was left unmerged."
                 )
             weight.copy_(new_weight)
         else:

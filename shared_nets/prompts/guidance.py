@@ -86,7 +86,8 @@ class AddGuidanceChannelsd(MapTransform):
             bad = np.any((arr < 0) | (arr >= shape), axis=1)
             if bad.any():
                 raise ValueError(
-                    f"prompt '{key}' has clicks {arr[bad].tolist()} outside the image of spatial shape {tuple(shape.tolist())}; "
+                    f"prompt '{key}' has clicks {arr[bad].tolist()} outside the image of spatial shape "
+                    f"{tuple(shape.tolist())}; "
                     "map them with PointsToGridd first."
                 )
             out[tuple(arr.T)] = 1.0
@@ -95,7 +96,8 @@ class AddGuidanceChannelsd(MapTransform):
             lo, hi = box[:3], box[3:]
             if np.any(lo < 0) or np.any(hi > shape) or np.any(hi <= lo):
                 raise ValueError(
-                    f"prompt '{key}' box {box.tolist()} is empty or outside the image of spatial shape {tuple(shape.tolist())} "
+                    f"prompt '{key}' box {box.tolist()} is empty or outside the image of spatial shape "
+                    f"{tuple(shape.tolist())} "
                     "(expected 0 <= start < end <= size per axis)."
                 )
             out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1.0
@@ -313,7 +315,8 @@ def scale_coords(coords: torch.Tensor, from_size: int | Sequence[int], to_size: 
     allowed = {1, n} | ({n // 2} if n % 2 == 0 else set())
     if src.numel() != dst.numel() or src.numel() not in allowed:
         raise ValueError(
-            f"from_size and to_size must be ints or sequences with one size per coordinate axis ({sorted(allowed - {1})}), "
+            "from_size and to_size must be ints or sequences with one size per coordinate axis "
+            f"({sorted(allowed - {1})}), "
             f"got from_size={from_size!r}, to_size={to_size!r}."
         )
     if bool((src <= 0).any()) or bool((dst <= 0).any()):

@@ -224,7 +224,8 @@ class PromptRegionInferer(Inferer):
             raise ValueError(f"PromptRegionInferer: inputs must be [B, C, H, W, D], got {shape}.")
         if inputs.shape[1] <= self.num_image_channels:
             raise ValueError(
-                f"PromptRegionInferer: inputs have {inputs.shape[1]} channels but num_image_channels={self.num_image_channels}; "
+                f"PromptRegionInferer: inputs have {inputs.shape[1]} channels but "
+                f"num_image_channels={self.num_image_channels}; "
                 "the guidance channels (clicks / box) must follow the image channels."
             )
         values = (self.num_image_channels, self.out_channels, self.background_logit, self.foreground_logit)

@@ -55,7 +55,8 @@ def parse_prompt(value: Any, key: str = "prompt") -> tuple[str, np.ndarray]:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] not in (3, 6):
         raise ValueError(
-            f"prompt '{key}' must be a list of [i, j, k] clicks or [i0, j0, k0, i1, j1, k1] boxes, got an array of shape {arr.shape}."
+            f"prompt '{key}' must be a list of [i, j, k] clicks or [i0, j0, k0, i1, j1, k1] boxes, "
+            f"got an array of shape {arr.shape}."
         )
     return ("points" if arr.shape[1] == 3 else "boxes"), arr
 

@@ -4,7 +4,8 @@ SAM's ViT run on 3D patches with spatial adapters, a 3D prompt encoder and a mul
 See ``bundles/sam3d_adapter``.
 """
 
-from . import bench, config, data, encoder, heads, network, transforms
+from . import bench, builder, config, data, encoder, heads, network, transforms
+from .builder import build_sam3d_adapter
 from .network import NO_POSITIVE_MODES, PROMPT_ENCODER_MODES, SAM3D_TRAINABLE_PATTERNS, SAM3DAdapter
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "SAM3DAdapter",
     "SAM3D_TRAINABLE_PATTERNS",
     "bench",
+    "build_sam3d_adapter",
+    "builder",
     "config",
     "data",
     "encoder",

@@ -16,6 +16,7 @@ from torch import nn
 
 from shared_nets.interface import BenchCase, RepromptParts, count_flops
 
+from .builder import build_sam3d_adapter
 from .network import SAM3DAdapter
 
 __all__ = ["BENCH_CASE", "SAM3DBenchCase", "training_step_memory"]
@@ -55,7 +56,7 @@ def training_step_memory(
         use_checkpoint: gradient checkpointing of the transformer blocks.
         amp: autocast (float16 on CUDA, bfloat16 in the CPU estimate).
         device: ``"cuda..."`` to measure; None = CUDA when available, else the estimate.
-        net_kwargs: further :class:`SAM3DAdapter` arguments.
+        net_kwargs: further :func:`build_sam3d_adapter` arguments.
 
     Returns:
         ``{"measured": True, "peak_bytes": ...}`` on CUDA, or ``{"measured": False,
@@ -68,7 +69,7 @@ def training_step_memory(
     kwargs = dict(variant=variant, img_size=img_size, use_checkpoint=use_checkpoint, **net_kwargs)
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
-        net = SAM3DAdapter(**kwargs).to(device).train()
+        net = build_sam3d_adapter(**kwargs).to(device).train()
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
         image, coords, labels = _click_batch(net, batch, device)
         torch.cuda.synchronize(device)
@@ -95,7 +96,7 @@ def training_step_memory(
         return t
 
     with FakeTensorMode():
-        net = SAM3DAdapter(**kwargs).train()
+        net = build_sam3d_adapter(**kwargs).train()
         image = torch.randn(batch, net.in_channels, *net.patch_size)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):

@@ -192,6 +192,8 @@ class MultiLevelDecoder3D(nn.Module):
         self, in_channels: int, channels: int, num_classes: int, num_levels: int = 4, image_channels: int = 1
     ) -> None:
         super().__init__()
+        self.num_classes = int(num_classes)
+        self.num_levels = int(num_levels)
 
         def block(cin: int, cout: int) -> Convolution:
             return Convolution(3, cin, cout, kernel_size=3, act="RELU", norm="INSTANCE", bias=False)

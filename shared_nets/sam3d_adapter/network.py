@@ -7,18 +7,17 @@ implementation follows the code rather than the paper, docs/deviations.md says s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from shared_nets.peft import freeze_except
 from shared_nets.prompts import decode_points
-from shared_nets.sam import build_sam, get_variant
 from shared_nets.sam.cache import EmbeddingCache
 
-from .encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer, run_blocks
-from .heads import PROMPT_ENCODINGS, PROMPT_LAYERS, MultiLevelDecoder3D, PromptEncoder3D
+from .encoder import Block3D, Neck3D, VolumeTokenizer, run_blocks
+from .heads import PROMPT_ENCODINGS, MultiLevelDecoder3D, PromptEncoder3D
 
 __all__ = ["SAM3DAdapter", "PROMPT_ENCODER_MODES", "NO_POSITIVE_MODES", "SAM3D_TRAINABLE_PATTERNS"]
 
@@ -52,243 +51,160 @@ def _as_patch_size(img_size: int | Sequence[int]) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
+def _check_in_channels(in_channels: int) -> None:
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 (grey, repeated to RGB) or 3, got {in_channels!r}.")
+
+
+def _check_click_options(max_points: int, no_positive: str) -> None:
+    if not isinstance(max_points, int) or max_points < 1:
+        raise ValueError(f"max_points must be a positive integer, got {max_points!r}.")
+    if no_positive not in NO_POSITIVE_MODES:
+        raise ValueError(f"no_positive must be one of {NO_POSITIVE_MODES}, got {no_positive!r}.")
+
+
+def _key(parts: Mapping, level: int) -> int | str:
+    """The key of ``level`` in a level -> module mapping keyed by ints or by strings (``nn.ModuleDict``)."""
+    return level if level in parts else str(level)
+
+
 class SAM3DAdapter(nn.Module):
     """3DSAM-adapter network: ``(B, C, H, W, D)`` patch (+ click guidance) -> ``(B, K, H, W, D)`` logits.
 
+    Composed from built parts, as ``segment_anything``'s ``Sam(image_encoder, prompt_encoder, mask_decoder)``;
+    :func:`shared_nets.sam3d_adapter.build_sam3d_adapter` builds them from a SAM backbone (the bundles' target).
     Architecture (poster sections in brackets; details from the official code):
 
-    - [Adapting Image Encoder for Volumetric Inputs] the patch is resized so SAM's frozen 16x16
-      patch embedding, run on every axial slice, gives a ``sam_input_size / 16`` in-plane grid
-      (512 -> 32 for ViT-B); a trainable depthwise Conv3d along the slices reaches the same
-      step in depth (a 128^3 patch gives 32^3 tokens). SAM's position embedding, built at twice
-      the grid, is average-pooled 2x2, plus a learnable depth embedding. Every block runs 3D
-      window attention (``window_size``^3 windows, shifted by half a window on even blocks) with
-      a depth relative-position table initialised from SAM's h/w tables, and starts with a
-      :class:`SpatialAdapter3D`. Necks after blocks depth/4, depth/2, 3depth/4, depth (3, 6, 9, 12
-      for ViT-B) give four feature levels.
-    - [Prompt Encoding by Visual Sampler] a :class:`PromptEncoder3D` at each level of
-      ``prompt_levels`` (the poster's best: the bottleneck only).
+    - [Adapting Image Encoder for Volumetric Inputs] a :class:`VolumeTokenizer` resizes the patch so SAM's
+      frozen 16x16 patch embedding, run on every axial slice, gives a ``sam_input_size / 16`` in-plane grid
+      (512 -> 32 for ViT-B); a trainable depthwise Conv3d along the slices reaches the same step in depth
+      (a 128^3 patch gives 32^3 tokens). SAM's position embedding, built at twice the grid, is
+      average-pooled 2x2, plus a learnable depth embedding. Every :class:`Block3D` (one per SAM block) runs
+      3D window attention (``window_size``^3 windows, shifted by half a window on even blocks) with a depth
+      relative-position table initialised from SAM's h/w tables, and starts with a :class:`SpatialAdapter3D`.
+      A :class:`Neck3D` after blocks depth/4, depth/2, 3depth/4, depth (3, 6, 9, 12 for ViT-B) gives each of
+      the four feature levels.
+    - [Prompt Encoding by Visual Sampler] a :class:`PromptEncoder3D` at each prompted level (the poster's
+      best: the bottleneck only).
     - [Lightweight Mask Decoder] :class:`MultiLevelDecoder3D` over the levels and the image.
 
-    Trainable by default (as the official code): slice/depth embeddings, block norms, adapters,
-    depth rel-pos tables, necks, prompt encoder(s), decoder: exactly 25,462,400 parameters for
-    ViT-B at the default settings (the poster's 25.46M), 22,298,240 without prompt encoder
-    (automatic mode; the poster lists the encoder's 15,209,984 = 15.21M).
-
-    Input channels are ``[image (in_channels), positive clicks, negative clicks]`` (guidance as
-    in docs/architecture.md; clicks are decoded with :func:`shared_nets.prompts.decode_points`),
-    or the image alone with ``prompt_encoder="none"``. A grey image is repeated to SAM's three
-    channels. Intensity normalisation is the bundle's transform.
-
-    Deliberate differences from the official code (each a switch where both are useful):
-    adapters zero-initialised and without the trailing ReLU (``adapter_final_relu``,
-    ``adapter_zero_init``), depth embedding zero-initialised (``depth_embed_init``),
-    slice-merging conv initialised as the mean (``slice_embed_init``), prompt layers that use
-    SAM's full two-way attention (``prompt_layer``), only the prompt encoders in use are built
-    (the official script builds four and uses one), necks every depth/4 blocks for any backbone
-    (the official loop hard-codes 12 blocks), shifted-window masks not stored in checkpoints.
+    Input channels are ``[image (in_channels), positive clicks, negative clicks]`` (clicks are decoded with
+    :func:`shared_nets.prompts.decode_points`), or the image alone without prompt encoders. A grey image is
+    repeated to SAM's three channels. Intensity normalisation is the bundle's transform. The constructor
+    keeps each part's ``requires_grad``; :meth:`set_trainable` applies the method's freezing.
 
     Args:
-        variant: SAM backbone ``vit_b`` (the paper), ``vit_l``, ``vit_h`` or ``tiny`` (``lite``, LiteMedSAM's
-            TinyViT, has no plain-ViT patch embedding or blocks to make 3D: ``ValueError``).
-        checkpoint: official SAM ``.pth`` (loaded strictly before the 3D parts are added), or None.
-        img_size: input patch ``H = W = D`` (int) or ``[H, W, D]`` with ``H == W``; the
-            tokeniser needs each side times ``sam_input_size / H`` to be a multiple of
-            ``patch_size * window_size``.
-        num_classes: output channels ``K`` incl. background (2: background, object).
+        tokenizer: volume -> 3D token grid, around SAM's patch and position embeddings.
+        blocks: the 3D transformer blocks on the tokenizer's grid, in order (at least 4).
+        necks: feature level (1-4) -> neck applied after block ``depth * level // 4``; the levels the
+            decoder aggregates (all four, or ``{4: ...}`` for the bottleneck only).
+        decoder: decoder over one feature map per neck level (shallow to deep) and the image.
+        prompt_encoders: prompted level -> prompt encoder (levels among ``necks``, one encoding for all);
+            None or empty for automatic segmentation (no click channels).
+        img_size: input patch ``H = W = D`` (int) or ``[H, W, D]`` with ``H == W``, matching the
+            tokenizer's resizing.
         in_channels: image channels, 1 (grey, repeated) or 3.
-        sam_input_size: in-plane side the patch is resized to before SAM's patch embedding
-            (512 in the official code, for its 128^3 prompted and 256^3 automatic patches).
-        patch_size: SAM's patch size (16; 8 gives ``tiny`` CPU demos a finer grid at a quarter of
-            the cost, only without a checkpoint). Slices are merged in groups of the same size.
-        window_size: 3D attention window in tokens; None = 8 (4 for ``tiny``).
-        adapter_dim: adapter bottleneck width; None = embed_dim // 2 (384 for ViT-B).
-        decoder_channels: width of the decoder's level heads; None = neck width // 2 (128).
-        prompt_encoder: ``"visual_sampler"`` (the method), ``"positional_encoding"`` (poster
-            ablation) or ``"none"`` (automatic segmentation, poster Table 2).
-        prompt_levels: feature levels 1-4 where the prompt enters (poster ablation "Feature
-            Level"; default ``[4]``, the bottleneck).
-        prompt_layer: ``"two_way"`` (SAM's two-way attention) or ``"official"`` (the released
-            layer, which skips the tokens-to-image attention).
-        num_global_queries: learnable global queries per prompt layer (10).
-        use_point_labels: let the visual sampler tell positive from negative clicks (a learned
-            label embedding; the method ignores click labels).
         max_points: clicks decoded per patch (positives first; see ``decode_points``).
-        no_positive: a patch without a positive click raises ``ValueError`` (``"error"``) or,
-            if it holds negative clicks, is predicted as background (``"background"``: for
-            sliding-window inference where a window may catch only negative clicks) or segmented
-            from its negative clicks alone (``"run"``: what the official training does for crops
-            without tumour, where only its random points are given). A patch without any click
-            always raises.
-        background_logit: channel-0 logit written for such background patches (others get its
-            negative).
-        use_multi_level: aggregate all four levels in the decoder (poster ablation "multi-layer
-            aggregation"); False decodes the bottleneck only.
-        full_finetune: train every parameter (poster comparison "Full fine-tuning"; also what a
-            ``tiny`` model without pretrained weights needs).
-        adapter_final_relu: ReLU after the adapter's up-projection, as the official code.
-        adapter_zero_init: zero-initialise adapter up-projections (identity at start); None =
-            True unless ``adapter_final_relu``.
-        depth_embed_init: ``"zeros"`` or ``"ones"`` (official).
-        slice_embed_init: ``"mean"`` or ``"default"`` (official: PyTorch's initialisation).
-        use_checkpoint: gradient checkpointing of the transformer blocks (memory for 128^3 ViT-B).
-        cache_image_embedding: in eval mode without gradients, reuse the image features when
-            the same patch comes again with new clicks (interactive refinement); the decoder's
-            prompt-independent part (heads of the levels without a prompt, the image channel
-            and their share of the classifier's first convolution) is cached with them, so a
-            re-prompt runs only the prompt encoder and the prompted level's decoder path.
+        no_positive: what a patch without a positive click does: ``"error"``, ``"background"`` or ``"run"``
+            (see :func:`~shared_nets.sam3d_adapter.build_sam3d_adapter`).
+        background_logit: channel-0 logit written for ``"background"`` patches (others get its negative).
+        use_checkpoint: gradient checkpointing of the transformer blocks in training.
+        cache_image_embedding: in eval mode without gradients, reuse the image features (and the decoder's
+            prompt-independent part) when the same patch comes again with new clicks.
         cache_size: patches kept in that cache (the windows of one volume).
+        variant: name of the SAM backbone the parts come from (reports only).
     """
 
     def __init__(
         self,
-        variant: str = "vit_b",
-        checkpoint: str | None = None,
-        img_size: int | Sequence[int] = 128,
-        num_classes: int = 2,
-        in_channels: int = 1,
+        tokenizer: VolumeTokenizer,
+        blocks: Sequence[Block3D],
+        necks: Mapping[int, Neck3D],
+        decoder: MultiLevelDecoder3D,
+        prompt_encoders: Mapping[int, PromptEncoder3D] | None = None,
         *,
-        sam_input_size: int = 512,
-        patch_size: int = 16,
-        window_size: int | None = None,
-        adapter_dim: int | None = None,
-        decoder_channels: int | None = None,
-        prompt_encoder: str = "visual_sampler",
-        prompt_levels: Sequence[int] = (4,),
-        prompt_layer: str = "two_way",
-        num_global_queries: int = 10,
-        use_point_labels: bool = False,
+        img_size: int | Sequence[int],
+        in_channels: int = 1,
         max_points: int = 64,
         no_positive: str = "error",
         background_logit: float = 10.0,
-        use_multi_level: bool = True,
-        full_finetune: bool = False,
-        adapter_final_relu: bool = False,
-        adapter_zero_init: bool | None = None,
-        depth_embed_init: str = "zeros",
-        slice_embed_init: str = "mean",
         use_checkpoint: bool = False,
         cache_image_embedding: bool = False,
         cache_size: int = 8,
+        variant: str | None = None,
     ) -> None:
         super().__init__()
-        v = get_variant(variant)
-        if v.encoder != "vit":
-            # The method turns a plain ViT into a 3D one: its patch embedding tokenises 16^3 cubes, every
-            # block runs 3D window attention with a learned depth position table, and four necks tap
-            # blocks of one width. LiteMedSAM's TinyViT has none of that to adapt: convolutional stages
-            # at full resolution, windows with per-offset 2D biases, three stage widths on two grids.
-            raise ValueError(
-                f"variant {v.name!r} is not supported by SAM3DAdapter: 3DSAM-adapter adapts a plain ViT's patch "
-                "embedding and blocks to 3D (cube tokens, 3D window attention, depth positions); LiteMedSAM's "
-                "TinyViT has convolutional stages and 2D per-window biases instead. Use vit_b/vit_l/vit_h/tiny, "
-                "or a 2D method at lite (ma_sam, med_sa, s_sam, h_sam)."
-            )
         self.patch_size = _as_patch_size(img_size)
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (grey, repeated to RGB) or 3, got {in_channels!r}.")
-        if prompt_encoder not in PROMPT_ENCODER_MODES:
-            raise ValueError(f"prompt_encoder must be one of {PROMPT_ENCODER_MODES}, got {prompt_encoder!r}.")
-        if prompt_layer not in PROMPT_LAYERS:
-            raise ValueError(f"prompt_layer must be one of {PROMPT_LAYERS}, got {prompt_layer!r}.")
-        if not isinstance(max_points, int) or max_points < 1:
-            raise ValueError(f"max_points must be a positive integer, got {max_points!r}.")
-        if no_positive not in NO_POSITIVE_MODES:
-            raise ValueError(f"no_positive must be one of {NO_POSITIVE_MODES}, got {no_positive!r}.")
-        ws = (4 if v.name == "tiny" else 8) if window_size is None else window_size
-        if not isinstance(ws, int) or ws < 1:
-            raise ValueError(f"window_size must be a positive integer, got {window_size!r}.")
-        if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
-            raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
-        grid, resized = self._token_grid(self.patch_size, sam_input_size, ws, patch_size)
-
-        levels = sorted({int(x) for x in prompt_levels}) if prompt_encoder != "none" else []
-        if prompt_encoder != "none" and (not levels or any(x not in (1, 2, 3, 4) for x in levels)):
-            raise ValueError(f"prompt_levels must be a non-empty list of levels 1-4, got {list(prompt_levels)!r}.")
-        decoded = [1, 2, 3, 4] if use_multi_level else [4]
-        if any(x not in decoded for x in levels):
+        _check_in_channels(in_channels)
+        _check_click_options(max_points, no_positive)
+        blocks = list(blocks)
+        if len(blocks) < 4:
+            raise ValueError(f"blocks: the encoder needs at least 4 blocks for four feature levels, got {len(blocks)}.")
+        window = blocks[0].window_size
+        grid, resized = self._token_grid(self.patch_size, tokenizer.resized[0], window, tokenizer.patch)
+        if grid != tokenizer.grid or resized != tokenizer.resized or any(b.grid != grid for b in blocks):
             raise ValueError(
-                f"prompt_levels {levels} include levels the decoder does not use (use_multi_level=False decodes level 4 only)."
+                f"img_size {list(self.patch_size)} gives a {list(grid)} token grid (patch resized to {list(resized)}); "
+                f"the tokenizer was built for {list(tokenizer.grid)} (resized to {list(tokenizer.resized)}) and the "
+                f"blocks for {sorted({b.grid for b in blocks})}."
             )
-        if v.encoder_depth < 4:
+        decoded = sorted(int(k) for k in necks)
+        levels = sorted(int(k) for k in (prompt_encoders or {}))
+        if not decoded or any(k not in (1, 2, 3, 4) for k in decoded) or len(decoded) != decoder.num_levels:
             raise ValueError(
-                f"the encoder needs at least 4 blocks for four feature levels, {v.name} has {v.encoder_depth}."
+                f"necks must map distinct levels 1-4 to necks, one per decoder level ({decoder.num_levels}), "
+                f"got levels {decoded}."
             )
+        if any(k not in decoded for k in levels):
+            raise ValueError(f"prompt_encoders levels {levels} must be among the necks' levels {decoded}.")
+        modes = {pe.encoding for pe in (prompt_encoders or {}).values()}
+        if len(modes) > 1:
+            raise ValueError(f"prompt_encoders must share one encoding, got {sorted(modes)}.")
 
-        self.variant = v.name
-        self.num_classes = num_classes
+        self.variant = variant
+        self.num_classes = decoder.num_classes
         self.in_channels = in_channels
-        self.prompt_mode = prompt_encoder
+        self.prompt_mode = modes.pop() if modes else "none"
         self.prompt_levels = levels
         self.decoded_levels = decoded
         self.max_points = max_points
         self.no_positive = no_positive
         self.background_logit = float(background_logit)
         self.grid = grid
-        self.window_size = ws
+        self.window_size = window
         self.use_checkpoint = bool(use_checkpoint)
         self.cache_image_embedding = bool(cache_image_embedding)
         self._cache_size = cache_size
 
-        # SAM first (official weights loaded strictly at twice the token grid: 1024 for a 32^2
-        # grid, i.e. no resizing for ViT-B at the defaults), then the 3D parts around its pieces.
-        sam = build_sam(v, checkpoint, img_size=2 * sam_input_size, patch_size=patch_size)
-        enc = sam.image_encoder
-        dim, out_dim = v.encoder_embed_dim, v.prompt_embed_dim
-        self.tokenizer = VolumeTokenizer(
-            enc.patch_embed,
-            enc.pos_embed,
-            grid,
-            resized,
-            depth_embed_init=depth_embed_init,
-            slice_embed_init=slice_embed_init,
-        )
-        zero_init = (not adapter_final_relu) if adapter_zero_init is None else bool(adapter_zero_init)
-        hidden = dim // 2 if adapter_dim is None else adapter_dim
-        shift = ws // 2 if min(grid) > ws else 0  # one window per axis: nothing to shift
-        self.blocks = nn.ModuleList(
-            Block3D(
-                blk,
-                grid,
-                ws,
-                shift=shift if i % 2 == 0 else 0,
-                adapter=SpatialAdapter3D(dim, hidden, final_relu=adapter_final_relu, zero_init=zero_init),
-            )
-            for i, blk in enumerate(enc.blocks)
-        )
-        depth = v.encoder_depth
+        self.tokenizer = tokenizer
+        self.blocks = nn.ModuleList(blocks)
+        depth = len(blocks)
         self.taps = [depth * k // 4 for k in (1, 2, 3, 4)]
-        self.necks = nn.ModuleDict({str(k): Neck3D(dim, out_dim) for k in decoded})
-        self.prompt_encoders = nn.ModuleDict(
-            {
-                str(k): PromptEncoder3D(
-                    out_dim,
-                    v.decoder_num_heads,
-                    v.decoder_mlp_dim,
-                    depth=2,
-                    num_global_queries=num_global_queries,
-                    encoding=prompt_encoder,
-                    layer=prompt_layer,
-                    use_point_labels=use_point_labels,
-                )
-                for k in levels
-            }
-        )
-        ch = out_dim // 2 if decoder_channels is None else decoder_channels
-        if not isinstance(ch, int) or ch < 1:
-            raise ValueError(f"decoder_channels must be a positive integer, got {decoder_channels!r}.")
-        self.decoder = MultiLevelDecoder3D(out_dim, ch, num_classes, num_levels=len(decoded), image_channels=1)
+        self.necks = nn.ModuleDict({str(k): necks[_key(necks, k)] for k in decoded})
+        self.prompt_encoders = nn.ModuleDict({str(k): prompt_encoders[_key(prompt_encoders, k)] for k in levels})
+        self.decoder = decoder
         self._embeddings = EmbeddingCache(cache_size, self)
-        del sam, enc  # SAM's 2D neck, prompt encoder and mask decoder are not used
 
+    def set_trainable(self, full_finetune: bool = False) -> int:
+        """Set which parameters train, as the official code: slice/depth embeddings, block norms, adapters,
+        depth rel-pos tables, necks, prompt encoder(s) and decoder; SAM's weights stay frozen.
+
+        For ViT-B at the builder's defaults that is exactly 25,462,400 parameters (the poster's 25.46M),
+        22,298,240 without prompt encoder (automatic mode; the poster lists the encoder's 15,209,984 = 15.21M).
+
+        Args:
+            full_finetune: train every parameter instead (poster comparison "Full fine-tuning"; also what a
+                ``tiny`` model without pretrained weights needs).
+
+        Returns:
+            The number of trainable parameter values.
+        """
         if full_finetune:
             for p in self.parameters():
                 p.requires_grad_(True)
-        else:
-            patterns = list(SAM3D_TRAINABLE_PATTERNS) + (["prompt_encoders.*"] if levels else [])
-            freeze_except(self, patterns)
+            return sum(p.numel() for p in self.parameters())
+        patterns = list(SAM3D_TRAINABLE_PATTERNS) + (["prompt_encoders.*"] if self.prompt_levels else [])
+        return freeze_except(self, patterns)
 
     @staticmethod
     def _token_grid(
@@ -298,7 +214,8 @@ class SAM3DAdapter(nn.Module):
         step = sam_patch * ws
         if not isinstance(sam_input_size, int) or sam_input_size <= 0 or sam_input_size % step:
             raise ValueError(
-                f"sam_input_size must be a positive multiple of {step} ({sam_patch}-pixel patches x {ws}-token windows), "
+                f"sam_input_size must be a positive multiple of {step} "
+                f"({sam_patch}-pixel patches x {ws}-token windows), "
                 f"got {sam_input_size!r}."
             )
         h, w, d = patch
@@ -310,7 +227,8 @@ class SAM3DAdapter(nn.Module):
         if (d * sam_input_size) % h or ((d * sam_input_size) // h) % step:
             raise ValueError(
                 f"img_size {list(patch)}: the depth D is resized by sam_input_size / H = {sam_input_size}/{h} like "
-                f"the in-plane axes and must then be a multiple of {step} ({sam_patch}-slice merging x {ws}-token windows); "
+                f"the in-plane axes and must then be a multiple of {step} "
+                f"({sam_patch}-slice merging x {ws}-token windows); "
                 f"use D = H or a D with D * {sam_input_size} / {h} divisible by {step}."
             )
         resized_d = d * sam_input_size // h
@@ -427,7 +345,8 @@ class SAM3DAdapter(nn.Module):
         if x.shape[1] != channels:
             layout = "[image, positive clicks, negative clicks]" if self.prompted else "[image]"
             raise ValueError(
-                f"input has {x.shape[1]} channels, expected {channels} ({layout} with {self.in_channels} image channel(s))."
+                f"input has {x.shape[1]} channels, expected {channels} "
+                f"({layout} with {self.in_channels} image channel(s))."
             )
         if tuple(x.shape[2:]) != self.patch_size:
             raise ValueError(

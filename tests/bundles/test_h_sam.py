@@ -1,4 +1,5 @@
-"""H-SAM bundle on phantoms through the shared harness (tiny SAM, CPU), plus its bad-input errors and few-shot slices."""
+"""H-SAM bundle on phantoms through the shared harness (tiny SAM, CPU), plus its bad-input errors and few-shot
+slices."""
 
 from __future__ import annotations
 

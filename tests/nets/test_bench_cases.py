@@ -75,7 +75,7 @@ def test_h_sam_trains_with_the_label():
 
 def test_gradient_checkpointing_switches():
     from shared_nets.med_sa import build_med_sa
-    from shared_nets.sam3d_adapter.network import SAM3DAdapter
+    from shared_nets.sam3d_adapter import build_sam3d_adapter
 
     medsa = build_med_sa(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=2)
     before = [type(b) for b in medsa.image_encoder.blocks]
@@ -84,7 +84,7 @@ def test_gradient_checkpointing_switches():
     assert [type(b) for b in medsa.image_encoder.blocks] != before
     case.set_gradient_checkpointing(medsa, False)
     assert [type(b) for b in medsa.image_encoder.blocks] == before
-    sam3d = SAM3DAdapter("tiny", img_size=32, sam_input_size=64, window_size=2)
+    sam3d = build_sam3d_adapter("tiny", img_size=32, sam_input_size=64, window_size=2)
     bench_case(_target("sam3d_adapter")).set_gradient_checkpointing(sam3d, True)
     assert sam3d.use_checkpoint is True
     net = _Net(gradient_checkpointing=False)

@@ -8,14 +8,19 @@ import torch
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 
 from shared_nets.peft import trainable_parameter_report
-from shared_nets.sam import build_sam
+from shared_nets.sam import build_sam, get_variant
+from shared_nets.sam3d_adapter import build_sam3d_adapter
 from shared_nets.sam3d_adapter.encoder import (
+    Block3D,
+    Neck3D,
     SpatialAdapter3D,
+    VolumeTokenizer,
     WindowAttention3D,
     shifted_window_regions,
     window_partition_3d,
     window_unpartition_3d,
 )
+from shared_nets.sam3d_adapter.heads import MultiLevelDecoder3D, PromptEncoder3D
 from shared_nets.sam3d_adapter.network import SAM3DAdapter
 
 # tiny SAM, 32^3 patch resized to 64^3 -> a 4^3 token grid, 2^3 windows (shifted on even blocks)
@@ -42,7 +47,7 @@ def _guided(batch: int = 2, clicks=((0, (10, 12, 14)),), negatives=(), size=(S, 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return SAM3DAdapter(**TINY)
+    return build_sam3d_adapter(**TINY)
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -62,7 +67,7 @@ def tiny():
     ],
 )
 def test_prompted_shapes(kwargs, channels, size):
-    net = SAM3DAdapter(**{**TINY, **kwargs})
+    net = build_sam3d_adapter(**{**TINY, **kwargs})
     x = _guided(2, clicks=((0, (3, 4, 5)),), negatives=[(20, 20, 10)], size=size, channels=channels)
     y = net(x)
     assert y.shape == (2, kwargs.get("num_classes", 2), *size)
@@ -70,7 +75,7 @@ def test_prompted_shapes(kwargs, channels, size):
 
 
 def test_automatic_mode_takes_the_image_only():
-    net = SAM3DAdapter(**TINY, prompt_encoder="none")
+    net = build_sam3d_adapter(**TINY, prompt_encoder="none")
     assert len(net.prompt_encoders) == 0 and net.expected_channels == 1
     assert net(torch.randn(1, 1, S, S, S)).shape == (1, 2, S, S, S)
 
@@ -83,12 +88,91 @@ def test_token_grid_follows_the_official_geometry():
     assert SAM3DAdapter._token_grid((32, 32, 32), 64, 4, 8) == ((8, 8, 8), (64, 64, 64))
 
 
+# ---------------------------------------------------------------------------- composition from parts
+
+
+def _parts(levels=(1, 2, 3, 4), prompt_levels=(4,), zero_init=True):
+    """TINY's parts built by hand around a tiny SAM, in the builder's order (SAM, tokenizer, blocks with
+    their adapters, necks, prompt encoders, decoder)."""
+    v = get_variant("tiny")
+    enc = build_sam(v, None, img_size=128).image_encoder  # SAM at twice sam_input_size
+    grid, resized = SAM3DAdapter._token_grid((S, S, S), 64, 2)
+    tokenizer = VolumeTokenizer(enc.patch_embed, enc.pos_embed, grid, resized)
+    dim, out = v.encoder_embed_dim, v.prompt_embed_dim
+    blocks = [
+        Block3D(b, grid, 2, shift=1 if i % 2 == 0 else 0, adapter=SpatialAdapter3D(dim, dim // 2, zero_init=zero_init))
+        for i, b in enumerate(enc.blocks)
+    ]
+    necks = {k: Neck3D(dim, out) for k in levels}
+    prompts = {k: PromptEncoder3D(out, v.decoder_num_heads, v.decoder_mlp_dim) for k in prompt_levels}
+    decoder = MultiLevelDecoder3D(out, out // 2, 2, num_levels=len(levels))
+    return tokenizer, blocks, necks, decoder, prompts
+
+
+def test_network_composed_from_parts_equals_the_builder():
+    """The builder only builds the parts and composes them: the same seed gives the same weights, trainable
+    set and output as parts built by hand in the same order."""
+    torch.manual_seed(0)
+    built = build_sam3d_adapter(**TINY, adapter_zero_init=False)
+    assert type(built) is SAM3DAdapter
+    torch.manual_seed(0)
+    composed = SAM3DAdapter(*_parts(zero_init=False), img_size=S, variant="tiny")
+    assert all(p.requires_grad for p in composed.parameters())  # the constructor freezes nothing
+    composed.set_trainable()
+    a, b = built.state_dict(), composed.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [(n, p.requires_grad) for n, p in built.named_parameters()] == [
+        (n, p.requires_grad) for n, p in composed.named_parameters()
+    ]
+    x = _guided(1, negatives=[(1, 2, 3)])
+    with torch.no_grad():
+        assert torch.equal(built(x), composed(x))
+    assert composed.decoded_levels == [1, 2, 3, 4] and composed.prompt_levels == [4] and composed.taps == [1, 2, 3, 4]
+    assert composed.prompt_mode == "visual_sampler" and composed.num_classes == 2 and composed.grid == (4, 4, 4)
+
+
+def test_automatic_network_from_parts():
+    """No prompt encoders: automatic mode, image channels only; the bottleneck alone can be decoded."""
+    net = SAM3DAdapter(*_parts(levels=(4,), prompt_levels=())[:4], img_size=S)
+    assert not net.prompted and net.prompt_mode == "none" and net.decoded_levels == [4]
+    assert net(torch.randn(1, 1, S, S, S)).shape == (1, 2, S, S, S)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(img_size=[S, S, S // 2]), "the tokenizer was built for"),
+        (dict(necks={1: None, 4: None}), "one per decoder level"),
+        (dict(necks={k: None for k in (0, 1, 2, 3)}), "distinct levels 1-4"),
+        (dict(prompts={5: None}), "must be among the necks' levels"),
+        (dict(blocks=3), "at least 4 blocks"),
+        (dict(in_channels=2), "in_channels"),
+        (dict(no_positive="skip"), "no_positive must be one of"),
+    ],
+)
+def test_parts_that_do_not_fit_are_refused(change, match):
+    tokenizer, blocks, necks, decoder, prompts = _parts()
+    necks = change.get("necks", necks)
+    blocks = blocks[: change["blocks"]] if "blocks" in change else blocks
+    extra = {k: v for k, v in change.items() if k in ("in_channels", "no_positive")}
+    with pytest.raises(ValueError, match=match):
+        SAM3DAdapter(
+            tokenizer,
+            blocks,
+            necks,
+            decoder,
+            change.get("prompts", prompts),
+            img_size=change.get("img_size", S),
+            **extra,
+        )
+
+
 # ---------------------------------------------------------------------------- parameter counts
 
 
 def _meta(**kwargs) -> SAM3DAdapter:
     with torch.device("meta"):
-        return SAM3DAdapter(variant="vit_b", **kwargs)
+        return build_sam3d_adapter(variant="vit_b", **kwargs)
 
 
 def test_vit_b_trainable_parameters_match_the_paper():
@@ -164,7 +248,7 @@ def test_blocks_start_as_the_frozen_sam_block(tiny):
 
 def test_tokenizer_starts_from_sams_slice_embedding():
     """``slice_embed_init="mean"``: a volume of identical slices gives SAM's 2D patch tokens + position."""
-    net = SAM3DAdapter(**TINY)
+    net = build_sam3d_adapter(**TINY)
     sl = torch.randn(1, 3, S, S)
     vol = sl[..., None].expand(-1, -1, -1, -1, S)
     with torch.no_grad():
@@ -183,20 +267,20 @@ def test_sam_checkpoint_loads_before_the_3d_parts(tmp_path):
     sam = build_sam("tiny", img_size=256)
     path = tmp_path / "sam_tiny.pth"
     torch.save(sam.state_dict(), path)
-    net = SAM3DAdapter(**TINY, checkpoint=str(path))
+    net = build_sam3d_adapter(**TINY, checkpoint=str(path))
     sd = sam.state_dict()
     assert torch.equal(net.blocks[0].attn.qkv.weight, sd["image_encoder.blocks.0.attn.qkv.weight"])
     assert torch.equal(net.tokenizer.patch_embed.proj.weight, sd["image_encoder.patch_embed.proj.weight"])
     h, w = sd["image_encoder.blocks.0.attn.rel_pos_h"], sd["image_encoder.blocks.0.attn.rel_pos_w"]
     assert torch.allclose(net.blocks[0].attn.rel_pos_d, 0.5 * (h + w))
     with pytest.raises(ValueError, match="does not exist"):
-        SAM3DAdapter(**TINY, checkpoint=str(tmp_path / "missing.pth"))
+        build_sam3d_adapter(**TINY, checkpoint=str(tmp_path / "missing.pth"))
 
 
 @pytest.mark.parametrize("prompt_layer", ["two_way", "official"])
 def test_gradients_reach_exactly_the_trainable_parameters(prompt_layer):
     torch.manual_seed(0)
-    net = SAM3DAdapter(**TINY, prompt_layer=prompt_layer, adapter_zero_init=False)
+    net = build_sam3d_adapter(**TINY, prompt_layer=prompt_layer, adapter_zero_init=False)
     net(_guided(1, negatives=[(1, 2, 3)])).square().mean().backward()
     for name, p in net.named_parameters():
         if p.requires_grad:
@@ -209,7 +293,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(prompt_layer):
 
 
 def test_full_finetune_trains_everything():
-    net = SAM3DAdapter(**TINY, full_finetune=True)
+    net = build_sam3d_adapter(**TINY, full_finetune=True)
     assert all(p.requires_grad for p in net.parameters())
     net(_guided(1)).mean().backward()
     assert net.tokenizer.patch_embed.proj.weight.grad is not None
@@ -217,8 +301,8 @@ def test_full_finetune_trains_everything():
 
 def test_gradient_checkpointing_gives_the_same_result():
     torch.manual_seed(0)
-    a = SAM3DAdapter(**TINY, adapter_zero_init=False)
-    b = SAM3DAdapter(**TINY, adapter_zero_init=False, use_checkpoint=True)
+    a = build_sam3d_adapter(**TINY, adapter_zero_init=False)
+    b = build_sam3d_adapter(**TINY, adapter_zero_init=False, use_checkpoint=True)
     b.load_state_dict(a.state_dict())
     x = _guided(1)
     ya, yb = a(x), b(x)
@@ -256,7 +340,7 @@ def test_forward_points_matches_guidance_channels(tiny):
 
 
 def test_image_embedding_cache_reused_for_new_clicks():
-    net = SAM3DAdapter(**TINY, cache_image_embedding=True).eval()
+    net = build_sam3d_adapter(**TINY, cache_image_embedding=True).eval()
     calls = []
     net.tokenizer.register_forward_hook(lambda *a: calls.append(1))
     x1 = _guided(1, clicks=((0, (4, 4, 4)),))
@@ -294,9 +378,9 @@ def test_image_embedding_cache_reused_for_new_clicks():
         ({"patch_size": 8, "checkpoint": "sam.pth"}, "patch_size 16"),
     ],
 )
-def test_bad_constructor_arguments(kwargs, match):
+def test_bad_builder_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SAM3DAdapter(**{**TINY, **kwargs})
+        build_sam3d_adapter(**{**TINY, **kwargs})
 
 
 def test_bad_inputs_give_clear_errors(tiny):
@@ -318,7 +402,7 @@ def test_bad_inputs_give_clear_errors(tiny):
 
 def test_negative_only_window_is_background_when_asked():
     """Sliding windows may catch only negative clicks: ``no_positive="background"`` answers background there."""
-    net = SAM3DAdapter(**TINY, no_positive="background")
+    net = build_sam3d_adapter(**TINY, no_positive="background")
     x = _guided(2, clicks=((0, (4, 4, 4)),))
     x[1, 1:] = 0
     x[1, 2, 20, 20, 20] = 1  # item 1: a negative click only
@@ -347,7 +431,7 @@ def test_require_positive_clicks():
 def test_negative_only_patch_runs_when_asked():
     """``no_positive="run"``: a tumour-free training crop is segmented from its other clicks (official training)."""
     torch.manual_seed(0)
-    net = SAM3DAdapter(**TINY, no_positive="run", adapter_zero_init=False)
+    net = build_sam3d_adapter(**TINY, no_positive="run", adapter_zero_init=False)
     x = _guided(1, clicks=((1, (4, 4, 4)),))
     y = net(x)
     assert y.shape == (1, 2, S, S, S)
@@ -364,6 +448,6 @@ def test_memory_estimate_shows_what_checkpointing_saves():
     plain = training_step_memory(use_checkpoint=False, **kw)
     ckpt = training_step_memory(use_checkpoint=True, **kw)
     assert not plain["measured"] and plain["activation_bytes"] > ckpt["activation_bytes"] > 0
-    net = SAM3DAdapter(**TINY)
+    net = build_sam3d_adapter(**TINY)
     assert plain["parameter_bytes"] == 4 * sum(p.numel() for p in net.parameters())
     assert plain["optimizer_bytes"] == 2 * plain["gradient_bytes"] == 8 * _n(net)

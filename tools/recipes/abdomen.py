@@ -221,7 +221,8 @@ def synapse_labels() -> tuple[np.ndarray, dict[int, str]]:
 def prepare_synapse(
     src: Path, out: Path, *, seed: int = 0, num_val: int = 0, label_ids: str = "btcv", progress: bool = True
 ) -> dict[str, Any]:
-    """Synapse multi-organ (8 organs), TransUNet's 18 training / 12 test cases (H-SAM sec. 4.1; SAMed; MA-SAM baselines).
+    """Synapse multi-organ (8 organs), TransUNet's 18 training / 12 test cases
+    (H-SAM sec. 4.1; SAMed; MA-SAM baselines).
 
     Args:
         src: the BTCV download (see module docstring).

@@ -89,7 +89,8 @@ def check_folders(src: str | os.PathLike, out: str | os.PathLike) -> tuple[Path,
         raise ValueError(f"src '{src}' is not an existing folder; expected the dataset folder as downloaded.")
     if o == s or s in o.parents:
         raise ValueError(
-            f"out '{out}' is inside src '{src}'; prepare never writes into the source dataset, choose a folder outside it."
+            f"out '{out}' is inside src '{src}'; prepare never writes into the source dataset, "
+            "choose a folder outside it."
         )
     o.mkdir(parents=True, exist_ok=True)
     return s, o
@@ -302,7 +303,8 @@ def validation_split(
     """
     if isinstance(num_val, bool) or not isinstance(num_val, int) or not 0 <= num_val < len(training):
         raise ValueError(
-            f"num_val must be an integer in [0, {len(training) - 1}] (training cases held out for validation), got {num_val!r}."
+            f"num_val must be an integer in [0, {len(training) - 1}] (training cases held out for validation), "
+            f"got {num_val!r}."
         )
     if num_val == 0:
         note = "validation = the test cases (the paper keeps no separate validation set)"

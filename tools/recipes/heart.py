@@ -56,7 +56,8 @@ LA_TEST_CASES: tuple[str, ...] = (
 
 _NRRD, _NRRD_LABEL, _H5 = "lgemri.nrrd", "laendo.nrrd", "mri_norm2.h5"
 _LAYOUT = (
-    "expected the 2018 Atrial Segmentation Challenge training set: 'Training Set/<case id>/lgemri.nrrd' + 'laendo.nrrd', "
+    "expected the 2018 Atrial Segmentation Challenge training set: "
+    "'Training Set/<case id>/lgemri.nrrd' + 'laendo.nrrd', "
     "or UA-MT's '2018LA_Seg_Training Set/<case id>/mri_norm2.h5'"
 )
 # 255 (challenge nrrd) and 1 (UA-MT h5) both mean left atrium
@@ -112,7 +113,8 @@ def _h5_to_nifti(item: dict[str, Any], out: Path) -> dict[str, Any]:
     h5py, has_h5py = optional_import("h5py")
     if not has_h5py:
         raise DatasetLayoutError(
-            f"'{item['image']}' is an h5 file; reading it needs h5py (pip install h5py), or use the challenge's nrrd files."
+            f"'{item['image']}' is an h5 file; reading it needs h5py (pip install h5py), "
+            "or use the challenge's nrrd files."
         )
     try:
         with h5py.File(item["image"], "r") as f:
@@ -190,7 +192,8 @@ def prepare_la(
         "name": "LA",
         "description": "left atrium LGE-MRI (2018 Atrial Segmentation Challenge); UA-MT's 80 training / 20 test split"
         + (f", first {num_labeled} training scans labelled (UA-MT/BCP order)" if num_labeled else ""),
-        "reference": "Xiong et al. 2021, A global benchmark of algorithms for segmenting the left atrium from LGE-MRI (2018 challenge)",
+        "reference": "Xiong et al. 2021, A global benchmark of algorithms for segmenting the left atrium "
+        "from LGE-MRI (2018 challenge)",
         "licence": "see the 2018 Atrial Segmentation Challenge data terms",
         "tensorImageSize": "3D",
         "modality": {"0": "MRI"},
@@ -201,7 +204,8 @@ def prepare_la(
             "kind": "fixed",
             "validation": note,
             "num_labeled": num_labeled,
-            "source": "UA-MT data/test.list (20 test scans); labelled scans = first of the sorted training ids (UA-MT/BCP)",
+            "source": "UA-MT data/test.list (20 test scans); "
+            "labelled scans = first of the sorted training ids (UA-MT/BCP)",
         },
         "label_ids": "la",
         **lists,

@@ -96,7 +96,8 @@ def find_promise12_cases(src: Path) -> list[dict[str, Any]]:
             raise DatasetLayoutError(f"PROMISE12 label '{seg}' has no image '{image}'; {_PROMISE_LAYOUT}.")
         if case in cases:
             raise DatasetLayoutError(
-                f"PROMISE12 case {case} found twice ('{cases[case]['image']}' and '{image}'); point --src at one copy of the training data."
+                f"PROMISE12 case {case} found twice ('{cases[case]['image']}' and '{image}'); "
+                "point --src at one copy of the training data."
             )
         cases[case] = {"case": case, "image": str(image), "label": str(seg)}
     if not cases:
@@ -138,9 +139,11 @@ def prepare_promise12(
         lists[key] = materialise(items, out, label_lut=_BINARISE, progress=progress, desc=f"promise12 {key}")
     return {
         "name": "PROMISE12",
-        "description": f"PROMISE12 prostate T2w MRI, {len(cases) - num_test} training / {num_test} test cases (H-SAM sec. 4.1); "
+        "description": f"PROMISE12 prostate T2w MRI, {len(cases) - num_test} training / {num_test} test cases "
+        "(H-SAM sec. 4.1); "
         "seeded split (MLB-Seg's lists are not published)",
-        "reference": "Litjens et al. 2014, Evaluation of prostate segmentation algorithms for MRI: the PROMISE12 challenge",
+        "reference": "Litjens et al. 2014, Evaluation of prostate segmentation algorithms for MRI: "
+        "the PROMISE12 challenge",
         "licence": "see the PROMISE12 challenge terms (promise12.grand-challenge.org)",
         "tensorImageSize": "3D",
         "modality": {"0": "MRI"},
@@ -171,7 +174,8 @@ def _site_keys(sites: str | Sequence[str] | None) -> list[str]:
     for n in names:
         if n.upper() not in lookup:
             raise ValueError(
-                f"sites must be 'all' or site letters/names from {[f'{k}={v[0]}' for k, v in PROSTATE_SITES.items()]}, got {n!r}."
+                "sites must be 'all' or site letters/names from "
+                f"{[f'{k}={v[0]}' for k, v in PROSTATE_SITES.items()]}, got {n!r}."
             )
         if lookup[n.upper()] not in keys:
             keys.append(lookup[n.upper()])
@@ -239,7 +243,8 @@ def prepare_prostate_multisite(
         missing = sorted(wanted - numbers)
         if missing:
             raise DatasetLayoutError(
-                f"Site {key} ({PROSTATE_SITES[key][0]}) lacks test case(s) {', '.join(f'Case{i:02d}' for i in missing)} of MA-SAM's split; "
+                f"Site {key} ({PROSTATE_SITES[key][0]}) lacks test case(s) "
+                f"{', '.join(f'Case{i:02d}' for i in missing)} of MA-SAM's split; "
                 f"{_SITES_LAYOUT}."
             )
         for c in cases:
@@ -251,8 +256,10 @@ def prepare_prostate_multisite(
     chosen = [f"{k}={PROSTATE_SITES[k][0]}" for k in keys]
     return {
         "name": "Prostate multi-site",
-        "description": f"prostate T2w MRI from 6 sites (Liu et al. 2020), sites {', '.join(chosen)}; MA-SAM's per-site 80/20 split",
-        "reference": "Liu et al. 2020 (MS-Net / SAML): NCI-ISBI13, I2CVB and PROMISE12 prostate MRI, re-sampled per site",
+        "description": f"prostate T2w MRI from 6 sites (Liu et al. 2020), sites {', '.join(chosen)}; "
+        "MA-SAM's per-site 80/20 split",
+        "reference": "Liu et al. 2020 (MS-Net / SAML): NCI-ISBI13, I2CVB and PROMISE12 prostate MRI, "
+        "re-sampled per site",
         "licence": "see the source datasets' terms (NCI-ISBI 2013, I2CVB, PROMISE12)",
         "tensorImageSize": "3D",
         "modality": {"0": "MRI"},
@@ -263,7 +270,8 @@ def prepare_prostate_multisite(
         "split": {
             "kind": "fixed",
             "validation": note,
-            "source": "MA-SAM sec. 4.1 (random 80/20 per site); test cases from MA-SAM's preprocessing/dataset_split.md",
+            "source": "MA-SAM sec. 4.1 (random 80/20 per site); "
+            "test cases from MA-SAM's preprocessing/dataset_split.md",
         },
         "label_ids": "prostate",
         **lists,

@@ -50,7 +50,8 @@ TUMOUR_INFO: dict[str, dict[str, Any]] = {
         "name": "MSD Task10 Colon",
         "labels": {0: "background", 1: "colon cancer"},
         "reference": "Antonelli et al. 2022, The Medical Segmentation Decathlon (Task10_Colon)",
-        "layout": "expected MSD Task10_Colon as downloaded: dataset.json, imagesTr/colon_001.nii.gz ..., labelsTr/colon_001.nii.gz ...",
+        "layout": "expected MSD Task10_Colon as downloaded: dataset.json, imagesTr/colon_001.nii.gz ..., "
+        "labelsTr/colon_001.nii.gz ...",
         "folders": ("", "Task10_Colon"),
         "keyword": "colon",
     },
