@@ -140,8 +140,8 @@ def test_sam3d_decoder_static_part_matches_forward():
 # ---------------------------------------------------------------------------- gradient checkpointing
 def _grad_ckpt_cases():
     from shared_nets.h_sam import build_h_sam
-    from shared_nets.ma_sam.network import MASAM
-    from shared_nets.s_sam.network import SSAM
+    from shared_nets.ma_sam import build_ma_sam
+    from shared_nets.s_sam import build_s_sam
     from shared_nets.sam import enable_gradient_checkpointing
 
     def toggle_blocks(blocks):
@@ -152,7 +152,7 @@ def _grad_ckpt_cases():
         return net, toggle_blocks(net.image_encoder.blocks), (_medsa_input([(1, 10, 12, 0)]),), {}
 
     def ssam():
-        net = SSAM(variant="tiny", img_size=32, patch_size=8, class_names=("liver", "spleen"))
+        net = build_s_sam(variant="tiny", img_size=32, patch_size=8, class_names=("liver", "spleen"))
         return net, toggle_blocks(net.sam.image_encoder.blocks), (torch.randn(1, 1, 32, 32, 2),), {}
 
     def hsam():
@@ -161,7 +161,7 @@ def _grad_ckpt_cases():
         return net, toggle_blocks(net.image_encoder.blocks), (torch.randn(1, 1, 32, 32, 2),), {"label": label}
 
     def masam():
-        net = MASAM(variant="tiny", img_size=32, patch_size=8, num_classes=3, fact_rank=4, num_slices=2)
+        net = build_ma_sam(variant="tiny", img_size=32, patch_size=8, num_classes=3, fact_rank=4, num_slices=2)
         return net, lambda on: setattr(net, "gradient_checkpointing", on), (torch.randn(1, 1, 32, 32, 2),), {}
 
     def sam3d():

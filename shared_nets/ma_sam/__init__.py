@@ -4,7 +4,8 @@ FacT-tuned SAM encoder with 3D adapters, a progressive-upsampling mask decoder, 
 one volume of logits out. See ``bundles/ma_sam``.
 """
 
-from . import bench, blocks, config, network
+from . import bench, blocks, builder, config, network
+from .builder import build_ma_sam
 from .network import ADAPTER_POSITIONS, DECODERS, FINETUNE_MODES, MASAM, MultiScaleFusion
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "MultiScaleFusion",
     "bench",
     "blocks",
+    "build_ma_sam",
+    "builder",
     "config",
     "network",
 ]

@@ -12,19 +12,16 @@ are predicted.
 
 from __future__ import annotations
 
-import copy
 import functools
-import os
 
 import torch
+from segment_anything.modeling import Sam
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from shared_nets.peft import Adapter3D, inject_fact
 from shared_nets.prompts import decode_boxes_2d
-from shared_nets.sam import build_sam, get_variant
 from shared_nets.sam.decoding import decode_masks
-from shared_nets.sam.encoder_blocks import block_width, run_encoder
+from shared_nets.sam.encoder_blocks import run_encoder
 from shared_nets.sam.slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 
 from .blocks import MultiScaleFusion, ProgressiveUpsampling, attention_residual, mlp_residual
@@ -36,153 +33,76 @@ ADAPTER_POSITIONS = ("both", "before", "after")
 DECODERS = ("progressive", "sam", "multiscale")
 
 
-def _hypernetworks_with_width(decoder: nn.Module, out_dim: int) -> nn.ModuleList:
-    """Copies of the pretrained hypernetwork MLPs whose last layer outputs ``out_dim`` (new, trainable)."""
-    mlps = nn.ModuleList()
-    for mlp in decoder.output_hypernetworks_mlps:
-        new = copy.deepcopy(mlp)
-        last = new.layers[-1]
-        new.layers[-1] = nn.Linear(last.in_features, out_dim).to(last.weight)
-        mlps.append(new)
-    return mlps
-
-
 class MASAM(nn.Module):
     """MA-SAM network: ``[B, C, H, W, N]`` slice stacks → ``[B, num_classes + 1, H, W, N]`` logits.
 
-    Every choice the paper's ablations vary is an argument, so each ablation is a config change:
-    FacT rank (Table 10), backbone (Table 7), 3D-adapter position (Table 8), decoder (Table 6),
-    SAM weights / full fine-tuning / FacT / 3D adapters (Table 9).
+    Composed from built parts (:func:`shared_nets.ma_sam.build_ma_sam` builds them from the paper's
+    settings, one argument per ablation). The constructor builds and injects nothing; it only sets
+    which parameters train for ``finetune``.
 
     Args:
-        variant: SAM backbone, ``vit_b`` / ``vit_l`` / ``vit_h`` / ``lite`` / ``tiny``. At ``lite``
-            (LiteMedSAM's TinyViT) FacT goes on q/v of its 10 attention blocks (one shared U/V pair
-            per stage width), each block gets 3D adapters of its own width (before attention, and
-            after attention = before TinyViT's local convolution and MLP), and the progressive
-            decoder needs no extra up-sampling stage (embedding stride 4).
-        checkpoint: official SAM checkpoint (None: random init, Table 9 row 1).
-        img_size: in-plane input size (paper 512); inputs must already have this size.
+        sam: SAM with FacT already injected into the image encoder's q/v when ``finetune="fact"``
+            (sec. 3.2). With ``upscaling`` given, its mask decoder must have no
+            ``output_hypernetworks_mlps`` and an ``nn.Identity`` ``output_upscaling`` (both replaced).
+        adapters_before: one 3D adapter per encoder block applied before attention (sec. 3.3), or None.
+        adapters_after: one 3D adapter per encoder block applied after attention, or None.
+        upscaling: the decoder's up-sampling: :class:`ProgressiveUpsampling` (paper, sec. 3.4),
+            :class:`MultiScaleFusion` (U-shaped skips from encoder stages 1-3), or None for SAM's own
+            ``output_upscaling`` (H/4, bilinear to H).
+        hypernetworks: one MLP per mask token whose output width is ``upscaling.out_channels``
+            (None together with ``upscaling``).
+        img_size: in-plane input size; inputs must already have this size.
         num_classes: foreground classes; outputs ``num_classes + 1`` channels (0 = background).
         num_slices: adjacent slices per input stack (paper 5).
         in_channels: image channels (1 for CT/MRI, 3 for RGB video frames).
-        use_box_prompt: one extra guidance channel holding a 3D box (paper's tumour setting,
-            Table 4); each slice that the box crosses gets its 2D box prompt.
-        finetune: ``"fact"`` (FacT on q, v; encoder frozen otherwise), ``"full"`` (whole
-            encoder trainable) or ``"frozen"`` (encoder frozen, decoder only). The mask decoder,
-            the prompt encoder and 3D adapters are always trained.
-        fact_rank: FacT rank ``r`` (paper 32).
-        fact_dropout: dropout on the FacT branch (official code 0.1).
-        fact_scale: FacT scale ``s`` (paper 1).
-        use_3d_adapters: add the 3D adapters.
-        adapter_position: ``"both"`` (paper), ``"before"`` or ``"after"`` attention.
-        adapter_dim: adapter width ``c``; None → ``min(384, E/2)`` (384 for ViT-B as in the code).
-        adapter_kernel: Conv3d kernel over (slices, h, w).
-        decoder: ``"progressive"`` (paper), ``"sam"`` (SAM's H/4 decoder, bilinear to H) or
-            ``"multiscale"`` (U-shaped skips).
-        patch_size: ViT patch size (16; tiny demos may use 8 without a checkpoint).
+        use_box_prompt: one extra guidance channel holding a 3D box (Table 4).
+        finetune: ``"fact"`` (only the encoder's ``fact_`` parameters train), ``"full"`` (whole
+            encoder trainable) or ``"frozen"`` (encoder frozen). The mask decoder, the prompt encoder's
+            used parts and the 3D adapters always train.
         gradient_checkpointing: recompute encoder blocks in backward to save memory.
-        use_sdpa: compute the image encoder's attention with ``scaled_dot_product_attention``
-            (:func:`shared_nets.sam.enable_sdpa`; same weights and outputs within 1e-4, no
-            ``N x N`` softmax matrices kept). False runs ``segment_anything``'s stock attention.
     """
 
     def __init__(
         self,
-        variant: str = "vit_b",
-        checkpoint: str | os.PathLike | None = None,
-        img_size: int = 512,
-        num_classes: int = 13,
+        sam: Sam,
+        adapters_before: nn.ModuleList | None,
+        adapters_after: nn.ModuleList | None,
+        upscaling: ProgressiveUpsampling | MultiScaleFusion | None,
+        hypernetworks: nn.ModuleList | None,
+        img_size: int,
+        num_classes: int,
         num_slices: int = 5,
         in_channels: int = 1,
         use_box_prompt: bool = False,
         finetune: str = "fact",
-        fact_rank: int = 32,
-        fact_dropout: float = 0.1,
-        fact_scale: float = 1.0,
-        use_3d_adapters: bool = True,
-        adapter_position: str = "both",
-        adapter_dim: int | None = None,
-        adapter_kernel: tuple[int, int, int] = (3, 1, 1),
-        decoder: str = "progressive",
-        patch_size: int = 16,
         gradient_checkpointing: bool = False,
-        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(use_sdpa, bool):
-            raise ValueError(f"use_sdpa must be true or false, got {use_sdpa!r}.")
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}.")
-        if adapter_position not in ADAPTER_POSITIONS:
-            raise ValueError(f"adapter_position must be one of {ADAPTER_POSITIONS}, got {adapter_position!r}.")
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}.")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer (foreground classes), got {num_classes!r}.")
-        if not isinstance(num_slices, int) or num_slices < 1:
-            raise ValueError(f"num_slices must be a positive integer, got {num_slices!r}.")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}.")
-
+        if (upscaling is None) != (hypernetworks is None):
+            raise ValueError("upscaling and hypernetworks must be given together (or both None for SAM's decoder).")
+        n_blocks = len(sam.image_encoder.blocks)
+        for name, adapters in (("adapters_before", adapters_before), ("adapters_after", adapters_after)):
+            if adapters is not None and len(adapters) != n_blocks:
+                raise ValueError(f"{name} must hold one adapter per encoder block ({n_blocks}), got {len(adapters)}.")
         self.img_size, self.num_slices, self.in_channels = img_size, num_slices, in_channels
+        decoder = "progressive"
+        if upscaling is None:
+            decoder = "sam"
+        elif isinstance(upscaling, MultiScaleFusion):
+            decoder = "multiscale"
         self.num_classes, self.use_box_prompt, self.decoder_type = num_classes, use_box_prompt, decoder
         self.finetune, self.gradient_checkpointing = finetune, gradient_checkpointing
-
-        # official weights load strictly into plain SAM first; PEFT is injected after (sec. 3.2)
-        self.sam = build_sam(
-            variant,
-            checkpoint,
-            img_size=img_size,
-            patch_size=patch_size,
-            num_multimask_outputs=num_classes,
-            use_sdpa=use_sdpa,
-        )
-        v = get_variant(variant)
-        if v.encoder == "tiny_vit":
-            if decoder == "multiscale":
-                raise ValueError(
-                    "decoder='multiscale' needs a plain ViT (four equal stages of one width); variant 'lite' "
-                    "(TinyViT, stages of widths 128/160/320 on two grids) supports 'progressive' or 'sam'."
-                )
-            patch_size = v.embedding_stride  # LiteMedSAM: S/4 tokens whatever patch_size says
-        encoder = self.sam.image_encoder
-        widths = [block_width(b) for b in encoder.blocks]
-        embed_dim = widths[-1]
-        if finetune == "fact":
-            inject_fact(encoder, rank=fact_rank, targets=("q", "v"), dropout=fact_dropout, scale=fact_scale)
-
-        # 3D adapters before and/or after attention in every block (sec. 3.3, Table 8); at lite
-        # each TinyViT block gets adapters of its own stage's width
-        def adapters(on: bool) -> nn.ModuleList | None:
-            if not (use_3d_adapters and on):
-                return None
-            return nn.ModuleList(
-                Adapter3D(w, adapter_dim or min(384, w // 2), kernel_size=tuple(adapter_kernel)) for w in widths
-            )
-
-        self.adapters_before = adapters(adapter_position in ("both", "before"))
-        self.adapters_after = adapters(adapter_position in ("both", "after"))
-
-        # decoder (sec. 3.4, Table 6)
-        mask_decoder = self.sam.mask_decoder
-        tdim = mask_decoder.transformer_dim
+        self.sam = sam
+        self.adapters_before = adapters_before
+        self.adapters_after = adapters_after
+        # encoder blocks whose outputs feed the multi-scale decoder: the last of stages 3, 2, 1
         self.stage_blocks: tuple[int, ...] = ()
-        if decoder == "sam":
-            self.upscaling, self.hypernetworks = None, None
-        else:
-            if decoder == "progressive":
-                self.upscaling = ProgressiveUpsampling(mask_decoder.output_upscaling, tdim, patch_size)
-            else:
-                if patch_size != 16:
-                    raise ValueError(f"decoder='multiscale' needs patch_size 16, got {patch_size}.")
-                self.upscaling = MultiScaleFusion(mask_decoder.output_upscaling, embed_dim, tdim)
-                q = len(widths) // 4
-                self.stage_blocks = (3 * q - 1, 2 * q - 1, q - 1)  # stages 3, 2, 1
-            self.hypernetworks = _hypernetworks_with_width(mask_decoder, self.upscaling.out_channels)
-            # these replace the SAM originals; drop the originals so they are not dead parameters
-            del mask_decoder.output_hypernetworks_mlps
-            mask_decoder.output_upscaling = nn.Identity()
-
+        if decoder == "multiscale":
+            q = n_blocks // 4
+            self.stage_blocks = (3 * q - 1, 2 * q - 1, q - 1)
+        self.upscaling, self.hypernetworks = upscaling, hypernetworks
         self._set_trainable()
 
     # -- parameters -------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Singular-value tuning of a frozen SAM and a Text-Affine Layer (TAL) that turns c
 embeddings into prompt tokens. See ``bundles/s_sam``.
 """
 
-from . import bench, network, text
+from . import bench, builder, network, text
+from .builder import build_s_sam
 from .network import S_SAM_MODES, SSAM, TAL_TYPES, TextAffineLayer
 
-__all__ = ["SSAM", "S_SAM_MODES", "TAL_TYPES", "TextAffineLayer", "bench", "network", "text"]
+__all__ = ["SSAM", "S_SAM_MODES", "TAL_TYPES", "TextAffineLayer", "bench", "build_s_sam", "builder", "network", "text"]

@@ -45,8 +45,6 @@ Both modes use global attention in every block (code; the paper does not say) an
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Sequence
 
 import torch
@@ -54,23 +52,20 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from shared_nets.peft import inject_svd
-from shared_nets.sam import build_sam, enable_gradient_checkpointing, get_variant
+from shared_nets.peft import SVDConv2d, SVDLinear
+from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam.decoding import decode_masks
 from shared_nets.sam.slices import slices_to_volume, to_rgb, upsample_to, volume_to_slices
 from shared_nets.sam.tiny_vit import TinyViTBlock
 
-from .text import TEXT_EMBEDDING_DIM, HashTextEncoder, load_class_embeddings
+from .text import TEXT_EMBEDDING_DIM
 
 __all__ = ["SSAM", "TextAffineLayer", "S_SAM_MODES", "TAL_TYPES"]
 
 S_SAM_MODES = ("paper", "official")
 TAL_TYPES = ("linear", "linear_relu_bn")
 
-# Encoder layers S-SAM re-parameterises (paper section 3, "SVD-based Tuning"; neck convs: code).
-_SVD_TARGETS = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "neck")
-# The same layers in LiteMedSAM's TinyViT blocks (its MLP's linears are fc1/fc2; the neck has two convs too)
-_SVD_TARGETS_TINY_VIT = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "neck")
+_SVD_LAYER_TYPES = (SVDLinear, SVDConv2d)
 
 
 def block_norms(block: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -122,173 +117,96 @@ class SSAM(nn.Module):
     len(class_names)``: channel 0 is a constant 0 logit (background), channel ``i`` the
     logit of ``class_names[i - 1]``.
 
+    Composed from built parts (:func:`shared_nets.s_sam.build_s_sam` builds them from the paper's
+    settings and sets the trainable set with :meth:`set_trainable`). The constructor builds and
+    injects nothing and leaves ``requires_grad`` as the parts have it.
+
     Args:
-        variant: SAM backbone, ``vit_b`` (paper), ``vit_l``, ``vit_h``, ``lite`` or ``tiny``. At
-            ``lite`` (LiteMedSAM's TinyViT) the singular values of every attention block's qkv, proj,
-            fc1 and fc2 and of the neck's two convolutions are tuned; TinyViT has no position
-            embedding or relative-position tables (``train_pos_embed``/``use_rel_pos`` do nothing)
-            and keeps its windowed attention (``global_attention`` does nothing: its learned biases
-            are per window offset).
-        checkpoint: official SAM ``.pth`` (loaded first, strictly, position embedding
-            average-pooled to the token grid), or None for random initialisation.
-        img_size: in-plane input size (256 in the official code); divisible by ``patch_size``.
-        class_names: label names to segment, in output-channel order (from the bundle's
-            ``channel_def``, background excluded). A subset predicts only those classes.
-        text_embeddings: JSON file with the stored label-name embeddings (see
-            :mod:`shared_nets.s_sam.text`), or None to use deterministic hash vectors
-            (tests; carries no semantics).
-        text_dim: text embedding width (512 for CLIP ViT-B/32).
-        mode: ``paper`` or ``official``; sets the defaults of ``tal``, ``train_decoder_norms``
-            and ``use_rel_pos`` (see the module docstring).
-        tal: ``linear`` or ``linear_relu_bn``; None follows ``mode``.
-        use_tal: Table 3 "TAL" switch. False feeds the first prompt-dim entries of the text
-            embedding as the token (what the official code does without its TAL).
-        svd_scale: Table 3 "Scaling": train ``a`` (else fixed at 1).
-        svd_shift: Table 3 "Shifting": train ``b`` (else fixed at 0).
-        train_pos_embed: Table 3 "Tuning Pos Embeds".
-        train_norms: Table 3 "Tuning Layernorm" (the LayerNorms of the encoder blocks).
-        train_decoder_norms: train the mask decoder's LayerNorms; None follows ``mode``.
-        use_rel_pos: use SAM's relative position tables in attention; False removes them (the
-            official network has none); None follows ``mode``.
-        global_attention: global attention in every encoder block (official code); False
-            keeps SAM's windowed blocks.
-        full_finetune: train every parameter of SAM that the forward pass uses, and the TAL,
-            without the SVD re-parameterisation ("SAM with full finetuning" in Tables 2, 4, 5;
-            used by the demo, which trains ``tiny`` from scratch).
+        sam: SAM whose image encoder already carries the SVD layers (``shared_nets.peft.inject_svd``)
+            unless the whole model is fine-tuned, with the attention layout (global / windowed,
+            relative positions or none) already chosen.
+        text_embeddings: ``[len(class_names), text_dim]`` label-name vectors, one row per class
+            (kept as a non-persistent buffer, so a checkpoint does not depend on the class list).
+        class_names: label names, in output-channel order (background excluded).
+        tal: the Text-Affine Layer mapping a text vector to a prompt token, or None to feed the
+            first prompt-dim entries of the text vector as the token (Table 3 "TAL" off).
+        img_size: in-plane input size of the encoder.
+        mode: ``paper`` or ``official``: recorded for reports (the parts carry its effects).
+        full_finetune: SAM's own weights are trained (no SVD layers); see :meth:`set_trainable`.
         resize_input: if True, slices whose in-plane size is not ``img_size`` are resized
-            bilinearly in and the logits back; if False (default) such input is an error,
-            since the bundles resize in pre-processing (and invert after argmax).
-        pixel_norm: subtract SAM's pixel mean and divide by its std per RGB channel, for
-            input scaled to [0, 255] (what the official code does in its data transforms).
-        patch_size: ViT patch size (16 for SAM checkpoints; 8 gives ``tiny`` demos a finer grid).
-        pos_embed_mode: resizing of the checkpoint's position embedding: ``avgpool`` (paper)
-            or ``bicubic``.
+            bilinearly in and the logits back; if False such input is an error.
+        pixel_norm: subtract SAM's pixel mean and divide by its std per RGB channel.
         gradient_checkpointing: recompute the image-encoder blocks in the backward pass instead of
-            keeping their activations (training memory; same outputs and gradients).
-        use_sdpa: compute the image encoder's attention with ``scaled_dot_product_attention``
-            (:func:`shared_nets.sam.enable_sdpa`; same weights and outputs within 1e-4, no
-            ``N x N`` softmax matrices kept). False runs ``segment_anything``'s stock attention.
+            keeping their activations (same outputs and gradients).
     """
 
     def __init__(
         self,
-        variant: str = "vit_b",
-        checkpoint: str | os.PathLike | None = None,
-        img_size: int = 256,
-        class_names: Sequence[str] = ("liver",),
-        text_embeddings: str | None = None,
-        text_dim: int = TEXT_EMBEDDING_DIM,
+        sam: Sam,
+        text_embeddings: torch.Tensor,
+        class_names: Sequence[str],
+        tal: TextAffineLayer | None,
+        img_size: int,
         mode: str = "paper",
-        tal: str | None = None,
-        use_tal: bool = True,
-        svd_scale: bool = True,
-        svd_shift: bool = True,
-        train_pos_embed: bool = True,
-        train_norms: bool = True,
-        train_decoder_norms: bool | None = None,
-        use_rel_pos: bool | None = None,
-        global_attention: bool = True,
         full_finetune: bool = False,
         resize_input: bool = False,
         pixel_norm: bool = False,
-        patch_size: int = 16,
-        pos_embed_mode: str = "avgpool",
         gradient_checkpointing: bool = False,
-        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(use_sdpa, bool):
-            raise ValueError(f"use_sdpa must be true or false, got {use_sdpa!r}.")
         if mode not in S_SAM_MODES:
             raise ValueError(f"mode must be one of {S_SAM_MODES}, got {mode!r}.")
-        for name, value in (
-            ("use_tal", use_tal),
-            ("svd_scale", svd_scale),
-            ("svd_shift", svd_shift),
-            ("train_pos_embed", train_pos_embed),
-            ("train_norms", train_norms),
-            ("global_attention", global_attention),
-            ("full_finetune", full_finetune),
-            ("resize_input", resize_input),
-            ("pixel_norm", pixel_norm),
-        ):
-            _check_bool(value, name)
-        official = mode == "official"
-        tal = tal if tal is not None else ("linear_relu_bn" if official else "linear")
-        if tal not in TAL_TYPES:
-            raise ValueError(f"tal must be one of {TAL_TYPES} or null, got {tal!r}.")
-        if train_decoder_norms is None:
-            train_decoder_norms = official
-        if use_rel_pos is None:
-            use_rel_pos = not official
-        _check_bool(train_decoder_norms, "train_decoder_norms")
-        _check_bool(use_rel_pos, "use_rel_pos")
-        if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not class_names:
-            raise ValueError(f"class_names must be a non-empty list of label names, got {class_names!r}.")
-        if not all(isinstance(n, str) and n.strip() for n in class_names):
-            raise ValueError(f"class_names must hold non-empty strings, got {list(class_names)!r}.")
-        if not isinstance(text_dim, int) or text_dim < 1:
-            raise ValueError(f"text_dim must be a positive integer, got {text_dim!r}.")
-
-        v = get_variant(variant)
-        if global_attention and v.encoder != "tiny_vit":
-            # Code: every block attends globally (window_size 0 everywhere); the paper is silent.
-            v = dataclasses.replace(v, global_attn_indexes=tuple(range(v.encoder_depth)))
-        sam: Sam = build_sam(
-            v,
-            checkpoint=checkpoint,
-            img_size=img_size,
-            patch_size=patch_size,
-            pos_embed_mode=pos_embed_mode,
-            use_sdpa=use_sdpa,
-        )
+        if text_embeddings.ndim != 2 or text_embeddings.shape[0] != len(class_names):
+            raise ValueError(
+                f"text_embeddings must be [len(class_names)={len(class_names)}, text_dim], "
+                f"got shape {tuple(text_embeddings.shape)}."
+            )
+        prompt_dim = sam.prompt_encoder.embed_dim
+        if tal is None and text_embeddings.shape[1] < prompt_dim:
+            raise ValueError(
+                f"use_tal=false feeds the first {prompt_dim} text entries as the token; "
+                f"text_dim={text_embeddings.shape[1]} is smaller."
+            )
         self.sam = sam
-        if not use_rel_pos and v.encoder != "tiny_vit":
-            # Official-code behaviour (JayParanjape/SVDSAM model.py builds ImageEncoderViT with
-            # use_rel_pos=False): the blocks have no relative-position tables at all.
-            for blk in sam.image_encoder.blocks:
-                blk.attn.use_rel_pos = False
-                del blk.attn.rel_pos_h, blk.attn.rel_pos_w
-
         self.img_size = img_size
         self.class_names = [str(n) for n in class_names]
-        self.text_dim = text_dim
+        self.text_dim = int(text_embeddings.shape[1])
         self.mode = mode
-        self.use_tal = use_tal
+        self.use_tal = tal is not None
         self.full_finetune = full_finetune
         self.resize_input = resize_input
         self.pixel_norm = pixel_norm
-        prompt_dim = v.prompt_embed_dim
-        if not use_tal and text_dim < prompt_dim:
-            raise ValueError(
-                f"use_tal=false feeds the first {prompt_dim} text entries as the token; text_dim={text_dim} is smaller."
-            )
-
         # Label-name prompts (paper section 3): fixed text vectors, non-persistent so that a
         # checkpoint does not depend on the class list it was trained with.
-        if text_embeddings is None:
-            text = HashTextEncoder(text_dim)(self.class_names)
-        else:
-            text = load_class_embeddings(os.fspath(text_embeddings), self.class_names, dim=text_dim)
-        self.register_buffer("text_embeddings", text, persistent=False)
-        self.tal = TextAffineLayer(text_dim, prompt_dim, tal) if use_tal else None
-
-        # Singular-value re-parameterisation (eq. 2), injected after the checkpoint is loaded.
-        self.svd_layers: list[nn.Module] = []
-        if not full_finetune and (svd_scale or svd_shift):
-            targets = _SVD_TARGETS_TINY_VIT if v.encoder == "tiny_vit" else _SVD_TARGETS
-            self.svd_layers = list(inject_svd(sam.image_encoder, include=targets))
-        self._set_trainable(svd_scale, svd_shift, train_pos_embed, train_norms, train_decoder_norms)
+        self.register_buffer("text_embeddings", text_embeddings, persistent=False)
+        self.tal = tal
+        # the singular-value layers (eq. 2) in encoder order: block layers, then the neck's
+        self.svd_layers: list[nn.Module] = [m for m in sam.image_encoder.modules() if isinstance(m, _SVD_LAYER_TYPES)]
         if not isinstance(gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}.")
         self.gradient_checkpointing = gradient_checkpointing
         enable_gradient_checkpointing(self.sam.image_encoder.blocks, gradient_checkpointing)
 
     # ------------------------------------------------------------------ trainable set
-    def _set_trainable(
-        self, svd_scale: bool, svd_shift: bool, train_pos_embed: bool, train_norms: bool, train_decoder_norms: bool
+    def set_trainable(
+        self,
+        svd_scale: bool = True,
+        svd_shift: bool = True,
+        train_pos_embed: bool = True,
+        train_norms: bool = True,
+        train_decoder_norms: bool = False,
     ) -> None:
-        """Freeze everything except S-SAM's trainable set (paper section 3, Fig. 1; Table 3 switches)."""
+        """Freeze everything except S-SAM's trainable set (paper section 3, Fig. 1; Table 3 switches).
+
+        With ``full_finetune`` every used parameter trains and the switches are ignored.
+
+        Args:
+            svd_scale: train the singular-value scales ``a`` (Table 3 "Scaling").
+            svd_shift: train the singular-value shifts ``b`` (Table 3 "Shifting").
+            train_pos_embed: train the position embedding (Table 3 "Tuning Pos Embeds").
+            train_norms: train the encoder blocks' LayerNorms (Table 3 "Tuning Layernorm").
+            train_decoder_norms: train the mask decoder's LayerNorms (official code).
+        """
         if self.full_finetune:
             self.requires_grad_(True)
             # Parts this network never uses stay frozen, so every trainable parameter gets a

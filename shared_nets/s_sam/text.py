@@ -320,7 +320,10 @@ def _channel_items(channel_def: dict) -> list[tuple[int, str]]:
 
 
 def foreground_names(channel_def: dict) -> list[str]:
-    """Class names of ``channel_def`` (metadata ``network_data_format.outputs.pred.channel_def``) by id, background excluded."""
+    """Class names of ``channel_def`` by id, background excluded.
+
+    ``channel_def`` is metadata.json's ``network_data_format.outputs.pred.channel_def``.
+    """
     return [name for i, name in _channel_items(channel_def) if i != 0]
 
 
@@ -336,7 +339,8 @@ def names_to_ids(channel_def: dict, names: Sequence[str]) -> list[int]:
     unknown = [n for n in names if normalize_name(n) not in lookup]
     if unknown:
         raise ValueError(
-            f"class_names {unknown} are not in channel_def (metadata.json network_data_format.outputs.pred.channel_def: "
+            f"class_names {unknown} are not in channel_def "
+            "(metadata.json network_data_format.outputs.pred.channel_def: "
             f"{foreground_names(channel_def)})."
         )
     ids = [lookup[normalize_name(n)] for n in names]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared_nets.ma_sam.network import MASAM
+from shared_nets.ma_sam import MASAM, build_ma_sam
 from shared_nets.peft import trainable_parameter_report
 from shared_nets.sam import build_sam
 
@@ -24,7 +24,7 @@ def test_fact_model_at_init_equals_plain_sam_encoder(use_3d_adapters):
     torch.manual_seed(0)
     ref = build_sam("tiny", img_size=64, num_multimask_outputs=4).image_encoder.eval()
     torch.manual_seed(0)
-    model = MASAM(**TINY, use_3d_adapters=use_3d_adapters).eval()
+    model = build_ma_sam(**TINY, use_3d_adapters=use_3d_adapters).eval()
     x = torch.randn(10, 3, 64, 64)
     with torch.no_grad():
         ours, _ = model.encode(x)
@@ -40,7 +40,7 @@ def test_fact_model_at_init_equals_plain_sam_encoder(use_3d_adapters):
 @pytest.mark.parametrize("use_3d_adapters", [True, False])
 def test_only_3d_adapters_mix_slices(use_3d_adapters):
     torch.manual_seed(0)
-    model = MASAM(**TINY, use_3d_adapters=use_3d_adapters).eval()
+    model = build_ma_sam(**TINY, use_3d_adapters=use_3d_adapters).eval()
     _randomise_adapters(model)
     x = torch.randn(1, 1, 64, 64, 5)
     x2 = x.clone()
@@ -54,7 +54,7 @@ def test_only_3d_adapters_mix_slices(use_3d_adapters):
 
 @pytest.mark.parametrize("variant", ["tiny", "vit_b"])
 def test_output_shape_and_dtype(variant):
-    model = MASAM(variant=variant, img_size=64, num_classes=13, fact_rank=8).eval()
+    model = build_ma_sam(variant=variant, img_size=64, num_classes=13, fact_rank=8).eval()
     with torch.no_grad():
         y = model(torch.randn(2, 1, 64, 64, 5))
     assert y.shape == (2, 14, 64, 64, 5) and y.dtype == torch.float32
@@ -64,7 +64,7 @@ def test_output_shape_and_dtype(variant):
 @pytest.mark.parametrize("decoder", ["progressive", "sam", "multiscale"])
 @pytest.mark.parametrize("position", ["both", "before", "after"])
 def test_ablation_switches_build_and_train(decoder, position):
-    model = MASAM(**TINY, decoder=decoder, adapter_position=position)
+    model = build_ma_sam(**TINY, decoder=decoder, adapter_position=position)
     y = model(torch.randn(1, 1, 64, 64, 5))
     assert y.shape == (1, 5, 64, 64, 5)
     y.logsumexp(1).mean().backward()
@@ -80,7 +80,7 @@ def test_ablation_switches_build_and_train(decoder, position):
     [("fact", False), ("frozen", False), ("full", True)],
 )
 def test_gradients_only_where_expected(finetune, frozen_encoder_weight_trains):
-    model = MASAM(**TINY, finetune=finetune)
+    model = build_ma_sam(**TINY, finetune=finetune)
     model(torch.randn(1, 1, 64, 64, 5)).mean().backward()
     qkv = model.sam.image_encoder.blocks[0].attn.qkv
     base_weight = qkv.base_layer.weight if hasattr(qkv, "base_layer") else qkv.weight
@@ -94,7 +94,7 @@ def test_gradients_only_where_expected(finetune, frozen_encoder_weight_trains):
 
 
 def test_vit_b_trainable_counts_match_the_formulas():
-    model = MASAM(variant="vit_b", img_size=64, num_classes=13)
+    model = build_ma_sam(variant="vit_b", img_size=64, num_classes=13)
     named = dict(model.named_parameters())
     fact = sum(p.numel() for n, p in named.items() if "fact_" in n)
     assert fact == 2 * 768 * 32 + 12 * 2 * 32 * 32  # shared U, V + q/v cores per block
@@ -120,7 +120,7 @@ def test_vit_b_trainable_counts_match_the_formulas():
 
 def test_box_prompt_changes_the_prediction():
     torch.manual_seed(0)
-    model = MASAM(**TINY, use_box_prompt=True).eval()
+    model = build_ma_sam(**TINY, use_box_prompt=True).eval()
     x = torch.randn(1, 2, 64, 64, 5)
     x[:, 1] = 0
     x_box = x.clone()
@@ -134,7 +134,7 @@ def test_box_prompt_changes_the_prediction():
 
 def test_gradient_checkpointing_matches():
     torch.manual_seed(0)
-    model = MASAM(**TINY, fact_dropout=0.0)
+    model = build_ma_sam(**TINY, fact_dropout=0.0)
     _randomise_adapters(model)
     x = torch.randn(1, 1, 64, 64, 5)
     model.gradient_checkpointing = False
@@ -156,7 +156,7 @@ def test_gradient_checkpointing_matches():
     ],
 )
 def test_bad_input_shapes(shape, match):
-    model = MASAM(**TINY)
+    model = build_ma_sam(**TINY)
     with pytest.raises(ValueError, match=match):
         model(torch.zeros(shape))
 
@@ -173,7 +173,7 @@ def test_bad_input_shapes(shape, match):
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        MASAM(**{**TINY, **kwargs})
+        build_ma_sam(**{**TINY, **kwargs})
 
 
 def test_progressive_upsampling_matches_the_official_output_upscaling():
@@ -183,7 +183,7 @@ def test_progressive_upsampling_matches_the_official_output_upscaling():
     from segment_anything.modeling.common import LayerNorm2d
     from torch import nn
 
-    model = MASAM(variant="vit_b", img_size=64, num_classes=13)
+    model = build_ma_sam(variant="vit_b", img_size=64, num_classes=13)
     up = model.upscaling
     layers = [*up.sam_upscaling, *up.extra]
     kinds = [type(m) for m in layers]
@@ -200,10 +200,10 @@ def test_progressive_upsampling_matches_the_official_output_upscaling():
 
 
 def test_progressive_upsampling_keeps_sams_pretrained_convs():
-    sam = build_sam("tiny", img_size=64, num_multimask_outputs=4)
+    sam = build_sam("tiny", img_size=64, num_multimask_outputs=4, use_sdpa=True)
     ref = [p.detach().clone() for p in sam.mask_decoder.output_upscaling.parameters()]
     torch.manual_seed(0)
-    model = MASAM(**TINY)
+    model = build_ma_sam(**TINY)
     torch.manual_seed(0)
     twin = build_sam("tiny", img_size=64, num_multimask_outputs=4)
     ours = model.upscaling.sam_upscaling
@@ -222,7 +222,7 @@ def test_box_tokens_equal_the_prompt_encoders_own_box_embedding(autocast):
     from shared_nets.prompts import decode_boxes_2d
 
     torch.manual_seed(0)
-    model = MASAM(**TINY, use_box_prompt=True).eval()
+    model = build_ma_sam(**TINY, use_box_prompt=True).eval()
     box = torch.zeros(1, 1, 64, 64, 5)
     box[:, 0, 10:30, 20:40, 1:4] = 1
     pe = model.sam.prompt_encoder
@@ -241,7 +241,7 @@ def test_box_tokens_equal_the_prompt_encoders_own_box_embedding(autocast):
 def test_progressive_upsampling_stages_compose_to_the_forward():
     from shared_nets.ma_sam.blocks import ProgressiveUpsampling
 
-    model = MASAM(**TINY)
+    model = build_ma_sam(**TINY)
     up = model.upscaling
     assert isinstance(up, ProgressiveUpsampling) and up.num_stages == 2 and up.stage_bounds == ((0, 3), (3, 5))
     assert set(up.extra.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"}
@@ -256,7 +256,7 @@ def test_progressive_upsampling_stages_compose_to_the_forward():
 def test_multiscale_fusion_gets_the_encoder_features_as_an_argument():
     """No side channel: the module keeps no features between calls; decoding gets them explicitly."""
     torch.manual_seed(0)
-    model = MASAM(**TINY, decoder="multiscale").eval()
+    model = build_ma_sam(**TINY, decoder="multiscale").eval()
     a, b = torch.randn(1, 1, 64, 64, 5), torch.randn(1, 1, 64, 64, 5)
     with torch.no_grad():
         ya = model(a)
@@ -268,3 +268,45 @@ def test_multiscale_fusion_gets_the_encoder_features_as_an_argument():
         with pytest.raises(ValueError, match="stages 3, 2 and 1"):
             model.upscaling(x, features=[])
     assert not hasattr(model.upscaling, "features")
+
+
+# ---------------------------------------------------------------------------- composition and builder
+def test_builder_returns_masam_with_the_same_parameters_as_the_flat_constructor_had():
+    """Keys and counts of ``TINY`` as the former flat ``MASAM(**TINY)`` made them (old model.pt files load)."""
+    torch.manual_seed(0)
+    model = build_ma_sam(**TINY)
+    assert type(model) is MASAM
+    params = dict(model.named_parameters())
+    assert len(model.state_dict()) == 274 and len(params) == 273
+    assert sum(p.numel() for p in params.values()) == 368_589
+    assert sum(p.numel() for p in params.values() if p.requires_grad) == 101_916
+    parts = {k.split(".")[0] for k in model.state_dict()}
+    assert parts == {"sam", "adapters_before", "adapters_after", "upscaling", "hypernetworks"}
+    assert model.decoder_type == "progressive" and model.stage_blocks == ()
+
+
+def test_masam_composes_from_hand_built_parts_like_the_builder():
+    """SAM's own decoder and no adapters: the parts are plain SAM, and one seed gives the builder's network."""
+    from shared_nets.peft import Adapter3D
+
+    settings = dict(variant="tiny", img_size=64, num_classes=4, use_3d_adapters=False, decoder="sam", finetune="frozen")
+    torch.manual_seed(0)
+    built = build_ma_sam(**settings).eval()
+    torch.manual_seed(0)
+    sam = build_sam("tiny", img_size=64, num_multimask_outputs=4, use_sdpa=True)
+    composed = MASAM(sam, None, None, None, None, img_size=64, num_classes=4, finetune="frozen").eval()
+    assert composed.decoder_type == "sam" and composed.adapters_before is None
+    a, b = built.state_dict(), composed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {n: p.requires_grad for n, p in built.named_parameters()} == {
+        n: p.requires_grad for n, p in composed.named_parameters()
+    }
+    x = torch.randn(1, 1, 64, 64, 5)
+    with torch.no_grad():
+        assert torch.equal(built(x), composed(x))
+    # adapters: one per encoder block, or a clear error
+    widths = [blk.norm1.normalized_shape[0] for blk in sam.image_encoder.blocks]
+    with pytest.raises(ValueError, match=r"adapters_before must hold one adapter per encoder block"):
+        MASAM(sam, torch.nn.ModuleList([Adapter3D(widths[0], 8)]), None, None, None, img_size=64, num_classes=4)
+    with pytest.raises(ValueError, match="upscaling and hypernetworks must be given together"):
+        MASAM(sam, None, None, torch.nn.Identity(), None, img_size=64, num_classes=4)

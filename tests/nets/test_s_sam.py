@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from shared_nets.peft import SVDConv2d, SVDLinear, trainable_parameter_report
-from shared_nets.s_sam.network import SSAM, TextAffineLayer
+from shared_nets.s_sam import SSAM, TextAffineLayer, build_s_sam
 from shared_nets.s_sam.text import (
     ClipTextEncoder,
     HashTextEncoder,
@@ -42,7 +42,7 @@ def embedding_file(tmp_path_factory):
 
 
 def test_output_contract_and_background_channel():
-    model = SSAM(**TINY).eval()
+    model = build_s_sam(**TINY).eval()
     with torch.no_grad():
         y = model(torch.randn(2, 1, 64, 64, 3))
     assert y.shape == (2, 4, 64, 64, 3)
@@ -82,7 +82,7 @@ def test_output_contract_and_background_channel():
 )
 def test_vit_b_trainable_parameter_counts_are_exact(mode, expected):
     with torch.device("meta"):  # shapes only: no weights, no real SVD
-        model = SSAM(variant="vit_b", img_size=256, class_names=CLASSES, mode=mode)
+        model = build_s_sam(variant="vit_b", img_size=256, class_names=CLASSES, mode=mode)
     counts = model.trainable_parameter_counts()
     assert {k: counts[k] for k in expected} == expected
     assert counts["other"] == 0
@@ -96,7 +96,7 @@ def test_vit_b_trainable_parameter_counts_are_exact(mode, expected):
 
 def test_encoder_at_init_equals_sam_and_position_embedding_is_avg_pooled(tiny_checkpoint):
     path, state = tiny_checkpoint
-    model = SSAM(**TINY, checkpoint=str(path)).eval()
+    model = build_s_sam(**TINY, checkpoint=str(path)).eval()
     tiny_global = dataclasses.replace(get_variant("tiny"), global_attn_indexes=(0, 1, 2, 3))
     ref = build_sam(tiny_global, checkpoint=str(path), img_size=64, pos_embed_mode="avgpool").image_encoder.eval()
     x = torch.randn(3, 3, 64, 64)
@@ -113,22 +113,22 @@ def test_encoder_at_init_equals_sam_and_position_embedding_is_avg_pooled(tiny_ch
 
 
 def test_all_blocks_global_by_default_and_windowed_on_request():
-    assert all(b.window_size == 0 for b in SSAM(**TINY).sam.image_encoder.blocks)
-    windowed = SSAM(**TINY, global_attention=False).sam.image_encoder.blocks
+    assert all(b.window_size == 0 for b in build_s_sam(**TINY).sam.image_encoder.blocks)
+    windowed = build_s_sam(**TINY, global_attention=False).sam.image_encoder.blocks
     assert [b.window_size for b in windowed] == [4, 0, 4, 0]
 
 
 def test_official_mode_switches():
-    model = SSAM(**TINY, mode="official")
+    model = build_s_sam(**TINY, mode="official")
     assert isinstance(model.tal.norm, torch.nn.BatchNorm1d)
     assert not any(b.attn.use_rel_pos for b in model.sam.image_encoder.blocks)
     dec_norms = [m for m in model.sam.mask_decoder.transformer.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert dec_norms and all(p.requires_grad for m in dec_norms for p in m.parameters())
-    paper = SSAM(**TINY)
+    paper = build_s_sam(**TINY)
     assert isinstance(paper.tal.norm, torch.nn.Identity)
     assert all(b.attn.use_rel_pos for b in paper.sam.image_encoder.blocks)
     # each switch can also be set on its own
-    mixed = SSAM(**TINY, mode="official", tal="linear", use_rel_pos=True, train_decoder_norms=False)
+    mixed = build_s_sam(**TINY, mode="official", tal="linear", use_rel_pos=True, train_decoder_norms=False)
     assert mixed.trainable_parameter_counts() == paper.trainable_parameter_counts()
 
 
@@ -136,8 +136,8 @@ def test_official_mode_has_no_relative_position_tables():
     """JayParanjape/SVDSAM ``model.py`` builds ``ImageEncoderViT`` with ``use_rel_pos=False``: no tables exist
     (ViT-B at 256: 12 blocks x 2 x (2*16-1) x 64 = 47,616 parameters fewer than with SAM's tables)."""
     with torch.device("meta"):
-        official = SSAM(variant="vit_b", img_size=256, class_names=CLASSES, mode="official")
-        paper = SSAM(variant="vit_b", img_size=256, class_names=CLASSES, mode="paper")
+        official = build_s_sam(variant="vit_b", img_size=256, class_names=CLASSES, mode="official")
+        paper = build_s_sam(variant="vit_b", img_size=256, class_names=CLASSES, mode="paper")
     assert not any("rel_pos" in k for k in official.state_dict())
     assert sum("rel_pos" in k for k in paper.state_dict()) == 24
     n_official = sum(p.numel() for p in official.parameters())
@@ -148,7 +148,7 @@ def test_official_mode_has_no_relative_position_tables():
 
 def test_official_mode_loads_a_sam_checkpoint_and_runs(tiny_checkpoint):
     path, _ = tiny_checkpoint
-    model = SSAM(**TINY, mode="official", checkpoint=str(path)).eval()
+    model = build_s_sam(**TINY, mode="official", checkpoint=str(path)).eval()
     assert not any("rel_pos" in n for n, _ in model.named_parameters())
     with torch.no_grad():
         y = model(torch.randn(1, 1, 64, 64, 2))
@@ -157,7 +157,7 @@ def test_official_mode_loads_a_sam_checkpoint_and_runs(tiny_checkpoint):
 
 @pytest.mark.parametrize("kwargs", [{}, {"mode": "official"}, {"full_finetune": True}])
 def test_gradients_reach_exactly_the_trainable_set(kwargs):
-    model = SSAM(**TINY, **kwargs)
+    model = build_s_sam(**TINY, **kwargs)
     y = model(torch.randn(2, 1, 64, 64, 1))
     (y[:, 1:] ** 2).mean().backward()
     for name, p in model.named_parameters():  # every trainable parameter is used (DDP needs it)
@@ -185,21 +185,21 @@ def test_gradients_reach_exactly_the_trainable_set(kwargs):
     ],
 )
 def test_table3_ablation_switches(switches, gone):
-    full = SSAM(**TINY).trainable_parameter_counts()
-    counts = SSAM(**TINY, **switches).trainable_parameter_counts()
+    full = build_s_sam(**TINY).trainable_parameter_counts()
+    counts = build_s_sam(**TINY, **switches).trainable_parameter_counts()
     for key, n in gone.items():
         assert full[key] - counts[key] == n
     assert full["total"] - counts["total"] == sum(gone.values())
 
 
 def test_without_tal_the_token_is_the_truncated_text_embedding():
-    model = SSAM(**TINY, use_tal=False)
+    model = build_s_sam(**TINY, use_tal=False)
     assert model.tal is None
     torch.testing.assert_close(model.class_prompts(), model.text_embeddings[:, :32])
 
 
 def test_full_finetune_trains_encoder_decoder_and_tal_without_svd():
-    model = SSAM(**TINY, full_finetune=True)
+    model = build_s_sam(**TINY, full_finetune=True)
     assert model.svd_layers == [] and not any(isinstance(m, SVDLinear) for m in model.modules())
     for part in (model.sam.image_encoder, model.sam.mask_decoder.transformer, model.tal):
         assert all(p.requires_grad for p in part.parameters())
@@ -208,7 +208,7 @@ def test_full_finetune_trains_encoder_decoder_and_tal_without_svd():
 
 def test_decoder_matches_stock_sam_decoder_per_image_and_class():
     torch.manual_seed(0)
-    model = SSAM(**TINY).eval()
+    model = build_s_sam(**TINY).eval()
     emb = torch.randn(2, 32, 4, 4)
     prompts = torch.randn(3, 32)
     with torch.no_grad():
@@ -226,8 +226,8 @@ def test_decoder_matches_stock_sam_decoder_per_image_and_class():
 
 def test_subset_of_classes_gives_the_same_logits(embedding_file):
     torch.manual_seed(0)
-    full = SSAM(**TINY, text_embeddings=str(embedding_file)).eval()
-    subset = SSAM(
+    full = build_s_sam(**TINY, text_embeddings=str(embedding_file)).eval()
+    subset = build_s_sam(
         variant="tiny", img_size=64, class_names=["Aorta", "spleen"], text_embeddings=str(embedding_file)
     ).eval()
     subset.load_state_dict(full.state_dict())
@@ -240,15 +240,15 @@ def test_subset_of_classes_gives_the_same_logits(embedding_file):
 
 
 def test_state_dict_does_not_depend_on_the_class_list():
-    keys = set(SSAM(**TINY).state_dict())
-    assert keys == set(SSAM(variant="tiny", img_size=64, class_names=["kidney"]).state_dict())
+    keys = set(build_s_sam(**TINY).state_dict())
+    assert keys == set(build_s_sam(variant="tiny", img_size=64, class_names=["kidney"]).state_dict())
     assert not any("text_embeddings" in k for k in keys)
 
 
 def test_in_plane_size_mismatch_is_an_error_unless_resizing_is_requested():
     with pytest.raises(ValueError, match=r"in-plane size \(48, 48\) must equal img_size=64"):
-        SSAM(**TINY)(torch.randn(1, 1, 48, 48, 1))
-    model = SSAM(**TINY, resize_input=True).eval()
+        build_s_sam(**TINY)(torch.randn(1, 1, 48, 48, 1))
+    model = build_s_sam(**TINY, resize_input=True).eval()
     with torch.no_grad():
         y = model(torch.randn(1, 1, 48, 40, 2))
     assert y.shape == (1, 4, 48, 40, 2)
@@ -260,7 +260,7 @@ def test_in_plane_size_mismatch_is_an_error_unless_resizing_is_requested():
 )
 def test_bad_input_tensors(shape, match):
     with pytest.raises(ValueError, match=match):
-        SSAM(**TINY)(torch.randn(*shape))
+        build_s_sam(**TINY)(torch.randn(*shape))
 
 
 @pytest.mark.parametrize(
@@ -277,19 +277,21 @@ def test_bad_input_tensors(shape, match):
 )
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SSAM(**{**TINY, **kwargs})
+        build_s_sam(**{**TINY, **kwargs})
 
 
 def test_unknown_class_name_names_the_class_and_the_file(embedding_file):
     with pytest.raises(ValueError, match=r"\['gallbladder'\] have no embedding in '.*text_embeddings.json'.*add them"):
-        SSAM(variant="tiny", img_size=64, class_names=["liver", "gallbladder"], text_embeddings=str(embedding_file))
+        build_s_sam(
+            variant="tiny", img_size=64, class_names=["liver", "gallbladder"], text_embeddings=str(embedding_file)
+        )
 
 
 def test_embedding_file_of_the_wrong_width_is_an_error(tmp_path):
     path = tmp_path / "narrow.json"
     add_text_embeddings(str(path), CLASSES, encoder="hash", dim=256)
     with pytest.raises(ValueError, match=r"holds 256-d vectors, the network expects text_dim=512"):
-        SSAM(**TINY, text_embeddings=str(path))
+        build_s_sam(**TINY, text_embeddings=str(path))
     broken = tmp_path / "broken.json"
     obj = json.loads(path.read_text())
     obj["embeddings"]["liver"] = obj["embeddings"]["liver"][:10]
@@ -301,7 +303,7 @@ def test_embedding_file_of_the_wrong_width_is_an_error(tmp_path):
 
 
 def test_batchnorm_tal_needs_two_classes_in_training():
-    model = SSAM(variant="tiny", img_size=64, class_names=["liver"], mode="official")
+    model = build_s_sam(variant="tiny", img_size=64, class_names=["liver"], mode="official")
     with pytest.raises(ValueError, match="needs at least 2 classes in training"):
         model(torch.randn(1, 1, 64, 64, 1))
     model.eval()
@@ -344,7 +346,7 @@ def test_building_and_loading_a_trained_model_does_no_svd(monkeypatch):
     """The SVD is deferred to first use: a trained state dict (with U, S, Vh) replaces it, so
     inference and MONAI Label loads never decompose; the outputs equal the trained model's."""
     torch.manual_seed(0)
-    trained = SSAM(**TINY).eval()
+    trained = build_s_sam(**TINY).eval()
     with torch.no_grad():
         for layer in trained.svd_layers:
             layer.shift.add_(0.3 * torch.randn_like(layer.shift))
@@ -357,7 +359,7 @@ def test_building_and_loading_a_trained_model_does_no_svd(monkeypatch):
     real = torch.linalg.svd
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     torch.manual_seed(1)  # different random base weights
-    model = SSAM(**TINY).eval()
+    model = build_s_sam(**TINY).eval()
     assert calls == [] and all(layer.svd_pending for layer in model.svd_layers)
     model.load_state_dict(state)
     with torch.no_grad():
@@ -366,8 +368,42 @@ def test_building_and_loading_a_trained_model_does_no_svd(monkeypatch):
     assert torch.equal(out, expected)
 
     # training from base weights: each wrapped layer decomposes once, at first use
-    fresh = SSAM(**TINY)
+    fresh = build_s_sam(**TINY)
     assert calls == []
     fresh(x).mean().backward()
     fresh(x)
     assert len(calls) == len(fresh.svd_layers) == 4 * 4 + 2
+
+
+# ---------------------------------------------------------------------------- composition and builder
+def test_builder_returns_ssam_with_the_same_parameters_as_the_flat_constructor_had():
+    """Keys and counts of ``TINY`` as the former flat ``SSAM(**TINY)`` made them (old model.pt files load)."""
+    model = build_s_sam(**TINY)
+    assert type(model) is SSAM
+    params = dict(model.named_parameters())
+    assert len(model.state_dict()) == 294 and len(params) == 239
+    assert sum(p.numel() for p in params.values()) == 323_628
+    assert model.trainable_parameter_counts()["total"] == 20_640
+    assert len(model.svd_layers) == 4 * len(model.sam.image_encoder.blocks) + 2  # qkv, proj, lin1, lin2; neck convs
+
+
+def test_ssam_composes_from_hand_built_parts():
+    """Plain SAM + hash text vectors + a TAL: the constructor leaves requires_grad alone; set_trainable sets it."""
+    names = ["liver", "spleen"]
+    torch.manual_seed(0)
+    sam = build_sam("tiny", img_size=64)
+    text = HashTextEncoder(512)(names)
+    prompt_dim = sam.prompt_encoder.embed_dim
+    model = SSAM(sam, text, names, TextAffineLayer(512, prompt_dim), img_size=64).eval()
+    assert model.svd_layers == [] and model.use_tal and model.text_dim == 512
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        y = model(torch.randn(1, 1, 64, 64, 2))
+    assert y.shape == (1, 3, 64, 64, 2) and torch.all(y[:, 0] == 0)
+    model.set_trainable()
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"sam", "tal"} and not model.sam.mask_decoder.transformer.layers[0].norm1.weight.requires_grad
+    with pytest.raises(ValueError, match=r"text_embeddings must be \[len\(class_names\)=2, text_dim\]"):
+        SSAM(sam, text[:1], names, None, img_size=64)
+    with pytest.raises(ValueError, match=f"use_tal=false feeds the first {prompt_dim} text entries"):
+        SSAM(sam, text[:, : prompt_dim - 1], names, None, img_size=64)

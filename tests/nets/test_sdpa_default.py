@@ -18,9 +18,9 @@ from monai.bundle import ConfigParser
 from segment_anything.modeling.image_encoder import Attention
 
 from shared_nets.h_sam import build_h_sam
-from shared_nets.ma_sam.network import MASAM
+from shared_nets.ma_sam import build_ma_sam
 from shared_nets.med_sa import build_med_sa
-from shared_nets.s_sam.network import SSAM
+from shared_nets.s_sam import build_s_sam
 from shared_nets.sam import SdpaAttention, is_sdpa_enabled
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
@@ -36,15 +36,15 @@ def _medsa_input() -> torch.Tensor:
 
 # network class, tiny constructor arguments, input
 CASES = {
-    "ma_sam": (MASAM, dict(variant="tiny", img_size=64, num_classes=3), lambda: torch.randn(1, 1, 64, 64, 5)),
+    "ma_sam": (build_ma_sam, dict(variant="tiny", img_size=64, num_classes=3), lambda: torch.randn(1, 1, 64, 64, 5)),
     "med_sa": (build_med_sa, dict(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=4), _medsa_input),
     "s_sam": (
-        SSAM,
+        build_s_sam,
         dict(variant="tiny", img_size=64, class_names=["liver", "spleen"]),
         lambda: torch.randn(1, 1, 64, 64, 2),
     ),
     "s_sam_official": (
-        SSAM,
+        build_s_sam,
         dict(variant="tiny", img_size=64, class_names=["liver", "spleen"], mode="official"),  # no rel-pos
         lambda: torch.randn(1, 1, 64, 64, 2),
     ),
@@ -104,7 +104,7 @@ def test_sdpa_gradients_equal_stock(case):
         assert (g - grads[1][name]).abs().max().item() <= 1e-4 * scale, name
 
 
-@pytest.mark.parametrize("cls", [MASAM, build_med_sa, SSAM, build_h_sam])
+@pytest.mark.parametrize("cls", [build_ma_sam, build_med_sa, build_s_sam, build_h_sam])
 def test_use_sdpa_must_be_bool(cls):
     with pytest.raises(ValueError, match="use_sdpa must be true or false"):
         cls(variant="tiny", img_size=64, use_sdpa="yes")

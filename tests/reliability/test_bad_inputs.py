@@ -176,9 +176,9 @@ def _load_into_masam(tmp, path):
     from ignite.engine import Engine
 
     from shared_nets.engine import CheckpointLoader
-    from shared_nets.ma_sam import MASAM
+    from shared_nets.ma_sam import build_ma_sam
 
-    net = MASAM(variant="tiny", checkpoint=None, img_size=64, num_classes=3, patch_size=8)
+    net = build_ma_sam(variant="tiny", checkpoint=None, img_size=64, num_classes=3, patch_size=8)
     engine = Engine(lambda e, b: None)
     CheckpointLoader(load_path=str(path), load_dict={"model": net}).attach(engine)
     engine.run([0], max_epochs=1)
@@ -192,9 +192,9 @@ def model_checkpoint_of_another_method(tmp):
 
 
 def model_checkpoint_other_num_classes(tmp):
-    from shared_nets.ma_sam import MASAM
+    from shared_nets.ma_sam import build_ma_sam
 
-    other = MASAM(variant="tiny", checkpoint=None, img_size=64, num_classes=5, patch_size=8)
+    other = build_ma_sam(variant="tiny", checkpoint=None, img_size=64, num_classes=5, patch_size=8)
     torch.save(other.state_dict(), tmp / "model.pt")
     _load_into_masam(tmp, tmp / "model.pt")
 
@@ -227,9 +227,9 @@ def prompt_outside_the_image(tmp):
 
 
 def override_wrong_type(tmp):
-    from shared_nets.ma_sam import MASAM
+    from shared_nets.ma_sam import build_ma_sam
 
-    MASAM(variant="tiny", checkpoint=None, img_size="512px", num_classes=3)  # `--img_size 512px`
+    build_ma_sam(variant="tiny", checkpoint=None, img_size="512px", num_classes=3)  # `--img_size 512px`
 
 
 def override_unknown_variant(tmp):
