@@ -124,8 +124,16 @@ DOTTED = [f"shared_nets.nets.{module}.{name}" for module, names in OLD_NAMES.ite
 
 
 def _new_home(dotted: str):
-    """The object at ``dotted`` found without the compatibility hook: via the module that defines it now."""
+    """The object at ``dotted`` found without the compatibility hook: via the module that defines it now.
+
+    A network class's old name is served by its method's builder (the class now takes built parts).
+    """
+    from shared_nets.nets import BUILT_BY
+
     module, _, name = dotted.rpartition(".")
+    if name in BUILT_BY:
+        home, _, attr = BUILT_BY[name].partition(":")
+        return getattr(importlib.import_module(home), attr)
     obj = getattr(importlib.import_module(module), name)
     home = getattr(obj, "__module__", None)
     if home is None or not home.startswith(("shared_nets.", "tools.")) or home.startswith("shared_nets.nets"):
@@ -194,7 +202,7 @@ def test_unknown_name_of_a_split_module_is_an_attribute_error():
 @pytest.mark.parametrize(
     "dotted, home",
     [
-        ("shared_nets.nets.ma_sam.MASAM", "shared_nets.ma_sam.network"),
+        ("shared_nets.nets.ma_sam.MultiScaleFusion", "shared_nets.ma_sam.blocks"),
         ("shared_nets.nets.common.EmbeddingCache", "shared_nets.sam.cache"),
         ("shared_nets.nets.med_sa_prompts.CheckPromptsd", "shared_nets.prompts.check"),
         ("shared_nets.nets.h_sam_data.SelectSlicesd", "shared_nets.h_sam.transforms"),
@@ -215,3 +223,36 @@ def test_pickled_instance_round_trips_through_the_new_path():
     data = pickle.dumps(ObjectLabeld("label"))
     assert b"shared_nets.med_sa.transforms" in data and b"shared_nets.nets" not in data
     assert pickle.loads(data).label_key == "label"
+
+
+# tiny settings of each old network target, as a config written before the move holds them
+OLD_NETWORK_DEFS = {
+    "shared_nets.nets.ma_sam.MASAM": dict(variant="tiny", img_size=64, num_classes=3, patch_size=8),
+    "shared_nets.nets.med_sa.MedSA": dict(variant="tiny", img_size=32, patch_size=8, max_points=4, max_depth=2),
+    "shared_nets.nets.sam3d_adapter.SAM3DAdapter": dict(variant="tiny", img_size=32, sam_input_size=64, window_size=2),
+    "shared_nets.nets.s_sam.SSAM": dict(variant="tiny", img_size=64, class_names=["liver", "spleen"]),
+    "shared_nets.nets.h_sam.HSAM": dict(variant="tiny", img_size=64, num_classes=3),
+}
+
+
+@pytest.mark.parametrize("target", sorted(OLD_NETWORK_DEFS))
+def test_old_network_def_builds_the_same_network(target):
+    """A ``network_def`` naming the old class with flat arguments (e.g. in a MONAI Label app's copied
+    inference.json) builds, through the builder, the network the new target builds: same class, same keys."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from shared_nets.nets import BUILT_BY
+
+    new_target = BUILT_BY[target.rpartition(".")[2]].replace(".builder:", ".")
+    nets = []
+    for t in (target, new_target):
+        torch.manual_seed(0)
+        nets.append(
+            ConfigParser({"network_def": {"_target_": t, **OLD_NETWORK_DEFS[target]}}).get_parsed_content("network_def")
+        )
+    old, new = nets
+    assert type(old) is type(new) and type(old).__name__ == target.rpartition(".")[2]
+    old_sd, new_sd = old.state_dict(), new.state_dict()
+    assert list(old_sd) == list(new_sd)
+    assert all(torch.equal(old_sd[k], new_sd[k]) for k in old_sd)

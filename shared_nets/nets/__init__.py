@@ -5,7 +5,9 @@ The methods now live in one package each (``shared_nets.ma_sam``, ``shared_nets.
 docs/architecture.md). Configs written before that move, e.g. the ``inference.json`` copied into a
 MONAI Label app, name targets such as ``shared_nets.nets.ma_sam.MASAM``; an import hook serves each
 old module name from the new module, on first use, so nothing is imported until it is asked for.
-New code should import the new paths.
+The network classes now take built parts; their old names, called with the old flat keyword
+arguments, are served by the methods' builders (``build_ma_sam``, ...). New code should import the
+new paths.
 """
 
 from __future__ import annotations
@@ -18,23 +20,50 @@ import types
 
 #: old module (under ``shared_nets.nets``) -> the module that now holds its names.
 MOVED_MODULES: dict[str, str] = {
-    "ma_sam": "shared_nets.ma_sam.network",
-    "med_sa": "shared_nets.med_sa.network",
     "med_sa_blocks": "shared_nets.med_sa.blocks",
     "med_sa_interactive": "shared_nets.med_sa.interactive",
-    "sam3d_adapter": "shared_nets.sam3d_adapter.network",
     "sam3d_adapter_encoder": "shared_nets.sam3d_adapter.encoder",
     "sam3d_adapter_heads": "shared_nets.sam3d_adapter.heads",
     "sam3d_adapter_bench": "shared_nets.sam3d_adapter.bench",
-    "s_sam": "shared_nets.s_sam.network",
     "s_sam_text": "shared_nets.s_sam.text",
-    "h_sam": "shared_nets.h_sam.network",
     "h_sam_decoder": "shared_nets.h_sam.decoder",
     "h_sam_loss": "shared_nets.h_sam.loss",
 }
 
-#: old modules whose names were split over several new modules: old -> {name: new module}.
+#: the network classes, which now take built parts: an old name called with the old flat keyword arguments
+#: (as every config written before does) is served by the method's builder, which takes exactly those.
+BUILT_BY: dict[str, str] = {
+    "MASAM": "shared_nets.ma_sam.builder:build_ma_sam",
+    "MedSA": "shared_nets.med_sa.builder:build_med_sa",
+    "SAM3DAdapter": "shared_nets.sam3d_adapter.builder:build_sam3d_adapter",
+    "SSAM": "shared_nets.s_sam.builder:build_s_sam",
+    "HSAM": "shared_nets.h_sam.builder:build_h_sam",
+}
+
+#: old modules whose names were split over several new modules: old -> {name: new module, or "module:attr"}.
 SPLIT_MODULES: dict[str, dict[str, str]] = {
+    "ma_sam": {
+        **dict.fromkeys(["ADAPTER_POSITIONS", "DECODERS", "FINETUNE_MODES", "MultiScaleFusion"], "shared_nets.ma_sam"),
+        "MASAM": BUILT_BY["MASAM"],
+    },
+    "med_sa": {
+        **dict.fromkeys(["MEDSA_OFFICIAL_CODE_SETTINGS", "PROMPT_SCOPES"], "shared_nets.med_sa"),
+        "MedSA": BUILT_BY["MedSA"],
+    },
+    "sam3d_adapter": {
+        **dict.fromkeys(
+            ["NO_POSITIVE_MODES", "PROMPT_ENCODER_MODES", "SAM3D_TRAINABLE_PATTERNS"], "shared_nets.sam3d_adapter"
+        ),
+        "SAM3DAdapter": BUILT_BY["SAM3DAdapter"],
+    },
+    "s_sam": {
+        **dict.fromkeys(["S_SAM_MODES", "TAL_TYPES", "TextAffineLayer"], "shared_nets.s_sam"),
+        "SSAM": BUILT_BY["SSAM"],
+    },
+    "h_sam": {
+        **dict.fromkeys(["ENSEMBLE_MODES", "FINETUNE_MODES"], "shared_nets.h_sam"),
+        "HSAM": BUILT_BY["HSAM"],
+    },
     "common": {
         "attention_residual": "shared_nets.ma_sam.blocks",
         "mlp_residual": "shared_nets.ma_sam.blocks",
@@ -86,14 +115,16 @@ SPLIT_MODULES: dict[str, dict[str, str]] = {
 
 #: the names this package itself exported before the move.
 _PACKAGE_NAMES = {
-    "HSAM": "shared_nets.h_sam",
-    "MASAM": "shared_nets.ma_sam",
+    **BUILT_BY,
     "MEDSA_OFFICIAL_CODE_SETTINGS": "shared_nets.med_sa",
-    "MedSA": "shared_nets.med_sa",
-    "SAM3DAdapter": "shared_nets.sam3d_adapter",
-    "SSAM": "shared_nets.s_sam",
     "TextAffineLayer": "shared_nets.s_sam",
 }
+
+
+def _resolve(home: str, name: str):
+    """``name`` from ``home`` (a module path, or ``module:attr`` when the name now has another one)."""
+    module, _, attr = home.partition(":")
+    return getattr(importlib.import_module(module), attr or name)
 
 
 def _collect(old: str) -> types.ModuleType:
@@ -107,7 +138,7 @@ def _collect(old: str) -> types.ModuleType:
     def __getattr__(name: str):
         if name not in homes:
             raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(homes[name]), name)
+        value = _resolve(homes[name], name)
         setattr(module, name, value)
         return value
 
@@ -149,5 +180,5 @@ if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
 
 def __getattr__(name: str):
     if name in _PACKAGE_NAMES:
-        return getattr(importlib.import_module(_PACKAGE_NAMES[name]), name)
+        return _resolve(_PACKAGE_NAMES[name], name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
