@@ -133,6 +133,6 @@ def test_sam_med2d_adapter_layout_is_refused_by_name(medsam_file, tmp_path):
     _, state = medsam_file
     path = tmp_path / "sam_med2d_like.pth"
     extra = "image_encoder.blocks.0.Adapter.channel.0.weight"
-    torch.save({**state, extra: torch.zeros(48, 768)}, path)
+    torch.save({**state, extra: torch.zeros(192, 768)}, path)
     with pytest.raises(SamCheckpointError, match=f"unexpected keys \\['{extra}'\\]"):
         build_sam("vit_b", str(path), img_size=64)

@@ -211,7 +211,7 @@ def medsam_layout(tmp_path_factory):
         shapes = {k: v.shape for k, v in build_sam("vit_b").state_dict().items()}
     good = {k: torch.zeros(1).expand(shape) for k, shape in shapes.items()}
     torch.save(good, root / MEDSAM.file_name)
-    torch.save({**good, ADAPTER_KEY: torch.zeros(48, 768)}, root / "sam_med2d_b.pth")
+    torch.save({**good, ADAPTER_KEY: torch.zeros(192, 768)}, root / "sam_med2d_b.pth")
     server = _Server(root)
     yield server, root
     server.close()
