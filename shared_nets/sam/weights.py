@@ -32,6 +32,7 @@ __all__ = [
     "resize_rel_pos",
     "fit_state_dict_to_model",
     "load_sam_state_dict",
+    "check_sam_layout",
     "read_packaged_state_dict",
     "sha256sum",
 ]
@@ -235,6 +236,45 @@ def load_sam_state_dict(
         sd, model.state_dict(), pos_embed_mode=pos_embed_mode, source=f"SAM checkpoint '{path}'"
     )
     _load_strictly(model, sd, path, variant)
+
+
+def check_sam_layout(state_dict: Mapping[str, torch.Tensor], variant: str | SamVariant, source: str) -> None:
+    """Check that ``state_dict`` has exactly the keys and shapes of a 1024-pixel ``segment_anything`` ``Sam`` of
+    ``variant`` (what a file without a published checksum can be checked against), without allocating it.
+
+    The reference model is built on the ``meta`` device, so a ViT-B check costs no 375 MB of weights.
+
+    Args:
+        state_dict: the checkpoint's tensors (e.g. from :func:`read_sam_state_dict`).
+        variant: a plain-ViT variant (``vit_b``, ``vit_l``, ``vit_h``, ``tiny``).
+        source: what to call the checkpoint in the error (its path).
+
+    Raises:
+        SamCheckpointError: another variant, or missing / unexpected keys or other shapes (first five named).
+    """
+    from .builder import build_sam  # the builder imports this module
+
+    v = SAM_VARIANTS[variant] if isinstance(variant, str) else variant
+    if v.encoder != "vit":
+        raise ValueError(f"variant must be a plain-ViT SAM variant, got {v.name!r} (encoder {v.encoder!r}).")
+    found = infer_variant(state_dict)
+    if found != v.name:
+        what = f"a {found} checkpoint" if found else "not a SAM checkpoint of a known variant"
+        raise SamCheckpointError(f"{source} is {what}; expected the {v.name} layout.")
+    with torch.device("meta"):
+        reference = build_sam(v).state_dict()
+    missing = sorted(set(reference) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(reference))
+    shapes = sorted(
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(reference[k].shape)})"
+        for k in set(reference) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(reference[k].shape)
+    )
+    if missing or unexpected or shapes:
+        raise SamCheckpointError(
+            f"{source} does not have the {v.name} SAM layout: missing keys {missing[:5]}, unexpected keys "
+            f"{unexpected[:5]}, other shapes {shapes[:5]}."
+        )
 
 
 def _load_strictly(model: nn.Module, sd: dict, path: str, variant: SamVariant) -> None:

@@ -11,6 +11,7 @@ from shared_nets.sam import (
     SAM_VARIANTS,
     SamCheckpointError,
     build_sam,
+    check_sam_layout,
     expand_mask_tokens,
     infer_variant,
     resize_pos_embed,
@@ -180,3 +181,19 @@ def test_registry_lists_official_files():
     assert SAM_VARIANTS["vit_b"].url.endswith("sam_vit_b_01ec64.pth")
     assert SAM_VARIANTS["vit_h"].md5.startswith("4b8939")
     assert SAM_VARIANTS["tiny"].url is None
+
+
+def test_check_sam_layout_names_what_differs():
+    """The layout check for files without a published checksum: exact keys and shapes of SAM at 1024²."""
+    good = build_sam("tiny").state_dict()
+    check_sam_layout(good, "tiny", source="f.pth")
+    with pytest.raises(SamCheckpointError, match=r"f.pth is a tiny checkpoint; expected the vit_b layout"):
+        check_sam_layout(good, "vit_b", source="f.pth")
+    missing = {k: v for k, v in good.items() if k != "mask_decoder.mask_tokens.weight"}
+    with pytest.raises(SamCheckpointError, match=r"missing keys \['mask_decoder.mask_tokens.weight'\]"):
+        check_sam_layout(missing, "tiny", source="f.pth")
+    resized = {**good, "image_encoder.pos_embed": good["image_encoder.pos_embed"][:, :8, :8]}
+    with pytest.raises(SamCheckpointError, match=r"other shapes \['image_encoder.pos_embed \(1, 8, 8, 64\)"):
+        check_sam_layout(resized, "tiny", source="f.pth")
+    with pytest.raises(ValueError, match="plain-ViT"):
+        check_sam_layout(good, "lite", source="f.pth")
