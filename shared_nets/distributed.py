@@ -650,8 +650,8 @@ def wrap_for_training(
 
 def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules sharded as their own FSDP units: the attention and the MLP of every block of every SAM
-    image encoder (ViT) inside. Not the blocks themselves: the networks run a block's parts one by one (adapters
-    go between them, ``shared_nets.ma_sam.blocks.attention_residual``), so a block's ``forward`` (where FSDP
+    image encoder (ViT) inside. Not the blocks themselves: a network may run a block's parts one by one (a method's
+    adapters go between its attention and its MLP), so a block's ``forward`` (where FSDP
     gathers a unit's weights) is never called; its attention's and MLP's are. Norms stay in the root unit."""
     from segment_anything.modeling import ImageEncoderViT
 

@@ -147,7 +147,7 @@ def log_trainable_parameters(
 
     Args:
         model: the network (before a ``DistributedDataParallel`` wrapper, so the rows are its modules).
-        logger: a logger or a logger name (e.g. the bundle's, ``"sam3d_adapter"``).
+        logger: a logger or a logger name (e.g. the bundle's).
         title: the line above the table.
     """
     import torch.distributed as dist

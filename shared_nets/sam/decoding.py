@@ -33,7 +33,7 @@ def decode_masks(
         sparse: ``[N or 1, T, C]`` prompt tokens.
         dense: ``[N or 1, C, h, w]`` dense prompt embedding.
         upscaling: replaces ``decoder.output_upscaling``, any callable ``[N, C, h, w] -> [N, C', H', W']``
-            (e.g. MA-SAM's :class:`shared_nets.ma_sam.blocks.ProgressiveUpsampling`).
+            (e.g. a method's own full-resolution up-sampling head).
         hypernetworks: replaces ``decoder.output_hypernetworks_mlps`` (matching ``upscaling`` width).
 
     Returns:
