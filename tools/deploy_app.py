@@ -13,6 +13,7 @@ packaged as a MONAI Application Package (container) is described in docs/deploy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -33,19 +34,26 @@ def _names(value: str | Sequence[str], name: str) -> list[str]:
 
 def main(
     bundle: str | Sequence[str],
-    input: str,  # noqa: A002 - the flag users type
-    output: str,
+    input: str | None = None,  # noqa: A002 - the flag users type
+    output: str | None = None,
     configs: str | Sequence[str] = "inference,deploy",
 ) -> list[str]:
     """Segment the DICOM series under ``input`` with each bundle; returns (fire prints) the SEG files written.
 
     Args:
         bundle: bundle folder, or several comma-separated.
-        input: folder holding the DICOM series.
-        output: folder of the SEG file (one subfolder per bundle when several are given).
+        input: folder holding the DICOM series (default ``$HOLOSCAN_INPUT_PATH``, which a MAP container sets).
+        output: folder of the SEG file, one subfolder per bundle when several are given (default
+            ``$HOLOSCAN_OUTPUT_PATH``).
         configs: bundle config names merged in order (e.g. ``inference,demo,deploy`` for the demo model).
     """
     from shared_nets.deploy.app import run_app
 
+    input = input or os.environ.get("HOLOSCAN_INPUT_PATH")  # noqa: A001
+    output = output or os.environ.get("HOLOSCAN_OUTPUT_PATH")
+    if not input or not output:
+        raise ValueError(
+            "input and output folders are required (--input/--output, or $HOLOSCAN_INPUT_PATH/$HOLOSCAN_OUTPUT_PATH)."
+        )
     written = run_app(_names(bundle, "bundle"), input, output, _names(configs, "configs"))
     return [str(f) for files in written.values() for f in files]
