@@ -134,13 +134,15 @@ def _onnx(cases, bundle, tmp_path):
         assert r["max_abs_diff"] <= ATOL and r["argmax_confident_disagreements"] == 0
 
 
-@pytest.mark.parametrize("bundle", ["ma_sam", "h_sam", "med_sa"])
+# default CI: ONNX of a whole network with SAM's attention (MA-SAM) and of Med-SA's core; the others
+# (same exporter path; 3DSAM-adapter's own 3D window attention) under -m slow
+@pytest.mark.parametrize("bundle", ["ma_sam", "med_sa"])
 def test_onnx_matches_eager(cases, bundle, tmp_path):
     _onnx(cases, bundle, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle", ["s_sam", "sam3d_adapter"])
+@pytest.mark.parametrize("bundle", ["h_sam", "s_sam", "sam3d_adapter"])
 def test_onnx_matches_eager_slow(cases, bundle, tmp_path):
     _onnx(cases, bundle, tmp_path)
 
@@ -180,8 +182,12 @@ def test_check_equivalence_reports_difference():
     assert r == {"max_abs_diff": 0.0, "argmax_agreement": 1.0, "argmax_confident_disagreements": 0}
     with pytest.raises(ValueError, match=r"shifted differs from eager by 0\.01"):
         check_equivalence(net, lambda t: net(t) + 0.01, (x,), name="shifted")
-    with pytest.raises(ValueError, match="swapped changes the argmax"):
-        check_equivalence(net, lambda t: net(t).flip(1), (x,), atol=10.0, name="swapped")
+    logits = torch.zeros(1, 3, 4, 4, 2)
+    logits[:, 0] = 5.0
+    with pytest.raises(ValueError, match="swapped changes the argmax of 32 voxel"):
+        check_equivalence(lambda t: logits, lambda t: logits.flip(1), (x,), name="swapped")
+    with pytest.raises(ValueError, match=r"raising failed on inputs \[\(1, 1, 4, 4, 2\)\]: RuntimeError: frozen"):
+        check_equivalence(net, lambda t: (_ for _ in ()).throw(RuntimeError("frozen")), (x,), name="raising")
 
 
 def test_export_command_writes_checked_files(tmp_path):
