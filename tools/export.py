@@ -190,7 +190,8 @@ def export_bundle(
     summary["inputs"] = {"A": [list(t.shape) for t in ia], "B": [list(t.shape) for t in ib]}
     sample = ia if fixed else ib  # torch.export needs batch >= 2 to keep the batch dynamic
     cases = (("A", ia),) if fixed else (("A", ia), ("B", ib))
-    with tempfile.TemporaryDirectory(dir=target if target.is_dir() else None) as tmp:
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".export.") as tmp:  # same file system: os.replace
         staged: dict[str, Path] = {}
         program = None
         for fmt in fmts:
@@ -215,7 +216,6 @@ def export_bundle(
                 for tag, inputs in cases
             }
             staged[fmt] = path
-        target.mkdir(parents=True, exist_ok=True)
         for fmt, path in staged.items():
             os.replace(path, target / FILE_NAMES[fmt])
             summary.setdefault("files", []).append(str(target / FILE_NAMES[fmt]))
