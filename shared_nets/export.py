@@ -215,12 +215,23 @@ def export_program(
 
 def export_onnx(program: torch.export.ExportedProgram, inputs: Sequence[torch.Tensor], path: str | os.PathLike) -> str:
     """ONNX (torch's dynamo exporter) of an exported program, weights inside the file."""
+    _need("onnxscript", "torch's ONNX exporter")
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["image"]
     with _atomic(path) as tmp:
         torch.onnx.export(
             program, tuple(inputs), tmp, dynamo=True, external_data=False, input_names=names, output_names=["logits"]
         )
     return str(path)
+
+
+def _need(module: str, what: str) -> Any:
+    """Import an optional package of the ``export`` extra, or raise one line saying how to install it."""
+    from monai.utils import optional_import
+
+    mod, ok = optional_import(module)
+    if not ok:
+        raise ImportError(f"{what} needs '{module}': pip install -e '.[export]' (onnx, onnxscript, onnxruntime).")
+    return mod
 
 
 def _inner(module: nn.Module) -> nn.Module:
@@ -234,8 +245,7 @@ def load_exported(fmt: str, path: str | os.PathLike, threads: int = 1) -> Callab
     if fmt == "pt2":
         return torch.export.load(str(path)).module()
     if fmt == "onnx":
-        import onnxruntime as ort
-
+        ort = _need("onnxruntime", "running a .onnx file")
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
