@@ -14,11 +14,12 @@ export`` does this for a bundle). What is exported depends on the method (:func:
   3DSAM-adapter needs a positive click in every patch (the negative-only branch is data-dependent).
 
 Formats: TorchScript by ``torch.jit.trace`` (``torch.jit.script`` cannot compile these networks)
-saved with ``monai.networks.utils.save_net_with_metadata`` (the layout of the model zoo's
+saved with ``monai.data.save_net_with_metadata`` (the layout of the model zoo's
 ``models/model.ts``); ``torch.export.export`` saved with ``torch.export.save``; ONNX by
 ``torch.onnx.export(dynamo=True)`` from that exported program. SAM's image-encoder attention is
 switched to the stock ``segment_anything`` forward while exporting (:func:`stock_attention`,
-same parameters): the SDPA forward's output layout breaks the ONNX exporter's decompositions.
+same parameters): the SDPA forward's output layout breaks the ONNX exporter's decompositions
+(3DSAM-adapter's own 3D window attention takes its math form while exporting, for the same reason).
 
 A trace freezes Python-level shape branches, so every artifact is compared with the eager network
 (:func:`check_equivalence`) on inputs other than the one it was traced on.
@@ -39,6 +40,7 @@ from torch import nn
 
 __all__ = [
     "FORMATS",
+    "FILE_NAMES",
     "MedSACore",
     "SAM3DPointsCore",
     "export_part",
@@ -49,6 +51,7 @@ __all__ = [
     "export_onnx",
     "load_exported",
     "check_equivalence",
+    "summary_json",
 ]
 
 FORMATS = ("ts", "pt2", "onnx")
