@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "demo": "tools.demo:main",
     "demo_data": "tools.demo_data:main",
     "deploy_app": "tools.deploy_app:main",
+    "export": "tools.export:main",
     "few_shot": "tools.recipes.few_shot:few_shot",
     "init_model": "tools.init_model:main",
     "label_app": "tools.label_app:main",

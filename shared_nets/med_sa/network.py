@@ -222,11 +222,18 @@ class MedSA(nn.Module):
         Returns:
             ``sparse [N, P + 2, C']`` and ``dense [N, C', h, w]``.
         """
-        sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=boxes, masks=None)
-        pad = self.prompt_encoder.not_a_point_embed.weight.to(sparse.dtype)
-        p = coords.shape[1]
-        corners = torch.where(box_valid[:, None, None], sparse[:, p:], pad.expand(sparse.shape[0], 2, -1))
-        return torch.cat([sparse[:, :p], corners], dim=1), dense
+        pe = self.prompt_encoder
+        corners, dense = pe(points=None, boxes=boxes, masks=None)
+        # SAM's PromptEncoder._embed_points, with torch.where instead of boolean-mask in-place adds (same
+        # values): a trace would freeze the number of padding points that a boolean mask selects.
+        points = pe.pe_layer.forward_with_coords(coords + 0.5, pe.input_image_size)
+        lab = labels[..., None]
+        points = torch.where(lab == -1, pe.not_a_point_embed.weight.to(points.dtype), points)
+        points = torch.where(lab == 0, points + pe.point_embeddings[0].weight, points)
+        points = torch.where(lab == 1, points + pe.point_embeddings[1].weight, points)
+        pad = pe.not_a_point_embed.weight.to(corners.dtype)
+        corners = torch.where(box_valid[:, None, None], corners, pad.expand(corners.shape[0], 2, -1))
+        return torch.cat([points, corners], dim=1), dense
 
     # ------------------------------------------------------------------ decoder
     def decode(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -284,15 +291,48 @@ class MedSA(nn.Module):
                 "or construct the network with automatic=True."
             )
 
-        img = upsample_to(to_rgb(volume_to_slices(x[:, :c])), (self.img_size, self.img_size))
-        emb = self._encode_cached(img.contiguous(), d)
-
         if self.automatic or bool(row_prompted.all()):
-            logits = self.decode(emb, *self.embed_prompts(coords, labels, boxes, box_valid))
-        else:  # decode only the prompted slices; the encoder above still saw the whole chunk (SD-Trans)
-            rows = torch.nonzero(row_prompted).flatten()
-            out = self.decode(emb[rows], *self.embed_prompts(coords[rows], labels[rows], boxes[rows], box_valid[rows]))
-            logits = out.new_full((b * d, *out.shape[1:]), self.no_prompt_logit)
-            logits = logits.index_copy(0, rows, out)
+            return self.forward_prompted(x[:, :c], coords, labels, boxes, box_valid)
+        # decode only the prompted slices; the encoder still sees the whole chunk (SD-Trans)
+        emb = self._slice_embeddings(x[:, :c])
+        rows = torch.nonzero(row_prompted).flatten()
+        out = self.decode(emb[rows], *self.embed_prompts(coords[rows], labels[rows], boxes[rows], box_valid[rows]))
+        logits = out.new_full((b * d, *out.shape[1:]), self.no_prompt_logit)
+        return self._to_volume(logits.index_copy(0, rows, out), h, w, d)
+
+    def forward_prompted(
+        self,
+        image: torch.Tensor,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        boxes: torch.Tensor,
+        box_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Segment with prompts already decoded (as :meth:`prompts` returns them), every slice decoded.
+
+        This is :meth:`forward` without the guidance decoding and without the prompted-rows
+        selection, both data-dependent (nonzero-based), so it is the part that TorchScript tracing,
+        ``torch.export`` and ONNX can express (see ``shared_nets.export``). It equals
+        :meth:`forward` when every slice carries a prompt or the network is automatic.
+
+        Args:
+            image: ``[B, in_channels, H, W, D]``.
+            coords, labels, boxes, box_valid: per-slice prompts, rows ``b*D + d`` (see :meth:`prompts`).
+
+        Returns:
+            ``[B, 2, H, W, D]`` logits as :meth:`forward`.
+        """
+        _, _, h, w, d = image.shape
+        emb = self._slice_embeddings(image)
+        return self._to_volume(self.decode(emb, *self.embed_prompts(coords, labels, boxes, box_valid)), h, w, d)
+
+    def _slice_embeddings(self, image: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of the slices of ``image [B, C, H, W, D]`` (through the cache)."""
+        img = upsample_to(to_rgb(volume_to_slices(image)), (self.img_size, self.img_size))
+        return self._encode_cached(img.contiguous(), image.shape[-1])
+
+    @staticmethod
+    def _to_volume(logits: torch.Tensor, h: int, w: int, d: int) -> torch.Tensor:
+        """``[B*D, 1, h', w']`` object logits -> ``[B, 2, H, W, D]`` (background logit 0)."""
         fg = slices_to_volume(upsample_to(logits, (h, w)), d)  # [B, 1, H, W, D]
         return torch.cat([torch.zeros_like(fg), fg], dim=1)

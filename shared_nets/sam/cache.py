@@ -40,8 +40,14 @@ class EmbeddingCache:
         return tuple(p._version for p in self._module[0].parameters())
 
     def active(self) -> bool:
-        """Caching applies now: enabled and autograd off."""
-        return self.size > 0 and not torch.is_grad_enabled()
+        """Caching applies now: enabled, autograd off, and not tracing or exporting (a cached embedding
+        would be frozen into the graph as a constant)."""
+        return (
+            self.size > 0
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_exporting()
+        )
 
     def lookup(self, image: torch.Tensor, key: Hashable, compute: Callable[[], Any]) -> dict[str, Any] | None:
         """The entry for ``image``/``key`` (``{"value": compute(), "extra": {}}``), or None when inactive.

@@ -189,7 +189,10 @@ class WindowAttention3D(nn.Module):
             blocked = region_ids[:, :, None] != region_ids[:, None, :]  # [nW, n, n]
             bias = bias.view(bw // nw, nw, heads, n, n).masked_fill(blocked[None, :, None], float("-inf"))
             bias = bias.view(bw, heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if torch.compiler.is_exporting():  # the math form: ONNX's decomposition of the SDPA node fails here
+            out = torch.softmax(q @ k.transpose(-2, -1) * (c // heads) ** -0.5 + bias, dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.transpose(1, 2).reshape(bw, h, w, d, c)
         return self.proj(out)
 

@@ -318,9 +318,13 @@ class SAM3DAdapter(nn.Module):
         if self.prompted:
             if coords is None or labels is None:
                 raise ValueError("this 3DSAM-adapter is prompted: pass coords [B, P, 3] and labels [B, P].")
-            self._check_points(coords, labels, image.shape[0])
+            # While exporting (torch.export / ONNX) the per-item Python checks and the negative-only
+            # branch are data-dependent and skipped: an exported network needs a positive click per patch.
+            exporting = torch.compiler.is_exporting()
+            if not exporting:
+                self._check_points(coords, labels, image.shape[0])
             has_pos = (labels == 1).any(1)
-            if self.no_positive == "background" and not bool(has_pos.all()):  # negative-only patches
+            if self.no_positive == "background" and not exporting and not bool(has_pos.all()):  # negative-only
                 out = image.new_full((image.shape[0], self.num_classes, *self.patch_size), -self.background_logit)
                 out[:, 0] = self.background_logit
                 if bool(has_pos.any()):
