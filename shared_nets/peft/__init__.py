@@ -5,6 +5,7 @@ Weight-delta layers follow Hugging Face ``peft``'s contract (:class:`PeftLayer`)
 MA-SAM) are plain modules. Injection functions work on a built (checkpoint-loaded) SAM
 encoder; :func:`freeze_except` and :func:`trainable_parameter_report` handle freezing and
 counting; :func:`export_merged_state_dict` folds everything back into stock SAM weights.
+:func:`apply_peft` applies one ``peft`` setting (:data:`PEFT_METHODS`) to an encoder.
 """
 
 from __future__ import annotations
@@ -15,10 +16,30 @@ from .fact import FacTFactors, FacTQKV, inject_fact
 from .freeze import ParameterReport, ParameterRow, freeze_except, log_trainable_parameters, trainable_parameter_report
 from .lora import LoRALinear, LoRAQKV, inject_lora
 from .merge import export_merged_state_dict, find_unmergeable, merge_peft, unmerge_peft
+from .setting import (
+    PEFT_METHODS,
+    SVD_TARGETS_TINY_VIT,
+    SVD_TARGETS_VIT,
+    AttentionAdapter,
+    MlpAdapter,
+    apply_peft,
+    check_peft,
+    inject_adapters,
+    svd_targets,
+)
 from .svd import SVDConv2d, SVDLinear, inject_svd
 
 __all__ = [
+    "PEFT_METHODS",
+    "SVD_TARGETS_TINY_VIT",
+    "SVD_TARGETS_VIT",
     "Adapter3D",
+    "AttentionAdapter",
+    "MlpAdapter",
+    "apply_peft",
+    "check_peft",
+    "inject_adapters",
+    "svd_targets",
     "BottleneckAdapter",
     "FacTFactors",
     "FacTQKV",
