@@ -15,6 +15,7 @@ __all__ = ["COMMANDS", "resolve", "usage", "main"]
 
 COMMANDS: dict[str, str] = {
     "bench": "tools.bench:main",
+    "bench_deploy": "tools.bench:deploy_main",
     "bench_lite": "tools.bench:lite_main",
     "bench_sharded": "tools.bench_sharded:main",
     "configs": "tools.configs:main",

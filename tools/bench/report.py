@@ -9,6 +9,7 @@ from typing import Any
 
 from shared_nets.io import atomic_write_text
 
+from .deploy_speed import render_deploy
 from .inputs import DATASET_TYPES
 from .lite import render_lite
 from .measure import _fmt_load, _fmt_t, _fmt_x, _ratio, _t, _table
@@ -413,6 +414,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += _table(SDPA_COLUMNS, rows)
     if result.get("lite"):
         lines += [""] + render_lite(result["lite"])
+    if result.get("deploy"):
+        lines += [""] + render_deploy(result["deploy"])
     notes = []
     for r in result["bundles"]:
         msgs = list(r.get("notes", [])) + ([r["error"]] if r.get("error") else [])

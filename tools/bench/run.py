@@ -24,6 +24,7 @@ from torch import nn
 from shared_nets.interface import BenchCase
 
 from . import peers as _peers
+from .deploy_speed import deploy_speed_bench
 from .inputs import (
     DATASET_TYPES,
     OBJECT_ID,
@@ -481,6 +482,10 @@ def run_bench(
     data_epochs: int = 3,
     lite: bool = True,
     lite_threads: int | str | Sequence[int] = (2, 1),
+    deploy: str | Sequence[str] | None = None,
+    deploy_lite: str | Sequence[str] | None = None,
+    deploy_threads: int | str | Sequence[int] = 1,
+    deploy_compile: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark and (unless ``out`` is None) write ``<out>.json`` and ``<out>.md``.
 
@@ -526,6 +531,12 @@ def run_bench(
             package's model vs a matmul bound, :func:`lite_encoder_bench`; before glibc's mmap
             threshold is pinned, so with the default allocator).
         lite_threads: thread counts for that row (list or comma-separated).
+        deploy: bundle names (tiny demo configs) for the "CPU deployment" section: the exported network
+            on ONNX Runtime (and ``torch.compile``) vs eager on the same input (:func:`deploy_speed_bench`;
+            needs the ``export`` extra). None: no such section.
+        deploy_lite: bundle names measured there with their ``configs/lite.json`` (LiteMedSAM).
+        deploy_threads: thread counts of that section (list or comma-separated).
+        deploy_compile: also time ``torch.compile`` there (its first call compiles for minutes on CPU).
 
     Returns:
         The results dictionary (also the JSON written).
@@ -568,6 +579,11 @@ def run_bench(
             lite_row = lite_encoder_bench(threads=_thread_counts(lite_threads), repeat=max(repeat, 3))
         except Exception as err:
             lite_row = {"error": _one_line(err)}
+    deploy_section = None
+    if (deploy or deploy_lite) and not cuda:  # before the mmap pin, like the LiteMedSAM row
+        deploy_section = deploy_speed_bench(
+            deploy, deploy_lite, deploy_threads, deploy_compile, bundles_dir=bundles_dir, repeat=repeat
+        )
     pinned = _pin_malloc() if not cuda else False
     settings = {
         "bundles": names,
@@ -613,6 +629,7 @@ def run_bench(
         "sdpa": [],
         "memory_estimates": [],
         "lite": lite_row,
+        "deploy": deploy_section,
         "note": note,
     }
     for name in names:
