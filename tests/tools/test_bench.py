@@ -478,6 +478,8 @@ def test_deploy_section_on_a_conv_bundle(tmp_path):
     res = bench.deploy_speed_bench("conv", "conv", threads=1, bundles_dir=tmp_path, warmup=0, repeat=2)
     assert torch.get_num_threads() == threads
     row, lite = res["rows"]
+    assert "error" not in row and "onnx_error" not in row, row
+    assert "error" not in row["rows"][0].get("eager", {}) and "error" not in row["rows"][0].get("onnx", {}), row
     assert row["variant"] == "tiny" and row["input"] == [[1, 1, 32, 32, 1]] and row["onnx_mb"] >= 0
     assert row["part"] == "whole network (Conv3d)" and "compile_first_call_s" not in row
     (r,) = row["rows"]
