@@ -19,8 +19,10 @@ click prompts taken from the ground truth:
 * Dice is 3D per label id, over the slices on which that id was prompted.
 
 Each slice is encoded once; the prompts of all ids on the slice (and of both modes) are decoded as one
-batch. The model sits behind a small predictor interface (:class:`Predictor`), so other promptable
-networks can be evaluated by the same code.
+batch. The model sits behind a small predictor interface (:class:`Predictor`): the plain ``lite`` SAM
+(:class:`LiteSamPredictor`), or with ``--bundle bundles/med_sa [--checkpoint model.pt]`` a prompted bundle's
+network built from its own configs and prompted through its guidance channels (:class:`BundlePredictor`).
+The report's ``protocol`` records the bundle, checkpoint and variant.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ from shared_nets.io import atomic_write_json
 __all__ = [
     "MODALITIES",
     "PROMPT_MODES",
+    "BundlePredictor",
     "LiteSamPredictor",
     "Predictor",
     "click_point",
     "display_slice",
+    "load_bundle_network",
     "load_lps",
     "logits_to_mask",
     "main",
@@ -97,6 +101,7 @@ class LiteSamPredictor:
     def __init__(self, sam: torch.nn.Module) -> None:
         self.sam = sam.eval()
         self.image_size = int(sam.prompt_encoder.input_image_size[0])
+        self.info = {"bundle": None, "checkpoint": None, "variant": "lite", "model": "plain lite SAM (LiteMedSAM)"}
 
     @classmethod
     def from_package(cls) -> LiteSamPredictor:
@@ -383,20 +388,182 @@ def evaluate_files(
             "label": str(label),
             "modality": modality,
             **summarise(counts[m], names or {}),
-            "protocol": protocol(modality, m, predictor.image_size, min_voxels),
+            "protocol": {**protocol(modality, m, predictor.image_size, min_voxels), **getattr(predictor, "info", {})},
             "seconds_all_modes": seconds,
         }
     return out
 
 
-def make_predictor(bundle: str | None = None, checkpoint: str | None = None) -> Predictor:
-    """The model to evaluate: without ``bundle`` the plain ``lite`` SAM with LiteMedSAM's packaged weights."""
-    if bundle is not None or checkpoint is not None:
+def _object_logits(out: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, ...]`` network logits (background, object) → the object's logit against background, ``[B, ...]``."""
+    return (out[:, 1] - out[:, 0]).float()
+
+
+class BundlePredictor:
+    """A prompted bundle's network as a :class:`Predictor`, fed through the bundle's own input contract.
+
+    Med-SA takes ``[B, C + 3, H, W, D]``: the image, then positive clicks, negative clicks and a box as
+    guidance channels (one voxel per click, a filled rectangle per box; MONAI Label's ``foreground``,
+    ``background``, ``roi``). Each protocol slice is one chunk of depth 1 at the model's input size, so
+    the network's own resizing is the identity and its decoded prompts are the protocol's (the box's far
+    edges become SAM's inclusive last pixel, as the network decodes any box channel). One forward per
+    prompt; the network's embedding cache encodes each slice once. The object probability is
+    ``softmax`` over (background, object), so ``object - background > 0`` is the protocol's threshold.
+
+    Args:
+        network: the bundle's ``network_def`` (a ``MedSA``), already on the CPU with its weights.
+        image_size: the network's in-plane input side (the bundle's ``img_size``).
+        in_channels: image channels before the guidance channels (1: the grey slice).
+        info: what to record in the report's protocol (bundle, checkpoint, variant).
+    """
+
+    def __init__(self, network: torch.nn.Module, image_size: int, in_channels: int = 1, info: dict | None = None):
+        self.network = network.eval()
+        self.image_size = int(image_size)
+        self.in_channels = int(in_channels)
+        self.info = dict(info or {})
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        # the grey slice (the protocol repeats it over three channels); the network embeds it (and caches that)
+        img = image[:, :1] if self.in_channels == 1 else image
+        return img[..., None]  # [1, C, S, S, 1]
+
+    @torch.no_grad()
+    def predict(
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        s = self.image_size
+        n = len(boxes) if boxes is not None else len(points)
+        out = []
+        for j in range(n):
+            guidance = embedding.new_zeros(1, 3, s, s, 1)
+            if boxes is not None:
+                x0, y0, x1, y1 = boxes[j].tolist()
+                r0, c0 = max(int(np.floor(y0)), 0), max(int(np.floor(x0)), 0)
+                r1, c1 = min(max(int(np.ceil(y1)), r0 + 1), s), min(max(int(np.ceil(x1)), c0 + 1), s)
+                guidance[0, 2, r0:r1, c0:c1] = 1.0
+            else:
+                for (x, y), lab in zip(points[j].tolist(), labels[j].tolist()):
+                    if lab in (0, 1):
+                        r, c = min(max(round(y), 0), s - 1), min(max(round(x), 0), s - 1)
+                        guidance[0, 0 if lab == 1 else 1, r, c] = 1.0
+            out.append(_object_logits(self.network(torch.cat([embedding, guidance], dim=1)))[0, ..., 0])
+        return torch.stack(out)[:, None]  # [N, 1, S, S]
+
+
+def _bundle_name(bundle: Path) -> str:
+    return bundle.resolve().name
+
+
+def load_bundle_network(bundle: str | Path, variant: str = "lite", checkpoint: str | Path | None = None):
+    """The network of ``bundle`` built from its own configs: ``inference.json`` with ``configs/<variant>.json``.
+
+    Args:
+        bundle: the bundle folder (``bundles/med_sa``).
+        variant: the overlay ``configs/<variant>.json`` (``lite``: LiteMedSAM's packaged weights), or
+            ``base`` for ``inference.json`` alone.
+        checkpoint: a ``model.pt`` written by that bundle (a state dict, or ``{"model": state dict}``),
+            loaded strictly; None keeps the network as the configs build it.
+
+    Returns:
+        ``(network, parser)``; the network on the CPU in eval mode.
+
+    Raises:
+        ValueError: a missing bundle, overlay or checkpoint, or a checkpoint that does not fit (one line
+            naming the file).
+    """
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle)
+    configs = root / "configs"
+    if not (configs / "inference.json").is_file():
         raise ValueError(
-            "zero_shot supports no --bundle/--checkpoint yet: it evaluates the plain lite SAM "
-            "(LiteMedSAM's packaged weights); run it without --bundle and --checkpoint."
+            f"bundle '{root}' has no configs/inference.json; expected a bundle folder such as bundles/med_sa."
         )
-    return LiteSamPredictor.from_package()
+    files = [configs / "inference.json"]
+    if variant != "base":
+        overlay = configs / f"{variant}.json"
+        if not overlay.is_file():
+            raise ValueError(
+                f"bundle '{root}' has no overlay configs/{variant}.json for --variant {variant!r}; "
+                "use --variant base for inference.json alone."
+            )
+        files.append(overlay)
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser.read_meta(str(configs / "metadata.json"))
+    parser.update({"bundle_root": str(root), "device": "$torch.device('cpu')"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm(\.|$)")
+        network = parser.get_parsed_content("network_def")
+    if checkpoint is not None:
+        _load_checkpoint(network, Path(checkpoint), _bundle_name(root), variant)
+    return network.eval(), parser
+
+
+def _load_checkpoint(network: torch.nn.Module, path: Path, bundle: str, variant: str) -> None:
+    """Load ``path`` into ``network`` strictly; ValueError with one line naming the file otherwise."""
+    from shared_nets.engine import _UNREADABLE
+
+    if not path.is_file():
+        raise ValueError(f"checkpoint '{path}' does not exist; expected a model.pt written by bundle {bundle}.")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except _UNREADABLE as e:
+        raise ValueError(f"checkpoint '{path}' is not a readable PyTorch checkpoint ({type(e).__name__}).") from None
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint '{path}' holds a {type(state).__name__}; expected a state dict.")
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        k
+        for k in expected
+        if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{len(v)} {what} (e.g. {v[0]})"
+            for what, v in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes))
+            if v
+        ]
+        raise ValueError(
+            f"checkpoint '{path}' does not fit bundle {bundle} at variant {variant!r} ({'; '.join(parts)}); "
+            "expected a model.pt written by that bundle with the same variant and img_size."
+        )
+    network.load_state_dict(state, strict=True)
+
+
+def make_predictor(bundle: str | None = None, checkpoint: str | None = None, variant: str = "lite") -> Predictor:
+    """The model to evaluate: without ``bundle`` the plain ``lite`` SAM with LiteMedSAM's packaged weights;
+    with it, that bundle's network (see :func:`load_bundle_network` and :class:`BundlePredictor`)."""
+    if bundle is None:
+        if checkpoint is not None:
+            raise ValueError("--checkpoint needs --bundle: the plain lite SAM uses LiteMedSAM's packaged weights.")
+        return LiteSamPredictor.from_package()
+    from shared_nets.med_sa.network import MedSA
+
+    network, parser = load_bundle_network(bundle, variant, checkpoint)
+    name = _bundle_name(Path(bundle))
+    info = {"bundle": name, "checkpoint": None if checkpoint is None else str(checkpoint), "variant": variant}
+    if isinstance(network, MedSA):
+        if not parser.get_parsed_content("unit_intensity", default=True):
+            raise ValueError(
+                f"bundle {name} at variant {variant!r} normalises intensities itself (unit_intensity false); "
+                "the zero-shot protocol feeds [0, 1] slices: use --variant lite."
+            )
+        return BundlePredictor(network, network.img_size, network.in_channels, info)
+    raise ValueError(
+        f"bundle {name} builds a {type(network).__name__}, which takes no box or click prompts; "
+        "zero_shot evaluates prompted bundles (med_sa)."
+    )
 
 
 def _parse_ids(labels) -> list[int] | None:
@@ -423,8 +590,13 @@ def main(
     max_slices: int | None = None,
     bundle: str | None = None,
     checkpoint: str | None = None,
+    variant: str = "lite",
 ) -> float:
-    """Zero-shot Dice of the plain ``lite`` SAM with simulated prompts; writes ``out`` (JSON) and returns the mean.
+    """Zero-shot Dice with simulated prompts; writes ``out`` (JSON) and returns the mean.
+
+    The model is the plain ``lite`` SAM (LiteMedSAM's packaged weights), or with ``bundle`` a prompted
+    bundle's network built from its configs (``inference.json`` + ``configs/<variant>.json``) with
+    ``checkpoint`` loaded strictly, prompted through its guidance channels.
 
     Args:
         image: 3D NIfTI image.
@@ -437,14 +609,16 @@ def main(
         names: JSON file mapping ids to names.
         min_voxels: voxels an id needs on a slice to be prompted there.
         max_slices: evaluate only this many evenly spaced slices (quick checks).
-        bundle: not supported yet (raises).
-        checkpoint: not supported yet (raises).
+        bundle: a prompted bundle folder (``bundles/med_sa``); default: the plain lite SAM.
+        checkpoint: that bundle's ``model.pt`` (strict); default: the network as its configs build it
+            (at ``lite``: LiteMedSAM's weights with the method's pieces at initialisation).
+        variant: the bundle's overlay ``configs/<variant>.json`` (``lite``), or ``base`` for inference.json alone.
     """
     if modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}.")
     if prompt not in PROMPT_MODES:
         raise ValueError(f"--prompt must be one of {PROMPT_MODES}, got {prompt!r}.")
-    predictor = make_predictor(bundle, checkpoint)
+    predictor = make_predictor(bundle, checkpoint, variant)
     report = evaluate_files(
         image, label, modality, predictor, (prompt,), _parse_ids(labels), read_names(names), min_voxels, max_slices
     )[prompt]

@@ -161,8 +161,10 @@ def test_bad_inputs_say_what_was_expected(tmp_path):
         evaluate_files(img, lab, "ct", _BoxOracle())
     with pytest.raises(ValueError, match="--modality"):
         main(str(img), str(img), "pet", str(tmp_path / "o.json"))
-    with pytest.raises(ValueError, match="--bundle"):
-        main(str(img), str(img), "ct", str(tmp_path / "o.json"), bundle="bundles/ma_sam")
+    with pytest.raises(ValueError, match="--checkpoint needs --bundle"):
+        main(str(img), str(img), "ct", str(tmp_path / "o.json"), checkpoint="model.pt")
+    with pytest.raises(ValueError, match="no configs/inference.json"):
+        main(str(img), str(img), "ct", str(tmp_path / "o.json"), bundle=str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
         load_lps(tmp_path / "missing.nii.gz")
 
