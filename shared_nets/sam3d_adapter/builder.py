@@ -14,6 +14,7 @@ from shared_nets.sam import build_sam, get_variant
 
 from .encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer
 from .heads import PROMPT_LAYERS, MultiLevelDecoder3D, PromptEncoder3D
+from .lite import LiteSAM3DAdapter, LiteVolumeEncoder, lite_grid
 from .network import PROMPT_ENCODER_MODES, SAM3DAdapter, _as_patch_size, _check_click_options, _check_in_channels
 
 __all__ = ["build_sam3d_adapter"]
@@ -65,8 +66,9 @@ def build_sam3d_adapter(
     (the official loop hard-codes 12 blocks), shifted-window masks not stored in checkpoints.
 
     Args:
-        variant: SAM backbone ``vit_b`` (the paper), ``vit_l``, ``vit_h`` or ``tiny`` (``lite``, LiteMedSAM's
-            TinyViT, has no plain-ViT patch embedding or blocks to make 3D: ``ValueError``).
+        variant: SAM backbone ``vit_b`` (the paper), ``vit_l``, ``vit_h``, ``tiny``, or ``lite``: LiteMedSAM's
+            TinyViT run slice by slice with the 3D adapters before its blocks and necks on its stage outputs
+            (:mod:`shared_nets.sam3d_adapter.lite`; ``patch_size`` and ``window_size`` do not apply).
         checkpoint: official SAM ``.pth`` (loaded strictly before the 3D parts are added), or None.
         img_size: input patch ``H = W = D`` (int) or ``[H, W, D]`` with ``H == W``; the
             tokeniser needs each side times ``sam_input_size / H`` to be a multiple of
@@ -74,7 +76,9 @@ def build_sam3d_adapter(
         num_classes: output channels ``K`` incl. background (2: background, object).
         in_channels: image channels, 1 (grey, repeated) or 3.
         sam_input_size: in-plane side the patch is resized to before SAM's patch embedding
-            (512 in the official code, for its 128^3 prompted and 256^3 automatic patches).
+            (512 in the official code, for its 128^3 prompted and 256^3 automatic patches); at ``lite``
+            the slice side fed to TinyViT (its grid is ``sam_input_size / 4``, and the depth is resampled
+            to the same step).
         patch_size: SAM's patch size (16; 8 gives ``tiny`` CPU demos a finer grid at a quarter of
             the cost, only without a checkpoint). Slices are merged in groups of the same size.
         window_size: 3D attention window in tokens; None = 8 (4 for ``tiny``).
@@ -119,17 +123,6 @@ def build_sam3d_adapter(
         The composed :class:`SAM3DAdapter`.
     """
     v = get_variant(variant)
-    if v.encoder != "vit":
-        # The method turns a plain ViT into a 3D one: its patch embedding tokenises 16^3 cubes, every
-        # block runs 3D window attention with a learned depth position table, and four necks tap
-        # blocks of one width. LiteMedSAM's TinyViT has none of that to adapt: convolutional stages
-        # at full resolution, windows with per-offset 2D biases, three stage widths on two grids.
-        raise ValueError(
-            f"variant {v.name!r} is not supported by SAM3DAdapter: 3DSAM-adapter adapts a plain ViT's patch "
-            "embedding and blocks to 3D (cube tokens, 3D window attention, depth positions); LiteMedSAM's "
-            "TinyViT has convolutional stages and 2D per-window biases instead. Use vit_b/vit_l/vit_h/tiny, "
-            "or a 2D method at lite (ma_sam, med_sa, s_sam, h_sam)."
-        )
     patch = _as_patch_size(img_size)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
@@ -144,7 +137,10 @@ def build_sam3d_adapter(
         raise ValueError(f"window_size must be a positive integer, got {window_size!r}.")
     if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
-    grid, resized = SAM3DAdapter._token_grid(patch, sam_input_size, ws, patch_size)
+    if v.encoder == "tiny_vit":
+        grid, resized = lite_grid(patch, sam_input_size)
+    else:
+        grid, resized = SAM3DAdapter._token_grid(patch, sam_input_size, ws, patch_size)
 
     levels = sorted({int(x) for x in prompt_levels}) if prompt_encoder != "none" else []
     if prompt_encoder != "none" and (not levels or any(x not in (1, 2, 3, 4) for x in levels)):
@@ -160,6 +156,33 @@ def build_sam3d_adapter(
             f"the encoder needs at least 4 blocks for four feature levels, {v.name} has {v.encoder_depth}."
         )
 
+    zero_init = (not adapter_final_relu) if adapter_zero_init is None else bool(adapter_zero_init)
+    if v.encoder == "tiny_vit":
+        return _build_lite(
+            v,
+            checkpoint,
+            patch,
+            sam_input_size,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            levels=levels,
+            decoded=decoded,
+            adapter_ratio=0.5 if adapter_dim is None else adapter_dim / v.encoder_embed_dim,
+            adapter_final_relu=adapter_final_relu,
+            adapter_zero_init=zero_init,
+            decoder_channels=decoder_channels,
+            prompt_encoder=prompt_encoder,
+            prompt_layer=prompt_layer,
+            num_global_queries=num_global_queries,
+            use_point_labels=use_point_labels,
+            max_points=max_points,
+            no_positive=no_positive,
+            background_logit=background_logit,
+            full_finetune=full_finetune,
+            use_checkpoint=use_checkpoint,
+            cache_image_embedding=cache_image_embedding,
+            cache_size=cache_size,
+        )
     # SAM first (official weights loaded strictly at twice the token grid: 1024 for a 32^2
     # grid, i.e. no resizing for ViT-B at the defaults), then the 3D parts around its pieces.
     sam = build_sam(v, checkpoint, img_size=2 * sam_input_size, patch_size=patch_size)
@@ -173,7 +196,6 @@ def build_sam3d_adapter(
         depth_embed_init=depth_embed_init,
         slice_embed_init=slice_embed_init,
     )
-    zero_init = (not adapter_final_relu) if adapter_zero_init is None else bool(adapter_zero_init)
     hidden = dim // 2 if adapter_dim is None else adapter_dim
     shift = ws // 2 if min(grid) > ws else 0  # one window per axis: nothing to shift
     blocks = [
@@ -209,6 +231,82 @@ def build_sam3d_adapter(
     net = SAM3DAdapter(
         tokenizer,
         blocks,
+        necks,
+        decoder,
+        prompt_encoders,
+        img_size=patch,
+        in_channels=in_channels,
+        max_points=max_points,
+        no_positive=no_positive,
+        background_logit=background_logit,
+        use_checkpoint=use_checkpoint,
+        cache_image_embedding=cache_image_embedding,
+        cache_size=cache_size,
+        variant=v.name,
+    )
+    net.set_trainable(full_finetune)
+    return net
+
+
+def _build_lite(
+    v,
+    checkpoint: str | None,
+    patch: tuple[int, int, int],
+    sam_input_size: int,
+    *,
+    num_classes: int,
+    in_channels: int,
+    levels: list[int],
+    decoded: list[int],
+    adapter_ratio: float,
+    adapter_final_relu: bool,
+    adapter_zero_init: bool,
+    decoder_channels: int | None,
+    prompt_encoder: str,
+    prompt_layer: str,
+    num_global_queries: int,
+    use_point_labels: bool,
+    max_points: int,
+    no_positive: str,
+    background_logit: float,
+    full_finetune: bool,
+    use_checkpoint: bool,
+    cache_image_embedding: bool,
+    cache_size: int,
+) -> LiteSAM3DAdapter:
+    """The ``lite`` network (see :mod:`shared_nets.sam3d_adapter.lite`): LiteMedSAM loaded strictly at
+    ``sam_input_size``, its TinyViT wrapped slice-wise with the 3D adapters, then the method's heads."""
+    sam = build_sam(v, checkpoint, img_size=sam_input_size)
+    encoder = LiteVolumeEncoder(
+        sam.image_encoder,
+        patch,
+        sam_input_size,
+        adapter_ratio=adapter_ratio,
+        adapter_final_relu=adapter_final_relu,
+        adapter_zero_init=adapter_zero_init,
+    )
+    out_dim = v.prompt_embed_dim
+    necks = {k: Neck3D(encoder.level_dims[k - 1], out_dim) for k in decoded}
+    prompt_encoders = {
+        k: PromptEncoder3D(
+            out_dim,
+            v.decoder_num_heads,
+            v.decoder_mlp_dim,
+            depth=2,
+            num_global_queries=num_global_queries,
+            encoding=prompt_encoder,
+            layer=prompt_layer,
+            use_point_labels=use_point_labels,
+        )
+        for k in levels
+    }
+    ch = out_dim // 2 if decoder_channels is None else decoder_channels
+    if not isinstance(ch, int) or ch < 1:
+        raise ValueError(f"decoder_channels must be a positive integer, got {decoder_channels!r}.")
+    decoder = MultiLevelDecoder3D(out_dim, ch, num_classes, num_levels=len(decoded), image_channels=1)
+    del sam  # LiteMedSAM's 2D prompt encoder and mask decoder are not used
+    net = LiteSAM3DAdapter(
+        encoder,
         necks,
         decoder,
         prompt_encoders,

@@ -134,20 +134,60 @@ class SAM3DAdapter(nn.Module):
         variant: str | None = None,
     ) -> None:
         super().__init__()
-        self.patch_size = _as_patch_size(img_size)
-        _check_in_channels(in_channels)
-        _check_click_options(max_points, no_positive)
+        patch = _as_patch_size(img_size)
         blocks = list(blocks)
         if len(blocks) < 4:
             raise ValueError(f"blocks: the encoder needs at least 4 blocks for four feature levels, got {len(blocks)}.")
         window = blocks[0].window_size
-        grid, resized = self._token_grid(self.patch_size, tokenizer.resized[0], window, tokenizer.patch)
+        grid, resized = self._token_grid(patch, tokenizer.resized[0], window, tokenizer.patch)
         if grid != tokenizer.grid or resized != tokenizer.resized or any(b.grid != grid for b in blocks):
             raise ValueError(
-                f"img_size {list(self.patch_size)} gives a {list(grid)} token grid (patch resized to {list(resized)}); "
+                f"img_size {list(patch)} gives a {list(grid)} token grid (patch resized to {list(resized)}); "
                 f"the tokenizer was built for {list(tokenizer.grid)} (resized to {list(tokenizer.resized)}) and the "
                 f"blocks for {sorted({b.grid for b in blocks})}."
             )
+        self._init_options(
+            patch,
+            grid,
+            necks,
+            decoder,
+            prompt_encoders,
+            in_channels=in_channels,
+            max_points=max_points,
+            no_positive=no_positive,
+            background_logit=background_logit,
+            use_checkpoint=use_checkpoint,
+            cache_image_embedding=cache_image_embedding,
+            cache_size=cache_size,
+            variant=variant,
+        )
+        self.window_size = window
+        self.tokenizer = tokenizer
+        self.blocks = nn.ModuleList(blocks)
+        depth = len(blocks)
+        self.taps = [depth * k // 4 for k in (1, 2, 3, 4)]
+        self._init_heads(necks, decoder, prompt_encoders)
+
+    def _init_options(
+        self,
+        patch: tuple[int, int, int],
+        grid: tuple[int, int, int],
+        necks: Mapping[int, Neck3D],
+        decoder: MultiLevelDecoder3D,
+        prompt_encoders: Mapping[int, PromptEncoder3D] | None,
+        *,
+        in_channels: int,
+        max_points: int,
+        no_positive: str,
+        background_logit: float,
+        use_checkpoint: bool,
+        cache_image_embedding: bool,
+        cache_size: int,
+        variant: str | None,
+    ) -> None:
+        """Check the levels and options shared by every encoder and set them as attributes (no modules)."""
+        _check_in_channels(in_channels)
+        _check_click_options(max_points, no_positive)
         decoded = sorted(int(k) for k in necks)
         levels = sorted(int(k) for k in (prompt_encoders or {}))
         if not decoded or any(k not in (1, 2, 3, 4) for k in decoded) or len(decoded) != decoder.num_levels:
@@ -161,6 +201,7 @@ class SAM3DAdapter(nn.Module):
         if len(modes) > 1:
             raise ValueError(f"prompt_encoders must share one encoding, got {sorted(modes)}.")
 
+        self.patch_size = patch
         self.variant = variant
         self.num_classes = decoder.num_classes
         self.in_channels = in_channels
@@ -171,19 +212,23 @@ class SAM3DAdapter(nn.Module):
         self.no_positive = no_positive
         self.background_logit = float(background_logit)
         self.grid = grid
-        self.window_size = window
         self.use_checkpoint = bool(use_checkpoint)
         self.cache_image_embedding = bool(cache_image_embedding)
         self._cache_size = cache_size
 
-        self.tokenizer = tokenizer
-        self.blocks = nn.ModuleList(blocks)
-        depth = len(blocks)
-        self.taps = [depth * k // 4 for k in (1, 2, 3, 4)]
-        self.necks = nn.ModuleDict({str(k): necks[_key(necks, k)] for k in decoded})
-        self.prompt_encoders = nn.ModuleDict({str(k): prompt_encoders[_key(prompt_encoders, k)] for k in levels})
+    def _init_heads(
+        self,
+        necks: Mapping[int, Neck3D],
+        decoder: MultiLevelDecoder3D,
+        prompt_encoders: Mapping[int, PromptEncoder3D] | None,
+    ) -> None:
+        """Register the necks, prompt encoders and decoder (after the encoder: parameter order) and the cache."""
+        self.necks = nn.ModuleDict({str(k): necks[_key(necks, k)] for k in self.decoded_levels})
+        self.prompt_encoders = nn.ModuleDict(
+            {str(k): prompt_encoders[_key(prompt_encoders, k)] for k in self.prompt_levels}
+        )
         self.decoder = decoder
-        self._embeddings = EmbeddingCache(cache_size, self)
+        self._embeddings = EmbeddingCache(self._cache_size, self)
 
     def set_trainable(self, full_finetune: bool = False) -> int:
         """Set which parameters train, as the official code: slice/depth embeddings, block norms, adapters,

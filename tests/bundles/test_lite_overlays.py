@@ -9,7 +9,7 @@
   exactly the trainable parameters), ``inference.json`` + ``lite.json`` then writes a prediction in
   the input's space. In-plane size 64 instead of 256 to stay fast on CPU: TinyViT's weights do not
   depend on the input size (window-offset biases, no position embedding).
-* 3DSAM-adapter refuses ``lite`` with the reason at config time.
+* 3DSAM-adapter at ``lite`` (a slice-wise TinyViT with 3D adapters) is tested in test_sam3d_adapter_lite.py.
 """
 
 from __future__ import annotations
@@ -132,21 +132,6 @@ def test_ma_sam_fact_factors_per_stage_width():
     rows = delta.abs().sum(1).nonzero().flatten()
     expected = torch.cat([enc.blocks[0].attn.qkv_slices("q"), enc.blocks[0].attn.qkv_slices("v")]).sort().values
     assert torch.equal(rows, expected)
-
-
-def test_sam3d_adapter_refuses_lite_with_the_reason():
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "bundles" / "sam3d_adapter" / "configs" / c) for c in ("train.json", "lite.json")])
-    parser.read_meta(str(REPO / "bundles" / "sam3d_adapter" / "configs" / "metadata.json"))
-    parser.update({"bundle_root": str(REPO / "bundles" / "sam3d_adapter"), "dataset_dir": "unused"})
-    with pytest.raises(Exception) as info:
-        parser.get_parsed_content("network_def")
-    err = info.value
-    while err is not None and not isinstance(err, ValueError):
-        err = err.__cause__ or err.__context__
-    assert err is not None and "variant 'lite' is not supported by SAM3DAdapter" in str(err)
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
