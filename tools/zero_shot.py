@@ -22,7 +22,8 @@ Each slice is encoded once; the prompts of all ids on the slice (and of both mod
 batch. The model sits behind a small predictor interface (:class:`Predictor`): the plain ``lite`` SAM
 (:class:`LiteSamPredictor`), or with ``--bundle bundles/med_sa [--checkpoint model.pt]`` a prompted bundle's
 network built from its own configs and prompted through its guidance channels (:class:`BundlePredictor`).
-The report's ``protocol`` records the bundle, checkpoint and variant.
+3DSAM-adapter, prompted by 3D points, gets one 3D click per label id instead (:class:`Sam3DPredictor`,
+``--prompt click``). The report's ``protocol`` records the bundle, checkpoint and variant.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ __all__ = [
     "BundlePredictor",
     "LiteSamPredictor",
     "Predictor",
+    "Sam3DPredictor",
     "click_point",
+    "click_point_3d",
     "display_slice",
     "load_bundle_network",
     "load_lps",
@@ -60,6 +63,7 @@ __all__ = [
     "resize_longest",
     "tight_box",
     "zero_shot",
+    "zero_shot_3d",
 ]
 
 MODALITIES = ("ct", "mr")
@@ -323,6 +327,53 @@ def zero_shot(
     return counts
 
 
+def click_point_3d(mask: np.ndarray) -> tuple[int, int, int]:
+    """One positive 3D click ``(i, j, k)`` at the centre of the largest 26-connected component of a 3D mask
+    (the centroid voxel when it belongs to the component, otherwise the component's voxel nearest to it)."""
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        raise ValueError("click_point_3d: the mask is empty.")
+    comp = lab == (int(np.argmax(np.bincount(lab.ravel())[1:])) + 1)
+    idx = np.argwhere(comp)
+    centre = idx.mean(0)
+    c = tuple(int(round(float(v))) for v in centre)
+    if comp[c]:
+        return c
+    j = int(np.argmin(((idx - centre) ** 2).sum(1)))
+    return tuple(int(v) for v in idx[j])
+
+
+def zero_shot_3d(
+    image: np.ndarray,
+    label: np.ndarray,
+    predictor,
+    labels: Sequence[int] | None = None,
+    min_voxels: int = 10,
+) -> dict[int, _Counts]:
+    """3D-click protocol for a volumetric predictor (:class:`Sam3DPredictor`): one positive click per id at
+    the centre of its largest 26-connected component, Dice over the whole volume.
+
+    Args:
+        image: ``[X, Y, Z]`` LPS volume in [0, 1]. label: same-shape label map.
+        predictor: has ``segment(volume, click) -> bool mask`` on the LPS grid.
+        labels: ids to evaluate (default every nonzero id); min_voxels: an id needs this many voxels.
+    """
+    if image.shape != label.shape:
+        raise ValueError(f"image shape {image.shape} and label shape {label.shape} differ.")
+    label = np.asarray(label).astype(np.int64)
+    ids = sorted(int(v) for v in np.unique(label) if v > 0) if labels is None else [int(v) for v in labels]
+    counts = {i: _Counts() for i in ids}
+    for i in ids:
+        g = label == i
+        if g.sum() < min_voxels:
+            continue
+        p = predictor.segment(image, click_point_3d(g))
+        c = counts[i]
+        c.inter, c.pred, c.gt = int((p & g).sum()), int(p.sum()), int(g.sum())
+        c.slices = int(g.any(axis=(0, 1)).sum())
+    return counts
+
+
 def summarise(counts: Mapping[int, _Counts], names: Mapping[int, str]) -> dict:
     """Per-id Dice (ids never prompted are left out), their mean, and the prompted slices/voxels per id."""
     per_id = {
@@ -379,7 +430,14 @@ def evaluate_files(
     if labels is not None:
         lab = np.where(np.isin(lab, list(labels)), lab, 0)
     t0 = time.time()
-    counts = zero_shot(vol, lab, predictor, modes, labels, min_voxels, max_slices, on_slice)
+    if getattr(predictor, "volumetric", False):
+        if tuple(modes) != ("click",):
+            raise ValueError(
+                f"{predictor.info.get('bundle')} takes 3D points, not boxes or 2D prompts: use --prompt click."
+            )
+        counts = {"click": zero_shot_3d(vol, lab, predictor, labels, min_voxels)}
+    else:
+        counts = zero_shot(vol, lab, predictor, modes, labels, min_voxels, max_slices, on_slice)
     seconds = round(time.time() - t0, 1)
     out = {}
     for m in modes:
@@ -388,7 +446,11 @@ def evaluate_files(
             "label": str(label),
             "modality": modality,
             **summarise(counts[m], names or {}),
-            "protocol": {**protocol(modality, m, predictor.image_size, min_voxels), **getattr(predictor, "info", {})},
+            "protocol": {
+                **protocol(modality, m, predictor.image_size, min_voxels),
+                **getattr(predictor, "protocol", {}),
+                **getattr(predictor, "info", {}),
+            },
             "seconds_all_modes": seconds,
         }
     return out
@@ -456,11 +518,66 @@ class BundlePredictor:
         return torch.stack(out)[:, None]  # [N, 1, S, S]
 
 
+class Sam3DPredictor:
+    """3DSAM-adapter's network with its 3D point prompts (input ``[image, positive clicks, negative clicks]``).
+
+    The network segments one patch of its ``img_size``; the patch is the window of that size centred on the
+    click (shifted to lie inside the volume, zero-padded where the volume is smaller), on the volume's own
+    voxels (no resampling) in RAS order as the bundle reads images. The object logit (object − background)
+    is thresholded at 0; voxels outside the window are background.
+
+    Args:
+        network: the bundle's ``network_def`` (a prompted ``SAM3DAdapter``).
+        info: what to record in the report's protocol (bundle, checkpoint, variant).
+    """
+
+    volumetric = True
+
+    def __init__(self, network: torch.nn.Module, info: dict | None = None) -> None:
+        self.network = network.eval()
+        self.patch = tuple(int(v) for v in network.patch_size)
+        self.image_size = self.patch[0]
+        self.info = dict(info or {})
+        self.protocol = {
+            "prompt": "one positive 3D click per label id at the centroid of its largest 26-connected component "
+            "(its nearest voxel when the centroid falls outside)",
+            "resize": f"none: one {'x'.join(map(str, self.patch))} window of the volume's voxels centred on the "
+            "click (inside the volume, zero padding beyond it), RAS axis order; object logit thresholded at 0, "
+            "background outside the window",
+            "dice": "3D per label id over the whole volume",
+        }
+
+    @torch.no_grad()
+    def segment(self, volume: np.ndarray, click: Sequence[int]) -> np.ndarray:
+        """``volume [X, Y, Z]`` (LPS, [0, 1]) and a click ``(i, j, k)`` → bool mask on the same grid."""
+        ras = np.ascontiguousarray(volume[::-1, ::-1])  # LPS → RAS: the first two axes reversed
+        shape = np.array(ras.shape)
+        c = np.array([shape[0] - 1 - click[0], shape[1] - 1 - click[1], click[2]])
+        size = np.array(self.patch)
+        start = np.clip(c - size // 2, 0, np.maximum(shape - size, 0))
+        stop = np.minimum(start + size, shape)
+        win = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+        ext = tuple(slice(0, int(b - a)) for a, b in zip(start, stop))
+        x = torch.zeros(1, 3, *self.patch)
+        x[(0, 0, *ext)] = torch.from_numpy(ras[win])
+        x[(0, 1, *(c - start).tolist())] = 1.0
+        out = self.network(x)
+        fg = ((out[0, 1] - out[0, 0]) > 0).numpy()
+        mask = np.zeros(ras.shape, dtype=bool)
+        mask[win] = fg[ext]
+        return mask[::-1, ::-1]
+
+
 def _bundle_name(bundle: Path) -> str:
     return bundle.resolve().name
 
 
-def load_bundle_network(bundle: str | Path, variant: str = "lite", checkpoint: str | Path | None = None):
+def load_bundle_network(
+    bundle: str | Path,
+    variant: str = "lite",
+    checkpoint: str | Path | None = None,
+    overrides: Mapping | None = None,
+):
     """The network of ``bundle`` built from its own configs: ``inference.json`` with ``configs/<variant>.json``.
 
     Args:
@@ -469,6 +586,7 @@ def load_bundle_network(bundle: str | Path, variant: str = "lite", checkpoint: s
             ``base`` for ``inference.json`` alone.
         checkpoint: a ``model.pt`` written by that bundle (a state dict, or ``{"model": state dict}``),
             loaded strictly; None keeps the network as the configs build it.
+        overrides: config values set after the overlay (e.g. ``{"img_size": 32}`` for a quick check).
 
     Returns:
         ``(network, parser)``; the network on the CPU in eval mode.
@@ -497,7 +615,7 @@ def load_bundle_network(bundle: str | Path, variant: str = "lite", checkpoint: s
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     parser.read_meta(str(configs / "metadata.json"))
-    parser.update({"bundle_root": str(root), "device": "$torch.device('cpu')"})
+    parser.update({"bundle_root": str(root), "device": "$torch.device('cpu')", **dict(overrides or {})})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm(\.|$)")
         network = parser.get_parsed_content("network_def")
@@ -541,28 +659,34 @@ def _load_checkpoint(network: torch.nn.Module, path: Path, bundle: str, variant:
     network.load_state_dict(state, strict=True)
 
 
-def make_predictor(bundle: str | None = None, checkpoint: str | None = None, variant: str = "lite") -> Predictor:
+def make_predictor(
+    bundle: str | None = None, checkpoint: str | None = None, variant: str = "lite", overrides: Mapping | None = None
+) -> Predictor:
     """The model to evaluate: without ``bundle`` the plain ``lite`` SAM with LiteMedSAM's packaged weights;
-    with it, that bundle's network (see :func:`load_bundle_network` and :class:`BundlePredictor`)."""
+    with it, that bundle's network (see :func:`load_bundle_network`, :class:`BundlePredictor` for Med-SA and
+    :class:`Sam3DPredictor` for 3DSAM-adapter)."""
     if bundle is None:
         if checkpoint is not None:
             raise ValueError("--checkpoint needs --bundle: the plain lite SAM uses LiteMedSAM's packaged weights.")
         return LiteSamPredictor.from_package()
     from shared_nets.med_sa.network import MedSA
+    from shared_nets.sam3d_adapter.network import SAM3DAdapter
 
-    network, parser = load_bundle_network(bundle, variant, checkpoint)
+    network, parser = load_bundle_network(bundle, variant, checkpoint, overrides)
     name = _bundle_name(Path(bundle))
     info = {"bundle": name, "checkpoint": None if checkpoint is None else str(checkpoint), "variant": variant}
+    if isinstance(network, (MedSA, SAM3DAdapter)) and not parser.get_parsed_content("unit_intensity", default=True):
+        raise ValueError(
+            f"bundle {name} at variant {variant!r} normalises intensities itself (unit_intensity false); "
+            "the zero-shot protocol feeds [0, 1] images: use --variant lite."
+        )
     if isinstance(network, MedSA):
-        if not parser.get_parsed_content("unit_intensity", default=True):
-            raise ValueError(
-                f"bundle {name} at variant {variant!r} normalises intensities itself (unit_intensity false); "
-                "the zero-shot protocol feeds [0, 1] slices: use --variant lite."
-            )
         return BundlePredictor(network, network.img_size, network.in_channels, info)
+    if isinstance(network, SAM3DAdapter) and network.prompted:
+        return Sam3DPredictor(network, info)
     raise ValueError(
         f"bundle {name} builds a {type(network).__name__}, which takes no box or click prompts; "
-        "zero_shot evaluates prompted bundles (med_sa)."
+        "zero_shot evaluates prompted bundles (med_sa, sam3d_adapter)."
     )
 
 
@@ -591,6 +715,7 @@ def main(
     bundle: str | None = None,
     checkpoint: str | None = None,
     variant: str = "lite",
+    overrides: dict | None = None,
 ) -> float:
     """Zero-shot Dice with simulated prompts; writes ``out`` (JSON) and returns the mean.
 
@@ -613,12 +738,13 @@ def main(
         checkpoint: that bundle's ``model.pt`` (strict); default: the network as its configs build it
             (at ``lite``: LiteMedSAM's weights with the method's pieces at initialisation).
         variant: the bundle's overlay ``configs/<variant>.json`` (``lite``), or ``base`` for inference.json alone.
+        overrides: bundle config values set after the overlay, e.g. ``'{"img_size": 64}'``.
     """
     if modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}.")
     if prompt not in PROMPT_MODES:
         raise ValueError(f"--prompt must be one of {PROMPT_MODES}, got {prompt!r}.")
-    predictor = make_predictor(bundle, checkpoint, variant)
+    predictor = make_predictor(bundle, checkpoint, variant, overrides)
     report = evaluate_files(
         image, label, modality, predictor, (prompt,), _parse_ids(labels), read_names(names), min_voxels, max_slices
     )[prompt]
