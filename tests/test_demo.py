@@ -42,7 +42,7 @@ def test_main_job_segments_the_real_ct_with_lite_medsam(tmp_path):
 
     from tools.demo import REAL_CT_DIR
 
-    mean_box = run_demo(out=str(tmp_path), max_slices=2, num_overlays=1)
+    mean_box = run_demo(out=str(tmp_path), max_slices=2, num_overlays=1, lite_bundles="med_sa")
     box = json.loads((tmp_path / "zero_shot_box.json").read_text())
     click = json.loads((tmp_path / "zero_shot_click.json").read_text())
     assert mean_box == box["mean"] > 0.7  # boxes segment real organs (0.80 over all 30 slices)
@@ -50,6 +50,11 @@ def test_main_job_segments_the_real_ct_with_lite_medsam(tmp_path):
     assert box["per_id"]["5"]["name"] == "liver" and box["per_id"]["5"]["slices"] == 2
     md = (tmp_path / "zero_shot.md").read_text()
     assert "| 5 | liver | 2 |" in md and "LiteMedSAM box Dice" in md
+    # the optional column of a bundle at lite (Med-SA, no checkpoint) on the same slices and organs
+    med = json.loads((tmp_path / "zero_shot_box_med_sa.json").read_text())
+    assert set(med["per_id"]) == set(box["per_id"]) and med["protocol"]["bundle"] == "med_sa"
+    assert all(0.0 <= v["dice"] <= 1.0 for v in med["per_id"].values())
+    assert "Med-SA lite box (no fine-tuning) Dice" in md
     ct = nib.load(str(REAL_CT_DIR / "ct.nii.gz"))
     for mode in ("box", "click"):
         pred = nib.load(str(tmp_path / "predictions" / f"ct_{mode}_seg.nii.gz"))
@@ -75,3 +80,9 @@ def test_main_job_segments_the_real_ct_with_lite_medsam(tmp_path):
 def test_phantom_flags_without_phantom_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--bundle belong to the phantom training demo; add --phantom"):
         run_demo(out=str(tmp_path), bundle="s_sam")
+
+
+def test_lite_bundle_without_box_prompts_is_refused_before_running(tmp_path):
+    with pytest.raises(ValueError, match=r"--lite_bundles: \['h_sam'\] cannot join the main job"):
+        run_demo(out=str(tmp_path), lite_bundles="h_sam")
+    assert not any(tmp_path.iterdir())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -265,17 +266,51 @@ def _paint(masks: np.ndarray, ids: list[int], shape: tuple[int, ...]) -> np.ndar
     return out
 
 
-def bundle_at_lite_reports(
-    ct: Path, seg: Path, names: dict[int, str], out_dir: Path, max_slices: int | None = None
-) -> dict[str, dict]:
-    """Zero-shot reports of bundles at the ``lite`` variant, one table column each (``{column: report}``).
+#: column names of the bundles that can join the main job at ``lite`` (prompted by boxes, [0, 1] input)
+LITE_BUNDLE_COLUMNS = {"med_sa": "Med-SA lite box"}
 
-    The hook where a bundle at ``lite`` joins the main job: build its :class:`tools.zero_shot.Predictor` and
-    return ``tools.zero_shot.evaluate_files(ct, seg, "ct", predictor, ("box",), names=names,
-    max_slices=max_slices)["box"]`` under a column name. No bundle provides a lite predictor yet, so
-    there are none.
+
+def _check_lite_bundles(bundles: Sequence[str]) -> None:
+    bad = [b for b in bundles if b not in LITE_BUNDLE_COLUMNS]
+    if bad:
+        raise ValueError(
+            f"--lite_bundles: {bad} cannot join the main job; expected some of {list(LITE_BUNDLE_COLUMNS)}."
+        )
+
+
+def bundle_at_lite_reports(
+    ct: Path,
+    seg: Path,
+    names: dict[int, str],
+    out_dir: Path,
+    max_slices: int | None = None,
+    bundles: Sequence[str] = (),
+    checkpoints: Mapping[str, str] | None = None,
+) -> dict[str, dict]:
+    """Zero-shot box reports of bundles at the ``lite`` variant, one table column each (``{column: report}``).
+
+    Each bundle's network is built from its own configs (``inference.json`` + ``lite.json``) and prompted
+    through its guidance channels (:class:`tools.zero_shot.BundlePredictor`); its report is also written to
+    ``out_dir / zero_shot_box_<bundle>.json``.
+
+    Args:
+        ct, seg, names: the real CT example. out_dir: output folder. max_slices: as :func:`real_demo`.
+        bundles: bundle names among :data:`LITE_BUNDLE_COLUMNS` (default none).
+        checkpoints: optional ``{bundle: model.pt}`` (default: the network as its configs build it, i.e. the
+            method's pieces at initialisation on LiteMedSAM's weights).
     """
-    return {}
+    from tools.zero_shot import evaluate_files, make_predictor
+
+    _check_lite_bundles(bundles)
+    columns = {}
+    for b in bundles:
+        ckpt = (checkpoints or {}).get(b)
+        print(f"  {b} at lite{' from ' + str(ckpt) if ckpt else ' (no checkpoint: pieces at initialisation)'}")
+        predictor = make_predictor(str(REPO / "bundles" / b), ckpt, "lite")
+        report = evaluate_files(ct, seg, "ct", predictor, ("box",), names=names, max_slices=max_slices)["box"]
+        atomic_write_json(report, out_dir / f"zero_shot_box_{b}.json")
+        columns[LITE_BUNDLE_COLUMNS[b] + ("" if ckpt else " (no fine-tuning)")] = report
+    return columns
 
 
 def _zero_shot_markdown(columns: dict[str, dict], seconds: float, threads: int) -> str:
@@ -291,7 +326,12 @@ def _zero_shot_markdown(columns: dict[str, dict], seconds: float, threads: int) 
 
 
 def real_demo(
-    out: str = "demo_output", max_slices: int | None = None, num_overlays: int = 4, num_threads: int | None = None
+    out: str = "demo_output",
+    max_slices: int | None = None,
+    num_overlays: int = 4,
+    num_threads: int | None = None,
+    lite_bundles: Sequence[str] = (),
+    lite_checkpoints: Mapping[str, str] | None = None,
 ) -> dict[str, dict]:
     """The plain ``lite`` SAM on the shipped real CT with box and click prompts; returns ``{mode: report}``.
 
@@ -300,6 +340,8 @@ def real_demo(
         max_slices: evaluate only this many evenly spaced slices (quick checks); default all 30.
         num_overlays: PNG overlays written, evenly spaced over the evaluated slices.
         num_threads: torch CPU threads (default: ``OMP_NUM_THREADS`` if set, else the free cores).
+        lite_bundles: bundles at ``lite`` that add a box column (:func:`bundle_at_lite_reports`).
+        lite_checkpoints: their ``model.pt`` files, ``{bundle: path}``.
     """
     from PIL import Image
 
@@ -307,6 +349,7 @@ def real_demo(
     from shared_nets.threads import configure_threads
     from tools.zero_shot import LiteSamPredictor, evaluate_files, load_lps, read_names
 
+    _check_lite_bundles(lite_bundles)
     t0 = time.time()
     out_dir = Path(out).resolve()
     preds, overlays = out_dir / "predictions", out_dir / "overlays"
@@ -334,7 +377,7 @@ def real_demo(
         ct, seg, "ct", predictor, ("box", "click"), names=names, max_slices=max_slices, on_slice=on_slice
     )
     columns = {"LiteMedSAM box": reports["box"], "LiteMedSAM click": reports["click"]}
-    columns.update(bundle_at_lite_reports(ct, seg, names, out_dir, max_slices))
+    columns.update(bundle_at_lite_reports(ct, seg, names, out_dir, max_slices, lite_bundles, lite_checkpoints))
 
     print(f"[3/3] tables, predictions and overlays → {out_dir}")
     for m, r in reports.items():
@@ -373,6 +416,8 @@ def main(
     shape: tuple[int, int, int] | None = None,
     device: str | None = None,
     num_threads: int | None = None,
+    lite_bundles: str | Sequence[str] = (),
+    lite_checkpoints: dict | None = None,
 ) -> float:
     """The main job; returns the mean Dice (box prompts on the real CT, or held-out phantoms with ``--phantom``).
 
@@ -389,6 +434,8 @@ def main(
         shape: phantom demo: phantom volume shape (default 96, 96, 48).
         device: phantom demo: ``cpu`` (default) or ``cuda``.
         num_threads: torch CPU threads (default: ``OMP_NUM_THREADS`` if set, else the free cores).
+        lite_bundles: real CT: bundles at ``lite`` that add a zero-shot box column, e.g. ``med_sa``.
+        lite_checkpoints: real CT: ``{bundle: model.pt}`` for them (default: no fine-tuning).
     """
     phantom_args = {
         "bundle": bundle,
@@ -406,4 +453,13 @@ def main(
             f"--{', --'.join(given)} belong to the phantom training demo; add --phantom "
             "(the default main job runs LiteMedSAM on the real CT)."
         )
-    return real_demo(out=out, max_slices=max_slices, num_overlays=num_overlays, num_threads=num_threads)["box"]["mean"]
+    if isinstance(lite_bundles, str):
+        lite_bundles = [b for b in lite_bundles.split(",") if b]
+    return real_demo(
+        out=out,
+        max_slices=max_slices,
+        num_overlays=num_overlays,
+        num_threads=num_threads,
+        lite_bundles=lite_bundles,
+        lite_checkpoints=lite_checkpoints,
+    )["box"]["mean"]
