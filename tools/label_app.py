@@ -60,9 +60,10 @@ BUNDLES = REPO / "bundles"
 VARIANTS = ("tiny", "paper", "lite")
 # config merged last per variant (``paper``: the bundle's defaults)
 _VARIANT_CONFIGS = {"tiny": ["demo.json"], "paper": [], "lite": ["lite.json"]}
-# bundles without a lite variant, and why (their models are left out of a lite app)
+# bundles not served by a lite app, and why (their models are left out of it)
 LITE_UNSUPPORTED = {
-    "sam3d_adapter": "3DSAM-adapter turns a plain ViT into a 3D network; LiteMedSAM's TinyViT has no such blocks",
+    "sam3d_adapter": "its lite network (TinyViT slice by slice with 3D adapters, bundles/sam3d_adapter/docs/README.md) "
+    "is not yet tested over MONAI Label's REST API",
 }
 
 # MONAI Label passes ``device`` as a string ("cpu", "cuda:0"), so ``@device.type`` must not be used
@@ -394,7 +395,7 @@ def assemble_bundle(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
     spec = APP_MODELS[name]
     if variant == "lite" and spec.bundle in LITE_UNSUPPORTED:
-        raise ValueError(f"model '{name}' has no lite variant: {LITE_UNSUPPORTED[spec.bundle]}.")
+        raise ValueError(f"model '{name}' is not served at lite: {LITE_UNSUPPORTED[spec.bundle]}.")
     source = Path(bundles_dir) / spec.bundle
     if not (source / "configs" / "inference.json").is_file():
         raise FileNotFoundError(f"bundle '{source}' has no configs/inference.json.")

@@ -178,7 +178,7 @@ def test_bad_arguments(tmp_path, sample_app, app):
     assert not (tmp_path / "model" / "h_sam").exists() and not (tmp_path / "model" / ".h_sam.tmp").exists()
     with pytest.raises(FileNotFoundError, match="not found"):
         assemble_bundle("h_sam", tmp_path / "model", variant="paper", sam_dir=tmp_path)
-    with pytest.raises(ValueError, match="'sam3d_adapter_deepgrow' has no lite variant"):
+    with pytest.raises(ValueError, match="'sam3d_adapter_deepgrow' is not served at lite"):
         assemble_bundle("sam3d_adapter_deepgrow", tmp_path / "model", variant="lite")
 
 
