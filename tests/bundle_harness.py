@@ -40,17 +40,44 @@ SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/do
 
 
 def write_initial_model(bundle_root: Path, configs: tuple[str, ...] = ("inference.json", "demo.json")) -> Path:
-    """Save the freshly built (untrained) ``network_def`` of ``configs`` as ``<bundle_root>/models/model.pt``."""
-    import torch
-    from monai.bundle import ConfigParser
+    """Save the freshly built (untrained, seed 0) ``network_def`` of ``configs`` as ``<bundle_root>/models/model.pt``.
 
-    parser = ConfigParser()
-    parser.read_config([bundle_root / "configs" / c for c in configs])
-    parser["bundle_root"] = str(bundle_root)
-    path = bundle_root / "models" / "model.pt"
-    path.parent.mkdir(exist_ok=True)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
-    return path
+    Thin wrapper of :func:`tools.init_model.write_initial_model`, which also reads the bundle's
+    ``metadata.json`` (S-SAM takes its class names from it) and writes atomically."""
+    from tools.init_model import write_initial_model as write
+
+    return write(bundle_root, list(configs))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment of a bundle child process: one OpenMP/MKL thread each, this checkout first on the path."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
+def torchrun_bundle_command(
+    root: Path, configs: list[str], overrides: dict[str, Any] | None = None, nproc: int = 2
+) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m monai.bundle run ...`` for the bundle copy at ``root``.
+
+    Args:
+        root: bundle folder (its ``configs/``, ``metadata.json`` and ``logging.conf`` are used).
+        configs: config file names under ``configs/``, merged in order.
+        overrides: ``--key value`` pairs; strings pass as they are, anything else as JSON.
+        nproc: processes (ranks); ``--standalone`` picks a free rendezvous port, so parallel runs do not collide.
+    """
+    files = "[" + ",".join(f"'{root / 'configs' / c}'" for c in configs) + "]"
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        "-m", "monai.bundle", "run",
+        "--config_file", files,
+        "--meta_file", str(root / "configs" / "metadata.json"),
+        "--logging_file", str(root / "configs" / "logging.conf"),
+        "--bundle_root", str(root),
+    ]  # fmt: skip
+    for k, v in (overrides or {}).items():
+        args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    return args
 
 
 def run_workflow(
@@ -313,35 +340,10 @@ class BundleHarness:
                 (mg_data / entry.name).symlink_to(entry.resolve())
         (mg_data / "datalist.json").write_text(json.dumps(content))
         data_dir = mg_data
-        configs = "[" + ",".join(f"'{root / 'configs' / c}'" for c in self._configs(self.multi_gpu_configs)) + "]"
-        args = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            configs,
-            "--meta_file",
-            str(root / "configs" / "metadata.json"),
-            "--logging_file",
-            str(root / "configs" / "logging.conf"),
-            "--bundle_root",
-            str(root),
-            "--dataset_dir",
-            str(data_dir),
-            "--max_epochs",
-            "1",
-            "--val_interval",
-            "1",
-        ]
-        for k, v in {**self.overrides, **self.train_overrides}.items():
-            args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        overrides = {"dataset_dir": str(data_dir), "max_epochs": 1, "val_interval": 1}
+        overrides.update({**self.overrides, **self.train_overrides})
+        args = torchrun_bundle_command(root, self._configs(self.multi_gpu_configs), overrides)
+        env = child_env()
         proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert (root / "models" / "model.pt").is_file()

@@ -86,3 +86,14 @@ def test_lite_bundle_without_box_prompts_is_refused_before_running(tmp_path):
     with pytest.raises(ValueError, match=r"--lite_bundles: \['h_sam'\] cannot join the main job"):
         run_demo(out=str(tmp_path), lite_bundles="h_sam")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_shorter_than_the_validation_interval_still_saves_and_infers(tmp_path):
+    """``tools demo --phantom --max_epochs 2`` (the demo validates every 25 epochs): the run validates at its last
+    epoch, so ``model.pt`` exists and inference runs; before, it ended in a traceback for the missing model."""
+    from tools.demo import phantom_demo
+
+    mean_dice = phantom_demo(out=str(tmp_path), num=6, max_epochs=2, shape=(32, 32, 8), num_threads=1)
+    assert 0.0 <= mean_dice <= 1.0
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert len(list((tmp_path / "predictions").glob("*_seg.nii.gz"))) == 1  # 6 phantoms: 1 held out

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 from shared_nets import distributed as D
-from tests.bundle_harness import REPO, relabelled_datalist
+from tests.bundle_harness import REPO, child_env, relabelled_datalist, torchrun_bundle_command
 
 # per bundle: (overrides for quick CPU runs, datalist key of its label)
 BUNDLES = {
@@ -162,33 +161,11 @@ def _bundle(tmp_path: Path, name: str, overrides: dict, data: Path) -> Path:
 
 
 def _torchrun_args(root: Path, configs: list[str], overrides: dict) -> list[str]:
-    files = "[" + ",".join(f"'{root / 'configs' / c}'" for c in configs) + "]"
-    args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        files,
-        "--meta_file",
-        str(root / "configs" / "metadata.json"),
-        "--logging_file",
-        str(root / "configs" / "logging.conf"),
-        "--bundle_root",
-        str(root),
-    ]
-    for k, v in overrides.items():
-        args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
-    return args
+    return torchrun_bundle_command(root, configs, overrides)
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return child_env()
 
 
 def _torchrun(root: Path, configs: list[str], overrides: dict) -> None:

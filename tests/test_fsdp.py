@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.bundle_harness import REPO
+from tests.bundle_harness import REPO, child_env, torchrun_bundle_command
 
 BUNDLES = {"ma_sam": {"img_size": 64, "sw_batch_size": 8, "val_sw_batch_size": 8}, "med_sa": {}}
 
@@ -28,39 +26,9 @@ BUNDLES = {"ma_sam": {"img_size": 64, "sw_batch_size": 8, "val_sw_batch_size": 8
 def _train(root: Path, data: Path, overrides: dict, use_fsdp: bool) -> tuple[list[float], Path]:
     models = root / "models"
     shutil.rmtree(models, ignore_errors=True)
-    files = (
-        "[" + ",".join(f"'{root / 'configs' / c}'" for c in ("train.json", "multi_gpu_train.json", "demo.json")) + "]"
-    )
-    args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        files,
-        "--meta_file",
-        str(root / "configs" / "metadata.json"),
-        "--logging_file",
-        str(root / "configs" / "logging.conf"),
-        "--bundle_root",
-        str(root),
-        "--dataset_dir",
-        str(data),
-        "--max_epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--use_fsdp",
-        str(use_fsdp),
-    ]
-    for k, v in overrides.items():
-        args += [f"--{k}", json.dumps(v)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    overrides = {"dataset_dir": str(data), "max_epochs": 1, "val_interval": 1, "use_fsdp": str(use_fsdp), **overrides}
+    args = torchrun_bundle_command(root, ["train.json", "multi_gpu_train.json", "demo.json"], overrides)
+    env = child_env()
     proc = subprocess.run(args, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [float(v) for v in re.findall(r"train_loss: ([-0-9.eE+na]+)", proc.stdout + proc.stderr)]

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from tests.paper_size import REAL_CT, SETTINGS, run_bundle
+from tests.workers import cores_per_worker
 
 pytestmark = pytest.mark.slow
 MIB_LIMIT = 20 * 1024  # each run must fit in CI's 24 GB with room to spare
@@ -37,7 +38,7 @@ MIB_LIMIT = 20 * 1024  # each run must fit in CI's 24 GB with room to spare
 def test_paper_size_train_iteration_and_inference(bundle, tmp_path):
     if not (REAL_CT / "ct.nii.gz").is_file():
         pytest.skip("real CT example absent: no data/totalsegmentator_example/ct.nii.gz (nor a ../shared copy)")
-    res = run_bundle(bundle, tmp_path, threads=2, timeout=600)
+    res = run_bundle(bundle, tmp_path, threads=cores_per_worker(), timeout=900)
     for workflow in ("train", "infer"):
         run = res.get(workflow)
         assert run is not None, f"{workflow} did not run"

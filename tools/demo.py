@@ -130,6 +130,15 @@ def write_overlays(
     return written
 
 
+def _config_value(bundle_root: Path, key: str) -> int:
+    """``key`` as ``configs/demo.json`` sets it, else as ``configs/train.json`` does."""
+    for name in ("demo.json", "train.json"):
+        config = json.loads((bundle_root / "configs" / name).read_text())
+        if key in config:
+            return int(config[key])
+    raise KeyError(f"neither configs/demo.json nor configs/train.json of {bundle_root} sets '{key}'")
+
+
 def phantom_demo(
     out: str = "demo_output",
     bundle: str = "ma_sam",
@@ -182,6 +191,9 @@ def phantom_demo(
     train_over = {**common, "output_dir": str(out_dir / "eval")}
     if max_epochs is not None:
         train_over["max_epochs"] = int(max_epochs)
+        # the best model (model.pt) is saved at validation: a run shorter than the validation interval must
+        # still validate once, at its last epoch, or inference finds no model
+        train_over["val_interval"] = min(int(max_epochs), _config_value(bundle_root, "val_interval"))
     t_train = time.time()
     run_bundle_workflow(bundle_root, ["train.json", "demo.json"], "train", train_over)
     t_train = time.time() - t_train
