@@ -579,7 +579,10 @@ def series_grid(datasets: Sequence) -> tuple[tuple[int, int, int], np.ndarray]:
 
 
 def read_dicom_seg(
-    seg_path: str | os.PathLike, source: str | os.PathLike, channel_def: Mapping[str | int, str] | None = None
+    seg_path: str | os.PathLike,
+    source: str | os.PathLike,
+    channel_def: Mapping[str | int, str] | None = None,
+    ignore_spatial_locations: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A DICOM SEG as a label map on the grid of its source series as the bundles load it (:func:`series_grid`).
 
@@ -588,6 +591,8 @@ def read_dicom_seg(
         source: the series folder it references.
         channel_def: ``{label value: class name}``: each segment gets the value whose name is its Segment
             Label; None: the segment numbers.
+        ignore_spatial_locations: accept frames that do not state Spatial Locations Preserved (pydicom-seg,
+            which MONAI Label's DICOMweb datastore uses, omits it; highdicom refuses such frames otherwise).
 
     Returns:
         ``(label (X, Y, Z) uint16, RAS affine)``.
@@ -602,7 +607,8 @@ def read_dicom_seg(
         raise DataError(
             f"{where} does not reference the series in '{os.fspath(source)}' (references {sorted(series)})."
         )
-    lut = np.arange(len(seg.SegmentSequence) + 1, dtype=np.uint16)
+    # segment numbers need not be 1..N (pydicom-seg numbers a segment by its label value)
+    lut = np.arange(max([int(item.SegmentNumber) for item in seg.SegmentSequence], default=0) + 1, dtype=np.uint16)
     if channel_def is not None:
         value_of = {str(v): int(k) for k, v in channel_def.items()}
         for item in seg.SegmentSequence:
@@ -612,7 +618,10 @@ def read_dicom_seg(
                 )
             lut[int(item.SegmentNumber)] = value_of[str(item.SegmentLabel)]
     frames = seg.get_pixels_by_source_instance(
-        [ds.SOPInstanceUID for ds in datasets], combine_segments=True, relabel=False
+        [ds.SOPInstanceUID for ds in datasets],
+        combine_segments=True,
+        relabel=False,
+        ignore_spatial_locations=ignore_spatial_locations,
     )
     shape, affine = series_grid(datasets)
     return lut[np.asarray(frames, dtype=np.int64)].transpose(2, 1, 0).reshape(shape), affine

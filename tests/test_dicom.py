@@ -318,6 +318,33 @@ def test_read_dicom_seg_gives_the_label_map_on_the_loaded_grid(small_series, tmp
         read_dicom_seg(out, tmp_path / "other")
 
 
+def test_read_dicom_seg_takes_segments_numbered_by_label_value(small_series, tmp_path):
+    """A SEG as MONAI Label's pydicom-seg converter writes it: segment number = label value (not 1..N), and
+    no Spatial Locations Preserved in the frames' derivation (highdicom refuses those unless told)."""
+    import pydicom
+
+    folder = small_series[0]
+    lab, affine = _label_on(folder)
+    out = write_dicom_seg(lab, affine, folder, tmp_path / "seg.dcm", CHANNEL_DEF)
+    ds = pydicom.dcmread(out)
+    number = {int(s.SegmentNumber): value for s, value in zip(ds.SegmentSequence, [1, 2, 3, 10, 13])}
+    for item in ds.SegmentSequence:
+        item.SegmentNumber = number[int(item.SegmentNumber)]
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        ident = frame.SegmentIdentificationSequence[0]
+        ident.ReferencedSegmentNumber = number[int(ident.ReferencedSegmentNumber)]
+        for derivation in frame.DerivationImageSequence:
+            for source in derivation.SourceImageSequence:
+                del source.SpatialLocationsPreserved
+    ds.save_as(tmp_path / "renumbered.dcm")
+    with pytest.raises(RuntimeError, match="spatial locations are preserved"):
+        read_dicom_seg(tmp_path / "renumbered.dcm", folder)
+    back, _ = read_dicom_seg(tmp_path / "renumbered.dcm", folder, ignore_spatial_locations=True)
+    np.testing.assert_array_equal(back, lab)
+    named, _ = read_dicom_seg(tmp_path / "renumbered.dcm", folder, CHANNEL_DEF, ignore_spatial_locations=True)
+    np.testing.assert_array_equal(named, lab)
+
+
 def test_seg_rejects_values_missing_from_channel_def(small_series, tmp_path):
     folder = small_series[0]
     lab, affine = _label_on(folder)

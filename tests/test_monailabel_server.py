@@ -71,8 +71,10 @@ class Server:
         file: Path | bytes | None = None,
         body: dict | None = None,
         filename: str = "volume.nii.gz",
+        file_field: str = "file",
     ) -> Response:
-        """One HTTP request; ``params`` / ``file`` go as multipart form fields (what MONAI Label's infer takes)."""
+        """One HTTP request; ``params`` / ``file`` go as multipart form fields (what MONAI Label's infer takes;
+        its label upload names the file field ``label``)."""
         headers: dict[str, str] = {}
         data = None
         if params is not None or file is not None:
@@ -87,7 +89,7 @@ class Server:
             if file is not None:
                 content = file if isinstance(file, bytes) else Path(file).read_bytes()
                 parts.append(
-                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
                     "Content-Type: application/octet-stream\r\n\r\n".encode()
                     + content
                     + b"\r\n"

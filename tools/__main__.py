@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "label_app": "tools.label_app:main",
     "nifti_to_dicom": "tools.nifti_to_dicom:main",
     "noise_var": "tools.recipes.few_shot:noise_var",
+    "pacs": "tools.pacs:main",
     "prepare": "tools.prepare:main",
     "text_embeddings": "shared_nets.s_sam.text:cli",
     "weights": "tools.weights:main",
