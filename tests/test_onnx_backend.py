@@ -22,8 +22,6 @@ import torch
 
 from tests.conftest import REAL_CT
 
-pytest.importorskip("onnxruntime")
-
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["inference.json", "demo.json"]
 ATOL = 1e-4
@@ -56,6 +54,7 @@ def _messages(err: BaseException) -> str:
 
 def _identity_onnx(path: Path, shape: list) -> Path:
     """A one-node ONNX graph ``y = 2 * x`` with the given input shape (a string = dynamic dim)."""
+    pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper, save
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
@@ -161,6 +160,8 @@ def _infer(root: Path, data: Path, out: Path, backend: str):
     "bundle", ["ma_sam", pytest.param("h_sam", marks=pytest.mark.slow), pytest.param("s_sam", marks=pytest.mark.slow)]
 )
 def test_onnx_backend_predicts_as_torch_on_the_real_ct(tmp_path, bundle):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
     from shared_nets.export import check_equivalence
     from shared_nets.onnx_backend import OnnxRuntimeNetwork
     from tools.export import export_bundle
