@@ -186,7 +186,8 @@ def test_onnx_backend_predicts_as_torch_on_the_real_ct(tmp_path, bundle):
     assert pred_o.shape == pred_t.shape == nib.load(str(ct)).shape
     assert len(np.unique(pred_t)) > 1  # not a constant map that any backend would reproduce
     np.testing.assert_array_equal(pred_o, pred_t)
-    eager, onnx = parser_t.get_parsed_content("network")[0], parser_o.get_parsed_content("network")[0]
+    # the evaluator switches to eval mode only inside its iterations (MONAI's eval_mode restores the flag)
+    eager, onnx = parser_t.get_parsed_content("network")[0].eval(), parser_o.get_parsed_content("network")[0].eval()
     assert isinstance(onnx, OnnxRuntimeNetwork) and not isinstance(eager, OnnxRuntimeNetwork)
     # logits on three windows of the preprocessed CT, batched (the exported batch is dynamic)
     x = parser_t.get_parsed_content("preprocessing")({"image": str(ct)})["image"].as_tensor()[None]
