@@ -79,6 +79,8 @@ class OnnxRuntimeNetwork(nn.Module):
         path: the ``.onnx`` file (``python -m tools export --formats onnx``).
         input_shape: the input the bundle feeds without the batch dimension, ``[C, H, W, D]``; the
             file's input must have that rank and those sizes where it fixes them.
+        out_channels: the number of output channels the bundle's post-processing expects (classes with
+            background); checked against the file's output when it fixes it.
         device: the bundle's device; on ``cuda`` ONNX Runtime's CUDA provider is used when it is
             installed (``onnxruntime-gpu``), else the CPU provider.
         threads: intra-op threads (default: ``torch.get_num_threads()``, i.e. the bundle's
@@ -89,6 +91,7 @@ class OnnxRuntimeNetwork(nn.Module):
         self,
         path: str | os.PathLike,
         input_shape: Sequence[int] | None = None,
+        out_channels: int | None = None,
         device: str | torch.device = "cpu",
         threads: int | None = None,
     ) -> None:
@@ -125,9 +128,17 @@ class OnnxRuntimeNetwork(nn.Module):
             )
         self.input_name = inputs[0].name
         self.input_dtype = _DTYPES.get(inputs[0].type, torch.float32)
-        self.output_name = self.session.get_outputs()[0].name
+        output = self.session.get_outputs()[0]
+        self.output_name = output.name
         if input_shape is not None:
             self._check_shape(list(inputs[0].shape), [int(s) for s in input_shape])
+        found = output.shape[1] if len(output.shape) > 1 else None
+        if out_channels is not None and isinstance(found, int) and found != int(out_channels):
+            raise ValueError(
+                f"onnx_model '{self.path}' gives {found} output channels; this bundle config expects "
+                f"{int(out_channels)} (num_classes + background): it was exported with other configs; "
+                f"{_export_hint(self.path)}."
+            )
 
     def _check_shape(self, found: list, expected: list[int]) -> None:
         """The file's input (batch first) must have rank ``1 + len(expected)`` and the expected fixed sizes."""

@@ -94,6 +94,14 @@ def test_wrapper_refuses_a_file_of_another_input(tmp_path, shape, expected):
     assert "\n" not in str(e.value)
 
 
+def test_wrapper_refuses_a_file_of_other_classes(tmp_path):
+    from shared_nets.onnx_backend import OnnxRuntimeNetwork
+
+    path = _identity_onnx(tmp_path / "m.onnx", ["n", 3, 4, 4, 2])
+    with pytest.raises(ValueError, match=r"m\.onnx' gives 3 output channels; this bundle config expects 14"):
+        OnnxRuntimeNetwork(path, [3, 4, 4, 2], out_channels=14)
+
+
 def test_bundle_without_onnx_file_says_how_to_export(tmp_path):
     root = _copy("ma_sam", tmp_path)
     parser = _parser(root, inference_backend="onnx")
