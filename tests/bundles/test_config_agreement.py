@@ -34,6 +34,10 @@ TRAIN_ONLY_ARGS = {
     "sam3d_adapter": {"full_finetune", "use_checkpoint", "cache_image_embedding", "no_positive"},
 }
 
+#: ``network_def`` keys only inference.json has: ``_disabled_`` skips building it when ``inference_backend`` is
+#: ``"onnx"`` (ONNX Runtime runs the exported file instead, ``shared_nets.onnx_backend``).
+INFERENCE_ONLY_ARGS = {"_disabled_"}
+
 #: Overlays merged after train.json only (evaluation and fine-tuning): they must not change a shared value,
 #: or evaluation would score another model than inference runs.
 TRAIN_SIDE_OVERLAYS = ("evaluate.json", "finetune.json")
@@ -85,7 +89,7 @@ def test_network_definitions_agree(bundle):
     assert train["_target_"] == infer["_target_"]
     differ = sorted(k for k in set(train) & set(infer) - TRAIN_ONLY_ARGS[bundle] if train[k] != infer[k])
     assert not differ, f"{bundle}: network_def arguments {differ} differ between train.json and inference.json"
-    only = sorted((set(train) ^ set(infer)) - TRAIN_ONLY_ARGS[bundle])
+    only = sorted((set(train) ^ set(infer)) - TRAIN_ONLY_ARGS[bundle] - (set(infer) & INFERENCE_ONLY_ARGS))
     assert not only, f"{bundle}: network_def arguments {only} are set in only one of train.json / inference.json"
 
 
