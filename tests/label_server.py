@@ -79,6 +79,7 @@ class Server:
         env: its environment.
         cwd: its working folder.
         proc: the server process (leader of its own process group).
+        ready_path: what must answer 200 once the server is up (``/auth/`` when MONAI Label's auth is on).
     """
 
     url: str
@@ -89,6 +90,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     proc: subprocess.Popen | None = None
+    ready_path: str = "/info/"
 
     def request(
         self,
@@ -189,13 +191,13 @@ class Server:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"monailabel start_server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if self.request("GET", "/info/", timeout=30).status == 200:
+                if self.request("GET", self.ready_path, timeout=30).status == 200:
                     return
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             time.sleep(2.0)
         raise RuntimeError(
-            f"monailabel server did not answer /info/ within {STARTUP_TIMEOUT:.0f} s:\n{self.log_tail()}"
+            f"monailabel server did not answer {self.ready_path} within {STARTUP_TIMEOUT:.0f} s:\n{self.log_tail()}"
         )
 
     def stop(self) -> None:

@@ -2,14 +2,17 @@
 
 One server (``tests/label_server.py``: every bundle, ``tiny``, phantom datastore) takes, in this order:
 
+* hypothesis-generated ``params`` (clicks, boxes, label names, wrong types, huge numbers, NaN, nested
+  junk, keys the server sets itself) for every model: never a 5xx, and the server lives on (this also
+  loads every model, so the load below meets a warm server);
 * 20 parallel infer requests over the six models: each is answered with a label map or refused with 503
   (``Busy: ...``, the app's bounded infer queue), the resident memory of the server's process tree
   (sampled from ``/proc``) stays under :data:`RSS_BOUND`, and it answers normally afterwards;
-* hypothesis-generated ``params`` (clicks, boxes, label names, wrong types, huge numbers, NaN, nested
-  junk, keys the server sets itself) for every model: never a 5xx, and the server lives on;
 * SIGKILL of its process group during a ``/train`` while infers that save a label run back to back:
   ``model.pt`` loads whole and is the previous or a new complete model, no half-written label is in the
-  datastore and ``datastore_v2.json`` parses; the restarted server serves both.
+  datastore and ``datastore_v2.json`` parses; the restarted server serves both;
+* a restart with MONAI Label's auth switched on: requests without a token are refused (401), the app's
+  own infer route included.
 
 The figures (latency percentiles, peak memory) are printed (``pytest -s``) and recorded in
 docs/reliability.md.
@@ -32,7 +35,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.label_server import Response, Server, start_label_server
+from tests.label_server import Response, Server, free_port, start_label_server
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -74,6 +77,86 @@ def _one_line(response: Response) -> str:
 
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else math.nan
+
+
+# ------------------------------------------------------------------------------------------
+# fuzzed params
+# ------------------------------------------------------------------------------------------
+_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 80),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
+_junk = st.recursive(
+    _scalar,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12,
+)
+_coord = st.one_of(st.integers(0, 63), st.integers(0, 23), _scalar)
+_click = st.lists(_coord, min_size=0, max_size=7)
+_inside = st.tuples(st.integers(0, 63), st.integers(0, 63), st.integers(0, 23)).map(list)
+_clicks = st.one_of(st.lists(_inside, min_size=1, max_size=3), st.lists(_click, max_size=6), _click, _junk)
+_box = st.one_of(
+    st.lists(_coord, min_size=0, max_size=8), st.lists(st.lists(_coord, min_size=6, max_size=6), max_size=3), _junk
+)
+_label_names = st.sampled_from(["spleen", "liver", "object", "background", "", "no such organ", "../..", "label_0"])
+_known_keys = st.sampled_from(
+    [
+        "label", "label_tag", "save_label", "device", "logging", "result_extension", "result_dtype", "timeout",
+        "result_compress", "largest_cc", "skip_writer", "image", "model", "pred", "image_meta_dict", "description",
+        "spleen", "liver", "automatic", "sw_batch_size", "roi_size",
+    ]
+)  # fmt: skip
+_params = st.fixed_dictionaries(
+    {}, optional={"foreground": _clicks, "background": _clicks, "roi": _box, "label": _label_names | _junk}
+).flatmap(
+    lambda p: st.dictionaries(_known_keys | st.text(max_size=8), _label_names | _junk, max_size=3).map(
+        lambda extra: {**extra, **p}
+    )
+)
+_extra = st.dictionaries(_known_keys | st.text(max_size=8), _label_names | _junk, max_size=2)
+_valid_box = st.tuples(st.integers(0, 40), st.integers(0, 40), st.integers(0, 12), st.integers(1, 23)).map(
+    lambda b: [b[0], b[1], b[2], b[0] + b[3], b[1] + b[3], min(b[2] + b[3], 24)]
+)
+# a valid prompt among junk keys, so that prompted models run their pipeline on odd requests too
+_valid_prompt = st.one_of(
+    st.tuples(st.lists(_inside, min_size=1, max_size=2), _extra).map(lambda t: {**t[1], "foreground": t[0]}),
+    st.tuples(_valid_box, _extra).map(lambda t: {**t[1], "roi": t[0]}),
+)
+_body = st.one_of(
+    _params.map(lambda p: json.dumps(p)),
+    _valid_prompt.map(lambda p: json.dumps(p)),
+    _junk.map(lambda j: json.dumps(j)),  # JSON, but not an object
+    st.text(st.characters(codec="utf-8"), max_size=40),  # not JSON
+)
+
+
+@pytest.mark.parametrize("model", list(PROMPTS))
+def test_fuzzed_params_never_get_a_server_error(server, model):
+    seen: dict[int, int] = {}
+
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(body=_body)
+    def check(body: str) -> None:
+        response = server.infer(model, image="phantom_000", raw_params=body, timeout=CLIENT_TIMEOUT)
+        seen[response.status] = seen.get(response.status, 0) + 1
+        assert response.status < 500, f"params {body!r}: HTTP {response.status}: {response.body[:400]!r}"
+        if response.status != 200:
+            _one_line(response)
+        assert server.proc is not None and server.proc.poll() is None, f"params {body!r}: the server died"
+
+    check()
+    print(f"\n{model}: answers {dict(sorted(seen.items()))}")
+    assert server.infer(model, image="phantom_001", params=PROMPTS[model]).status == 200
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,87 +203,17 @@ def test_parallel_infers_are_answered_or_refused_and_memory_stays_bounded(server
             assert _one_line(response).startswith("Busy: "), response.body[:300]
             refused.append(seconds)
     peak = max(samples)
-    print(
-        f"\n{N_PARALLEL} parallel infers: {len(answered)} answered (latency p50 {_percentile(answered, 50):.2f} s, "
-        f"p90 {_percentile(answered, 90):.2f} s, max {max(answered):.2f} s), {len(refused)} refused with 503 "
-        f"(max {max(refused, default=0):.2f} s); server RSS {baseline / 2**20:.0f} MiB before, "
-        f"peak {peak / 2**20:.0f} MiB ({len(samples)} samples)"
-    )
     assert answered, "no request was answered"
+    print(
+        f"\n{N_PARALLEL} parallel infers: {len(answered)} answered (latency min {min(answered):.2f} s, "
+        f"p50 {_percentile(answered, 50):.2f} s, p90 {_percentile(answered, 90):.2f} s, max {max(answered):.2f} s), "
+        f"{len(refused)} refused with 503 (max {max(refused, default=0):.2f} s); server RSS "
+        f"{baseline / 2**20:.0f} MiB before, peak {peak / 2**20:.0f} MiB ({len(samples)} samples)"
+    )
     assert peak < RSS_BOUND, f"server tree peak RSS {peak / 2**20:.0f} MiB >= bound {RSS_BOUND / 2**20:.0f} MiB"
     # and it answers normally afterwards
     assert server.request("GET", "/info/").status == 200
     assert server.infer("h_sam", image="phantom_001").status == 200
-
-
-# ------------------------------------------------------------------------------------------
-# fuzzed params
-# ------------------------------------------------------------------------------------------
-_scalar = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-5, 80),
-    st.integers(min_value=-(10**400), max_value=10**400),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12),
-)
-_junk = st.recursive(
-    _scalar,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=12,
-)
-_coord = st.one_of(st.integers(0, 63), st.integers(0, 23), _scalar)
-_click = st.lists(_coord, min_size=0, max_size=7)
-_inside = st.tuples(st.integers(0, 63), st.integers(0, 63), st.integers(0, 23)).map(list)
-_clicks = st.one_of(st.lists(_inside, min_size=1, max_size=3), st.lists(_click, max_size=6), _click, _junk)
-_box = st.one_of(
-    st.lists(_coord, min_size=0, max_size=8), st.lists(st.lists(_coord, min_size=6, max_size=6), max_size=3), _junk
-)
-_label_names = st.sampled_from(["spleen", "liver", "object", "background", "", "no such organ", "../..", "label_0"])
-_known_keys = st.sampled_from(
-    [
-        "label", "label_tag", "save_label", "device", "logging", "result_extension", "result_dtype", "timeout",
-        "result_compress", "largest_cc", "skip_writer", "image", "model", "pred", "image_meta_dict", "description",
-        "spleen", "liver", "automatic", "sw_batch_size", "roi_size",
-    ]
-)  # fmt: skip
-_params = st.fixed_dictionaries(
-    {}, optional={"foreground": _clicks, "background": _clicks, "roi": _box, "label": _label_names | _junk}
-).flatmap(
-    lambda p: st.dictionaries(_known_keys | st.text(max_size=8), _label_names | _junk, max_size=3).map(
-        lambda extra: {**extra, **p}
-    )
-)
-_body = st.one_of(
-    _params.map(lambda p: json.dumps(p)),
-    _junk.map(lambda j: json.dumps(j)),  # JSON, but not an object
-    st.text(st.characters(codec="utf-8"), max_size=40),  # not JSON
-)
-
-
-@pytest.mark.parametrize("model", list(PROMPTS))
-def test_fuzzed_params_never_get_a_server_error(server, model):
-    seen: dict[int, int] = {}
-
-    @settings(
-        max_examples=FUZZ_EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(body=_body)
-    def check(body: str) -> None:
-        response = server.infer(model, image="phantom_000", raw_params=body, timeout=CLIENT_TIMEOUT)
-        seen[response.status] = seen.get(response.status, 0) + 1
-        assert response.status < 500, f"params {body!r}: HTTP {response.status}: {response.body[:400]!r}"
-        if response.status != 200:
-            _one_line(response)
-        assert server.proc is not None and server.proc.poll() is None, f"params {body!r}: the server died"
-
-    check()
-    print(f"\n{model}: answers {dict(sorted(seen.items()))}")
-    assert server.infer(model, image="phantom_001", params=PROMPTS[model]).status == 200
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,3 +294,33 @@ def test_sigkill_during_train_and_label_saving_infers_loses_nothing(server, tmp_
     assert response.status == 200, f"HTTP {response.status}: {response.body[:400]!r}\n{server.log_tail()}"
     listed = server.request("GET", "/datastore/?output=all").json()
     assert "phantom_002" in json.dumps(listed)
+
+
+# ------------------------------------------------------------------------------------------
+# authentication
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # one more server start
+def test_monailabel_auth_also_guards_the_apps_infer_route(server):
+    """With MONAI Label's own auth on, the app's infer route (it replaces MONAI Label's) wants a token too.
+
+    No identity provider runs here (the realm URI points at a closed port), so only requests without a
+    token are sent: MONAI Label refuses them with 401 before it would ask the provider.
+    """
+    server.stop()
+    server.env.update(
+        {
+            "MONAI_LABEL_AUTH_ENABLE": "true",
+            "MONAI_LABEL_AUTH_REALM_URI": f"http://127.0.0.1:{free_port()}/realms/monailabel",
+        }
+    )
+    server.ready_path = "/auth/"
+    server.restart()
+    assert server.request("GET", "/auth/").json()["enabled"] is True
+    for what, response in [
+        ("infer", server.infer("ma_sam", image="phantom_000")),
+        ("infer with an upload", server.infer("h_sam", file=server.studies / "phantom_001.nii.gz")),
+        ("info", server.request("GET", "/info/")),
+        ("train", server.request("POST", "/train/ma_sam", body={"max_epochs": 1})),
+        ("datastore upload", server.request("PUT", "/datastore/?image=new_one", params={}, file=b"x")),
+    ]:
+        assert response.status == 401, f"{what} without a token: HTTP {response.status}: {response.body[:300]!r}"

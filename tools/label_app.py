@@ -498,8 +498,9 @@ separator, ``.``/``..``, NUL), a URL path with a ``..`` segment, an ``image`` or
 resolves outside the studies folder, and ``uncompress`` of uploaded session archives.
 
 Infer requests: MONAI Label runs each infer on its event loop, one at a time, and queues the rest
-without a bound. Here at most ``SAM_BUNDLES_MAX_PENDING_INFERS`` (default 8) infer requests are
-pending at once; more are answered 503 with ``Retry-After``. The ``params`` form field is merged
+without a bound; while one runs, the server answers nothing else. Here the infer runs in a worker
+thread (still one at a time), at most ``SAM_BUNDLES_MAX_PENDING_INFERS`` (default 8) infer requests
+are pending at once, and more are answered 503 with ``Retry-After``. The ``params`` form field is merged
 into MONAI Label's request as it comes, so it is checked first: a JSON object, no key the server
 sets itself (``image``, ``model``, ...), prompts as lists of finite voxel indices, and known
 settings (``device``, ``label_tag``, ``result_extension``, ...) of the right kind; else 400.
@@ -516,9 +517,12 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+from typing import Optional
 
 import torch
-from fastapi import Request
+from fastapi import BackgroundTasks, Depends, File, Form, Request, UploadFile
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 from monailabel.app import app
 from monailabel.config import settings
@@ -732,18 +736,46 @@ def check_infer_params(text):
     return params
 
 
-def _checked(run_inference):
-    def run_checked_inference(background_tasks, model, image="", session_id="", params="{}", file=None,
-                              label=None, output=None):
-        check_infer_params(params)
-        return run_inference(background_tasks, model, image, session_id, params, file, label, output)
-
-    return run_checked_inference
-
-
 import monailabel.endpoints.infer as _infer_endpoint  # noqa: E402
+from monailabel.endpoints.user.auth import RBAC, User  # noqa: E402
 
-_infer_endpoint.run_inference = _checked(_infer_endpoint.run_inference)
+_infer_lock = threading.Lock()
+
+
+def api_run_inference(
+    background_tasks: BackgroundTasks,
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = Form("{}"),
+    file: UploadFile = File(None),
+    label: UploadFile = File(None),
+    output: Optional[_infer_endpoint.ResultType] = None,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    """MONAI Label's infer endpoint after the params check, in a worker thread, one infer at a time.
+
+    MONAI Label's own endpoint is ``async`` and runs the infer on the event loop, so while one runs the
+    server answers nothing else, and the answers of queued infers are sent only when the queue is empty.
+    A plain function runs in FastAPI's thread pool; the lock keeps MONAI Label's one-at-a-time infers.
+    """
+    check_infer_params(params)
+    with _infer_lock:
+        return _infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+
+def _route_infer_first():
+    """Serve ``POST /infer/{model}`` with :func:`api_run_inference`: its route goes before MONAI Label's routers
+    (the first matching route answers); MONAI Label's stays in the API docs (same parameters)."""
+    path = f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}"
+    app.add_api_route(path, api_run_inference, methods=["POST"], include_in_schema=False)
+    route = app.router.routes.pop()
+    if not isinstance(route, APIRoute) or route.endpoint is not api_run_inference:
+        raise RuntimeError(f"could not add the {path} route to MONAI Label's app")
+    app.router.routes.insert(0, route)
+
+
+_route_infer_first()
 
 
 # ------------------------------------------------------------------------------------------
