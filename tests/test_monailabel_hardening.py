@@ -41,7 +41,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-# Six tiny models loaded (about 1.1 GiB measured before the load, 1.3 GiB peak under it); the bound leaves
+# Six tiny models loaded (about 1.5 GiB measured before the load, 1.7 GiB peak under it); the bound leaves
 # room for the pending request bodies and the allocator's slack, but not for a second copy of the models or
 # an unbounded queue of decoded volumes.
 RSS_BOUND = 3 << 30
@@ -254,6 +254,7 @@ def test_sigkill_during_train_and_label_saving_infers_loses_nothing(server, tmp_
 
     saver = threading.Thread(target=save_labels, daemon=True)
     saver.start()
+    t0 = time.monotonic()
     # kill when the new model.pt is being written (its temporary file exists), else once it has changed
     how, deadline, inode = "timeout", time.monotonic() + 600, model_pt.stat().st_ino
     while time.monotonic() < deadline:
@@ -268,14 +269,18 @@ def test_sigkill_during_train_and_label_saving_infers_loses_nothing(server, tmp_
     server.kill()
     stop.set()
     saver.join(timeout=150)
-    print(f"\nkilled {how}; an infer saving a label in flight: {label_in_flight}; infers answered: {saved}")
+    print(
+        f"\nkilled {how}, {time.monotonic() - t0:.0f} s after /train/ was accepted; an infer saving a label in "
+        f"flight: {label_in_flight}; infers answered: {len(saved)} ({sorted(set(saved))})"
+    )
     assert how != "timeout", f"training never wrote model.pt within 600 s:\n{server.log_tail()}"
 
     # model.pt: whole, and the previous model or a complete new one
     state, reference = _state_dict(model_pt), _state_dict(previous)
     assert state.keys() == reference.keys(), "model.pt holds other weights than the model's"
     assert all(state[k].shape == reference[k].shape for k in state), "model.pt has mis-shaped tensors"
-    if _md5(model_pt) != before:
+    replaced = _md5(model_pt) != before
+    if replaced:
         assert any(not torch.equal(state[k], reference[k]) for k in state), "a new model.pt equal to the old one?"
     # the datastore: its JSON parses, every label file is whole, no temporary file passes for a label
     studies = server.studies
@@ -286,8 +291,13 @@ def test_sigkill_during_train_and_label_saving_infers_loses_nothing(server, tmp_
             arr = np.asarray(nib.load(str(label)).dataobj)  # reads every voxel: a truncated file raises
             assert arr.shape == (64, 64, 24), f"{label}: shape {arr.shape}"
 
+    leftovers = sorted(p.name for p in models_dir.iterdir() if p.name.startswith("."))
+    print(f"model.pt after the kill: {'a complete new one' if replaced else 'the previous one'}; left: {leftovers}")
+
     # restarted, the server serves the model.pt on disk and the saved label
+    t0 = time.monotonic()
     server.restart()
+    print(f"restarted in {time.monotonic() - t0:.0f} s")
     info = server.request("GET", "/info/")
     assert info.status == 200
     response = server.infer("ma_sam", image="phantom_003")

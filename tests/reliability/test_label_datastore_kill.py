@@ -24,6 +24,9 @@ WORKER = Path(__file__).with_name("datastore_kill_worker.py")
 ROUNDS = 12
 
 
+pytestmark = pytest.mark.slow  # about 20-50 s: the worker imports MONAI Label (torch, MONAI) once for 24 kills
+
+
 @pytest.fixture(scope="module")
 def kills(tmp_path_factory) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """The worker's reports (control, then with the app's datastore writes) and the label versions it saved.
@@ -69,10 +72,13 @@ def test_killed_label_save_leaves_a_whole_label_and_readable_json(kills):
         visible = [f for f in r["files"] if f.endswith((".nii.gz", ".nii"))]
         assert visible in ([], ["phantom_000.nii.gz"]), f"kill {i}: files that look like labels: {visible}"
     assert sum(r["sha256"] is not None for r in results) >= ROUNDS // 2, "the writer hardly ever saved a label"
+    temporary = [f for f in results[-1]["files"] if f.endswith(".tmp")]
+    print(f"\nwith the app: {len(results)} kills, every label whole; {len(temporary)} .tmp files left in the end")
 
 
 def test_control_monailabel_alone_leaves_half_written_labels(kills):
     """The same kills against MONAI Label's own in-place copy: a truncated label under the real name."""
     results, versions = kills[0]["monailabel"], kills[1]
     torn = [r["size"] for r in results if r["sha256"] is not None and r["sha256"] not in versions]
+    print(f"\nMONAI Label alone: {len(torn)} of {len(results)} kills left a truncated label under the real name")
     assert torn, f"no kill caught MONAI Label's in-place copy: sizes {[r['size'] for r in results]}"
