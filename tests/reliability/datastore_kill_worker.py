@@ -16,6 +16,7 @@ after a random delay, then records the label file under the real name (its SHA-2
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -59,7 +60,8 @@ def _kill_rounds(datastore, sources: list[Path], label: Path, rounds: int, seed:
 
 
 def main(studies: str, module_dir: str, rounds: str, out: str) -> None:
-    from monailabel.datastore.local import LocalDatastore
+    # MONAI Label's own environment runs this file (not a dependency of this project): imported by name
+    LocalDatastore = importlib.import_module("monailabel.datastore.local").LocalDatastore  # noqa: N806
 
     studies_path = Path(studies)
     sources = sorted((studies_path.parent / "label_sources").glob("*/phantom_000.nii.gz"))
@@ -70,7 +72,7 @@ def main(studies: str, module_dir: str, rounds: str, out: str) -> None:
     results = {"monailabel": _kill_rounds(datastore, sources, label, int(rounds), seed=0)}
     label.unlink(missing_ok=True)
     sys.path.insert(0, module_dir)
-    import sam_bundles_errors  # noqa: F401  (makes the datastore's writes atomic on import)
+    importlib.import_module("sam_bundles_errors")  # the app's module: makes the datastore's writes atomic
 
     results["app"] = _kill_rounds(datastore, sources, label, int(rounds), seed=1)
     Path(out).write_text(json.dumps(results))
