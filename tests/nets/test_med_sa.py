@@ -312,6 +312,10 @@ def test_add_corrective_clicks_respects_max_points():
         ({"roi": [8, 2, 0, 2, 8, 4]}, "zero extent or inverted"),
         ({"roi": [0, 0, 0, 17, 8, 4]}, "outside the image"),
         ({"foreground": [[1, 1, 1], [2, 2, 1]], "background": [[3, 3, 1]]}, "max_points=2"),
+        # a number beyond float64 (an OverflowError before) and non-finite boxes (passed every check before)
+        ({"foreground": [[10**400, 1, 1]]}, "must be a list of"),
+        ({"roi": [0, 0, 0, float("nan"), 8, 4]}, "NaN or infinite"),
+        ({"roi": [float("-inf"), 0, 0, 2, 8, 4]}, "NaN or infinite"),
     ],
 )
 def test_check_prompts_rejects_bad_prompts(prompts, match):

@@ -275,3 +275,76 @@ def test_guard_refuses_dotdot_paths_and_archive_uncompress(tmp_path):
     assert not guard["_inside"](str(tmp_path / "studies" / "link.nii.gz"), str(tmp_path / "studies"))
     assert guard["_inside"](str(tmp_path / "studies" / "x.nii.gz"), str(tmp_path / "studies"))
     assert not guard["_inside"](str(tmp_path / "studies_other" / "x.nii.gz"), str(tmp_path / "studies"))
+
+
+# -- the infer params check of the served app, without MONAI Label (the server test fuzzes the real endpoint) ----
+def _params_check():
+    """``check_infer_params`` and what it uses from the generated error module, with torch as the only import."""
+    import ast
+    import json
+    import math
+    import os
+    import re
+
+    import torch
+
+    from tools.label_app import ERRORS_SOURCE
+
+    tree = ast.parse(ERRORS_SOURCE)
+    functions = ("unsafe_name", "_short", "_prompt_numbers", "check_prompt", "check_infer_params")
+    constants = ("SERVER_KEYS", "PROMPT_KEYS", "MAX_INDEX", "MAX_PROMPT_NUMBERS", "CHOICES", "FLAGS")
+    keep = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef)
+        and n.name in functions
+        or isinstance(n, ast.ClassDef)
+        and n.name == "InvalidParams"
+        or isinstance(n, ast.Assign)
+        and any(getattr(t, "id", "") in constants for t in n.targets)
+    ]
+    namespace = {"os": os, "re": re, "json": json, "math": math, "torch": torch}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "sam_bundles_errors", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ("[1, 2]", "params must be a JSON object, got list"),
+        ("{not json", "params is not valid JSON"),
+        ('{"image": "/etc/passwd"}', "params key 'image' is set by the server"),
+        ('{"skip_writer": true}', "params key 'skip_writer' is set by the server"),
+        ('{"image_meta_dict": {}}', "params key 'image_meta_dict' is set by the server"),
+        ('{"foreground": [[NaN, 1, 2]]}', "of finite voxel indices, got the value nan"),
+        ('{"roi": [0, 0, 0, 1e999, 4, 4]}', "got the value inf"),
+        ('{"background": [[1, 2, 3000000000000]]}', "got the value 3000000000000"),
+        ('{"foreground": {"a": 1}}', "prompt 'foreground' must be a list of [i, j, k] clicks"),
+        ('{"foreground": [[[[[1]]]]]}', "prompt 'foreground' must be a list"),
+        ('{"label_tag": "../final"}', "params 'label_tag' must be a plain name"),
+        ('{"device": "gpu0"}', "params 'device' must be 'cpu', 'cuda' or 'cuda:N'"),
+        ('{"result_extension": "/../../x"}', "params 'result_extension' must be one of"),
+        ('{"save_label": "yes"}', "params 'save_label' must be true or false"),
+        ('{"timeout": -1}', "params 'timeout' must be a number of seconds"),
+    ],
+)
+def test_infer_params_check_refuses_with_one_line(params, expected):
+    check = _params_check()
+    with pytest.raises(check["InvalidParams"]) as raised:
+        check["check_infer_params"](params)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+    assert isinstance(raised.value, ValueError)  # answered 400 by the app's exception handler
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        "",
+        "{}",
+        '{"foreground": [[1, 2, 3]], "background": [], "label": "spleen"}',
+        '{"roi": [0, 0, 0, 4, 4, 4], "label_tag": "original", "save_label": true, "device": "cpu"}',
+        '{"result_extension": ".nii.gz", "result_dtype": "uint8", "logging": "INFO", "spleen": [[1, 2, 3]]}',
+    ],
+)
+def test_infer_params_check_passes_client_params(params):
+    assert isinstance(_params_check()["check_infer_params"](params), dict)
