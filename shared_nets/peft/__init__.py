@@ -25,6 +25,8 @@ from .setting import (
     apply_peft,
     check_peft,
     inject_adapters,
+    peft_globs,
+    resolve_peft,
     svd_targets,
 )
 from .svd import SVDConv2d, SVDLinear, inject_svd
@@ -39,6 +41,8 @@ __all__ = [
     "apply_peft",
     "check_peft",
     "inject_adapters",
+    "peft_globs",
+    "resolve_peft",
     "svd_targets",
     "BottleneckAdapter",
     "FacTFactors",
