@@ -197,6 +197,9 @@ def build_med_sa(
     if peft == "full":
         for p in net.parameters():
             p.requires_grad_(True)
+        # never used (no IoU loss, no mask prompts): frozen, so every trainable parameter gets a gradient
+        sam.mask_decoder.iou_prediction_head.requires_grad_(False)
+        sam.prompt_encoder.mask_downscaling.requires_grad_(False)
     else:
         # adapters of the ViT blocks, or of TinyViT's blocks inside its stages (the depth adapter included)
         blocks = "image_encoder.layers" if v.encoder == "tiny_vit" else "image_encoder.blocks"
