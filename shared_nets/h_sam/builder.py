@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from shared_nets.peft import LoRAQKV, apply_peft, resolve_peft
+from shared_nets.peft import LoRAQKV, apply_peft, log_peft_build, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 
 from .decoder import MASK_ATTENTION_MODES, HSAMStage2Decoder
@@ -172,7 +172,7 @@ def build_h_sam(
     # sec. 3.1: LoRA on q and v (SAMed), or another peft setting, injected after the checkpoint is loaded
     apply_peft(sam.image_encoder, peft, lora_rank=lora_rank, fact_rank=fact_rank, adapter_ratio=adapter_ratio)
     lora_layers = [m for m in sam.image_encoder.modules() if isinstance(m, LoRAQKV)]
-    return HSAM(
+    net = HSAM(
         sam,
         mask_decoder2,
         lora_layers,
@@ -187,3 +187,5 @@ def build_h_sam(
         embedding_noise=embedding_noise,
         gradient_checkpointing=gradient_checkpointing,
     )
+    log_peft_build(net, "H-SAM", peft)
+    return net

@@ -12,7 +12,7 @@ import os
 
 from torch import nn
 
-from shared_nets.peft import Adapter3D, apply_peft, resolve_peft
+from shared_nets.peft import Adapter3D, apply_peft, log_peft_build, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 from shared_nets.sam.encoder_blocks import block_width
 
@@ -176,7 +176,7 @@ def build_ma_sam(
         del mask_decoder.output_hypernetworks_mlps
         mask_decoder.output_upscaling = nn.Identity()
 
-    return MASAM(
+    net = MASAM(
         sam,
         adapters_before,
         adapters_after,
@@ -190,3 +190,5 @@ def build_ma_sam(
         finetune=peft,
         gradient_checkpointing=gradient_checkpointing,
     )
+    log_peft_build(net, "MA-SAM", peft)
+    return net

@@ -11,7 +11,7 @@ import os
 
 from torch import nn
 
-from shared_nets.peft import apply_peft, freeze_except, peft_globs, resolve_peft
+from shared_nets.peft import apply_peft, freeze_except, log_peft_build, peft_globs, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 from shared_nets.sam.encoder_blocks import block_width
 
@@ -212,4 +212,5 @@ def build_med_sa(
         if train_mask_decoder:
             patterns += ["mask_decoder.*"]
         freeze_except(net, patterns)
+    log_peft_build(net, "Med-SA", peft)
     return net

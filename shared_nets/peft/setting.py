@@ -10,6 +10,7 @@ attention output and a scaled adapter parallel to the MLP on its normalised inpu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "apply_peft",
     "check_peft",
     "inject_adapters",
+    "log_peft_build",
     "peft_globs",
     "resolve_peft",
     "svd_targets",
@@ -88,6 +90,19 @@ def peft_globs(peft: str, prefix: str = "") -> list[str]:
         "frozen": [],
     }[check_peft(peft)]
     return [prefix + g for g in globs]
+
+
+def log_peft_build(model: nn.Module, name: str, peft: str) -> tuple[int, int]:
+    """Log (INFO, logger ``shared_nets.peft``) and return ``(trainable, total)`` parameter counts of a built network.
+
+    Every builder calls it last, so each network reports its trainable parameters under its ``peft`` setting.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logging.getLogger("shared_nets.peft").info(
+        "%s (peft=%s): %d of %d parameters trainable (%.2f %%)", name, peft, trainable, total, 100 * trainable / total
+    )
+    return trainable, total
 
 
 def _has_conv_neck(encoder: nn.Module) -> bool:

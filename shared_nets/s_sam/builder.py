@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from shared_nets.peft import apply_peft, inject_svd, resolve_peft
+from shared_nets.peft import apply_peft, inject_svd, log_peft_build, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 
 from .network import S_SAM_MODES, SSAM, TAL_TYPES, TextAffineLayer, _check_bool
@@ -205,4 +205,5 @@ def build_s_sam(
         gradient_checkpointing=gradient_checkpointing,
     )
     net.set_trainable(svd_scale, svd_shift, train_pos_embed, train_norms, train_decoder_norms)
+    log_peft_build(net, "S-SAM", peft)
     return net

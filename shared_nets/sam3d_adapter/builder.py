@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared_nets.peft import apply_peft, resolve_peft
+from shared_nets.peft import apply_peft, log_peft_build, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 
 from .encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer
@@ -254,4 +254,5 @@ def build_sam3d_adapter(
         peft_patterns = apply_peft(net, peft, lora_rank=lora_rank, fact_rank=fact_rank, svd_include=svd_include)
     net.peft = peft  # the uniform name of the setting across the five networks
     net.set_trainable(peft == "full", peft_patterns)
+    log_peft_build(net, "3DSAM-adapter", peft)
     return net

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import pytest
@@ -181,3 +182,11 @@ def test_old_keys_are_aliases_and_contradictions_are_refused(bundle, alias, valu
     assert _build(bundle, **{alias: value}).peft == peft
     with pytest.raises(ValueError, match=rf"peft='lora' contradicts {alias}="):
         _build(bundle, peft="lora", **{alias: value})
+
+
+@pytest.mark.parametrize("bundle", list(BUILD))
+def test_builders_log_their_trainable_parameters(bundle, caplog):
+    with caplog.at_level(logging.INFO, logger="shared_nets.peft"):
+        net = _build(bundle, peft="fact")
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert f"(peft=fact): {trainable} of {sum(p.numel() for p in net.parameters())} parameters trainable" in caplog.text
