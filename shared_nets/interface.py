@@ -60,7 +60,7 @@ class BenchCase:
     prompted: ClassVar[bool] = False
     reprompt_settings: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     memory_target: ClassVar[Mapping[str, Any] | None] = None
-    peft_keys: ClassVar[tuple[str, ...]] = ("finetune", "full_finetune")
+    peft_keys: ClassVar[tuple[str, ...]] = ("peft", "finetune", "full_finetune")
     report_note: ClassVar[str] = ""
 
     def prompt_channels(self, net: nn.Module) -> tuple[str, ...]:

@@ -19,11 +19,11 @@ from tests.conftest import REAL_CT
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 # the bundles' PEFT modes (demo.json fine-tunes fully), so merge_peft has layers to merge
 PEFT = {
-    "ma_sam": {"finetune": "fact"},
-    "h_sam": {"finetune": "lora"},
-    "s_sam": {"full_finetune": False},
-    "med_sa": {"full_finetune": False},
-    "sam3d_adapter": {"full_finetune": False},
+    "ma_sam": {"peft": "fact"},
+    "h_sam": {"peft": "lora"},
+    "s_sam": {"peft": "svd"},
+    "med_sa": {"peft": "adapter"},
+    "sam3d_adapter": {"peft": "adapter"},
 }
 ATOL = 1e-4
 

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "bench_deploy": "tools.bench:deploy_main",
     "bench_lite": "tools.bench:lite_main",
     "bench_sharded": "tools.bench_sharded:main",
+    "compare": "tools.compare:main",
     "configs": "tools.configs:main",
     "demo": "tools.demo:main",
     "demo_data": "tools.demo_data:main",

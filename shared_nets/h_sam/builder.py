@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from shared_nets.peft import inject_lora
+from shared_nets.peft import LoRAQKV, apply_peft, log_peft_build, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 
 from .decoder import MASK_ATTENTION_MODES, HSAMStage2Decoder
-from .network import ENSEMBLE_MODES, FINETUNE_MODES, HSAM
+from .network import ENSEMBLE_MODES, HSAM
 
 __all__ = ["build_h_sam"]
 
@@ -26,8 +26,11 @@ def build_h_sam(
     num_classes: int = 8,
     in_channels: int = 1,
     patch_size: int = 16,
-    finetune: str = "lora",
+    peft: str | None = None,
+    finetune: str | None = None,
     lora_rank: int = 4,
+    fact_rank: int = 32,
+    adapter_ratio: float = 0.25,
     use_stage2: bool = True,
     mask_attention: str = "learnable",
     use_cmattn: bool = True,
@@ -59,9 +62,14 @@ def build_h_sam(
         num_classes: foreground classes; outputs ``num_classes + 1`` channels (0 = background).
         in_channels: image channels, 1 (grey, repeated to 3) or 3 (RGB).
         patch_size: ViT patch size (16 for checkpoints; 8 gives ``tiny`` a finer token grid).
-        finetune: one of :data:`FINETUNE_MODES`. Both decoders are always trained; the prompt
+        peft: how the image encoder is tuned, one of :data:`shared_nets.peft.PEFT_METHODS`; None is
+            the paper's ``"lora"`` (sec. 3.1). Both decoders are always trained; the prompt
             encoder's default (no-mask) embedding too.
+        finetune: old name of ``peft`` (kept as an alias; a different ``peft`` raises).
         lora_rank: LoRA rank on q and v of every encoder block (paper 4; released code 5).
+        fact_rank: FacT rank for ``peft="fact"``.
+        adapter_ratio: bottleneck width / block width for ``peft="adapter"``
+            (:func:`shared_nets.peft.inject_adapters`).
         use_stage2: False gives the SAMed baseline (Table 4 first row): stage 1 only.
         mask_attention: stage-2 cross-attention, ``learnable`` (paper eq. 3), ``binary``
             (Mask2Former's, Table 5) or ``none`` (Table 4).
@@ -98,9 +106,8 @@ def build_h_sam(
         raise ValueError(f"num_classes must be a positive integer (foreground classes), got {num_classes!r}.")
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}.")
-    if finetune not in FINETUNE_MODES:
-        raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}.")
-    if finetune == "lora" and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+    peft = resolve_peft(peft, "lora", finetune=finetune)
+    if peft == "lora" and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
         raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}.")
     if mask_attention not in MASK_ATTENTION_MODES:
         raise ValueError(f"mask_attention must be one of {MASK_ATTENTION_MODES}, got {mask_attention!r}.")
@@ -162,9 +169,10 @@ def build_h_sam(
         if use_stage2
         else None
     )
-    # sec. 3.1: LoRA on q and v (SAMed), injected after the checkpoint is loaded
-    lora_layers = inject_lora(sam.image_encoder, r=lora_rank, targets=("q", "v")) if finetune == "lora" else []
-    return HSAM(
+    # sec. 3.1: LoRA on q and v (SAMed), or another peft setting, injected after the checkpoint is loaded
+    apply_peft(sam.image_encoder, peft, lora_rank=lora_rank, fact_rank=fact_rank, adapter_ratio=adapter_ratio)
+    lora_layers = [m for m in sam.image_encoder.modules() if isinstance(m, LoRAQKV)]
+    net = HSAM(
         sam,
         mask_decoder2,
         lora_layers,
@@ -173,9 +181,11 @@ def build_h_sam(
         num_classes=num_classes,
         in_channels=in_channels,
         patch_size=stride,
-        finetune=finetune,
+        finetune=peft,
         ensemble=ensemble,
         released_attention_order=released_attention_order,
         embedding_noise=embedding_noise,
         gradient_checkpointing=gradient_checkpointing,
     )
+    log_peft_build(net, "H-SAM", peft)
+    return net

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from shared_nets.peft import freeze_except
+from shared_nets.peft import PEFT_METHODS, freeze_except, peft_globs
 from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam.slices import check_input, slices_to_volume, to_rgb, upsample_to, volume_to_slices
 
@@ -25,9 +25,9 @@ from .decoder import HSAMStage2Decoder, decode_stage1
 
 __all__ = ["HSAM", "ENSEMBLE_MODES", "FINETUNE_MODES", "check_forward_args"]
 
-#: ``lora``: LoRA on q, v, encoder otherwise frozen (paper); ``full``: every parameter trained, no
-#: LoRA (demos training ``tiny`` from scratch); ``frozen``: encoder frozen, decoders only.
-FINETUNE_MODES = ("lora", "full", "frozen")
+#: The image encoder's ``peft`` settings (:data:`shared_nets.peft.PEFT_METHODS`): ``lora`` on q, v (paper),
+#: ``fact``, ``svd``, ``adapter``, ``full`` (demos training ``tiny`` from scratch) or ``frozen`` (decoders only).
+FINETUNE_MODES = PEFT_METHODS
 
 #: How the two stages are combined at inference: ``probability`` (paper sec. 3.4: mean of the two
 #: softmaxes; returned as its log so that softmax gives the mean back), ``logit`` (released
@@ -114,6 +114,7 @@ class HSAM(nn.Module):
         self.variant = variant
         self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
         self.num_classes, self.finetune = num_classes, finetune
+        self.peft = finetune  # the uniform name of the setting across the five networks
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.use_stage2, self.ensemble = use_stage2, ensemble
         self.cross_first = released_attention_order
@@ -138,7 +139,7 @@ class HSAM(nn.Module):
         """
         patterns = ["prompt_encoder.no_mask_embed.*", "mask_decoder.*"]
         patterns += ["mask_decoder2.*"] if self.mask_decoder2 is not None else []
-        patterns += {"lora": ["image_encoder.*.lora_*"], "full": ["image_encoder.*"], "frozen": []}[self.finetune]
+        patterns += peft_globs(self.finetune, "image_encoder.")
         freeze_except(self, patterns)
         self.mask_decoder.iou_prediction_head.requires_grad_(False)
 

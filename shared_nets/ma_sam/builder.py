@@ -12,12 +12,12 @@ import os
 
 from torch import nn
 
-from shared_nets.peft import Adapter3D, inject_fact
+from shared_nets.peft import Adapter3D, apply_peft, log_peft_build, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 from shared_nets.sam.encoder_blocks import block_width
 
 from .blocks import MultiScaleFusion, ProgressiveUpsampling
-from .network import ADAPTER_POSITIONS, DECODERS, FINETUNE_MODES, MASAM
+from .network import ADAPTER_POSITIONS, DECODERS, MASAM
 
 __all__ = ["build_ma_sam"]
 
@@ -41,10 +41,13 @@ def build_ma_sam(
     num_slices: int = 5,
     in_channels: int = 1,
     use_box_prompt: bool = False,
-    finetune: str = "fact",
+    peft: str | None = None,
+    finetune: str | None = None,
     fact_rank: int = 32,
     fact_dropout: float = 0.1,
     fact_scale: float = 1.0,
+    lora_rank: int = 4,
+    adapter_ratio: float = 0.25,
     use_3d_adapters: bool = True,
     adapter_position: str = "both",
     adapter_dim: int | None = None,
@@ -73,12 +76,17 @@ def build_ma_sam(
         in_channels: image channels (1 for CT/MRI, 3 for RGB video frames).
         use_box_prompt: one extra guidance channel holding a 3D box (paper's tumour setting,
             Table 4); each slice that the box crosses gets its 2D box prompt.
-        finetune: ``"fact"`` (FacT on q, v; encoder frozen otherwise), ``"full"`` (whole
-            encoder trainable) or ``"frozen"`` (encoder frozen, decoder only). The mask decoder,
-            the prompt encoder and 3D adapters are always trained.
+        peft: how the image encoder is tuned, one of :data:`shared_nets.peft.PEFT_METHODS`; None is
+            the paper's ``"fact"`` (FacT on q, v; encoder frozen otherwise). ``"full"``: whole encoder
+            trainable; ``"frozen"``: decoder only. The mask decoder, the prompt encoder and the 3D
+            adapters (``use_3d_adapters``) are always trained.
+        finetune: old name of ``peft`` (kept as an alias; a different ``peft`` raises).
         fact_rank: FacT rank ``r`` (paper 32).
         fact_dropout: dropout on the FacT branch (official code 0.1).
         fact_scale: FacT scale ``s`` (paper 1).
+        lora_rank: LoRA rank for ``peft="lora"``.
+        adapter_ratio: bottleneck width / block width for ``peft="adapter"``
+            (:func:`shared_nets.peft.inject_adapters`; not the 3D adapters' ``adapter_dim``).
         use_3d_adapters: add the 3D adapters.
         adapter_position: ``"both"`` (paper), ``"before"`` or ``"after"`` attention.
         adapter_dim: adapter width ``c``; None → ``min(384, E/2)`` (384 for ViT-B as in the code).
@@ -97,8 +105,7 @@ def build_ma_sam(
     """
     if not isinstance(use_sdpa, bool):
         raise ValueError(f"use_sdpa must be true or false, got {use_sdpa!r}.")
-    if finetune not in FINETUNE_MODES:
-        raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}.")
+    peft = resolve_peft(peft, "fact", finetune=finetune)
     if adapter_position not in ADAPTER_POSITIONS:
         raise ValueError(f"adapter_position must be one of {ADAPTER_POSITIONS}, got {adapter_position!r}.")
     if decoder not in DECODERS:
@@ -130,8 +137,15 @@ def build_ma_sam(
     encoder = sam.image_encoder
     widths = [block_width(b) for b in encoder.blocks]
     embed_dim = widths[-1]
-    if finetune == "fact":
-        inject_fact(encoder, rank=fact_rank, targets=("q", "v"), dropout=fact_dropout, scale=fact_scale)
+    apply_peft(
+        encoder,
+        peft,
+        lora_rank=lora_rank,
+        fact_rank=fact_rank,
+        fact_dropout=fact_dropout,
+        fact_scale=fact_scale,
+        adapter_ratio=adapter_ratio,
+    )
 
     # 3D adapters before and/or after attention in every block (sec. 3.3, Table 8); at lite
     # each TinyViT block gets adapters of its own stage's width
@@ -162,7 +176,7 @@ def build_ma_sam(
         del mask_decoder.output_hypernetworks_mlps
         mask_decoder.output_upscaling = nn.Identity()
 
-    return MASAM(
+    net = MASAM(
         sam,
         adapters_before,
         adapters_after,
@@ -173,6 +187,8 @@ def build_ma_sam(
         num_slices=num_slices,
         in_channels=in_channels,
         use_box_prompt=use_box_prompt,
-        finetune=finetune,
+        finetune=peft,
         gradient_checkpointing=gradient_checkpointing,
     )
+    log_peft_build(net, "MA-SAM", peft)
+    return net

@@ -13,12 +13,14 @@ are predicted.
 from __future__ import annotations
 
 import functools
+from fnmatch import fnmatchcase
 
 import torch
 from segment_anything.modeling import Sam
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
+from shared_nets.peft import PEFT_METHODS, peft_globs
 from shared_nets.prompts import decode_boxes_2d
 from shared_nets.sam.decoding import decode_masks
 from shared_nets.sam.encoder_blocks import run_encoder
@@ -28,7 +30,8 @@ from .blocks import MultiScaleFusion, ProgressiveUpsampling, attention_residual,
 
 __all__ = ["MASAM", "MultiScaleFusion"]
 
-FINETUNE_MODES = ("fact", "full", "frozen")
+#: The image encoder's ``peft`` settings (:data:`shared_nets.peft.PEFT_METHODS`; paper: ``fact``).
+FINETUNE_MODES = PEFT_METHODS
 ADAPTER_POSITIONS = ("both", "before", "after")
 DECODERS = ("progressive", "sam", "multiscale")
 
@@ -94,6 +97,7 @@ class MASAM(nn.Module):
             decoder = "multiscale"
         self.num_classes, self.use_box_prompt, self.decoder_type = num_classes, use_box_prompt, decoder
         self.finetune, self.gradient_checkpointing = finetune, gradient_checkpointing
+        self.peft = finetune  # the uniform name of the setting across the five networks
         self.sam = sam
         self.adapters_before = adapters_before
         self.adapters_after = adapters_after
@@ -108,12 +112,9 @@ class MASAM(nn.Module):
     # -- parameters -------------------------------------------------------------------------
     def _set_trainable(self) -> None:
         encoder = self.sam.image_encoder
-        for p in encoder.parameters():
-            p.requires_grad = self.finetune == "full"
-        if self.finetune == "fact":
-            for name, p in encoder.named_parameters():
-                if "fact_" in name:
-                    p.requires_grad = True
+        globs = peft_globs(self.finetune)
+        for name, p in encoder.named_parameters():
+            p.requires_grad = any(fnmatchcase(name, g) for g in globs)
         # parts this model never uses stay frozen (no IoU loss; no clicks or mask prompts), so
         # every trainable parameter gets a gradient (DDP requires it) and the optimizer skips them
         unused = [

@@ -146,11 +146,28 @@ class HyPAdapter(nn.Module):
 
 
 def _add_encoder_adapters(
-    block: nn.Module, dim: int, hidden_dim: int, act: str, scale: float, zero_init: bool, depth_adapter: bool
+    block: nn.Module,
+    dim: int,
+    hidden_dim: int,
+    act: str,
+    scale: float,
+    zero_init: bool,
+    depth_adapter: bool,
+    encoder_adapters: bool = True,
 ) -> None:
-    """Give an encoder block Med-SA's space adapter (skip), scaled MLP adapter and optional depth adapter."""
-    block.space_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=True, zero_init=zero_init)
-    block.mlp_adapter = BottleneckAdapter(dim, hidden_dim, act=act, skip=False, scale=scale, zero_init=zero_init)
+    """Give an encoder block Med-SA's space adapter (skip), scaled MLP adapter and optional depth adapter.
+
+    Without ``encoder_adapters`` (another ``peft`` setting tunes the encoder) the space and MLP adapters are
+    None and the block computes SAM's block plus the SD-Trans branch.
+    """
+    block.space_adapter = (
+        BottleneckAdapter(dim, hidden_dim, act=act, skip=True, zero_init=zero_init) if encoder_adapters else None
+    )
+    block.mlp_adapter = (
+        BottleneckAdapter(dim, hidden_dim, act=act, skip=False, scale=scale, zero_init=zero_init)
+        if encoder_adapters
+        else None
+    )
     block.depth_adapter = (
         BottleneckAdapter(dim, hidden_dim, act=act, skip=False, zero_init=zero_init) if depth_adapter else None
     )
@@ -197,6 +214,8 @@ class MedSAEncoderBlock(nn.Module):
         sd_trans: enable the depth branch for inputs with more than one slice.
         depth_adapter: pass the depth branch through a third adapter without skip (official
             code; the paper adds the depth attention output directly).
+        encoder_adapters: add the space and MLP adapters (``peft="adapter"``, the paper); False when
+            another ``peft`` setting tunes the block (then it computes SAM's block plus SD-Trans).
     """
 
     def __init__(
@@ -208,6 +227,7 @@ class MedSAEncoderBlock(nn.Module):
         zero_init: bool = True,
         sd_trans: bool = True,
         depth_adapter: bool = False,
+        encoder_adapters: bool = True,
     ) -> None:
         super().__init__()
         _check_act(act)
@@ -215,7 +235,7 @@ class MedSAEncoderBlock(nn.Module):
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
         self.window_size = block.window_size
         self.sd_trans = bool(sd_trans)
-        _add_encoder_adapters(self, dim, hidden_dim, act, scale, zero_init, depth_adapter)
+        _add_encoder_adapters(self, dim, hidden_dim, act, scale, zero_init, depth_adapter, encoder_adapters)
 
     def depth_branch(self, xn: torch.Tensor, num_slices: int) -> torch.Tensor:
         """SD-Trans depth branch: attention over the slice axis.
@@ -248,11 +268,14 @@ class MedSAEncoderBlock(nn.Module):
             a = window_unpartition(self.attn(xw), self.window_size, pad_hw, (h, w))
         else:
             a = self.attn(xn)
-        a = self.space_adapter(a)  # Fig. 1b: adapter after attention, with skip
+        if self.space_adapter is not None:
+            a = self.space_adapter(a)  # Fig. 1b: adapter after attention, with skip
         if self.sd_trans and num_slices > 1:
             a = a + self.depth_branch(xn, num_slices)  # Fig. 1c: add the depth branch
         x = shortcut + a
         xn = self.norm2(x)
+        if self.mlp_adapter is None:
+            return x + self.mlp(xn)
         return x + self.mlp(xn) + self.mlp_adapter(xn)  # Fig. 1b: scaled parallel MLP adapter
 
 
@@ -294,7 +317,7 @@ class MedSATinyViTBlock(nn.Module):
     Args:
         block: the TinyViT block to adopt.
         hidden_dim: adapter bottleneck width.
-        act, scale, zero_init, sd_trans, depth_adapter: as :class:`MedSAEncoderBlock`.
+        act, scale, zero_init, sd_trans, depth_adapter, encoder_adapters: as :class:`MedSAEncoderBlock`.
     """
 
     def __init__(
@@ -306,6 +329,7 @@ class MedSATinyViTBlock(nn.Module):
         zero_init: bool = True,
         sd_trans: bool = True,
         depth_adapter: bool = False,
+        encoder_adapters: bool = True,
     ) -> None:
         super().__init__()
         _check_act(act)
@@ -315,7 +339,7 @@ class MedSATinyViTBlock(nn.Module):
         self.attn, self.local_conv, self.mlp = block.attn, block.local_conv, block.mlp
         self.window_size = block.window_size
         self.sd_trans = bool(sd_trans)
-        _add_encoder_adapters(self, dim, hidden_dim, act, scale, zero_init, depth_adapter)
+        _add_encoder_adapters(self, dim, hidden_dim, act, scale, zero_init, depth_adapter, encoder_adapters)
 
     window_attention = TinyViTBlock.window_attention
 
@@ -327,11 +351,15 @@ class MedSATinyViTBlock(nn.Module):
         """Tokens ``[B*D, h, w, C]`` (``D = num_slices`` consecutive slices per sample) → same shape."""
         if x.shape[0] % num_slices:
             raise ValueError(f"batch of {x.shape[0]} slice embeddings is not a multiple of num_slices={num_slices}.")
-        a = self.space_adapter(self.window_attention(x))  # Fig. 1b: adapter after attention, with skip
+        a = self.window_attention(x)
+        if self.space_adapter is not None:
+            a = self.space_adapter(a)  # Fig. 1b: adapter after attention, with skip
         if self.sd_trans and num_slices > 1:
             a = a + self.depth_branch(x, num_slices)  # Fig. 1c
         x = x + a
         x = self.local_conv(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+        if self.mlp_adapter is None:
+            return x + self.mlp(x)
         return x + self.mlp(x) + self.mlp_adapter(self.mlp.norm(x))  # Fig. 1b: scaled parallel MLP adapter
 
 

@@ -11,7 +11,7 @@ import os
 
 from torch import nn
 
-from shared_nets.peft import freeze_except
+from shared_nets.peft import apply_peft, freeze_except, log_peft_build, peft_globs, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 from shared_nets.sam.encoder_blocks import block_width
 
@@ -45,7 +45,10 @@ def build_med_sa(
     prompt_scope: str = "slice",
     automatic: bool = False,
     train_mask_decoder: bool = False,
-    full_finetune: bool = False,
+    peft: str | None = None,
+    full_finetune: bool | None = None,
+    lora_rank: int = 4,
+    fact_rank: int = 32,
     embedding_cache: int = 8,
     no_prompt_logit: float = -20.0,
     gradient_checkpointing: bool = False,
@@ -86,7 +89,14 @@ def build_med_sa(
         automatic: allow inputs without any prompt (decoded with SAM's "no prompt" tokens);
             otherwise such an input raises ``ValueError`` naming the guidance channels.
         train_mask_decoder: also train SAM's mask decoder (official code).
-        full_finetune: train every parameter (for ``tiny`` demos trained from scratch).
+        peft: how the image encoder is tuned, one of :data:`shared_nets.peft.PEFT_METHODS`; None is
+            the paper's ``"adapter"`` (Med-SA's space and MLP adapters, width ``adapter_ratio``). Other
+            settings drop those two adapters and tune the encoder by LoRA/FacT/SVD, fully or not at all;
+            SD-Trans, the depth adapter and the decoder adapters keep their own switches. ``"full"``
+            trains every parameter (for ``tiny`` demos trained from scratch).
+        full_finetune: old switch, alias of ``peft="full"`` (a different ``peft`` raises).
+        lora_rank: LoRA rank for ``peft="lora"``.
+        fact_rank: FacT rank for ``peft="fact"``.
         embedding_cache: without autograd, keep the embeddings of this many recent images
             (e.g. the windows of one volume) and reuse them when the same image is decoded
             again with new prompts (interactive refinement); 0 disables.
@@ -120,7 +130,6 @@ def build_med_sa(
         ("hyp_adapter", hyp_adapter),
         ("automatic", automatic),
         ("train_mask_decoder", train_mask_decoder),
-        ("full_finetune", full_finetune),
         ("gradient_checkpointing", gradient_checkpointing),
     ):
         _check_bool(value, name)
@@ -130,6 +139,10 @@ def build_med_sa(
         raise ValueError(
             f"embedding_cache must be a number of cached images >= 0 (0 disables), got {embedding_cache!r}."
         )
+    if full_finetune is not None:
+        _check_bool(full_finetune, "full_finetune")
+    peft = resolve_peft(peft, "adapter", full_finetune=full_finetune)
+    encoder_adapters = peft == "adapter"
     v = get_variant(variant)
 
     # Load SAM (official weights strictly, rel-pos tables included) before injecting adapters.
@@ -141,14 +154,18 @@ def build_med_sa(
             for j, blk in enumerate(layer.blocks):
                 width = adapter_width(block_width(blk), adapter_ratio)
                 layer.blocks[j] = MedSATinyViTBlock(
-                    blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter
+                    blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter, encoder_adapters
                 )
     else:
         width = adapter_width(v.encoder_embed_dim, adapter_ratio)
         encoder.blocks = nn.ModuleList(
-            MedSAEncoderBlock(blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter)
+            MedSAEncoderBlock(
+                blk, width, adapter_act, adapter_scale, adapter_zero_init, sd_trans, depth_adapter, encoder_adapters
+            )
             for blk in encoder.blocks
         )
+    if peft in ("lora", "fact", "svd"):
+        apply_peft(encoder, peft, lora_rank=lora_rank, fact_rank=fact_rank)
     if decoder_adapters:
         dim = v.prompt_embed_dim
         sam.mask_decoder.transformer = MedSATwoWayTransformer(
@@ -176,13 +193,18 @@ def build_med_sa(
         no_prompt_logit=no_prompt_logit,
         gradient_checkpointing=gradient_checkpointing,
     )
-    if full_finetune:
+    net.peft = peft  # the uniform name of the setting across the five networks
+    if peft == "full":
         for p in net.parameters():
             p.requires_grad_(True)
+        # never used (no IoU loss, no mask prompts): frozen, so every trainable parameter gets a gradient
+        sam.mask_decoder.iou_prediction_head.requires_grad_(False)
+        sam.prompt_encoder.mask_downscaling.requires_grad_(False)
     else:
-        # adapters of the ViT blocks, or of TinyViT's blocks inside its stages
+        # adapters of the ViT blocks, or of TinyViT's blocks inside its stages (the depth adapter included)
         blocks = "image_encoder.layers" if v.encoder == "tiny_vit" else "image_encoder.blocks"
-        patterns = [f"{blocks}.*adapter*"]
+        patterns = [f"{blocks}.*adapter*"] if encoder_adapters or depth_adapter else []
+        patterns += peft_globs(peft, "image_encoder.") if peft != "adapter" else []
         if decoder_adapters:
             patterns += ["mask_decoder.transformer.layers.*adapter*"]
             if hyp_adapter:
@@ -190,4 +212,5 @@ def build_med_sa(
         if train_mask_decoder:
             patterns += ["mask_decoder.*"]
         freeze_except(net, patterns)
+    log_peft_build(net, "Med-SA", peft)
     return net

@@ -25,6 +25,9 @@ from .setting import (
     apply_peft,
     check_peft,
     inject_adapters,
+    log_peft_build,
+    peft_globs,
+    resolve_peft,
     svd_targets,
 )
 from .svd import SVDConv2d, SVDLinear, inject_svd
@@ -39,6 +42,9 @@ __all__ = [
     "apply_peft",
     "check_peft",
     "inject_adapters",
+    "log_peft_build",
+    "peft_globs",
+    "resolve_peft",
     "svd_targets",
     "BottleneckAdapter",
     "FacTFactors",

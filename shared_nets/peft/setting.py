@@ -10,6 +10,7 @@ attention output and a scaled adapter parallel to the MLP on its normalised inpu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,9 @@ __all__ = [
     "apply_peft",
     "check_peft",
     "inject_adapters",
+    "log_peft_build",
+    "peft_globs",
+    "resolve_peft",
     "svd_targets",
 ]
 
@@ -46,6 +50,59 @@ def check_peft(value: object, name: str = "peft") -> str:
     if not isinstance(value, str) or value not in PEFT_METHODS:
         raise ValueError(f"{name} must be one of {list(PEFT_METHODS)}, got {value!r}.")
     return value
+
+
+def resolve_peft(peft: object, default: str, **aliases: object) -> str:
+    """The ``peft`` setting a builder uses: ``peft``, else an old key's value, else the paper's ``default``.
+
+    Old keys stay aliases: ``finetune="lora"`` means ``peft="lora"``, ``full_finetune=True`` means
+    ``peft="full"`` (``False`` and ``None`` say nothing). A ``peft`` that contradicts an alias raises.
+
+    Args:
+        peft: the ``peft`` argument, one of :data:`PEFT_METHODS` or None.
+        default: the paper's setting of the network.
+        aliases: old key name → its value (``finetune``: a :data:`PEFT_METHODS` value; ``full_finetune``: bool).
+
+    Raises:
+        ValueError: one line naming the key whose value is not allowed, or both keys when they disagree.
+    """
+    chosen = None if peft is None else check_peft(peft)
+    for name, value in aliases.items():
+        if value is None or value is False:
+            continue
+        implied = "full" if value is True else check_peft(value, name)
+        if chosen is None:
+            chosen = implied
+        elif chosen != implied:
+            shown = "true" if value is True else repr(value)
+            raise ValueError(f"peft={chosen!r} contradicts {name}={shown} (an old alias of peft); set only peft.")
+    return check_peft(default, "default peft") if chosen is None else chosen
+
+
+def peft_globs(peft: str, prefix: str = "") -> list[str]:
+    """The ``freeze_except`` globs of an encoder's trainable parameters under ``peft`` (as :func:`apply_peft`)."""
+    globs = {
+        "lora": ["*.lora_*"],
+        "fact": ["*fact_*"],
+        "svd": ["*.scale", "*.shift"],
+        "adapter": ["*.attn_adapter.*", "*.mlp_adapter.*"],
+        "full": ["*"],
+        "frozen": [],
+    }[check_peft(peft)]
+    return [prefix + g for g in globs]
+
+
+def log_peft_build(model: nn.Module, name: str, peft: str) -> tuple[int, int]:
+    """Log (INFO, logger ``shared_nets.peft``) and return ``(trainable, total)`` parameter counts of a built network.
+
+    Every builder calls it last, so each network reports its trainable parameters under its ``peft`` setting.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logging.getLogger("shared_nets.peft").info(
+        "%s (peft=%s): %d of %d parameters trainable (%.2f %%)", name, peft, trainable, total, 100 * trainable / total
+    )
+    return trainable, total
 
 
 def _has_conv_neck(encoder: nn.Module) -> bool:
@@ -229,18 +286,10 @@ def apply_peft(
         raise ValueError(f"prefix must be a string (the encoder's name plus a dot, or ''), got {prefix!r}.")
     if peft == "lora":
         inject_lora(encoder, lora_rank, targets, alpha=lora_alpha)
-        globs = ["*.lora_*"]
     elif peft == "fact":
         inject_fact(encoder, fact_rank, targets, dropout=fact_dropout, scale=fact_scale)
-        globs = ["*fact_*"]
     elif peft == "svd":
         inject_svd(encoder, include=svd_targets(encoder) if svd_include is None else svd_include)
-        globs = ["*.scale", "*.shift"]
     elif peft == "adapter":
         inject_adapters(encoder, adapter_ratio)
-        globs = ["*.attn_adapter.*", "*.mlp_adapter.*"]
-    elif peft == "full":
-        globs = ["*"]
-    else:
-        globs = []
-    return [prefix + g for g in globs]
+    return peft_globs(peft, prefix)

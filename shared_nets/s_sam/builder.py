@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from shared_nets.peft import inject_svd
+from shared_nets.peft import apply_peft, inject_svd, log_peft_build, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 
 from .network import S_SAM_MODES, SSAM, TAL_TYPES, TextAffineLayer, _check_bool
@@ -43,7 +43,11 @@ def build_s_sam(
     train_decoder_norms: bool | None = None,
     use_rel_pos: bool | None = None,
     global_attention: bool = True,
-    full_finetune: bool = False,
+    peft: str | None = None,
+    full_finetune: bool | None = None,
+    lora_rank: int = 4,
+    fact_rank: int = 32,
+    adapter_ratio: float = 0.25,
     resize_input: bool = False,
     pixel_norm: bool = False,
     patch_size: int = 16,
@@ -86,9 +90,17 @@ def build_s_sam(
             official network has none); None follows ``mode``.
         global_attention: global attention in every encoder block (official code); False
             keeps SAM's windowed blocks.
-        full_finetune: train every parameter of SAM that the forward pass uses, and the TAL,
-            without the SVD re-parameterisation ("SAM with full finetuning" in Tables 2, 4, 5;
-            used by the demo, which trains ``tiny`` from scratch).
+        peft: how the image encoder is tuned, one of :data:`shared_nets.peft.PEFT_METHODS`; None is
+            the paper's ``"svd"`` (singular values, ``svd_scale``/``svd_shift``; with both False no
+            SVD layers, Table 3). ``"full"`` trains every parameter of SAM that the forward pass uses,
+            and the TAL, without the SVD re-parameterisation ("SAM with full finetuning" in Tables 2,
+            4, 5; used by the demo, which trains ``tiny`` from scratch). Under every setting but
+            ``"full"`` the TAL and the Table-3 switches (``train_pos_embed``, ``train_norms``,
+            ``train_decoder_norms``) apply as well.
+        full_finetune: old switch, alias of ``peft="full"`` (a different ``peft`` raises).
+        lora_rank: LoRA rank for ``peft="lora"``.
+        fact_rank: FacT rank for ``peft="fact"``.
+        adapter_ratio: bottleneck width / block width for ``peft="adapter"``.
         resize_input: if True, slices whose in-plane size is not ``img_size`` are resized
             bilinearly in and the logits back; if False (default) such input is an error,
             since the bundles resize in pre-processing (and invert after argmax).
@@ -118,11 +130,13 @@ def build_s_sam(
         ("train_pos_embed", train_pos_embed),
         ("train_norms", train_norms),
         ("global_attention", global_attention),
-        ("full_finetune", full_finetune),
         ("resize_input", resize_input),
         ("pixel_norm", pixel_norm),
     ):
         _check_bool(value, name)
+    if full_finetune is not None:
+        _check_bool(full_finetune, "full_finetune")
+    peft = resolve_peft(peft, "svd", full_finetune=full_finetune)
     official = mode == "official"
     tal = tal if tal is not None else ("linear_relu_bn" if official else "linear")
     if tal not in TAL_TYPES:
@@ -173,8 +187,10 @@ def build_s_sam(
     tal_layer = TextAffineLayer(text_dim, prompt_dim, tal) if use_tal else None
 
     # Singular-value re-parameterisation (eq. 2), injected after the checkpoint is loaded.
-    if not full_finetune and (svd_scale or svd_shift):
+    if peft == "svd" and (svd_scale or svd_shift):
         inject_svd(sam.image_encoder, include=_SVD_TARGETS_TINY_VIT if v.encoder == "tiny_vit" else _SVD_TARGETS)
+    elif peft in ("lora", "fact", "adapter"):
+        apply_peft(sam.image_encoder, peft, lora_rank=lora_rank, fact_rank=fact_rank, adapter_ratio=adapter_ratio)
     net = SSAM(
         sam,
         text,
@@ -182,10 +198,12 @@ def build_s_sam(
         tal_layer,
         img_size=img_size,
         mode=mode,
-        full_finetune=full_finetune,
+        full_finetune=peft == "full",
+        peft=peft,
         resize_input=resize_input,
         pixel_norm=pixel_norm,
         gradient_checkpointing=gradient_checkpointing,
     )
     net.set_trainable(svd_scale, svd_shift, train_pos_embed, train_norms, train_decoder_norms)
+    log_peft_build(net, "S-SAM", peft)
     return net

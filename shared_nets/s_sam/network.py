@@ -46,13 +46,14 @@ Both modes use global attention in every block (code; the paper does not say) an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from shared_nets.peft import SVDConv2d, SVDLinear
+from shared_nets.peft import SVDConv2d, SVDLinear, peft_globs
 from shared_nets.sam import enable_gradient_checkpointing
 from shared_nets.sam.decoding import decode_masks
 from shared_nets.sam.slices import slices_to_volume, to_rgb, upsample_to, volume_to_slices
@@ -133,6 +134,9 @@ class SSAM(nn.Module):
         img_size: in-plane input size of the encoder.
         mode: ``paper`` or ``official``: recorded for reports (the parts carry its effects).
         full_finetune: SAM's own weights are trained (no SVD layers); see :meth:`set_trainable`.
+        peft: the image encoder's ``peft`` setting (:data:`shared_nets.peft.PEFT_METHODS`); None means
+            ``"full"`` with ``full_finetune``, else ``"svd"``. ``lora``/``fact``/``adapter`` train the
+            encoder parameters of that method (already injected) in :meth:`set_trainable`.
         resize_input: if True, slices whose in-plane size is not ``img_size`` are resized
             bilinearly in and the logits back; if False such input is an error.
         pixel_norm: subtract SAM's pixel mean and divide by its std per RGB channel.
@@ -149,6 +153,7 @@ class SSAM(nn.Module):
         img_size: int,
         mode: str = "paper",
         full_finetune: bool = False,
+        peft: str | None = None,
         resize_input: bool = False,
         pixel_norm: bool = False,
         gradient_checkpointing: bool = False,
@@ -174,6 +179,9 @@ class SSAM(nn.Module):
         self.mode = mode
         self.use_tal = tal is not None
         self.full_finetune = full_finetune
+        self.peft = peft if peft is not None else ("full" if full_finetune else "svd")
+        if full_finetune != (self.peft == "full"):
+            raise ValueError(f"peft={self.peft!r} contradicts full_finetune={full_finetune}; set only peft.")
         self.resize_input = resize_input
         self.pixel_norm = pixel_norm
         # Label-name prompts (paper section 3): fixed text vectors, non-persistent so that a
@@ -235,6 +243,11 @@ class SSAM(nn.Module):
             for m in self.sam.mask_decoder.transformer.modules():
                 if isinstance(m, nn.LayerNorm):
                     m.requires_grad_(True)
+        if self.peft in ("lora", "fact", "adapter"):
+            globs = peft_globs(self.peft)
+            for name, p in enc.named_parameters():
+                if any(fnmatchcase(name, g) for g in globs):
+                    p.requires_grad_(True)
         if self.tal is not None:
             self.tal.requires_grad_(True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from shared_nets.peft import apply_peft, log_peft_build, resolve_peft
 from shared_nets.sam import build_sam, get_variant
 
 from .encoder import Block3D, Neck3D, SpatialAdapter3D, VolumeTokenizer
@@ -41,7 +42,11 @@ def build_sam3d_adapter(
     no_positive: str = "error",
     background_logit: float = 10.0,
     use_multi_level: bool = True,
-    full_finetune: bool = False,
+    peft: str | None = None,
+    full_finetune: bool | None = None,
+    spatial_adapters: bool | None = None,
+    lora_rank: int = 4,
+    fact_rank: int = 32,
     adapter_final_relu: bool = False,
     adapter_zero_init: bool | None = None,
     depth_embed_init: str = "zeros",
@@ -104,8 +109,17 @@ def build_sam3d_adapter(
             negative).
         use_multi_level: aggregate all four levels in the decoder (poster ablation "multi-layer
             aggregation"); False decodes the bottleneck only.
-        full_finetune: train every parameter (poster comparison "Full fine-tuning"; also what a
-            ``tiny`` model without pretrained weights needs).
+        peft: how SAM's blocks are tuned, one of :data:`shared_nets.peft.PEFT_METHODS`; None is the
+            method's ``"adapter"`` (its 3D spatial adapters). ``lora``/``fact`` go on the q/v rows of every
+            3D window attention's ``qkv`` (SAM's own ``Linear``), ``svd`` on the blocks' qkv, proj and MLP
+            linears; ``full`` trains every parameter (poster comparison "Full fine-tuning"; also what a
+            ``tiny`` model without pretrained weights needs). The 3D structure (slice/depth embeddings,
+            depth rel-pos tables, block norms, necks, prompt encoders, decoder) trains under every setting.
+        full_finetune: old switch, alias of ``peft="full"`` (a different ``peft`` raises).
+        spatial_adapters: build the 3D spatial adapters; None: only for ``peft="adapter"``. True adds them
+            to another setting (e.g. LoRA and adapters); False with ``peft="adapter"`` raises.
+        lora_rank: LoRA rank for ``peft="lora"``.
+        fact_rank: FacT rank for ``peft="fact"``.
         adapter_final_relu: ReLU after the adapter's up-projection, as the official code.
         adapter_zero_init: zero-initialise adapter up-projections (identity at start); None =
             True unless ``adapter_final_relu``.
@@ -122,6 +136,15 @@ def build_sam3d_adapter(
     Returns:
         The composed :class:`SAM3DAdapter`.
     """
+    if full_finetune is not None and not isinstance(full_finetune, bool):
+        raise ValueError(f"full_finetune must be true or false, got {full_finetune!r}.")
+    peft = resolve_peft(peft, "adapter", full_finetune=full_finetune)
+    if spatial_adapters is None:
+        spatial_adapters = peft == "adapter"
+    if not isinstance(spatial_adapters, bool):
+        raise ValueError(f"spatial_adapters must be true, false or null, got {spatial_adapters!r}.")
+    if peft == "adapter" and not spatial_adapters:
+        raise ValueError("peft='adapter' contradicts spatial_adapters=false (the method's adapters are its 3D ones).")
     v = get_variant(variant)
     patch = _as_patch_size(img_size)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -204,7 +227,9 @@ def build_sam3d_adapter(
             grid,
             ws,
             shift=shift if i % 2 == 0 else 0,
-            adapter=SpatialAdapter3D(dim, hidden, final_relu=adapter_final_relu, zero_init=zero_init),
+            adapter=SpatialAdapter3D(dim, hidden, final_relu=adapter_final_relu, zero_init=zero_init)
+            if spatial_adapters
+            else None,
         )
         for i, blk in enumerate(enc.blocks)
     ]
@@ -244,7 +269,14 @@ def build_sam3d_adapter(
         cache_size=cache_size,
         variant=v.name,
     )
-    net.set_trainable(full_finetune)
+    # LoRA / FacT / SVD on SAM's linears inside the 3D blocks (the network is the encoder: ``net.blocks``)
+    peft_patterns = []
+    if peft in ("lora", "fact", "svd"):
+        svd_include = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")  # no 2D neck: the necks are 3D convs
+        peft_patterns = apply_peft(net, peft, lora_rank=lora_rank, fact_rank=fact_rank, svd_include=svd_include)
+    net.peft = peft  # the uniform name of the setting across the five networks
+    net.set_trainable(peft == "full", peft_patterns)
+    log_peft_build(net, "3DSAM-adapter", peft)
     return net
 
 

@@ -230,7 +230,7 @@ class SAM3DAdapter(nn.Module):
         self.decoder = decoder
         self._embeddings = EmbeddingCache(self._cache_size, self)
 
-    def set_trainable(self, full_finetune: bool = False) -> int:
+    def set_trainable(self, full_finetune: bool = False, peft_patterns: Sequence[str] = ()) -> int:
         """Set which parameters train, as the official code: slice/depth embeddings, block norms, adapters,
         depth rel-pos tables, necks, prompt encoder(s) and decoder; SAM's weights stay frozen.
 
@@ -240,6 +240,9 @@ class SAM3DAdapter(nn.Module):
         Args:
             full_finetune: train every parameter instead (poster comparison "Full fine-tuning"; also what a
                 ``tiny`` model without pretrained weights needs).
+            peft_patterns: globs of the parameters of another ``peft`` setting injected into the blocks
+                (:func:`shared_nets.peft.apply_peft`), trained as well. The adapters' glob is left out when
+                the blocks have no adapters.
 
         Returns:
             The number of trainable parameter values.
@@ -249,7 +252,9 @@ class SAM3DAdapter(nn.Module):
                 p.requires_grad_(True)
             return sum(p.numel() for p in self.parameters())
         patterns = list(SAM3D_TRAINABLE_PATTERNS) + (["prompt_encoders.*"] if self.prompt_levels else [])
-        return freeze_except(self, patterns)
+        if all(getattr(blk, "adapter", None) is None for blk in self.blocks):
+            patterns.remove("blocks.*.adapter.*")
+        return freeze_except(self, patterns + list(peft_patterns))
 
     @staticmethod
     def _token_grid(

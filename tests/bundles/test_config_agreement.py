@@ -31,7 +31,7 @@ TRAIN_ONLY_ARGS = {
     "ma_sam": {"gradient_checkpointing"},
     "med_sa": {"gradient_checkpointing"},
     "s_sam": {"train_pos_embed", "train_norms", "gradient_checkpointing"},
-    "sam3d_adapter": {"full_finetune", "use_checkpoint", "cache_image_embedding", "no_positive"},
+    "sam3d_adapter": {"use_checkpoint", "cache_image_embedding", "no_positive"},
 }
 
 #: ``network_def`` keys only inference.json has: ``_disabled_`` skips building it when ``inference_backend`` is

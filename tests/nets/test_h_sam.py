@@ -340,7 +340,8 @@ def test_bundle_loss_type_switch(loss_type, kind):
     [
         ({"mask_attention": "soft"}, "mask_attention"),
         ({"ensemble": "max"}, "ensemble"),
-        ({"finetune": "adapter"}, "finetune"),
+        ({"finetune": "partial"}, "finetune"),
+        ({"peft": "lora", "finetune": "full"}, "contradicts finetune"),
         ({"num_classes": 0}, "num_classes"),
         ({"lora_rank": 0}, "lora_rank"),
         ({"patch_size": 12}, "patch_size"),

@@ -164,7 +164,8 @@ def test_bad_input_shapes(shape, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(finetune="lora"), "finetune must be one of"),
+        (dict(finetune="partial"), "finetune must be one of"),
+        (dict(peft="lora", finetune="full"), "contradicts finetune"),
         (dict(adapter_position="middle"), "adapter_position must be one of"),
         (dict(decoder="unet"), "decoder must be one of"),
         (dict(img_size=100), "divisible by 16"),

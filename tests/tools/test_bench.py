@@ -126,7 +126,7 @@ def test_ma_sam_row_has_merge_ratios(result):
     assert row["status"] == "ok", row.get("error")
     assert row["network"] == "MASAM" and row["img_size"] == 32 and row["train_input"][2:] == [32, 32, 5]
     # demo.json trains everything; the paper's FacT setting is rebuilt for the merge measurement
-    assert row["peft_setting"] == {"finetune": "fact"}
+    assert row["peft_setting"] == {"peft": "fact"}
     assert row["params_trainable_peft"] < row["params_trainable"] <= row["params_total"]
     enc = row["encoder"]
     assert enc["peft_layers"] == enc["merged_layers"] == 4  # tiny: FacT on every block's qkv
