@@ -55,7 +55,7 @@ def test_one_step_rows(result):
     zs = res["zero_shot"]
     assert 0.0 <= zs["mean"] <= 1.0 and math.isfinite(zs["mean"])
     md = (out / "peft_comparison.md").read_text()
-    assert "| h_sam | lora ★ |" in md and "| h_sam | adapter |" in md and "not at lite" in md
+    assert "| h_sam | lora ★ |" in md and "| h_sam | adapter |" in md and "trains on 3D patches" in md
 
 
 def test_committed_table_states_budget_split_and_machine():
